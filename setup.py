@@ -1,0 +1,49 @@
+"""Build script: maps the top-level folders into the `duoserve` namespace and builds the CPU kernel.
+
+The folders `prune/`, `kernels/`, `loaders/` and `loadtest/` are installed as `duoserve.prune`,
+`duoserve.kernels`, ... because their bare names are taken on PyPI (and transformers imports a
+package called `kernels` when one is installed).
+"""
+from pathlib import Path
+
+from setuptools import setup
+
+SUBPACKAGES = ["prune", "kernels", "loaders", "loadtest"]
+ROOT = Path(__file__).parent
+
+
+def _find_packages():
+    packages, package_dir = ["duoserve"], {"duoserve": "duoserve"}
+    for folder in ["duoserve", *SUBPACKAGES]:
+        for init in sorted((ROOT / folder).rglob("__init__.py")):
+            rel = init.parent.relative_to(ROOT)
+            parts = rel.parts if folder == "duoserve" else ("duoserve", *rel.parts)
+            name = ".".join(parts)
+            if name not in packages:
+                packages.append(name)
+                package_dir[name] = str(rel)
+    return packages, package_dir
+
+
+def _extensions():
+    """The native CPU kernel (kernels/csrc), built with torch's extension tooling.
+
+    Needs torch importable at build time: scripts/install.sh installs with --no-build-isolation.
+    """
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "kernels" / "csrc").glob("*.cpp"))
+    if not sources:
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    ext = CppExtension(
+        "duoserve.kernels._cpu_kernels",
+        sources,
+        extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
+        extra_link_args=["-fopenmp"],
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+packages, package_dir = _find_packages()
+ext_modules, cmdclass = _extensions()
+setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)
