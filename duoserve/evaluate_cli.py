@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 # name -> (module exposing add_arguments(parser) and run(args), help)
 EVAL_COMMANDS = {
@@ -13,9 +14,12 @@ EVAL_COMMANDS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
+    # Only the evaluation asked for is imported (each pulls in its own heavy dependencies).
+    chosen = set(sys.argv[1:]) & set(EVAL_COMMANDS)
     for name, (module, help_text) in EVAL_COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(p)
+        if name in chosen:
+            importlib.import_module(module).add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:

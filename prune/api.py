@@ -1,0 +1,179 @@
+"""`prune_model`: model + method + data -> a duoserve checkpoint (the library entry of `duoserve prune`).
+
+Everything the user can get wrong is validated before the model is loaded, so bad input fails in
+a second and leaves nothing behind. The checkpoint is written atomically at the very end; until
+then the run lives in `OUT.partial/` and can be resumed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from duoserve import __version__
+from duoserve.errors import InputError
+from duoserve.format import DEFAULT_IGNORE, DEFAULT_TARGETS, ActivationSparsity, QuantizationConfig
+from duoserve.format.io import build_quant_config, save_checkpoint
+from duoserve.format.manifest import check_output_folder
+from duoserve.prune.architectures import decoder_layers, model_targets
+from duoserve.prune.data import calibration_windows
+from duoserve.prune.engine import EngineSettings, SequentialEngine
+from duoserve.prune.models import load_model_and_tokenizer
+from duoserve.prune.registry import build_options, get_method
+from duoserve.prune.sparsity import SparsityTarget, check_nm_compatible
+from duoserve.prune.thresholds import calibrate_thresholds
+from duoserve.prune.workdir import WorkDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    output: Path
+    model: str | None = None
+    method: str = "sparsegpt"
+    sparsity: str = "0.5"
+    activation_sparsity: float = 0.0
+    method_options: dict[str, Any] = field(default_factory=dict)
+    calib_data: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    threshold_nsamples: int = 16
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    weight_format: str = "bitmask"
+    batch_size: int = 4
+    device: str = "auto"
+    overwrite: bool = False
+    resume: bool = False
+
+    def __post_init__(self):
+        if not 0.0 <= self.activation_sparsity < 1.0:
+            raise InputError(f"--activation-sparsity {self.activation_sparsity} is outside [0, 1)")
+        if self.nsamples <= 0 or self.seqlen <= 0 or self.threshold_nsamples <= 0:
+            raise InputError("--nsamples, --seqlen and --threshold-nsamples must be positive")
+        if self.weight_format not in ("bitmask", "dense"):
+            raise InputError(f"--weight-format {self.weight_format!r} is not 'bitmask' or 'dense'")
+        unknown = sorted(set(self.targets) - set(DEFAULT_TARGETS))
+        if unknown or not self.targets:
+            raise InputError(f"--targets {','.join(unknown) or '(empty)'}: choose among {','.join(DEFAULT_TARGETS)}")
+
+    @property
+    def workdir_path(self) -> Path:
+        return self.output.with_name(self.output.name + ".partial")
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device is available")
+    return name
+
+
+def _tied_free_state_dict(model) -> dict[str, torch.Tensor]:
+    """The state dict without tied copies (lm_head sharing the embedding is stored once)."""
+    out, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor
+    return out
+
+
+def prune_model(cfg: PruneConfig) -> dict[str, Any]:
+    """Run a prune; returns a summary dict (also written into the checkpoint's metadata)."""
+    t_start = time.time()
+    method_cls = get_method(cfg.method)
+    target = SparsityTarget.parse(cfg.sparsity)
+    options = build_options(method_cls, cfg.method_options)
+    method = method_cls(target, cfg.activation_sparsity, options)
+    check_output_folder(cfg.output, cfg.overwrite)
+    if cfg.resume and cfg.overwrite:
+        raise InputError("--resume and --overwrite contradict each other; pick one")
+    device = _device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    if device.startswith("cuda"):  # calibration math in true fp32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+    model, tokenizer, source = load_model_and_tokenizer(cfg.model)
+    decoder_layers(model)  # refuses unsupported architectures
+    targets = model_targets(model, cfg.targets)
+    for name, linear in targets.items():
+        check_nm_compatible(target, linear.in_features, name)
+    log.info("pruning %s with %s: weight sparsity %s, activation sparsity %g, %d target linears",
+             source, method.name, target, cfg.activation_sparsity, len(targets))
+
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                if k not in ("overwrite", "resume", "output", "device", "batch_size")}
+    workdir = WorkDir(cfg.workdir_path, settings)
+    needs_data = method.needs_calibration or cfg.activation_sparsity > 0
+    windows = desc = None
+    if needs_data:
+        windows, desc = calibration_windows(cfg.calib_data, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+        log.info("calibration data: %s", desc)
+    if method.needs_calibration:
+        workdir.start(resume=cfg.resume, overwrite=cfg.overwrite)
+    engine_settings = EngineSettings(batch_size=cfg.batch_size, device=device)
+    engine = SequentialEngine(model, method, cfg.targets, engine_settings,
+                              workdir if method.needs_calibration else None)
+    t_prune = time.time()
+    layer_logs = engine.run(windows)
+    prune_seconds = time.time() - t_prune
+
+    thresholds = workdir.thresholds if method.needs_calibration else None
+    if thresholds is None:
+        thr_windows = None
+        if cfg.activation_sparsity > 0:
+            # A separate draw (seed + 1) so thresholds are not fit on the pruning windows only.
+            thr_windows, _ = calibration_windows(cfg.calib_data, tokenizer, cfg.threshold_nsamples, cfg.seqlen,
+                                                 cfg.seed + 1)
+        thresholds = calibrate_thresholds(model, thr_windows, cfg.activation_sparsity, cfg.targets,
+                                          batch_size=cfg.batch_size, device=device, seed=cfg.seed)
+        if method.needs_calibration:
+            workdir.save_thresholds(thresholds)
+
+    state_dict = _tied_free_state_dict(model)
+    dtype_name = str(next(iter(targets.values())).weight.dtype).replace("torch.", "")
+    base = QuantizationConfig(
+        weight_format=cfg.weight_format, dtype=dtype_name, modules={}, targets=cfg.targets, ignore=DEFAULT_IGNORE,
+        sparsity_structure=target.structure,
+        activation_sparsity=ActivationSparsity(
+            rule="threshold" if cfg.activation_sparsity > 0 else "none", target=cfg.activation_sparsity,
+            calibration={"data": cfg.calib_data, "nsamples": cfg.threshold_nsamples, "seqlen": cfg.seqlen,
+                         "seed": cfg.seed + 1} if cfg.activation_sparsity > 0 else {}),
+        producer={"name": "duoserve", "version": __version__, "method": method.name,
+                  "method_args": method.describe(), "refine": None, "weight_sparsity_target": str(target),
+                  "calib_data": desc, "nsamples": cfg.nsamples if needs_data else 0, "seqlen": cfg.seqlen,
+                  "seed": cfg.seed, "source_model": source},
+    )
+    qconfig = build_quant_config(state_dict, thresholds, base)
+    hf_config = json.loads(model.config.to_json_string())
+    theta = (hf_config.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None:
+        hf_config.setdefault("rope_theta", theta)  # some vLLM versions read only the top-level key
+
+    def save_extras(folder: Path) -> None:
+        tokenizer.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(folder)
+        (folder / "duoserve-prune-log.json").write_text(json.dumps(layer_logs, indent=1) + "\n")
+
+    save_checkpoint(cfg.output, state_dict, hf_config, qconfig, save_extras=save_extras, overwrite=cfg.overwrite)
+    workdir.remove()
+    summary = {"output": str(cfg.output), "method": method.name, "sparsity": qconfig.global_sparsity,
+               "structure": target.structure, "activation_sparsity": cfg.activation_sparsity,
+               "prune_seconds": round(prune_seconds, 1), "total_seconds": round(time.time() - t_start, 1)}
+    log.info("wrote %s (realized weight sparsity %.4f) in %.1f s", cfg.output, qconfig.global_sparsity,
+             summary["total_seconds"])
+    return summary

@@ -1,0 +1,76 @@
+"""`duoserve prune`: arguments (built from the method registry) -> duoserve.prune.api.prune_model."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from duoserve.format import DEFAULT_TARGETS
+
+
+def _method_option_fields():
+    """Every option of every registered method, merged by name (same name = same meaning)."""
+    from duoserve.prune.registry import available_methods
+
+    fields: dict[str, tuple[dataclasses.Field, list[str]]] = {}
+    for name, cls in available_methods().items():
+        for f in dataclasses.fields(cls.Options):
+            fields.setdefault(f.name, (f, []))[1].append(name)
+    return fields
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from duoserve.prune.registry import available_methods
+
+    methods = available_methods()
+    p.add_argument("model", nargs="?", default=None,
+                   help="Hugging Face id or local HF folder (default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--method", default="sparsegpt", metavar="NAME",
+                   help="pruning method: " + "; ".join(f"{n} ({c.summary})" for n, c in methods.items()))
+    p.add_argument("--sparsity", default="0.5", help="weight sparsity: a fraction in [0, 1) or N:M such as 2:4 (default 0.5)")
+    p.add_argument("--activation-sparsity", type=float, default=0.0, metavar="P_X",
+                   help="activation sparsity p_x in [0, 1): calibrate with it and store per-linear thresholds (default 0)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="checkpoint folder to write")
+    p.add_argument("--calib-data", default="c4", help="c4 (HF allenai/c4, or the packaged C4 sample offline) or a .txt/.jsonl file")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
+    p.add_argument("--seed", type=int, default=0, help="seed for window sampling (default 0)")
+    p.add_argument("--threshold-nsamples", type=int, default=16,
+                   help="windows for activation-threshold calibration (default 16)")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                   help="comma-separated projections to prune and sparsify (default: all seven)")
+    p.add_argument("--weight-format", choices=["bitmask", "dense"], default="bitmask",
+                   help="on-disk weights: bitmask + packed values (default) or dense with zeros")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.partial")
+    p.add_argument("--json", type=Path, help="also write the run summary to this file")
+    group = p.add_argument_group("method options (each applies to the methods named in brackets)")
+    for name, (f, owners) in _method_option_fields().items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} [{', '.join(owners)}]"
+        if f.type in (bool, "bool"):
+            group.add_argument(flag, dest=f"opt_{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            group.add_argument(flag, dest=f"opt_{name}", type=kind, default=None, metavar=name.upper(), help=help_text)
+
+
+def run(args: argparse.Namespace) -> int:
+    from duoserve.prune.api import PruneConfig, prune_model
+
+    options = {k[len("opt_"):]: v for k, v in vars(args).items() if k.startswith("opt_")}
+    cfg = PruneConfig(
+        output=args.output, model=args.model, method=args.method, sparsity=args.sparsity,
+        activation_sparsity=args.activation_sparsity, method_options=options, calib_data=args.calib_data,
+        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, threshold_nsamples=args.threshold_nsamples,
+        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), weight_format=args.weight_format,
+        batch_size=args.batch_size, device=args.device, overwrite=args.overwrite, resume=args.resume,
+    )
+    summary = prune_model(cfg)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0

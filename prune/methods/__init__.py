@@ -1,0 +1,1 @@
+"""Pruning methods, one file each, registered by name (see duoserve.prune.registry)."""

@@ -1,0 +1,110 @@
+"""In-process models for evaluation: a duoserve checkpoint (or a dense HF model) with activation
+sparsity applied as configured.
+
+`load_pruned_model(path)` validates the checkpoint, rebuilds the transformers model with exactly
+the pruned weights, and installs activation sparsity on the target linears:
+- "threshold": x * (|x| > t) with the checkpoint's per-linear thresholds (what is served);
+- "topk": per token, the p_x smallest-|x| inputs zeroed (the papers' evaluation rule);
+- "off": dense activations.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from duoserve.errors import InputError
+from duoserve.format.io import LoadedCheckpoint, load_checkpoint
+from duoserve.prune.activation import ACTIVATION_MODES, ActivationSparsity
+from duoserve.prune.architectures import model_targets
+
+log = logging.getLogger(__name__)
+
+
+def is_duoserve_checkpoint(path: str | Path) -> bool:
+    import json
+
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return (json.loads(cfg.read_text()).get("quantization_config") or {}).get("quant_method") == "duoserve"
+    except json.JSONDecodeError:
+        return False
+
+
+def default_activation_mode(ckpt: LoadedCheckpoint) -> str:
+    return "threshold" if ckpt.qconfig.activation_sparsity.rule == "threshold" else "off"
+
+
+def install_activation_sparsity(model, mode: str, *, targets, p: float = 0.0,
+                                thresholds: dict[str, float] | None = None, record: bool = True):
+    """Attach sparsity hooks to the model's target linears (kept as model.duoserve_sparsity)."""
+    if mode not in ACTIVATION_MODES:
+        raise InputError(f"activation mode {mode!r} is not one of {', '.join(ACTIVATION_MODES)}")
+    if mode == "off":
+        model.duoserve_sparsity = None
+        return None
+    modules = model_targets(model, tuple(targets))
+    if mode == "threshold":
+        missing = sorted(set(modules) - set(thresholds or {}))
+        if missing:
+            raise InputError(f"threshold mode needs a threshold for every target; missing {missing[0]} "
+                             f"(and {len(missing) - 1} more)")
+    if mode == "topk" and not 0 < p < 1:
+        raise InputError(f"topk activation sparsity needs 0 < p_x < 1, got {p}")
+    sparsity = ActivationSparsity(modules, mode, p=p, thresholds=thresholds, record=record).__enter__()
+    model.duoserve_sparsity = sparsity
+    return sparsity
+
+
+def load_pruned_model(path: str | Path, activation_mode: str | None = None, dtype: str = "float32",
+                      activation_sparsity: float | None = None, verify: bool = True):
+    """(model, tokenizer, LoadedCheckpoint) for a duoserve checkpoint folder.
+
+    activation_mode None = the checkpoint's own rule (threshold if it has thresholds, else off).
+    activation_sparsity overrides p_x for "topk" mode (default: the checkpoint's target).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = load_checkpoint(Path(path), verify=verify)
+    config = AutoConfig.for_model(**{k: v for k, v in ckpt.config.items() if k != "transformers_version"})
+    torch_dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
+    result = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(result.missing_keys) - tied)
+    if missing or result.unexpected_keys:
+        raise InputError(f"{path}: the checkpoint's tensors do not match a {type(model).__name__}: "
+                         f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+    if tied:
+        model.tie_weights()
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    mode = activation_mode or default_activation_mode(ckpt)
+    p = ckpt.qconfig.activation_sparsity.target if activation_sparsity is None else activation_sparsity
+    if mode == "threshold" and ckpt.qconfig.activation_sparsity.rule != "threshold":
+        log.warning("%s has no calibrated thresholds (activation sparsity was off when pruned): "
+                    "threshold mode keeps every non-zero input", path)
+    install_activation_sparsity(model, mode, targets=ckpt.qconfig.targets, p=p, thresholds=ckpt.thresholds)
+    return model, tokenizer, ckpt
+
+
+def load_any_model(path_or_id: str | None, activation_mode: str | None = None, dtype: str = "float32",
+                   activation_sparsity: float | None = None):
+    """A duoserve checkpoint via load_pruned_model, or a dense HF model (optionally with top-k
+    activation sparsity for dense-weight baselines). Returns (model, tokenizer, ckpt_or_None)."""
+    if path_or_id is not None and is_duoserve_checkpoint(path_or_id):
+        return load_pruned_model(path_or_id, activation_mode, dtype, activation_sparsity)
+    from duoserve.format import DEFAULT_TARGETS
+    from duoserve.prune.models import load_model_and_tokenizer
+
+    model, tokenizer, _ = load_model_and_tokenizer(path_or_id, dtype=dtype)
+    mode = activation_mode or "off"
+    if mode == "threshold":
+        raise InputError("threshold mode needs a duoserve checkpoint with calibrated thresholds; "
+                         "for a dense model use --activation-mode topk --activation-sparsity P")
+    install_activation_sparsity(model, mode, targets=DEFAULT_TARGETS, p=activation_sparsity or 0.0)
+    return model, tokenizer, None

@@ -1,0 +1,151 @@
+"""The blocked Optimal-Brain-Surgeon solver shared by SparseGPT and DuoGPT.
+
+Notation (../shared/notes/algorithms.md): W [N, K] (out, in); calibration inputs X^ [K, m] (the
+pruned model's inputs, activation-sparsified when p_x > 0); X~ [K, m] (the dense model's
+inputs); H = X^ X^T; H^-1 = L L^T with L lower-triangular (L^T is the upper Cholesky factor of
+H^-1 that SparseGPT calls Hinv).
+
+SparseGPT (Frantar & Alistarh 2023): for blocks of B columns, prune the p_w fraction of the block
+(all rows x B columns together) with the lowest W^2 / diag(L)^2, then column by column
+E_j = (W_j - P_j) / L_jj, W[:, j:] -= E_j L^T[j, j:]; a lazy update carries the block's error to
+the later columns.
+
+DuoGPT (Yin et al. 2025, Algorithm 1) adds the asymmetric residual dX = X~ - X^:
+Q = dX X^T L, U = strict_upper(Q), a = diag(dX dX^T), b = diag(U U^T), c = diag(Q) / diag(L),
+D = U L^T; score S = W^2 (1/diag(L)^2 + a - b + 2c); the updates gain + W_j D[j, j:].
+
+Scale: every statistic is a running mean of (2/m) x x^T-type products (SparseGPT's convention),
+applied to X^ and dX alike, so H, dX X^T and a share one scale. Scaling them all by s scales
+every score term by s and leaves D unchanged, so no extra factor is needed (GPTAQ's code
+multiplies its D by 0.25; `residual_scale` exposes such a factor, default 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from duoserve.prune.sparsity import SparsityTarget, prune_lowest_overall, prune_nm
+
+
+class HessianStats:
+    """Running statistics of one linear's calibration inputs (fp32, on the inputs' device).
+
+    H = mean of 2 x^ x^T; with a dense stream also G = mean of 2 dx x^T and a = mean of 2 dx^2
+    (per input channel), dx = x~ - x^.
+    """
+
+    def __init__(self, in_features: int, with_residual: bool, device):
+        k = in_features
+        self.H = torch.zeros(k, k, dtype=torch.float32, device=device)
+        self.G = torch.zeros(k, k, dtype=torch.float32, device=device) if with_residual else None
+        self.a = torch.zeros(k, dtype=torch.float32, device=device) if with_residual else None
+        self.tokens = 0
+
+    def add(self, x_hat: torch.Tensor, x_dense: torch.Tensor | None = None) -> None:
+        """x_hat, x_dense: [T, K] fp32."""
+        t = x_hat.shape[0]
+        keep = self.tokens / (self.tokens + t)
+        self.tokens += t
+        scale = (2.0 / self.tokens) ** 0.5
+        xs = x_hat.float() * scale  # [T, K]
+        self.H.mul_(keep).addmm_(xs.T, xs)
+        if self.G is not None:
+            if x_dense is None:
+                raise ValueError("this statistic needs the dense stream's inputs")
+            dxs = x_dense.float() * scale - xs  # [T, K]
+            self.G.mul_(keep).addmm_(dxs.T, xs)
+            self.a.mul_(keep).add_((dxs ** 2).sum(0))
+
+
+@dataclass(frozen=True)
+class ObsSettings:
+    blocksize: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+    residual_scale: float = 1.0
+
+
+def _block_mask(scores: torch.Tensor, target: SparsityTarget) -> torch.Tensor:
+    return prune_lowest_overall(scores, target.fraction)
+
+
+@torch.no_grad()
+def obs_prune(weight: torch.Tensor, stats: HessianStats, target: SparsityTarget, settings: ObsSettings) -> torch.Tensor:
+    """Prune W [N, K] (fp32) with SparseGPT's solver, or DuoGPT's when stats carry a residual."""
+    W = weight.clone().float()  # [N, K]
+    n, k = W.shape
+    H = stats.H.clone()
+    G = stats.G.clone() * settings.residual_scale if stats.G is not None else None
+    a = stats.a.clone() * settings.residual_scale ** 2 if stats.a is not None else None
+
+    dead = torch.diag(H) == 0  # inputs that were always zero: no information, prune them
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    if G is not None:
+        G[:, dead] = 0.0
+        G[dead, :] = 0.0
+        a[dead] = 0.0
+
+    perm = None
+    if settings.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+        if G is not None:
+            G, a = G[perm][:, perm], a[perm]
+
+    H.diagonal().add_(settings.damp * torch.mean(torch.diag(H)))
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    Lt = torch.linalg.cholesky(Hinv, upper=True)  # [K, K] upper = L^T, H^-1 = L L^T
+    del H, Hinv
+    diag_l = torch.diag(Lt)  # [K]
+    inv_d2 = 1.0 / diag_l ** 2  # SparseGPT's 1 / [H^-1]_pp in the sequential (Cholesky) form
+    if G is not None:
+        Q = G @ Lt.T  # [K, K] dX X^T L
+        U = torch.triu(Q, diagonal=1)
+        b = (U ** 2).sum(1)  # diag(U U^T)
+        c = torch.diag(Q) / diag_l
+        D = U @ Lt  # [K, K] U L^T, strictly upper
+        del Q, U, G
+        score_factor = inv_d2 + a - b + 2.0 * c  # [K]
+    else:
+        D = None
+        score_factor = inv_d2
+
+    B = settings.blocksize
+    for i1 in range(0, k, B):
+        i2 = min(i1 + B, k)
+        W1 = W[:, i1:i2].clone()  # [N, B] current weights of the block
+        P1 = torch.zeros_like(W1)  # pruned values
+        E1 = torch.zeros_like(W1)  # scaled errors
+        Wpre = torch.zeros_like(W1) if D is not None else None  # column values before pruning
+        Lt1 = Lt[i1:i2, i1:i2]
+        D1 = D[i1:i2, i1:i2] if D is not None else None
+        mask1 = None
+        if not target.is_nm:
+            mask1 = _block_mask(W1 ** 2 * score_factor[i1:i2], target)  # [N, B] True = prune
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            if target.is_nm and i % target.m == 0:
+                group = W1[:, i:i + target.m] ** 2 * score_factor[i1 + i:i1 + i + target.m]
+                if mask1 is None:
+                    mask1 = torch.zeros_like(W1, dtype=torch.bool)
+                mask1[:, i:i + target.m] = prune_nm(group, target.n, target.m)
+            p = w.masked_fill(mask1[:, i], 0.0)
+            err = (w - p) / Lt1[i, i]
+            update = err.unsqueeze(1) * Lt1[i, i:].unsqueeze(0)  # [N, B - i]
+            if D1 is not None:
+                Wpre[:, i] = w
+                update -= w.unsqueeze(1) * D1[i, i:].unsqueeze(0)
+            W1[:, i:] -= update
+            P1[:, i] = p
+            E1[:, i] = err
+        W[:, i1:i2] = P1
+        if i2 < k:
+            lazy = E1 @ Lt[i1:i2, i2:]  # [N, K - i2]
+            if D is not None:
+                lazy -= Wpre @ D[i1:i2, i2:]
+            W[:, i2:] -= lazy
+    if perm is not None:
+        W = W[:, torch.argsort(perm)]
+    return W

@@ -1,0 +1,53 @@
+"""Perplexity with the standard protocol (algorithms.md): the evaluation text tokenized once,
+cut into non-overlapping windows of `seqlen` tokens, mean next-token NLL over all predicted
+tokens, exp. Models whose family expects a BOS at the start of every sequence (Gemma) get one
+per window (the window then holds seqlen - 1 text tokens).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from duoserve.errors import InputError
+
+
+def make_windows(ids: torch.Tensor, seqlen: int, bos_id: int | None = None,
+                 max_windows: int | None = None) -> torch.Tensor:
+    """[n_windows, seqlen] from a 1-D token stream; BOS-prefixed windows when bos_id is given."""
+    if seqlen < 2:
+        raise InputError(f"--seqlen {seqlen} is too short to measure perplexity (need >= 2)")
+    body = seqlen - 1 if bos_id is not None else seqlen
+    if ids.numel() > 0 and bos_id is not None and int(ids[0]) == bos_id:
+        ids = ids[1:]
+    n = ids.numel() // body
+    if n == 0:
+        raise InputError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}; "
+                         "use a longer text or a smaller --seqlen")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    windows = ids[: n * body].view(n, body)
+    if bos_id is not None:
+        windows = torch.cat([torch.full((n, 1), bos_id, dtype=ids.dtype), windows], dim=1)
+    return windows
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "perplexity") -> dict:
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="batch"):
+        batch = windows[start:start + batch_size].to(device)  # [b, T]
+        logits = model(input_ids=batch, use_cache=False).logits.float()  # [b, T, V]
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total_nll += float(nll)
+        total_tokens += batch[:, 1:].numel()
+    mean = total_nll / total_tokens
+    return {"ppl": math.exp(mean), "mean_nll": mean, "windows": int(windows.shape[0]), "tokens": total_tokens}
+
+
+def bos_for(model, tokenizer) -> int | None:
+    model_type = getattr(model.config, "model_type", "")
+    return tokenizer.bos_token_id if model_type.startswith("gemma") else None
