@@ -1,0 +1,208 @@
+"""The duoserve linear method: load the on-disk format, repack for the kernel, run the custom op.
+
+One vLLM linear layer holds one or more HF projections ("shards"): qkv_proj = q/k/v, gate_up_proj
+= gate/up, any other target = itself. Each shard keeps its own activation threshold, so each shard
+gets its own packed weight and its own op call; the outputs are concatenated along the last dim.
+That is exact (the op sees the same x with the shard's own threshold) and costs one small copy.
+
+Parameters created for the on-disk format (docs/checkpoint-format.md), one of each per layer with
+the shards stacked:
+  bitmask: weight_bitmask uint8 [sum N_s, ceil(K/8)], weight_values [sum nnz_s] (nnz from the
+           metadata, since vLLM allocates before it reads), act_threshold fp32 [S] (NaN until loaded)
+  dense:   weight [sum N_s, K], act_threshold fp32 [S]
+Our own weight loader places each shard at its offset, checks its shape and records that it
+arrived; process_weights_after_loading refuses missing pieces, packs each shard with
+duoserve.kernels and frees the on-disk tensors.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn import Parameter
+
+from duoserve.errors import CheckpointError
+from duoserve.format.bitmask import bitmask_bytes_per_row, bitmask_popcount, pad_bits_clear
+from duoserve.format.schema import BITMASK_SUFFIX, DENSE_SUFFIX, THRESHOLD_SUFFIX, VALUES_SUFFIX, ModuleInfo
+from duoserve.kernels import dual_sparse_linear_op, pack_bitmask, pack_dense
+from duoserve.loaders.vllm_compat import LinearMethodBase, set_weight_attrs, shard_index, tp_size_of
+
+log = logging.getLogger(__name__)
+
+# on-disk parameter name -> checkpoint suffix (for messages that name the HF tensor)
+_SUFFIX = {"weight_bitmask": BITMASK_SUFFIX, "weight_values": VALUES_SUFFIX, "weight": DENSE_SUFFIX,
+           "act_threshold": THRESHOLD_SUFFIX}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One HF projection inside a vLLM layer."""
+
+    hf_name: str  # e.g. model.layers.0.self_attn.k_proj
+    rows: int  # N_s (output features)
+    cols: int  # K (input features)
+    nnz: int
+    row_offset: int  # first row in the fused layer
+    value_offset: int  # first value in the fused values tensor
+
+
+class LoadSummary:
+    """One INFO line per model once all its duoserve layers are packed (not one per layer)."""
+
+    def __init__(self):
+        self.expected, self.layers, self.nbytes, self.elements = 0, 0, 0, 0
+
+    def add(self, nbytes: int, elements: int) -> None:
+        self.layers += 1
+        self.nbytes += nbytes
+        self.elements += elements
+        if self.layers == self.expected:
+            log.info("duoserve: %d linear layers repacked into the dual-sparse kernel layout "
+                     "(%.1f MiB, %.3f bytes/weight); apply() runs torch.ops.duoserve.dual_sparse_linear",
+                     self.layers, self.nbytes / 2**20, self.nbytes / max(self.elements, 1))
+
+
+def make_shards(names: list[str], infos: list[ModuleInfo]) -> list[Shard]:
+    shards, row, val = [], 0, 0
+    for name, info in zip(names, infos):
+        n, k = info.shape
+        shards.append(Shard(name, n, k, info.nnz, row, val))
+        row += n
+        val += info.nnz
+    return shards
+
+
+class DuoserveLinearMethod(LinearMethodBase):
+    """create_weights (on-disk format) -> process_weights_after_loading (kernel layout) -> apply (op)."""
+
+    def __init__(self, weight_format: str, shards: list[Shard], prefix: str, summary: LoadSummary | None = None):
+        self.weight_format = weight_format
+        self.shards = shards
+        self.prefix = prefix
+        self.summary = summary
+        if summary is not None:
+            summary.expected += 1
+
+    # -- creation --------------------------------------------------------------------------
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
+                       output_size, params_dtype, **extra_weight_attrs):
+        extra_weight_attrs.pop("weight_loader", None)  # ours replaces the layer's
+        if tp_size_of(layer) > 1:
+            raise CheckpointError(
+                f"{self.prefix}: duoserve checkpoints are served with tensor parallel size 1 only "
+                f"(asked: {tp_size_of(layer)}); drop --tensor-parallel-size, or use pipeline parallelism")
+        got = [(n, input_size_per_partition) for n in output_partition_sizes]
+        want = [(s.rows, s.cols) for s in self.shards]
+        if got != want:
+            names = ", ".join(s.hf_name for s in self.shards)
+            raise CheckpointError(f"{names}: quantization_config.modules gives shapes {want}, the model's "
+                                  f"config gives {got}; the checkpoint does not belong to this config")
+        rows, k = sum(s.rows for s in self.shards), input_size_per_partition
+        if self.weight_format == "bitmask":
+            self._add(layer, "weight_bitmask", torch.zeros(rows, bitmask_bytes_per_row(k), dtype=torch.uint8))
+            self._add(layer, "weight_values", torch.zeros(sum(s.nnz for s in self.shards), dtype=params_dtype))
+        else:
+            self._add(layer, "weight", torch.zeros(rows, k, dtype=params_dtype))
+        # NaN until loaded: a threshold the checkpoint lacks must not silently become 0 (= no sparsity).
+        self._add(layer, "act_threshold", torch.full((len(self.shards),), math.nan, dtype=torch.float32))
+        layer._duoserve_loaded = set()
+        layer._duoserve_params_dtype = params_dtype
+
+    def _add(self, layer, name: str, data: torch.Tensor) -> None:
+        param = Parameter(data, requires_grad=False)
+        layer.register_parameter(name, param)
+
+        def loader(param, loaded_weight, shard_id=None, _name=name):
+            self._load(layer, _name, param, loaded_weight, shard_id)
+
+        set_weight_attrs(param, {"weight_loader": loader})
+
+    # -- loading ---------------------------------------------------------------------------
+    def _load(self, layer, name: str, param, loaded: torch.Tensor, shard_id) -> None:
+        if shard_id is None and len(self.shards) > 1:
+            raise CheckpointError(f"{self.prefix}.{name}: a fused tensor on disk is not part of the duoserve "
+                                  "format; store the projections separately (q/k/v, gate/up)")
+        i = shard_index(layer, shard_id)
+        s = self.shards[i]
+        tensor_name = s.hf_name + _SUFFIX[name]
+        if name == "weight_bitmask":
+            dst, want = param.data[s.row_offset:s.row_offset + s.rows], (s.rows, bitmask_bytes_per_row(s.cols))
+        elif name == "weight_values":
+            dst, want = param.data[s.value_offset:s.value_offset + s.nnz], (s.nnz,)
+        elif name == "weight":
+            dst, want = param.data[s.row_offset:s.row_offset + s.rows], (s.rows, s.cols)
+        else:
+            dst, want = param.data[i:i + 1], (1,)
+            loaded = loaded.reshape(-1) if loaded.numel() == 1 else loaded
+        if tuple(loaded.shape) != want:
+            raise CheckpointError(f"{tensor_name}: shape {list(loaded.shape)} in the checkpoint, expected "
+                                  f"{list(want)} (from quantization_config.modules)")
+        if name == "weight_bitmask" and loaded.dtype != torch.uint8:
+            raise CheckpointError(f"{tensor_name}: dtype {loaded.dtype}, expected torch.uint8")
+        dst.copy_(loaded)
+        layer._duoserve_loaded.add((name, i))
+
+    def _expected(self) -> list[str]:
+        return (["weight_bitmask", "weight_values"] if self.weight_format == "bitmask" else ["weight"]) + [
+            "act_threshold"]
+
+    def process_weights_after_loading(self, layer) -> None:
+        for name in self._expected():
+            for i, s in enumerate(self.shards):
+                if (name, i) not in layer._duoserve_loaded:
+                    raise CheckpointError(f"tensor {s.hf_name}{_SUFFIX[name]} is missing from the checkpoint "
+                                          f"(needed by vLLM layer {self.prefix})")
+        thresholds = layer.act_threshold.data.cpu()
+        for i, s in enumerate(self.shards):
+            t = float(thresholds[i])
+            if math.isnan(t) or t < 0:
+                raise CheckpointError(f"tensor {s.hf_name}{THRESHOLD_SUFFIX} is {t} after loading (missing, NaN "
+                                      "or negative); re-run threshold calibration")
+        packed = []
+        for s in self.shards:
+            if self.weight_format == "bitmask":
+                bitmask = layer.weight_bitmask.data[s.row_offset:s.row_offset + s.rows]
+                values = layer.weight_values.data[s.value_offset:s.value_offset + s.nnz]
+                if not pad_bits_clear(bitmask, s.cols) or bitmask_popcount(bitmask) != s.nnz:
+                    raise CheckpointError(f"tensor {s.hf_name}{BITMASK_SUFFIX}: {bitmask_popcount(bitmask)} bits "
+                                          f"set (pad bits clear: {pad_bits_clear(bitmask, s.cols)}), but nnz is "
+                                          f"{s.nnz}; the checkpoint is corrupted")
+                packed.append(pack_bitmask(bitmask, values, (s.rows, s.cols)))
+            else:
+                packed.append(pack_dense(layer.weight.data[s.row_offset:s.row_offset + s.rows]))
+        device = layer.act_threshold.device
+        # Free the on-disk form: only the kernel layout stays resident.
+        for name in self._expected():
+            delattr(layer, name)
+        # Registered as parameters (not hidden in a Python object) so that torch.compile lifts them
+        # as graph inputs and module.to() / memory accounting see them.
+        for i, p in enumerate(packed):
+            for key, t in p.tensors().items():
+                layer.register_parameter(f"duoserve_s{i}_{key}", Parameter(t, requires_grad=False))
+            layer.register_parameter(f"duoserve_s{i}_threshold",
+                                     Parameter(thresholds[i].clone().to(device), requires_grad=False))
+        layer.duoserve_nbytes = sum(p.nbytes() for p in packed)
+        del layer._duoserve_loaded
+        log.debug("%s: %d shard(s) packed, %d bytes, thresholds %s", self.prefix, len(packed),
+                  layer.duoserve_nbytes, [round(float(t), 5) for t in thresholds])
+        if self.summary is not None:
+            self.summary.add(layer.duoserve_nbytes, sum(s.rows * s.cols for s in self.shards))
+
+    # -- forward ---------------------------------------------------------------------------
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        # No Python side effects here: under torch.compile this body is traced and the custom op
+        # (duoserve::dual_sparse_linear, with a fake impl) is opaque; it picks decode vs prefill
+        # kernels from the token count and the device. Called directly (not through
+        # duoserve.kernels.dual_sparse_linear) to skip rebuilding a PackedWeight per call.
+        x2 = x.reshape(-1, x.shape[-1])  # [T, K]
+        outs = []
+        for i, s in enumerate(self.shards):
+            b = None if bias is None else bias[s.row_offset:s.row_offset + s.rows]
+            outs.append(dual_sparse_linear_op(
+                x2, getattr(layer, f"duoserve_s{i}_bitmap"), getattr(layer, f"duoserve_s{i}_offsets"),
+                getattr(layer, f"duoserve_s{i}_values"), getattr(layer, f"duoserve_s{i}_threshold"),
+                b, s.rows, s.cols))  # [T, N_s]
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # [T, sum N_s]
+        return y.reshape(*x.shape[:-1], y.shape[-1])

