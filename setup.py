@@ -29,11 +29,20 @@ def _extensions():
     """The native CPU kernel (kernels/csrc), built with torch's extension tooling.
 
     Needs torch importable at build time: scripts/install.sh installs with --no-build-isolation.
+    The binary targets baseline x86-64: AVX-512 code is enabled per function (target attributes)
+    and chosen at run time, so no -march=native. DUOSERVE_SKIP_CPU_KERNEL=1 skips the build (a
+    machine without a compiler; the GPU image): duoserve.kernels then falls back to the reference
+    on CPU with one logged warning.
     """
+    import os
+
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "kernels" / "csrc").glob("*.cpp"))
-    if not sources:
+    if not sources or os.environ.get("DUOSERVE_SKIP_CPU_KERNEL") == "1":
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:  # torch not installed yet: nothing to build against
+        return [], {}
 
     ext = CppExtension(
         "duoserve.kernels._cpu_kernels",

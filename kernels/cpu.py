@@ -1,11 +1,13 @@
-"""CPU backend: loads the native extension (kernels/csrc, built by `pip install`) lazily.
+"""CPU backend: the native extension (kernels/csrc/dual_sparse_cpu.cpp, built by `pip install`).
 
-Two paths behind `linear`, both on the packed layout (layout.py), chosen by the token count T:
-  T <= SPARSE_MAX_TOKENS: the native spMspV walk (AVX-512 expand-loads, or scalar where the CPU
-    lacks AVX-512 VBMI2): per row block, only the columns active for some token are read.
-  larger T (prefill): row-block chunks are decompressed by the native code into a transposed dense
-    scratch [K, rows] and multiplied with torch.matmul; the scratch is bounded (never a second
-    dense copy of the whole weight). Cutover measured with `python -m duoserve.kernels.bench`.
+Loading it registers the CPU kernel of `duoserve::dual_sparse_linear` in C++ (TORCH_LIBRARY), so a
+CPU call goes from the dispatcher straight to C++ (a few microseconds; a Python-side custom op
+costs ~20 us a call, more than the whole 576x576 product). Behind that kernel:
+  T <= sparse_max_tokens (bf16/fp32): the spMspV walk (AVX-512 expand-loads, or a scalar loop on
+    CPUs without AVX-512 VBMI2): per row block, only the columns active for some token are read.
+  larger T, or fp16: row-block chunks are decompressed into a bounded W^T scratch [K, rows] and
+    multiplied with torch.matmul (never a dense copy of the whole weight).
+The cutover is measured with `python -m duoserve.kernels.bench --cutover`.
 """
 from __future__ import annotations
 
@@ -14,8 +16,6 @@ import os
 import torch
 
 DTYPES = (torch.bfloat16, torch.float32)
-SPARSE_MAX_TOKENS = int(os.environ.get("DUOSERVE_CPU_SPARSE_MAX_TOKENS", "32"))
-SCRATCH_ELEMENTS = 1 << 22  # decompressed tile budget for the prefill path (8 MiB in bf16)
 
 _ext = None
 _error: str | None = None
@@ -30,6 +30,8 @@ def _load():
         try:
             from . import _cpu_kernels  # built by setup.py from kernels/csrc
             _ext = _cpu_kernels
+            if "DUOSERVE_CPU_SPARSE_MAX_TOKENS" in os.environ:
+                _ext.set_sparse_max_tokens(int(os.environ["DUOSERVE_CPU_SPARSE_MAX_TOKENS"]))
         except ImportError as exc:  # not built (DUOSERVE_SKIP_CPU_KERNEL=1, no compiler)
             _error = f"{type(exc).__name__}: {exc}"
     return _ext
@@ -45,25 +47,23 @@ def import_error() -> str | None:
 
 
 def isa() -> str:
-    """The instruction set the native kernel runs with here ('avx512' or 'scalar')."""
+    """The instruction set the native spMspV kernel uses here ('avx512' or 'scalar')."""
     return _load().isa() if available() else "none"
 
 
-def linear(x, bitmap, offsets, values, threshold, bias, n: int, k: int, force_scalar: bool = False):
-    """x [T, K] bf16/fp32 -> y [T, N] in x.dtype = W @ where(|x| > t, x, 0) + bias."""
-    ext = _load()
-    if x.shape[0] <= SPARSE_MAX_TOKENS:
-        return ext.spmspv(x, bitmap, offsets, values, threshold, bias, n, force_scalar)
-    xm = ext.mask_input(x, threshold)  # [T, K] masked, x.dtype
-    y = torch.empty(x.shape[0], n, dtype=x.dtype)  # [T, N]
-    nb = bitmap.shape[0]
-    blocks_per_chunk = max(1, SCRATCH_ELEMENTS // (k * bitmap.shape[2] * 32))
-    rows_per_block = bitmap.shape[2] * 32
-    for rb0 in range(0, nb, blocks_per_chunk):
-        rb1 = min(nb, rb0 + blocks_per_chunk)
-        wt = ext.unpack_transposed(bitmap, offsets, values, rb0, rb1)  # [K, rows] x.dtype
-        r0, r1 = rb0 * rows_per_block, min(n, rb1 * rows_per_block)
-        y[:, r0:r1] = torch.matmul(xm, wt[:, : r1 - r0])  # [T, rows]
-    if bias is not None:
-        y += bias
-    return y
+def spmspv(x, bitmap, offsets, values, threshold, bias, n: int, force_scalar: bool = False):
+    """The sparse walk alone (any T), bf16/fp32: x [T, K] -> y [T, N]. For tests and benchmarks."""
+    return _load().spmspv(x, bitmap, offsets, values, threshold, bias, n, int(force_scalar))
+
+
+def tiled(x, bitmap, offsets, values, threshold, bias, n: int):
+    """The decompress-tiles + matmul path alone (any T, any dtype). For tests and benchmarks."""
+    return _load().tiled_linear(x, bitmap, offsets, values, threshold, bias, n)
+
+
+def set_sparse_max_tokens(t: int) -> None:
+    _load().set_sparse_max_tokens(int(t))
+
+
+def sparse_max_tokens() -> int:
+    return _load().get_sparse_max_tokens()

@@ -1,17 +1,22 @@
-"""Torch custom ops for the dual-sparse linear, and the one function that dispatches by device.
+"""The torch custom op `duoserve::dual_sparse_linear` and where each device's kernel comes from.
 
-`duoserve::dual_sparse_linear(x, bitmap, offsets, values, threshold, bias, n, k) -> y`
+    duoserve::dual_sparse_linear(Tensor x, Tensor bitmap, Tensor offsets, Tensor values,
+                                 Tensor threshold, Tensor? bias, int n, int k) -> Tensor
     x [T, K] (fp16 / bf16 / fp32), the PackedWeight tensors (layout.py), threshold fp32 0-dim,
-    bias [N] | None, n = N, k = K  ->  y [T, N] in x.dtype.
-Only tensors and ints cross the op boundary, and the fake implementation gives the output shape
-without touching data, so torch.compile (vLLM's default) traces through it and CUDA graphs can
-capture it (the GPU decode path has no host sync).
+    bias [N] | None  ->  y [T, N] = W @ where(|x| > threshold, x, 0) + bias in x.dtype.
 
-Dispatch (`_dispatch`, the only place that decides):
-    CPU, bf16/fp32, native extension built  -> cpu.linear (sparse walk or tile decompress + GEMM)
-    CUDA, Triton importable                 -> gpu.linear (Triton decode spMspV for T <= cutover,
-                                               Triton decompress-on-the-fly tl.dot GEMM above)
-    anything else (fp16 on CPU, no ext.)    -> reference (unpack + fp32 matmul)
+Only tensors and ints cross the op boundary and the fake (meta) implementation gives the output
+shape without touching data, so torch.compile (vLLM's default) traces through it and CUDA graphs
+capture it (the GPU decode path has no host sync, no nonzero(), no data-dependent shapes).
+
+Device dispatch, all decided here (by the dispatcher key, then by `_cuda_impl`/`_cpu_impl`):
+    CPU,  native extension built  -> C++ kernel registered by the extension itself (cpu.py;
+                                     spMspV for T <= cutover, tiled decompress + GEMM above)
+    CPU,  no extension            -> reference (unpack + fp32 matmul), one warning
+    CUDA, Triton importable       -> gpu.linear (Triton spMspV decode for T <= cutover,
+                                     Triton decompress-on-the-fly tl.dot GEMM above)
+    CUDA, no Triton / other       -> reference, one warning (syncs: not CUDA-graph safe)
+DUOSERVE_KERNEL=reference forces the reference everywhere (debugging).
 """
 from __future__ import annotations
 
@@ -26,6 +31,9 @@ from .reference import as_threshold, dual_sparse_linear_packed_reference
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
+SCHEMA = ("(Tensor x, Tensor bitmap, Tensor offsets, Tensor values, Tensor threshold, Tensor? bias, "
+          "int n, int k) -> Tensor")
+_FORCE_REFERENCE = os.environ.get("DUOSERVE_KERNEL", "") == "reference"
 
 
 def _warn_once(key: str, msg: str) -> None:
@@ -34,28 +42,31 @@ def _warn_once(key: str, msg: str) -> None:
         log.warning(msg)
 
 
-def _force_reference() -> bool:
-    return os.environ.get("DUOSERVE_KERNEL", "") == "reference"
-
-
 def _reference(x, bitmap, offsets, values, threshold, bias, n, k):
     packed = PackedWeight(n=n, k=k, bitmap=bitmap, offsets=offsets, values=values)
     return dual_sparse_linear_packed_reference(x, packed, threshold, bias)
 
 
-def _dispatch(x: torch.Tensor, bitmap, offsets, values, threshold, bias, n: int, k: int):
-    """x [T, K] -> y [T, N]: picks the kernel for x's device, dtype and T."""
+def _check(x, values, k):
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [T, {k}], got {tuple(x.shape)}")
     if values.dtype != x.dtype:
         raise ValueError(f"x is {x.dtype} but the packed weight is {values.dtype}")
-    if _force_reference():
-        return _reference(x, bitmap, offsets, values, threshold, bias, n, k)
-    if x.device.type == "cpu":
-        if x.dtype in cpu.DTYPES and cpu.available():
-            return cpu.linear(x, bitmap, offsets, values, threshold, bias, n, k)
-        if x.dtype in cpu.DTYPES:
-            _warn_once("cpu-ext", "duoserve CPU kernel extension not built "
-                       f"({cpu.import_error()}); using the slow pure-torch reference")
-    elif x.device.type == "cuda":
+
+
+def _cpu_impl(x, bitmap, offsets, values, threshold, bias, n, k):
+    """CPU kernel when the extension is missing (or the reference is forced)."""
+    _check(x, values, k)
+    if not _FORCE_REFERENCE:
+        _warn_once("cpu-ext", "duoserve CPU kernel extension not built "
+                   f"({cpu.import_error()}); using the slow pure-torch reference")
+    return _reference(x.contiguous(), bitmap, offsets, values, threshold, bias, n, k)
+
+
+def _cuda_impl(x, bitmap, offsets, values, threshold, bias, n, k):
+    _check(x, values, k)
+    x = x.contiguous()
+    if not _FORCE_REFERENCE:
         if gpu.available():
             return gpu.linear(x, bitmap, offsets, values, threshold, bias, n, k)
         _warn_once("triton", f"Triton unavailable ({gpu.import_error()}); "
@@ -63,31 +74,38 @@ def _dispatch(x: torch.Tensor, bitmap, offsets, values, threshold, bias, n: int,
     return _reference(x, bitmap, offsets, values, threshold, bias, n, k)
 
 
-@torch.library.custom_op("duoserve::dual_sparse_linear", mutates_args=())
-def dual_sparse_linear_op(x: torch.Tensor, bitmap: torch.Tensor, offsets: torch.Tensor,
-                          values: torch.Tensor, threshold: torch.Tensor,
-                          bias: torch.Tensor | None, n: int, k: int) -> torch.Tensor:
-    """y [T, N] = W @ where(|x| > threshold, x, 0) + bias; see the module docstring."""
-    return _dispatch(x.contiguous(), bitmap, offsets, values, threshold, bias, n, k)
-
-
-@dual_sparse_linear_op.register_fake
-def _(x, bitmap, offsets, values, threshold, bias, n, k):
+def _fake(x, bitmap, offsets, values, threshold, bias, n, k):
     torch._check(x.shape[-1] == k)
     return x.new_empty((x.shape[0], n))
+
+
+def _register() -> None:
+    native_cpu = cpu.available() and not _FORCE_REFERENCE  # loading it defines the op in C++
+    if not hasattr(torch.ops.duoserve, "dual_sparse_linear"):
+        torch.library.define("duoserve::dual_sparse_linear", SCHEMA)
+    if not native_cpu:
+        torch.library.impl("duoserve::dual_sparse_linear", "CPU")(_cpu_impl)
+    torch.library.impl("duoserve::dual_sparse_linear", "CUDA")(_cuda_impl)
+    torch.library.register_fake("duoserve::dual_sparse_linear")(_fake)
+
+
+_register()
+dual_sparse_linear_op = torch.ops.duoserve.dual_sparse_linear
 
 
 def dual_sparse_linear(x: torch.Tensor, packed: PackedWeight, threshold,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] -> y [..., N] = W @ where(|x| > t, x, 0) + bias, in x.dtype.
 
-    threshold: an fp32 0-dim tensor (on x's device, for CUDA graphs) or a float.
+    threshold: an fp32 0-dim tensor on x's device (no copy per call; what CUDA graphs need) or a
+    float.
     """
     if x.shape[-1] != packed.k:
         raise ValueError(f"x has {x.shape[-1]} input features, the weight has {packed.k}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, packed.k)  # [T, K]
-    t = as_threshold(threshold, x.device)
-    y = dual_sparse_linear_op(x2, packed.bitmap, packed.offsets, packed.values, t, bias,
+    if not (isinstance(threshold, torch.Tensor) and threshold.dim() == 0
+            and threshold.dtype == torch.float32 and threshold.device == x.device):
+        threshold = as_threshold(threshold, x.device)
+    x2 = x if x.dim() == 2 else x.reshape(-1, packed.k)  # [T, K]
+    y = dual_sparse_linear_op(x2, packed.bitmap, packed.offsets, packed.values, threshold, bias,
                               packed.n, packed.k)  # [T, N]
-    return y.reshape(*lead, packed.n)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], packed.n)

@@ -20,9 +20,14 @@ def as_threshold(threshold, device) -> torch.Tensor:
 
 
 def mask_activations(x: torch.Tensor, threshold) -> torch.Tensor:
-    """x [..., K] -> x with every |x| <= threshold set to 0 (same dtype)."""
+    """x [..., K] -> x with every |x| <= threshold set to 0 (same dtype).
+
+    The comparison is in fp32 (|x| is exact in fp32 for every input dtype): comparing in bf16
+    would round the threshold, and every kernel compares in fp32.
+    """
     t = as_threshold(threshold, x.device)
-    return torch.where(x.abs() > t, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    keep = x.abs().float() > t  # [..., K] bool
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def dual_sparse_linear_reference(x: torch.Tensor, dense_weight: torch.Tensor, threshold,

@@ -1,0 +1,359 @@
+// Native CPU kernels for the dual-sparse linear y = W @ where(|x| > t, x, 0) + bias.
+//
+// Layout (kernels/layout.py), R = 128 rows per row block, NB = ceil(N / R):
+//   bitmap  int32 [NB, K, 4]   bit b of word w of (rb, k): W[rb*R + 32w + b, k] != 0
+//   offsets int32 [NB, K]      first value of (rb, k)
+//   values  bf16|fp32 [nnz+R]  non-zeros in (rb, k, row) order, R elements of zero padding
+//
+// spmspv (decode and small batches): the columns active for at least one token are compacted
+// once per call; then, per row block (at::parallel_for), the kernel walks only those columns and
+// expands each column's packed values into the R-row fp32 accumulators:
+//   bf16: 4 x (64-byte unaligned load + vpexpandw under the 32-bit word) -> even/odd rows as fp32
+//   fp32: 8 x (64-byte load + vexpandps under each 16-bit half word)
+// so an inactive column costs no weight bytes and an active one costs its non-zeros plus 20
+// bytes of index. Tokens are processed in chunks of up to 3 (24 zmm accumulators). The AVX-512
+// code is compiled with per-function target attributes and chosen at run time; other x86-64
+// CPUs take a scalar loop over set bits (same results up to fp32 summation order).
+//
+// unpack_transposed (prefill): decompresses row blocks [rb0, rb1) into a dense W^T tile
+// [K, rows] so torch.matmul can run the large-batch product without a full dense copy.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t R = 128;
+constexpr int64_t WORDS = R / 32;
+constexpr int64_t MAX_TB = 3;  // tokens per pass: 3 x 8 accumulators fit 32 zmm registers
+
+struct Problem {
+  const int32_t* bitmap;   // [NB, K, WORDS]
+  const int32_t* offsets;  // [NB, K]
+  const void* values;      // [nnz + R]
+  const int32_t* active;   // [A] active column indices, increasing
+  int64_t n_active;        // A
+  const float* xc;         // [A, T] masked inputs of the active columns, fp32
+  int64_t T, K, N;
+  float* y;                // [T, N] fp32 result
+};
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept quiet
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (std::isnan(f)) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7FFF + ((u >> 16) & 1);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Writes the fp32 accumulators of tokens [t0, t0 + tb) of row block rb: acc[t][row].
+inline void store_block(const Problem& p, int64_t rb, int64_t t0, int64_t tb, const float* acc) {
+  const int64_t rows = std::min<int64_t>(R, p.N - rb * R);
+  for (int64_t t = 0; t < tb; ++t)
+    std::memcpy(p.y + (t0 + t) * p.N + rb * R, acc + t * R, rows * sizeof(float));
+}
+
+// ---- scalar path: any x86-64 (and the oracle for the SIMD path's indexing) ----
+template <typename V>
+void block_scalar(const Problem& p, int64_t rb, int64_t t0, int64_t tb) {
+  std::vector<float> acc(R * tb, 0.f);  // [tb, R]
+  const V* vals = static_cast<const V*>(p.values);
+  for (int64_t j = 0; j < p.n_active; ++j) {
+    const int64_t col = rb * p.K + p.active[j];
+    const int32_t* words = p.bitmap + col * WORDS;
+    const V* v = vals + p.offsets[col];
+    const float* xj = p.xc + j * p.T + t0;
+    for (int64_t w = 0; w < WORDS; ++w) {
+      uint32_t m = static_cast<uint32_t>(words[w]);
+      while (m) {
+        const int64_t row = 32 * w + __builtin_ctz(m);
+        float wv;
+        if constexpr (std::is_same_v<V, uint16_t>) wv = bf16_to_float(*v++); else wv = *v++;
+        for (int64_t t = 0; t < tb; ++t) acc[t * R + row] += wv * xj[t];
+        m &= m - 1;
+      }
+    }
+  }
+  store_block(p, rb, t0, tb, acc.data());
+}
+
+// ---- AVX-512 path (F + BW + VBMI2 for vpexpandw) ----
+#define DS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")))
+
+// Skipped columns leave gaps in the value stream that the hardware prefetchers do not follow,
+// so the kernels prefetch the values of the column PREFETCH_AHEAD active columns ahead.
+constexpr int64_t PREFETCH_AHEAD = 32;
+
+template <typename V>
+DS_AVX512 inline void prefetch_column(const Problem& p, int64_t rb, int64_t j) {
+  if (j >= p.n_active) return;
+  const int64_t col = rb * p.K + p.active[j];
+  const int32_t* words = p.bitmap + col * WORDS;
+  int64_t count = 0;
+  for (int64_t w = 0; w < WORDS; ++w) count += _mm_popcnt_u32(static_cast<uint32_t>(words[w]));
+  const char* first = reinterpret_cast<const char*>(static_cast<const V*>(p.values) + p.offsets[col]);
+  const char* last = first + count * static_cast<int64_t>(sizeof(V));
+  for (const char* line = first; line < last; line += 64) _mm_prefetch(line, _MM_HINT_T0);
+}
+
+template <int TB>
+DS_AVX512 void block_bf16_avx512(const Problem& p, int64_t rb, int64_t t0) {
+  __m512 acc[TB][WORDS][2];  // [token][32-row chunk][even rows, odd rows]
+  for (int t = 0; t < TB; ++t)
+    for (int c = 0; c < WORDS; ++c) acc[t][c][0] = acc[t][c][1] = _mm512_setzero_ps();
+  const uint16_t* vals = static_cast<const uint16_t*>(p.values);
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  for (int64_t j = 0; j < p.n_active; ++j) {
+    const int64_t col = rb * p.K + p.active[j];
+    const int32_t* words = p.bitmap + col * WORDS;
+    const uint16_t* v = vals + p.offsets[col];
+    prefetch_column<uint16_t>(p, rb, j + PREFETCH_AHEAD);
+    __m512 xb[TB];
+    for (int t = 0; t < TB; ++t) xb[t] = _mm512_set1_ps(p.xc[j * p.T + t0 + t]);
+    for (int c = 0; c < WORDS; ++c) {
+      const uint32_t m = static_cast<uint32_t>(words[c]);
+      // 32 packed bf16 -> their rows (zeros elsewhere); the padding makes the over-read safe
+      const __m512i e = _mm512_maskz_expand_epi16(m, _mm512_loadu_si512(v));
+      v += _mm_popcnt_u32(m);
+      const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(e, 16));  // rows 32c + 2i
+      const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(e, high_half));  // rows 32c+2i+1
+      for (int t = 0; t < TB; ++t) {
+        acc[t][c][0] = _mm512_fmadd_ps(even, xb[t], acc[t][c][0]);
+        acc[t][c][1] = _mm512_fmadd_ps(odd, xb[t], acc[t][c][1]);
+      }
+    }
+  }
+  alignas(64) float out[TB * R];
+  const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int t = 0; t < TB; ++t)
+    for (int c = 0; c < WORDS; ++c) {  // interleave even/odd lanes back into row order
+      _mm512_store_ps(out + t * R + 32 * c, _mm512_permutex2var_ps(acc[t][c][0], lo_idx, acc[t][c][1]));
+      _mm512_store_ps(out + t * R + 32 * c + 16, _mm512_permutex2var_ps(acc[t][c][0], hi_idx, acc[t][c][1]));
+    }
+  store_block(p, rb, t0, TB, out);
+}
+
+template <int TB>
+DS_AVX512 void block_f32_avx512(const Problem& p, int64_t rb, int64_t t0) {
+  constexpr int CH = R / 16;
+  __m512 acc[TB][CH];
+  for (int t = 0; t < TB; ++t)
+    for (int c = 0; c < CH; ++c) acc[t][c] = _mm512_setzero_ps();
+  const float* vals = static_cast<const float*>(p.values);
+  for (int64_t j = 0; j < p.n_active; ++j) {
+    const int64_t col = rb * p.K + p.active[j];
+    const int32_t* words = p.bitmap + col * WORDS;
+    const float* v = vals + p.offsets[col];
+    prefetch_column<float>(p, rb, j + PREFETCH_AHEAD);
+    __m512 xb[TB];
+    for (int t = 0; t < TB; ++t) xb[t] = _mm512_set1_ps(p.xc[j * p.T + t0 + t]);
+    for (int c = 0; c < CH; ++c) {
+      const __mmask16 m = static_cast<__mmask16>(static_cast<uint32_t>(words[c / 2]) >> (16 * (c % 2)));
+      const __m512 e = _mm512_maskz_expand_ps(m, _mm512_loadu_ps(v));
+      v += _mm_popcnt_u32(m);
+      for (int t = 0; t < TB; ++t) acc[t][c] = _mm512_fmadd_ps(e, xb[t], acc[t][c]);
+    }
+  }
+  alignas(64) float out[TB * R];
+  for (int t = 0; t < TB; ++t)
+    for (int c = 0; c < CH; ++c) _mm512_store_ps(out + t * R + 16 * c, acc[t][c]);
+  store_block(p, rb, t0, TB, out);
+}
+
+bool cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
+                         __builtin_cpu_supports("popcnt");
+  return ok;
+}
+
+void run_block(const Problem& p, int64_t rb, bool bf16, bool simd) {
+  for (int64_t t0 = 0; t0 < p.T; t0 += MAX_TB) {
+    const int64_t tb = std::min<int64_t>(MAX_TB, p.T - t0);
+    if (!simd) {
+      bf16 ? block_scalar<uint16_t>(p, rb, t0, tb) : block_scalar<float>(p, rb, t0, tb);
+    } else if (bf16) {
+      tb == 1 ? block_bf16_avx512<1>(p, rb, t0)
+              : tb == 2 ? block_bf16_avx512<2>(p, rb, t0) : block_bf16_avx512<3>(p, rb, t0);
+    } else {
+      tb == 1 ? block_f32_avx512<1>(p, rb, t0)
+              : tb == 2 ? block_f32_avx512<2>(p, rb, t0) : block_f32_avx512<3>(p, rb, t0);
+    }
+  }
+}
+
+void check_layout(const torch::Tensor& bitmap, const torch::Tensor& offsets, const torch::Tensor& values,
+                  int64_t n, int64_t k) {
+  const int64_t nb = (n + R - 1) / R;
+  TORCH_CHECK(bitmap.dtype() == torch::kInt32 && bitmap.is_contiguous() && bitmap.dim() == 3 &&
+                  bitmap.size(0) == nb && bitmap.size(1) == k && bitmap.size(2) == WORDS,
+              "bitmap must be contiguous int32 [", nb, ", ", k, ", ", WORDS, "]");
+  TORCH_CHECK(offsets.dtype() == torch::kInt32 && offsets.is_contiguous() && offsets.numel() == nb * k,
+              "offsets must be contiguous int32 [", nb, ", ", k, "]");
+  TORCH_CHECK(values.is_contiguous() && values.dim() == 1 && values.numel() >= R,
+              "values must be contiguous 1-D with R elements of padding");
+  TORCH_CHECK(bitmap.device().is_cpu() && offsets.device().is_cpu() && values.device().is_cpu(),
+              "CPU kernel needs CPU tensors");
+}
+
+}  // namespace
+
+// x [T, K] (bf16/fp32) -> x with |x| <= threshold set to 0 (NaN inputs too).
+torch::Tensor mask_input(const torch::Tensor& x, const torch::Tensor& threshold) {
+  const float t = threshold.item<float>();
+  return torch::where(x.abs().to(torch::kFloat) > t, x, torch::zeros({}, x.options()));  // compare in fp32
+}
+
+torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, const torch::Tensor& offsets,
+                     const torch::Tensor& values, const torch::Tensor& threshold,
+                     const c10::optional<torch::Tensor>& bias, int64_t n, int64_t force_scalar) {
+  TORCH_CHECK(x_in.dim() == 2, "x must be [T, K]");
+  TORCH_CHECK(x_in.dtype() == values.dtype(), "x and values must have the same dtype");
+  TORCH_CHECK(x_in.scalar_type() == torch::kBFloat16 || x_in.scalar_type() == torch::kFloat,
+              "CPU kernel supports bf16 and fp32");
+  const int64_t T = x_in.size(0), K = x_in.size(1);
+  check_layout(bitmap, offsets, values, n, K);
+  const float thr = threshold.item<float>();
+  const torch::Tensor x = x_in.contiguous().to(torch::kFloat);  // [T, K] fp32
+
+  // Active columns (any token over the threshold) and their masked inputs, column-major [A, T].
+  const float* xp = x.data_ptr<float>();
+  std::vector<int32_t> active;
+  active.reserve(K);
+  std::vector<float> xc;
+  xc.reserve(K * T);
+  for (int64_t k = 0; k < K; ++k) {
+    bool any = false;
+    for (int64_t t = 0; t < T; ++t) any |= std::fabs(xp[t * K + k]) > thr;
+    if (!any) continue;
+    active.push_back(static_cast<int32_t>(k));
+    for (int64_t t = 0; t < T; ++t) {
+      const float v = xp[t * K + k];
+      xc.push_back(std::fabs(v) > thr ? v : 0.f);
+    }
+  }
+
+  torch::Tensor y = torch::zeros({T, n}, x.options());  // [T, N] fp32
+  const bool bf16 = values.scalar_type() == torch::kBFloat16;
+  const bool simd = !force_scalar && cpu_has_avx512();
+  Problem p{bitmap.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), values.data_ptr(),
+            active.data(), static_cast<int64_t>(active.size()), xc.data(), T, K, n,
+            y.data_ptr<float>()};
+  const int64_t nb = bitmap.size(0);
+  if (p.n_active > 0)
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t rb = b0; rb < b1; ++rb) run_block(p, rb, bf16, simd);
+    });
+  if (bias.has_value()) y.add_(bias->to(torch::kFloat));
+  return y.to(x_in.scalar_type());
+}
+
+// Row blocks [rb0, rb1) -> dense W^T [K, (rb1 - rb0) * R] in the values' dtype.
+torch::Tensor unpack_transposed(const torch::Tensor& bitmap, const torch::Tensor& offsets,
+                                const torch::Tensor& values, int64_t rb0, int64_t rb1) {
+  const int64_t nb = bitmap.size(0), K = bitmap.size(1);
+  check_layout(bitmap, offsets, values, nb * R, K);
+  TORCH_CHECK(0 <= rb0 && rb0 <= rb1 && rb1 <= nb, "row block range out of bounds");
+  const int64_t cols = (rb1 - rb0) * R;
+  torch::Tensor out = torch::empty({K, cols}, values.options());  // [K, rows]
+  const int64_t esize = values.element_size();
+  const char* vals = static_cast<const char*>(values.data_ptr());
+  char* o = static_cast<char*>(out.data_ptr());
+  const int32_t* bm = bitmap.data_ptr<int32_t>();
+  const int32_t* off = offsets.data_ptr<int32_t>();
+  at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      for (int64_t rb = rb0; rb < rb1; ++rb) {
+        const int64_t col = rb * K + k;
+        const char* v = vals + static_cast<int64_t>(off[col]) * esize;
+        char* dst = o + (k * cols + (rb - rb0) * R) * esize;
+        std::memset(dst, 0, R * esize);
+        for (int64_t w = 0; w < WORDS; ++w) {
+          uint32_t m = static_cast<uint32_t>(bm[col * WORDS + w]);
+          while (m) {
+            std::memcpy(dst + (32 * w + __builtin_ctz(m)) * esize, v, esize);
+            v += esize;
+            m &= m - 1;
+          }
+        }
+      }
+  });
+  return out;
+}
+
+namespace {
+int64_t g_sparse_max_tokens = 32;     // spmspv up to this many tokens, tiled GEMM above
+int64_t g_scratch_elements = 1 << 22;  // decompressed W^T tile budget of the tiled path
+}  // namespace
+
+// Prefill / fp16 path: decompress row-block chunks of W^T (bounded scratch) and run at::matmul.
+torch::Tensor tiled_linear(const torch::Tensor& x, const torch::Tensor& bitmap, const torch::Tensor& offsets,
+                           const torch::Tensor& values, const torch::Tensor& threshold,
+                           const c10::optional<torch::Tensor>& bias, int64_t n) {
+  // fp16 GEMM on CPU is slow or missing: compute fp16 in fp32
+  const auto cdt = x.scalar_type() == torch::kHalf ? torch::kFloat : x.scalar_type();
+  const torch::Tensor xm = mask_input(x, threshold).to(cdt);  // [T, K]
+  torch::Tensor y = torch::empty({x.size(0), n}, x.options().dtype(cdt));  // [T, N]
+  const int64_t nb = bitmap.size(0), K = bitmap.size(1);
+  const int64_t chunk = std::max<int64_t>(1, g_scratch_elements / (K * R));
+  for (int64_t rb0 = 0; rb0 < nb; rb0 += chunk) {
+    const int64_t rb1 = std::min(nb, rb0 + chunk);
+    const int64_t r0 = rb0 * R, rows = std::min(n, rb1 * R) - r0;
+    const torch::Tensor wt = unpack_transposed(bitmap, offsets, values, rb0, rb1).to(cdt);  // [K, rows]
+    y.narrow(1, r0, rows).copy_(torch::matmul(xm, wt.narrow(1, 0, rows)));
+  }
+  if (bias.has_value()) y.add_(bias->to(cdt));
+  return y.to(x.scalar_type());
+}
+
+// The CPU kernel of the duoserve::dual_sparse_linear op: x [T, K] -> y [T, N] in x's dtype.
+torch::Tensor linear_cpu(const torch::Tensor& x, const torch::Tensor& bitmap, const torch::Tensor& offsets,
+                         const torch::Tensor& values, const torch::Tensor& threshold,
+                         const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x must be [T, ", k, "]");
+  TORCH_CHECK(x.scalar_type() == values.scalar_type(), "x is ", x.scalar_type(), " but the weight is ",
+              values.scalar_type());
+  check_layout(bitmap, offsets, values, n, k);
+  const bool sparse_dtype = x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat;
+  if (sparse_dtype && x.size(0) <= g_sparse_max_tokens)
+    return spmspv(x, bitmap, offsets, values, threshold, bias, n, 0);
+  return tiled_linear(x.contiguous(), bitmap, offsets, values, threshold, bias, n);
+}
+
+void set_sparse_max_tokens(int64_t t) { g_sparse_max_tokens = t; }
+int64_t get_sparse_max_tokens() { return g_sparse_max_tokens; }
+
+std::string isa() { return cpu_has_avx512() ? "avx512" : "scalar"; }
+
+TORCH_LIBRARY_FRAGMENT(duoserve, m) {
+  m.def("dual_sparse_linear(Tensor x, Tensor bitmap, Tensor offsets, Tensor values, Tensor threshold, "
+        "Tensor? bias, int n, int k) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(duoserve, CPU, m) { m.impl("dual_sparse_linear", &linear_cpu); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "duoserve dual-sparse linear CPU kernels (see kernels/csrc/dual_sparse_cpu.cpp)";
+  m.def("spmspv", &spmspv, "y [T, N] = W @ where(|x| > t, x, 0) + bias on the packed layout",
+        py::arg("x"), py::arg("bitmap"), py::arg("offsets"), py::arg("values"), py::arg("threshold"),
+        py::arg("bias"), py::arg("n"), py::arg("force_scalar") = 0);
+  m.def("unpack_transposed", &unpack_transposed, "row blocks [rb0, rb1) -> dense W^T [K, rows]");
+  m.def("mask_input", &mask_input, "where(|x| > t, x, 0)");
+  m.def("tiled_linear", &tiled_linear, "the prefill path (decompressed W^T tiles + matmul)");
+  m.def("set_sparse_max_tokens", &set_sparse_max_tokens, "token count up to which spmspv is used");
+  m.def("get_sparse_max_tokens", &get_sparse_max_tokens);
+  m.def("isa", &isa, "instruction set the spmspv kernel uses on this CPU");
+}
