@@ -1,14 +1,165 @@
-"""CUDA backend (Triton). The kernels land in triton_kernels.py; until then CUDA uses the reference."""
+"""CUDA backend: launches the Triton kernels (triton_kernels.py) and picks their configurations.
+
+    linear(x [T, K], bitmap, offsets, values, threshold, bias, n, k) -> y [T, N] in x.dtype
+        T <= DECODE_MAX_TOKENS: compaction + spMspV decode (skips inactive input columns)
+        larger T:               decompress-on-the-fly tl.dot GEMM (all columns, tensor cores)
+
+DECODE_MAX_TOKENS (the cutover) comes from measurement (`python -m duoserve.kernels.bench
+--device cuda` prints both paths per batch size; docs/kernels.md has the run); override with
+DUOSERVE_GPU_DECODE_MAX_TOKENS. Configurations are tuned once per (shape, dtype, token bucket) on
+first use by timing a few candidates, never while a CUDA graph is being captured (then the
+default is used), so vLLM's warm-up runs do the tuning before capture. Works on CPU tensors under
+TRITON_INTERPRET=1 (tests).
+"""
 from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+DECODE_MAX_TOKENS = int(os.environ.get("DUOSERVE_GPU_DECODE_MAX_TOKENS", "4"))
+_TUNE = os.environ.get("DUOSERVE_GPU_TUNE", "1") == "1"
+_error: str | None = None
+_tk = None
+_best: dict[tuple, dict] = {}
+
+
+def _kernels():
+    global _tk, _error
+    if _tk is None and _error is None:
+        try:
+            from . import triton_kernels
+            _tk = triton_kernels
+        except Exception as exc:  # triton missing or too old
+            _error = f"{type(exc).__name__}: {exc}"
+    return _tk
 
 
 def available() -> bool:
-    return False
+    return torch.cuda.is_available() and _kernels() is not None
 
 
 def import_error() -> str | None:
-    return "Triton kernels not implemented yet"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    _kernels()
+    return _error
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode(x, bitmap, offsets, values, threshold, bias, n, cfg=None):
+    """x [T, K] (T <= 8) -> y [T, N]: compaction, spMspV over active columns, finalize."""
+    tk = _kernels()
+    t_tokens, k = x.shape
+    block_b = _pow2(t_tokens)
+    nb = bitmap.shape[0]
+    num_chunks = triton_cdiv(k, tk.CHUNK)
+    cfg = cfg or _pick("decode", (n, k, block_b, x.dtype), x.device, lambda c: decode(
+        x, bitmap, offsets, values, threshold, bias, n, c), _decode_configs(block_b))
+    idx = torch.empty(num_chunks * tk.CHUNK, dtype=torch.int32, device=x.device)  # [K'] lists
+    xc = torch.empty(t_tokens, k, dtype=torch.float32, device=x.device)  # [T, K] masked inputs
+    count = torch.empty(num_chunks, dtype=torch.int32, device=x.device)
+    acc = torch.empty(t_tokens, n, dtype=torch.float32, device=x.device)  # zeroed by compaction
+    tk._compact_kernel[(num_chunks,)](x, threshold, idx, xc, count, acc, t_tokens, k, acc.numel(),
+                                      BLOCK_B=block_b, CHUNK=tk.CHUNK, ZERO_BLOCK=256)
+    grid = (nb, triton_cdiv(num_chunks, cfg["CPS"]))
+    tk._decode_kernel[grid](idx, xc, count, bitmap, offsets, values, acc, t_tokens, n, k,
+                            num_chunks, BLOCK_B=block_b, BK=cfg["BK"], CPS=cfg["CPS"],
+                            CHUNK=tk.CHUNK, HW=tk.HW_POPC, num_warps=cfg["num_warps"])
+    return _finalize(acc, bias, x.dtype)
+
+
+def gemm(x, bitmap, offsets, values, threshold, bias, n, cfg=None):
+    """x [T, K] (any T) -> y [T, N] with decompressed tiles and tl.dot."""
+    tk = _kernels()
+    t_tokens, k = x.shape
+    bt = min(128, max(16, _pow2(t_tokens)))
+    nb = bitmap.shape[0]
+    tblocks = triton_cdiv(t_tokens, bt)
+    cfg = cfg or _pick("gemm", (n, k, bt, x.dtype), x.device, lambda c: gemm(
+        x, bitmap, offsets, values, threshold, bias, n, c), _gemm_configs(tblocks * nb, k, x.device))
+    splits = max(1, min(cfg["SPLIT"], triton_cdiv(k, cfg["BK"])))
+    k_per_split = triton_cdiv(triton_cdiv(k, splits), cfg["BK"]) * cfg["BK"]
+    splits = triton_cdiv(k, k_per_split)
+    atomic = splits > 1
+    y = (torch.zeros(t_tokens, n, dtype=torch.float32, device=x.device) if atomic
+         else torch.empty(t_tokens, n, dtype=x.dtype, device=x.device))  # [T, N]
+    tk._gemm_kernel[(tblocks, nb, splits)](
+        x, threshold, bitmap, offsets, values, bias if bias is not None else y, y, t_tokens, n, k,
+        k_per_split, BT=bt, BK=cfg["BK"], HAS_BIAS=bias is not None, ATOMIC=atomic,
+        DOT_F32=x.dtype == torch.float32 or tk.INTERPRET, HW=tk.HW_POPC, num_warps=cfg["num_warps"])
+    return _finalize(y, bias, x.dtype) if atomic else y
+
+
+def _finalize(acc, bias, dtype):
+    tk = _kernels()
+    y = torch.empty(acc.shape, dtype=dtype, device=acc.device)  # [T, N]
+    block = 1024
+    tk._finalize_kernel[(triton_cdiv(acc.numel(), block),)](
+        acc, bias if bias is not None else acc, y, acc.shape[1], acc.numel(),
+        HAS_BIAS=bias is not None, BLOCK=block)
+    return y
 
 
 def linear(x, bitmap, offsets, values, threshold, bias, n, k):
-    raise NotImplementedError
+    """The CUDA kernel of duoserve::dual_sparse_linear (see ops.py)."""
+    if x.shape[0] == 0:
+        return x.new_empty((0, n))
+    if x.shape[0] <= DECODE_MAX_TOKENS:
+        return decode(x, bitmap, offsets, values, threshold, bias, n)
+    return gemm(x, bitmap, offsets, values, threshold, bias, n)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _decode_configs(block_b: int) -> list[dict]:
+    out = []
+    for bk in (8, 16, 32, 64):
+        if bk * block_b > 64 or bk * block_b < 8:
+            continue
+        for cps in (1, 2, 4):
+            for warps in (4, 8):
+                out.append({"BK": bk, "CPS": cps, "num_warps": warps})
+    return out
+
+
+def _gemm_configs(programs: int, k: int, device) -> list[dict]:
+    fill = max(1, min(16, (2 * _num_sms(device)) // max(1, programs)))  # split-K to fill the GPU
+    splits = sorted({1, fill})
+    return [{"BK": bk, "SPLIT": s, "num_warps": w} for bk in (32, 64) for s in splits for w in (4, 8)]
+
+
+def _pick(kind: str, key: tuple, device, run, configs: list[dict]) -> dict:
+    """Best config for `key` (timed once per process); the first one where timing is impossible."""
+    full_key = (kind, *key)
+    if full_key in _best:
+        return _best[full_key]
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if not _TUNE or device.type != "cuda" or capturing or len(configs) == 1:
+        return _best.setdefault(full_key, configs[len(configs) // 2]) if not capturing else \
+            configs[len(configs) // 2]
+    from triton.testing import do_bench
+
+    timings = []
+    for cfg in configs:
+        try:
+            timings.append((do_bench(lambda: run(cfg), warmup=5, rep=15), cfg))
+        except Exception as exc:  # a config that does not compile (registers) is skipped
+            log.debug("config %s failed: %s", cfg, exc)
+    best = min(timings, key=lambda tc: tc[0])[1]
+    log.info("tuned %s %s -> %s (%.1f us)", kind, key, best, 1e3 * min(t for t, _ in timings))
+    _best[full_key] = best
+    return best
