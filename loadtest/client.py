@@ -161,6 +161,8 @@ def _read_stream(resp: requests.Response, api: str, rec: RequestRecord, t0: floa
             if "error" in event:  # an error raised after the 200 header went out
                 err = event["error"]
                 rec.error = "stream error: " + (err.get("message", str(err)) if isinstance(err, dict) else str(err))
+                if isinstance(err, dict) and isinstance(err.get("code"), int):
+                    rec.status = err["code"]  # e.g. vLLM's admission refusal (503) sent after the 200 header
                 return
             if _delta_text(api, event):
                 events_with_text += 1

@@ -69,7 +69,16 @@ def load_documents(source: str) -> list[str]:
 
 
 def split_documents(source: str) -> list[list[str]]:
-    return [d.split() for d in load_documents(source)]
+    """Documents as word lists, without the few that are mostly run-together strings.
+
+    The C4 sample holds some spam and URL lists whose "words" are dozens of characters long;
+    16 such words came to 450 tokens with a small tokenizer, which breaks prompt-length control.
+    Documents where more than 2% of the words exceed 20 characters are left out (6 of 584 C4
+    documents, 17 of 2,349 Wikipedia articles).
+    """
+    docs = [d.split() for d in load_documents(source)]
+    kept = [d for d in docs if sum(len(w) > 20 for w in d) <= 0.02 * len(d)]
+    return kept or docs
 
 
 class PromptSampler:
