@@ -126,6 +126,14 @@ def resolve_data_source(data: str) -> str:
     return "hub" if hub_reachable() else "offline"
 
 
+class _DropCustomDatasetHint(logging.Filter):
+    """lm-eval logs, for every task built with custom_dataset, a hint about --metadata that does not
+    apply here; it would repeat seven times per run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed" not in record.getMessage()
+
+
 def task_manager():
     """A TaskManager indexing only the folders of our tasks' standard YAMLs (the full index takes ~6 s)."""
     import lm_eval.tasks
@@ -151,6 +159,9 @@ def build_tasks(names: list[str], data: str = "auto", root: Path | None = None):
             offline_task_dir(n, root)
     tm = task_manager()
     if source == "offline":
+        task_logger = logging.getLogger("lm_eval.api.task")
+        if not any(isinstance(f, _DropCustomDatasetHint) for f in task_logger.filters):
+            task_logger.addFilter(_DropCustomDatasetHint())
         members = [{"task": n,
                     "custom_dataset": functools.partial(load_offline_split, n, str(root) if root else None),
                     "training_split": None, "test_split": None, "validation_split": "validation"}

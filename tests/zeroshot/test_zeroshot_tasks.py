@@ -115,3 +115,13 @@ def test_compare_loglikelihoods():
     r = results.compare_loglikelihoods(a, b)["piqa"]
     assert r["items"] == 2 and r["requests"] == 4 and r["same_prediction"] == 0.5
     assert math.isclose(r["max_abs_diff"], 2.5) and math.isclose(r["mean_abs_diff"], (0.1 + 2.5) / 4)
+
+
+def test_normalize_endpoint():
+    from duoserve.prune.zeroshot.run import normalize_endpoint
+
+    for url in ("http://127.0.0.1:8000", "http://127.0.0.1:8000/", "http://127.0.0.1:8000/v1",
+                "http://127.0.0.1:8000/v1/completions"):
+        assert normalize_endpoint(url) == "http://127.0.0.1:8000/v1/completions"
+    with pytest.raises(InputError):
+        normalize_endpoint("localhost:8000")
