@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 # name -> (module exposing add_arguments(parser) and run(args), help)
 EVAL_COMMANDS = {
@@ -14,12 +13,11 @@ EVAL_COMMANDS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
-    # Only the evaluation asked for is imported (each pulls in its own heavy dependencies).
-    chosen = set(sys.argv[1:]) & set(EVAL_COMMANDS)
+    # The evaluation modules import their heavy dependencies inside run(), so importing all
+    # of them here stays cheap.
     for name, (module, help_text) in EVAL_COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        if name in chosen:
-            importlib.import_module(module).add_arguments(p)
+        importlib.import_module(module).add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -51,10 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name, (f, owners) in _method_option_fields().items():
         flag = "--" + name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} [{', '.join(owners)}]"
-        if f.type in (bool, "bool"):
+        if "bool" in str(f.type):
             group.add_argument(flag, dest=f"opt_{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
             group.add_argument(flag, dest=f"opt_{name}", type=kind, default=None, metavar=name.upper(), help=help_text)
 
 

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 class DuoGPTOptions:
     blocksize: int = field(default=128, metadata={"help": "columns per block of mask selection and lazy update"})
     damp: float = field(default=0.1, metadata={"help": "dampening, as a fraction of mean(diag H)"})
-    act_order: bool = field(default=True, metadata={"help": "process columns by decreasing diag(H)"})
+    act_order: bool | None = field(default=None, metadata={
+        "help": "process columns by decreasing diag(H) (default: on for unstructured as in the paper, off for N:M)"})
     residual_scale: float = field(default=1.0, metadata={
         "help": "factor on the residual dX (1 = the paper's objective; GPTAQ's code uses 0.5 on dX, i.e. 0.25 on D)"})
 
@@ -50,5 +51,6 @@ class DuoGPT(PruningMethod):
 
     def observer(self, name, linear):
         o = self.options
+        act_order = (not self.target.is_nm) if o.act_order is None else o.act_order
         return ObsObserver(self, linear.in_features, linear.weight.device, True,
-                           ObsSettings(o.blocksize, o.damp, o.act_order, o.residual_scale))
+                           ObsSettings(o.blocksize, o.damp, act_order, o.residual_scale))

@@ -46,7 +46,7 @@ def check_nm_blocksize(method: PruningMethod) -> None:
     t, opts = method.target, method.options
     if t.is_nm and opts.blocksize % t.m:
         raise InputError(f"--blocksize {opts.blocksize} must be a multiple of M = {t.m} for {t.structure}")
-    if t.is_nm and opts.act_order:
+    if t.is_nm and opts.act_order is True:
         raise InputError("--act-order permutes columns and would break N:M groups; use it with unstructured sparsity")
 
 
