@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -173,7 +174,11 @@ def prune_model(cfg: PruneConfig) -> dict[str, Any]:
     workdir.remove()
     summary = {"output": str(cfg.output), "method": method.name, "sparsity": qconfig.global_sparsity,
                "structure": target.structure, "activation_sparsity": cfg.activation_sparsity,
-               "prune_seconds": round(prune_seconds, 1), "total_seconds": round(time.time() - t_start, 1)}
+               "prune_seconds": round(prune_seconds, 1), "total_seconds": round(time.time() - t_start, 1),
+               # ru_maxrss is in KiB on Linux: the peak resident memory of this process so far
+               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.startswith("cuda"):
+        summary["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     log.info("wrote %s (realized weight sparsity %.4f) in %.1f s", cfg.output, qconfig.global_sparsity,
              summary["total_seconds"])
     return summary

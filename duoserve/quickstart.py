@@ -1,0 +1,110 @@
+"""`duoserve quickstart`: the main job on the built-in default model, end to end (README command 1).
+
+1. prune SmolLM2-135M-Instruct (packaged; no download) with DuoGPT to W50%+X50%, with a short
+   calibration so it takes minutes on a laptop CPU (the documented tables use the papers' 128 x 2048);
+2. serve the checkpoint with vLLM + the duoserve plugin on 127.0.0.1;
+3. send a chat request with the official openai client and print the answer and the tokens/s.
+
+The checkpoint is cached in the duoserve cache folder and reused by later runs.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPT = "Explain in three sentences why sparse neural networks can run faster."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model to prune (default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--method", default="duogpt", help="pruning method (default duogpt)")
+    p.add_argument("--sparsity", default="0.5", help="weight sparsity (default 0.5)")
+    p.add_argument("--activation-sparsity", type=float, default=0.5, help="activation sparsity (default 0.5)")
+    p.add_argument("--nsamples", type=int, default=16, help="calibration windows (default 16: a quick run)")
+    p.add_argument("--seqlen", type=int, default=512, help="calibration window length (default 512)")
+    p.add_argument("--output", type=Path, default=None, help="checkpoint folder (default: in the duoserve cache)")
+    p.add_argument("--reprune", action="store_true", help="prune again even if the checkpoint exists")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--keep-serving", action="store_true", help="leave the server running until Ctrl-C")
+
+
+def _checkpoint_path(args) -> Path:
+    from duoserve.prune.models import cache_root
+
+    if args.output is not None:
+        return args.output
+    name = f"quickstart-{args.method}-w{args.sparsity.replace(':', 'of')}-x{args.activation_sparsity:g}-n{args.nsamples}x{args.seqlen}"
+    return cache_root() / "checkpoints" / name
+
+
+def chat_once(url: str, api_key: str, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed chat completion; returns the answer, token count, TTFT and decode tokens/s."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url, api_key=api_key, timeout=600)
+    t0 = time.perf_counter()
+    first = None
+    parts: list[str] = []
+    usage = None
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0.0,
+        stream=True, stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            if first is None:
+                first = time.perf_counter()
+            parts.append(chunk.choices[0].delta.content)
+        if chunk.usage is not None:
+            usage = chunk.usage
+    end = time.perf_counter()
+    tokens = usage.completion_tokens if usage else len(parts)
+    first = first or end
+    decode_rate = (tokens - 1) / (end - first) if tokens > 1 and end > first else float("nan")
+    return {"answer": "".join(parts), "tokens": tokens, "ttft_s": first - t0, "e2e_s": end - t0,
+            "decode_tokens_per_s": decode_rate, "tokens_per_s": tokens / (end - t0)}
+
+
+def run(args: argparse.Namespace) -> int:
+    from duoserve.format.io import read_quant_config
+    from duoserve.loaders.server import launch
+    from duoserve.prune.api import PruneConfig, prune_model
+
+    ckpt = _checkpoint_path(args)
+    reuse = False
+    if ckpt.is_dir() and not args.reprune:
+        try:
+            read_quant_config(ckpt)
+            reuse = True
+        except Exception as e:  # a broken cached checkpoint is rebuilt, not trusted
+            log.warning("cached checkpoint %s is unusable (%s); pruning again", ckpt, e)
+    if reuse:
+        print(f"[1/3] reusing checkpoint {ckpt} (pass --reprune to prune again)")
+    else:
+        print(f"[1/3] pruning {args.model or 'SmolLM2-135M-Instruct (built-in)'} with {args.method}: "
+              f"W{args.sparsity} + X{args.activation_sparsity:g}, calibration {args.nsamples} x {args.seqlen} tokens")
+        prune_model(PruneConfig(output=ckpt, model=args.model, method=args.method, sparsity=args.sparsity,
+                                activation_sparsity=args.activation_sparsity, nsamples=args.nsamples,
+                                seqlen=args.seqlen, overwrite=ckpt.exists(),
+                                resume=ckpt.with_name(ckpt.name + ".partial").exists() and not ckpt.exists()))
+    print("[2/3] starting vLLM with the duoserve plugin (first start takes a minute or two)")
+    with launch(ckpt, port=0) as srv:
+        srv.wait_ready(timeout=900)
+        print(f"      serving {srv.model} at {srv.url}")
+        print(f"[3/3] chat request: {args.prompt!r}")
+        result = chat_once(srv.url, srv.api_key, srv.model, args.prompt, args.max_tokens)
+        print("\n" + result["answer"].strip() + "\n")
+        print(f"{result['tokens']} tokens in {result['e2e_s']:.2f} s: {result['tokens_per_s']:.1f} tokens/s overall, "
+              f"{result['decode_tokens_per_s']:.1f} tokens/s decode, time to first token {result['ttft_s'] * 1000:.0f} ms")
+        if args.keep_serving:
+            print(f"serving at {srv.url} (API key {srv.api_key}); Ctrl-C to stop")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+    return 0

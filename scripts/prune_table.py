@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Reproduce the pruning result tables in docs/ (issues: foundation, DuoGPT).
+
+Every configuration is pruned with `duoserve prune` and evaluated with `duoserve eval ppl` in
+subprocesses (so wall time and peak memory are those of the real commands); each result is
+cached as JSON under --work, so an interrupted run resumes where it stopped.
+
+    python scripts/prune_table.py foundation --work /work/scratch/tables --markdown docs/results-foundation.md
+    python scripts/prune_table.py dual       --work /work/scratch/tables --markdown docs/results-duogpt.md
+    python scripts/prune_table.py sweep      --work /work/scratch/tables --markdown docs/results-sweep.md --plot docs/sweep.png
+
+Suites
+- foundation: dense; magnitude, Wanda, SparseGPT at 50% unstructured and 2:4 (no activation sparsity).
+- dual: W50%+X50%: Wanda (dense calibration), SparseGPT (calibrated on sparsified inputs), DuoGPT;
+  PPL with top-k and with calibrated-threshold activation sparsity; prune wall time and peak memory.
+- sweep: p_w = p_x in 30/40/50/55/60/65% for Wanda, SparseGPT and DuoGPT, both activation modes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SUITES = {
+    "foundation": [(m, s, 0.0) for s in ("0.5", "2:4") for m in ("magnitude", "wanda", "sparsegpt")],
+    "dual": [(m, "0.5", 0.5) for m in ("wanda", "sparsegpt", "duogpt")],
+    "sweep": [(m, str(p), p) for p in (0.3, 0.4, 0.5, 0.55, 0.6, 0.65) for m in ("wanda", "sparsegpt", "duogpt")],
+}
+
+
+def run(cmd: list[str], log: Path) -> float:
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+    if proc.returncode != 0:
+        sys.exit(f"command failed ({proc.returncode}), see {log}: {' '.join(cmd)}")
+    return time.time() - t0
+
+
+def cached(path: Path, compute):
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def evaluate(args, target: str, mode: str | None, p_x: float | None, key: str) -> dict:
+    def compute():
+        out = args.work / f"eval-{key}.json"
+        cmd = [sys.executable, "-m", "duoserve.cli", "eval", "ppl", target, "--data", args.data, "--seqlen",
+               str(args.eval_seqlen), "--no-dense", "--dtype", args.eval_dtype, "--json", str(out)]
+        if args.max_windows:
+            cmd += ["--max-windows", str(args.max_windows)]
+        if mode:
+            cmd += ["--activation-mode", mode]
+        if p_x is not None:
+            cmd += ["--activation-sparsity", str(p_x)]
+        seconds = run(cmd, args.work / f"eval-{key}.log")
+        data = json.loads(out.read_text())
+        result = data.get("pruned") or data.get("model")
+        return {"ppl": result["ppl"], "windows": result["windows"], "seconds": round(seconds, 1),
+                "realized_px": (result.get("activation_sparsity_realized") or {}).get("mean"), "data": data["data"]}
+
+    return cached(args.work / f"result-eval-{key}.json", compute)
+
+
+def prune(args, method: str, sparsity: str, p_x: float) -> tuple[Path, dict]:
+    key = f"{method}-{sparsity.replace(':', 'of')}-x{p_x:g}"
+    ckpt = args.work / f"ckpt-{key}"
+
+    def compute():
+        summary = args.work / f"prune-{key}.json"
+        cmd = [sys.executable, "-m", "duoserve.cli", "prune", "--method", method, "--sparsity", sparsity,
+               "--activation-sparsity", str(p_x), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+               "-o", str(ckpt), "--json", str(summary)]
+        if ckpt.with_name(ckpt.name + ".partial").exists():
+            cmd.append("--resume")
+        elif ckpt.exists():
+            cmd.append("--overwrite")
+        seconds = run(cmd, args.work / f"prune-{key}.log")
+        return {**json.loads(summary.read_text()), "wall_seconds": round(seconds, 1)}
+
+    return ckpt, cached(args.work / f"result-prune-{key}.json", compute)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("suite", choices=sorted(SUITES))
+    p.add_argument("--work", type=Path, required=True, help="folder for checkpoints, logs and cached results")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048, help="calibration window length")
+    p.add_argument("--data", default="wikitext2")
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--eval-dtype", default="bfloat16", help="compute dtype of evaluation (bf16: what vLLM serves)")
+    p.add_argument("--markdown", type=Path)
+    p.add_argument("--plot", type=Path)
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    dual = args.suite != "foundation"
+    rows = [{"method": "dense", "sparsity": "-", "p_x": 0.0, "ppl_off": evaluate(args, "default", "off", None, "dense")}]
+    if dual:
+        for p_x in sorted({c[2] for c in SUITES[args.suite]}):
+            rows[0][f"ppl_topk_{p_x:g}"] = evaluate(args, "default", "topk", p_x, f"dense-topk{p_x:g}")
+    for method, sparsity, p_x in SUITES[args.suite]:
+        ckpt, summary = prune(args, method, sparsity, p_x)
+        row = {"method": method, "sparsity": sparsity, "p_x": p_x, "prune": summary}
+        key = ckpt.name[len("ckpt-"):]
+        if dual:
+            row["ppl_topk"] = evaluate(args, str(ckpt), "topk", None, key + "-topk")
+            row["ppl_threshold"] = evaluate(args, str(ckpt), "threshold", None, key + "-threshold")
+        else:
+            row["ppl_off"] = evaluate(args, str(ckpt), "off", None, key + "-off")
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "prune"}, default=str), flush=True)
+
+    settings = (f"calibration: {args.nsamples} x {args.seqlen} tokens (C4, seed 0); evaluation: "
+                f"{rows[0]['ppl_off']['data']}, seqlen {args.eval_seqlen}, {rows[0]['ppl_off']['windows']} windows, "
+                f"{args.eval_dtype}; "
+                f"machine: {platform.machine()} {os.cpu_count()} cores; command: "
+                f"`python scripts/{Path(__file__).name} {' '.join(sys.argv[1:])}`")
+    table = render(rows, dual, settings)
+    print(table)
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+    if args.plot and args.suite == "sweep":
+        plot(rows, args.plot)
+    return 0
+
+
+def render(rows: list[dict], dual: bool, settings: str) -> str:
+    if dual:
+        head = "| method | p_w | p_x | PPL (top-k) | PPL (threshold) | realized p_x (threshold) | prune s | peak RSS MiB |"
+    else:
+        head = "| method | sparsity | PPL | prune s | peak RSS MiB |"
+    lines = [settings, "", head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if r["method"] == "dense":
+            if dual:
+                extra = ", ".join(f"{k[9:]}: {v['ppl']:.2f}" for k, v in r.items() if k.startswith("ppl_topk_"))
+                lines.append(f"| dense | 0 | 0 | {r['ppl_off']['ppl']:.2f} (dense weights, top-k p_x {extra}) | - | - | - | - |")
+            else:
+                lines.append(f"| dense | 0 | {r['ppl_off']['ppl']:.2f} | - | - |")
+            continue
+        pr = r["prune"]
+        if dual:
+            lines.append(f"| {r['method']} | {r['sparsity']} | {r['p_x']:g} | {r['ppl_topk']['ppl']:.2f} | "
+                         f"{r['ppl_threshold']['ppl']:.2f} | {r['ppl_threshold']['realized_px']:.3f} | "
+                         f"{pr['prune_seconds']:.0f} | {pr['peak_rss_mib']:.0f} |")
+        else:
+            lines.append(f"| {r['method']} | {r['sparsity']} | {r['ppl_off']['ppl']:.2f} | {pr['prune_seconds']:.0f} | "
+                         f"{pr['peak_rss_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in ("wanda", "sparsegpt", "duogpt"):
+        for mode, style in (("topk", "-o"), ("threshold", "--s")):
+            pts = sorted((float(r["sparsity"]), r[f"ppl_{mode}"]["ppl"]) for r in rows if r["method"] == method)
+            ax.plot([p * 100 for p, _ in pts], [v for _, v in pts], style, label=f"{method} ({mode})")
+    ax.axhline(rows[0]["ppl_off"]["ppl"], color="gray", lw=0.8, label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("dual sparsity p_w = p_x (%)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
