@@ -196,7 +196,11 @@ def run(args: argparse.Namespace) -> int:
         with open_target(label, where, api_key, allow_remote=args.allow_remote, start=start) as target:
             _warm_up(target, spec)
             for u in users:
+                # The 1-minute load average before and after each level: on a shared machine it
+                # tells a reader which numbers other work may have disturbed.
+                before = os.getloadavg()[0]
                 run_level(target.url, u, spec, out / "raw" / label, target.api_key, target.model)
+                meta.setdefault("machine_load", {}).setdefault(label, {})[str(u)] = [before, os.getloadavg()[0]]
             rss = target.rss_bytes()  # after the sweep: the KV cache and buffers have grown to their use
             if not args.skip_quality:
                 _quality(target, args, out)

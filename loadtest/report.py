@@ -179,14 +179,20 @@ def _markdown(meta: dict, results: dict, quality: dict | None, plots: list[str])
         rss = f"{s['rss_bytes'] / 2**20:.0f} MiB" if s.get("rss_bytes") else "-"
         lines.append(f"| {s['label']} | {s['model']} | {s['source']} | {wb} | {rss} |")
     lines += ["", "## Throughput and failures", "",
-              "| server | users | requests | ok | failed | errors | req/s | output tok/s | prompt tok | output tok |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| server | users | requests | ok | failed | errors | req/s | output tok/s | prompt tok | output tok "
+              "| machine load before/after |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    loads = meta.get("machine_load") or {}
     for label, levels in results.items():
         for u, s in sorted(levels.items()):
             errs = ", ".join(f"{k} x{v}" for k, v in s["errors"].items()) or "-"
+            load = loads.get(label, {}).get(str(u))
+            load = f"{load[0]:.1f} / {load[1]:.1f}" if load else "-"
             lines.append(f"| {label} | {u} | {s['requests']} | {s['ok']} | {s['failures']} | {errs} | "
                          f"{_num(s['request_throughput'])} | {_num(s['token_throughput'], '.1f')} | "
-                         f"{_num(s['mean_prompt_tokens'], '.0f')} | {_num(s['mean_output_tokens'], '.0f')} |")
+                         f"{_num(s['mean_prompt_tokens'], '.0f')} | {_num(s['mean_output_tokens'], '.0f')} | {load} |")
+    lines += ["", "Machine load: the 1-minute load average of the machine (all its processes, not only this "
+              "benchmark) before and after the level; above the CPU count, other work competed for the CPUs."]
     for m in M.METRICS:
         lines += ["", f"## {M.METRIC_LABELS[m]}", "", "| server | users | n | mean | median | p90 | p99 |",
                   "|---|---|---|---|---|---|---|"]
