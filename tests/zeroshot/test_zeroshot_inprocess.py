@@ -31,3 +31,27 @@ def test_all_tasks_in_process(tiny_llama_dir, tmp_path, capsys):
         assert math.isfinite(summary["averages"][key]["acc"])
     model = summary["setup"]["model"]
     assert model["kind"] == "in-process" and model["activation_mode"] == "off" and model["dtype"] == "float32"
+
+
+def test_pruned_checkpoint_gets_its_activation_sparsity(tiny_llama_dir, tmp_path):
+    """A duoserve checkpoint is evaluated as `eval ppl` evaluates it: the checkpoint's thresholds by
+    default, the papers' per-token top-k on request."""
+    ckpt = tmp_path / "tiny-w50x50"
+    assert main(["prune", str(tiny_llama_dir), "--method", "magnitude", "--sparsity", "0.5",
+                 "--activation-sparsity", "0.5", "--nsamples", "2", "--seqlen", "64", "--threshold-nsamples", "2",
+                 "-o", str(ckpt)]) == 0
+    runs = {}
+    for mode in ("default", "topk"):
+        out = tmp_path / f"{mode}.json"
+        extra = [] if mode == "default" else ["--activation-mode", "topk", "--activation-sparsity", "0.5"]
+        assert main(["eval", "zeroshot", str(ckpt), "--tasks", "arc_easy", "--limit", "2", "--data", "offline",
+                     "--json", str(out)] + extra) == 0
+        runs[mode] = json.loads(out.read_text())
+    assert runs["default"]["setup"]["model"]["activation_mode"] == "threshold"
+    assert runs["default"]["setup"]["model"]["checkpoint"]["weight_sparsity"] == 0.5
+    assert runs["default"]["setup"]["activation_sparsity_realized_mean"] > 0.2
+    assert runs["topk"]["setup"]["model"]["activation_mode"] == "topk"
+    # top-k zeroes floor(0.5 K) inputs of every token; inputs that already were 0 in bf16 (measured:
+    # 0.53 in all on this model) add to it
+    assert 0.5 <= runs["topk"]["setup"]["activation_sparsity_realized_mean"] < 0.6
+    assert all(math.isfinite(r["tasks"]["arc_easy"]["acc"]) for r in runs.values())
