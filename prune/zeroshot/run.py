@@ -132,7 +132,10 @@ def endpoint_lm(url: str, *, tokenizer: str | None, served_model: str | None = N
     max_length = max_length or listed_len or 2048
     kwargs: dict[str, Any] = {}
     if tokenizer:
-        kwargs.update(tokenizer_backend="huggingface", tokenizer=tokenizer)
+        # In-process, HFLM encodes with the tokenizer's defaults (BOS where the tokenizer adds one,
+        # as Llama-2/3's do); the API model adds special tokens only if told. Tell it the same, so
+        # both paths score identical token sequences.
+        kwargs.update(tokenizer_backend="huggingface", tokenizer=tokenizer, add_bos_token=tokenizer_adds_bos(tokenizer))
     else:
         # No local tokenizer: lm-eval uses the server's /tokenizer_info and /tokenize if it has them.
         from lm_eval.utils import check_remote_tokenizer_support
@@ -148,7 +151,20 @@ def endpoint_lm(url: str, *, tokenizer: str | None, served_model: str | None = N
                              num_concurrent=num_concurrent, max_length=max_length, timeout=timeout,
                              tokenized_requests=True, max_retries=3, **kwargs)
     return lm, {"kind": "endpoint", "endpoint": completions, "served_model": name,
-                "tokenizer": tokenizer or "remote", "max_length": max_length}
+                "tokenizer": tokenizer or "remote", "max_length": max_length,
+                "add_bos_token": kwargs.get("add_bos_token", False)}
+
+
+def tokenizer_adds_bos(tokenizer: str) -> bool:
+    """Whether the tokenizer prepends BOS by default (what HFLM does in-process)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    except (OSError, ValueError) as e:
+        raise InputError(f"could not load the tokenizer {tokenizer!r} for the endpoint: {str(e).splitlines()[0]}") from e
+    ids = tok("a").input_ids
+    return tok.bos_token_id is not None and bool(ids) and ids[0] == tok.bos_token_id
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -125,3 +125,19 @@ def test_normalize_endpoint():
         assert normalize_endpoint(url) == "http://127.0.0.1:8000/v1/completions"
     with pytest.raises(InputError):
         normalize_endpoint("localhost:8000")
+
+
+def test_tokenizer_adds_bos(tiny_llama_dir, tmp_path):
+    """The endpoint path adds BOS exactly when the tokenizer does (as HFLM does in-process)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from duoserve.prune.zeroshot.run import tokenizer_adds_bos
+
+    assert tokenizer_adds_bos(str(tiny_llama_dir)) is False
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    bos = tok.bos_token
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                       special_tokens=[(bos, tok.bos_token_id)])
+    tok.save_pretrained(tmp_path)
+    assert tokenizer_adds_bos(str(tmp_path)) is True
