@@ -253,8 +253,10 @@ torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, con
             active.data(), static_cast<int64_t>(active.size()), xc.data(), T, K, n,
             y.data_ptr<float>()};
   const int64_t nb = bitmap.size(0);
+  // at least ~256k weights per task: smaller problems are not worth waking a second thread
+  const int64_t grain = std::max<int64_t>(1, (1 << 18) / (R * std::max<int64_t>(1, p.n_active)));
   if (p.n_active > 0)
-    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
       for (int64_t rb = b0; rb < b1; ++rb) run_block(p, rb, bf16, simd);
     });
   if (bias.has_value()) y.add_(bias->to(torch::kFloat));
@@ -274,7 +276,7 @@ torch::Tensor unpack_transposed(const torch::Tensor& bitmap, const torch::Tensor
   char* o = static_cast<char*>(out.data_ptr());
   const int32_t* bm = bitmap.data_ptr<int32_t>();
   const int32_t* off = offsets.data_ptr<int32_t>();
-  at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
+  at::parallel_for(0, K, std::max<int64_t>(64, (1 << 18) / cols), [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k)
       for (int64_t rb = rb0; rb < rb1; ++rb) {
         const int64_t col = rb * K + k;

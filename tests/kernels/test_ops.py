@@ -1,0 +1,100 @@
+"""The custom op contract: schema/fake checks (opcheck), torch.compile, the fallback without the
+extension, and (with CUDA) the GPU paths and CUDA-graph capture."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from duoserve.kernels import dual_sparse_linear, pack_dense
+from duoserve.kernels.check import Case, compare, make_inputs, run_cases
+
+
+def _args(t=3, dtype=torch.float32, device="cpu"):
+    x, w, thr, bias = make_inputs(Case(130, 77, t, 0.5, 0.5, dtype), device)
+    p = pack_dense(w)
+    return (x, p.bitmap, p.offsets, p.values, thr, bias, p.n, p.k), (x, w, thr, bias, p)
+
+
+def test_opcheck():
+    args, _ = _args()
+    torch.library.opcheck(torch.ops.duoserve.dual_sparse_linear.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fake_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    args, _ = _args(t=5)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        y = torch.ops.duoserve.dual_sparse_linear(*args)
+    assert tuple(y.shape) == (5, 130) and y.dtype == torch.float32
+
+
+def test_torch_compile_fullgraph_traces_the_op():
+    _, (x, w, thr, bias, packed) = _args(dtype=torch.bfloat16)
+
+    class Layer(torch.nn.Module):  # how a vLLM linear method stores it: plain attributes
+        def __init__(self):
+            super().__init__()
+            for name, t in packed.tensors().items():
+                self.register_buffer(name, t)
+            self.register_buffer("thr", thr)
+            self.n, self.k = packed.n, packed.k
+
+        def forward(self, x):
+            p = type(packed).from_tensors({"bitmap": self.bitmap, "offsets": self.offsets,
+                                           "values": self.values}, self.n, self.k)
+            return dual_sparse_linear(x, p, self.thr, bias)
+
+    torch._dynamo.reset()
+    y = torch.compile(Layer(), fullgraph=True, dynamic=True)(x)
+    assert compare(y, x, w, thr, bias) is None
+
+
+def test_dtype_mismatch_is_an_error():
+    _, (x, _, thr, _, packed) = _args()
+    with pytest.raises((ValueError, RuntimeError)):
+        dual_sparse_linear(x.bfloat16(), packed, thr)
+
+
+def test_reference_fallback_without_extension_warns_once():
+    code = (
+        "import logging, torch; logging.basicConfig(level=logging.WARNING)\n"
+        "from duoserve.kernels import dual_sparse_linear, pack_dense, cpu\n"
+        "assert not cpu.available()\n"
+        "w = torch.randn(33, 77); x = torch.randn(2, 77)\n"
+        "p = pack_dense(w)\n"
+        "for _ in range(3): y = dual_sparse_linear(x, p, 0.0)\n"
+        "torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)\n")
+    env = {**os.environ, "DUOSERVE_DISABLE_CPU_KERNEL": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("extension not built") == 1, proc.stderr[-3000:]
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_paths_match_fp32_dense():
+    cases = [Case(n, k, t, 0.5, 0.5, dt) for n in (1, 33, 971) for k in (77, 4100)
+             for t in (1, 3, 17) for dt in (torch.float16, torch.bfloat16, torch.float32)]
+    failures = run_cases(dual_sparse_linear, cases, "cuda")
+    assert not failures, "\n".join(failures[:10])
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_decode_in_cuda_graph():
+    _, (x, w, thr, bias, packed) = _args(t=1, dtype=torch.bfloat16, device="cuda")
+    y = dual_sparse_linear(x, packed, thr, bias)  # warm-up: compiles and tunes before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = dual_sparse_linear(x, packed, thr, bias)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert compare(y, x, w, thr, bias) is None

@@ -1,0 +1,48 @@
+"""Run the Triton kernels under TRITON_INTERPRET=1 on CPU tensors (small odd shapes); exit 1 on a
+mismatch. Started as a subprocess by test_triton_interpret.py: the variable must be set before
+triton is imported, and the rest of the pytest process must not see it."""
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+from duoserve.kernels import gpu  # noqa: E402
+from duoserve.kernels.check import Case, grid, run_cases  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def decode(cfg):
+    return lambda x, p, t, b: gpu.decode(x, p.bitmap, p.offsets, p.values, t, b, p.n, cfg=cfg)
+
+
+def gemm(cfg):
+    return lambda x, p, t, b: gpu.gemm(x, p.bitmap, p.offsets, p.values, t, b, p.n, cfg=cfg)
+
+
+def main() -> int:
+    assert gpu._kernels().INTERPRET
+    torch.set_num_threads(1)
+    # K = 300: two compaction chunks (256) and a partial one; K = 77: not a multiple of BK
+    decode_cases = grid([1, 33, 130], [300], [1], [0.5], [0.5], DTYPES, thr_zero=False)
+    decode_cases += [Case(33, 77, 3, pw, px, torch.bfloat16) for pw, px in
+                     [(0.0, 0.0), (0.9, 0.5), (1.0, 0.5), (0.5, 1.0)]]
+    decode_cases += [Case(130, 300, 5, 0.5, 0.5, torch.float16, bias=False),
+                     Case(33, 77, 2, 0.5, 0.0, torch.float32, thr_zero=True)]
+    gemm_cases = grid([33, 130], [77], [17], [0.5], [0.5], DTYPES, thr_zero=False)
+    gemm_cases += [Case(1, 300, 3, 0.9, 0.5, torch.bfloat16), Case(130, 300, 20, 1.0, 0.0, torch.float16),
+                   Case(33, 77, 17, 0.5, 1.0, torch.float32, bias=False)]
+    failures = run_cases(decode({"BK": 8, "CPS": 1, "num_warps": 4}), decode_cases, "cpu")
+    failures += run_cases(decode({"BK": 16, "CPS": 2, "num_warps": 4}), decode_cases[:2], "cpu")
+    failures += run_cases(gemm({"BK": 32, "SPLIT": 1, "num_warps": 4}), gemm_cases, "cpu")
+    failures += run_cases(gemm({"BK": 32, "SPLIT": 3, "num_warps": 4}), gemm_cases[:2], "cpu")
+    for f in failures:
+        print("FAIL", f)
+    print(f"{len(decode_cases) + len(gemm_cases) + 4} cases, {len(failures)} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
