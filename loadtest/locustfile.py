@@ -57,11 +57,12 @@ def _add_arguments(parser):
     parser.add_argument("--natural-length", action="store_true", default=False,
                         help="let the model stop at EOS (default: exactly --max-tokens via ignore_eos/min_tokens)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt draw (user i uses seed, i)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the prompt draw (user i draws from the seed '<seed>-<i>')")
     parser.add_argument("--request-timeout", type=float, default=120.0,
                         help="seconds before a request counts as failed (no hang on an overloaded server)")
     parser.add_argument("--failure-backoff", type=float, default=0.25,
-                        help="seconds a user waits after a failed request, so a refusing server is not hit in a tight loop")
+                        help="seconds a user waits after a failure (a refusing server is not hit in a tight loop)")
     parser.add_argument("--max-requests", type=int, default=0,
                         help="stop the test after this many requests (0: only --run-time stops it)")
     parser.add_argument("--records-csv", default="", include_in_web_ui=False,
@@ -188,6 +189,6 @@ class OpenAIUser(User):
             for kind, value in metrics:
                 fire(request_type=kind, name=name, response_time=value, response_length=rec.output_tokens,
                      exception=None, context={})
-        if _state.get("writer") is not None:
+        if _state.get("records") is not None:  # None once the test stopped (file closed)
             _state["writer"].writerow(rec.row())
             _state["records"].flush()  # a run killed from outside keeps what it measured

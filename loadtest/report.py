@@ -206,7 +206,8 @@ def _markdown(meta: dict, results: dict, quality: dict | None, plots: list[str])
         first = next(iter(quality.values()))
         lines += [f"Perplexity of {first.get('windows', '?')} held-out windows ({first.get('source', '')}) from "
                   "prompt logprobs (echo, max_tokens=0); greedy agreement against the first server.", "",
-                  "| server | perplexity | scored tokens | exact-match outputs | token agreement | mean common prefix |",
+                  "| server | perplexity | scored tokens | exact-match outputs | token agreement "
+                  "| mean common prefix |",
                   "|---|---|---|---|---|---|"]
         for lb, q in quality.items():
             lines.append(f"| {lb} | {_num(q.get('ppl', math.nan))} | {q.get('tokens', '-')} | "
