@@ -26,6 +26,7 @@ from duoserve.prune.architectures import decoder_layers, model_targets
 from duoserve.prune.data import calibration_windows
 from duoserve.prune.engine import EngineSettings, SequentialEngine
 from duoserve.prune.models import load_model_and_tokenizer
+from duoserve.prune.refiners import RefinedMethod, build_refiner
 from duoserve.prune.registry import build_options, get_method
 from duoserve.prune.sparsity import SparsityTarget, check_nm_compatible
 from duoserve.prune.thresholds import calibrate_thresholds
@@ -42,6 +43,8 @@ class PruneConfig:
     sparsity: str = "0.5"
     activation_sparsity: float = 0.0
     method_options: dict[str, Any] = field(default_factory=dict)
+    refine: str | None = None  # a refiner run after the method (prune/refiners/), e.g. "r2dsnot"
+    refine_options: dict[str, Any] = field(default_factory=dict)
     calib_data: str = "c4"
     nsamples: int = 128
     seqlen: int = 2048
@@ -97,6 +100,13 @@ def prune_model(cfg: PruneConfig) -> dict[str, Any]:
     target = SparsityTarget.parse(cfg.sparsity)
     options = build_options(method_cls, cfg.method_options)
     method = method_cls(target, cfg.activation_sparsity, options)
+    refiner = None
+    if cfg.refine:
+        refiner = build_refiner(cfg.refine, cfg.refine_options)
+        method = RefinedMethod(method, refiner)  # the engine sees one method; see prune/refiners
+    elif any(v is not None for v in cfg.refine_options.values()):
+        given = ", ".join("--refine-" + k.replace("_", "-") for k, v in cfg.refine_options.items() if v is not None)
+        raise InputError(f"{given} need(s) --refine NAME")
     check_output_folder(cfg.output, cfg.overwrite)
     if cfg.resume and cfg.overwrite:
         raise InputError("--resume and --overwrite contradict each other; pick one")
@@ -112,8 +122,9 @@ def prune_model(cfg: PruneConfig) -> dict[str, Any]:
     targets = model_targets(model, cfg.targets)
     for name, linear in targets.items():
         check_nm_compatible(target, linear.in_features, name)
-    log.info("pruning %s with %s: weight sparsity %s, activation sparsity %g, %d target linears",
-             source, method.name, target, cfg.activation_sparsity, len(targets))
+    log.info("pruning %s with %s%s: weight sparsity %s, activation sparsity %g, %d target linears",
+             source, method.name, f" + {refiner.name}" if refiner else "", target, cfg.activation_sparsity,
+             len(targets))
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                 if k not in ("overwrite", "resume", "output", "device", "batch_size")}
@@ -131,6 +142,8 @@ def prune_model(cfg: PruneConfig) -> dict[str, Any]:
     t_prune = time.time()
     layer_logs = engine.run(windows)
     prune_seconds = time.time() - t_prune
+    if refiner is not None and getattr(refiner, "totals", None):
+        log.info("%s: %s", refiner.name, ", ".join(f"{k} {v}" for k, v in refiner.totals.items()))
 
     thresholds = workdir.thresholds if method.needs_calibration else None
     if thresholds is None:
@@ -154,7 +167,8 @@ def prune_model(cfg: PruneConfig) -> dict[str, Any]:
             calibration={"data": cfg.calib_data, "nsamples": cfg.threshold_nsamples, "seqlen": cfg.seqlen,
                          "seed": cfg.seed + 1} if cfg.activation_sparsity > 0 else {}),
         producer={"name": "duoserve", "version": __version__, "method": method.name,
-                  "method_args": method.describe(), "refine": None, "weight_sparsity_target": str(target),
+                  "method_args": method.describe(), "refine": refiner.name if refiner else None,
+                  "refine_args": refiner.describe() if refiner else None, "weight_sparsity_target": str(target),
                   "calib_data": desc, "nsamples": cfg.nsamples if needs_data else 0, "seqlen": cfg.seqlen,
                   "seed": cfg.seed, "source_model": source},
     )
@@ -172,7 +186,8 @@ def prune_model(cfg: PruneConfig) -> dict[str, Any]:
 
     save_checkpoint(cfg.output, state_dict, hf_config, qconfig, save_extras=save_extras, overwrite=cfg.overwrite)
     workdir.remove()
-    summary = {"output": str(cfg.output), "method": method.name, "sparsity": qconfig.global_sparsity,
+    summary = {"output": str(cfg.output), "method": method.name, "refine": cfg.refine,
+               "sparsity": qconfig.global_sparsity,
                "structure": target.structure, "activation_sparsity": cfg.activation_sparsity,
                "prune_seconds": round(prune_seconds, 1), "total_seconds": round(time.time() - t_start, 1),
                # ru_maxrss is in KiB on Linux: the peak resident memory of this process so far

@@ -20,14 +20,43 @@ def _method_option_fields():
     return fields
 
 
+def _add_option_flags(group, fields, prefix: str, dest_prefix: str) -> None:
+    """One flag per dataclass option: --<prefix><name>, a BooleanOptionalAction for bools."""
+    for name, (f, owners) in fields.items():
+        flag = "--" + prefix + name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} [{', '.join(owners)}]"
+        if "bool" in str(f.type):
+            group.add_argument(flag, dest=f"{dest_prefix}{name}", action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            group.add_argument(flag, dest=f"{dest_prefix}{name}", type=kind, default=None, metavar=name.upper(),
+                               help=help_text)
+
+
+def _refiner_option_fields():
+    from duoserve.prune.refiners import available_refiners
+
+    fields: dict[str, tuple[dataclasses.Field, list[str]]] = {}
+    for name, cls in available_refiners().items():
+        for f in dataclasses.fields(cls.Options):
+            fields.setdefault(f.name, (f, []))[1].append(name)
+    return fields
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from duoserve.prune.refiners import available_refiners
     from duoserve.prune.registry import available_methods
 
     methods = available_methods()
+    refiners = available_refiners()
     p.add_argument("model", nargs="?", default=None,
                    help="Hugging Face id or local HF folder (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--method", default="sparsegpt", metavar="NAME",
                    help="pruning method: " + "; ".join(f"{n} ({c.summary})" for n, c in methods.items()))
+    p.add_argument("--refine", default=None, metavar="NAME",
+                   help="training-free refiner run after the method: " + "; ".join(
+                       f"{n} ({c.summary})" for n, c in refiners.items()) + " (default: none)")
     p.add_argument("--sparsity", default="0.5", help="weight sparsity: a fraction in [0, 1) or N:M such as 2:4 (default 0.5)")
     p.add_argument("--activation-sparsity", type=float, default=0.0, metavar="P_X",
                    help="activation sparsity p_x in [0, 1): calibrate with it and store per-linear thresholds (default 0)")
@@ -48,23 +77,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.partial")
     p.add_argument("--json", type=Path, help="also write the run summary to this file")
     group = p.add_argument_group("method options (each applies to the methods named in brackets)")
-    for name, (f, owners) in _method_option_fields().items():
-        flag = "--" + name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} [{', '.join(owners)}]"
-        if "bool" in str(f.type):
-            group.add_argument(flag, dest=f"opt_{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            group.add_argument(flag, dest=f"opt_{name}", type=kind, default=None, metavar=name.upper(), help=help_text)
+    _add_option_flags(group, _method_option_fields(), "", "opt_")
+    group = p.add_argument_group("refiner options (with --refine; each applies to the refiners named in brackets)")
+    _add_option_flags(group, _refiner_option_fields(), "refine-", "ropt_")
 
 
 def run(args: argparse.Namespace) -> int:
     from duoserve.prune.api import PruneConfig, prune_model
 
     options = {k[len("opt_"):]: v for k, v in vars(args).items() if k.startswith("opt_")}
+    refine_options = {k[len("ropt_"):]: v for k, v in vars(args).items() if k.startswith("ropt_")}
     cfg = PruneConfig(
         output=args.output, model=args.model, method=args.method, sparsity=args.sparsity,
-        activation_sparsity=args.activation_sparsity, method_options=options, calib_data=args.calib_data,
+        activation_sparsity=args.activation_sparsity, method_options=options, refine=args.refine,
+        refine_options=refine_options, calib_data=args.calib_data,
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, threshold_nsamples=args.threshold_nsamples,
         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), weight_format=args.weight_format,
         batch_size=args.batch_size, device=args.device, overwrite=args.overwrite, resume=args.resume,

@@ -94,15 +94,16 @@ def get_method(name: str) -> type[PruningMethod]:
     return methods[name]
 
 
-def build_options(method: type[PruningMethod], given: dict[str, Any]) -> Any:
-    """Method options from user values (None = not given); rejects options the method lacks."""
+def build_options(method: type, given: dict[str, Any], kind: str = "method", flag_prefix: str = "") -> Any:
+    """Options of a registered class (a method, or a refiner: `kind`) from user values (None = not
+    given); rejects options it lacks, naming the CLI flags (`--<flag_prefix><option>`)."""
     fields = {f.name for f in dataclasses.fields(method.Options)}
     unknown = sorted(k for k, v in given.items() if v is not None and k not in fields)
     if unknown:
-        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
-        raise InputError(f"{flags} do(es) not apply to method {method.name!r} "
+        flags = ", ".join("--" + flag_prefix + k.replace("_", "-") for k in unknown)
+        raise InputError(f"{flags} do(es) not apply to {kind} {method.name!r} "
                          f"(its options: {', '.join(sorted(fields)) or 'none'})")
     try:
         return method.Options(**{k: v for k, v in given.items() if v is not None and k in fields})
     except (TypeError, ValueError) as e:
-        raise InputError(f"method {method.name!r}: {e}") from e
+        raise InputError(f"{kind} {method.name!r}: {e}") from e

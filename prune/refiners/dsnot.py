@@ -1,0 +1,74 @@
+"""DSnoT (Zhang et al. 2023, "Dynamic Sparse No Training"): training-free prune-and-grow per row.
+
+Grow the pruned weight with the largest sign(E[eps_q]) W_qr E[x_r] / Var(x_r); prune the kept
+weight with the smallest Wanda score |W'_qr| ||x_r|| among those whose removal moves the mean error
+E[eps_q] toward zero; stop a row after `max_cycles` swaps, once |E[eps_q]| <= `update_threshold`,
+or when a swap would flip the sign of E[eps_q]. Defaults as in the papers' implementation details
+(max cycles 50, threshold 0.1, power of the variance 1). The loop and the objective (which inputs
+it uses after DuoGPT and with activation sparsity) are in prune/refiners/prune_grow.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from duoserve.prune.refiners import RefineObserver, Refiner, register_refiner
+from duoserve.prune.refiners.prune_grow import PruneGrowSettings, RefineStats, prune_and_grow
+
+GUARD_HELP = ("accept a swap only if it lowers the row's squared reconstruction error on the calibration "
+              "batch (off: the papers' rule, which tracks the mean error only)")
+
+
+@dataclass(frozen=True)
+class DSnoTOptions:
+    max_cycles: int = field(default=50, metadata={"help": "at most this many prune-and-grow swaps per row"})
+    update_threshold: float = field(default=0.1, metadata={"help": "stop a row once |E[eps]| is at most this"})
+    var_power: float = field(default=1.0, metadata={"help": "power of Var(x) in the growing criterion"})
+    guard: bool = field(default=True, metadata={"help": GUARD_HELP})
+
+    def __post_init__(self):
+        if self.max_cycles < 0:
+            raise ValueError(f"max_cycles must be >= 0, got {self.max_cycles}")
+        if not self.update_threshold >= 0:
+            raise ValueError(f"update_threshold must be >= 0, got {self.update_threshold}")
+        if not self.var_power >= 0:
+            raise ValueError(f"var_power must be >= 0, got {self.var_power}")
+
+    def settings(self) -> PruneGrowSettings:
+        return PruneGrowSettings(max_cycles=self.max_cycles, update_threshold=self.update_threshold,
+                                 var_power=self.var_power, alpha=1.0, guard=self.guard)
+
+
+class PruneGrowObserver(RefineObserver):
+    def __init__(self, refiner: Refiner, method, name: str, linear):
+        self.refiner, self.method, self.name = refiner, method, name
+        self.stats = RefineStats(linear.in_features, linear.weight.device, method.activation_sparsity,
+                                 use_dense=method.needs_dense_stream)
+
+    def add_batch(self, x, x_dense):
+        self.stats.add(x, x_dense)
+
+    def refine(self, dense, pruned):
+        weight, info = prune_and_grow(dense, pruned, self.stats, self.method.target, self.refiner.options.settings())
+        self.refiner.record(info)
+        return weight
+
+
+class PruneGrowRefiner(Refiner):
+    """Shared by DSnoT and R^2-DSnoT: observers, and a tally of the swaps for the run's log."""
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.totals = {"rows": 0, "active_rows": 0, "swaps": 0, "rejected_by_guard": 0}
+
+    def record(self, info: dict) -> None:
+        for key in self.totals:
+            self.totals[key] += info[key]
+
+    def observer(self, method, name, linear):
+        return PruneGrowObserver(self, method, name, linear)
+
+
+@register_refiner("dsnot")
+class DSnoT(PruneGrowRefiner):
+    summary = "prune-and-grow on the mean reconstruction error (Zhang et al. 2023)"
+    Options = DSnoTOptions
