@@ -127,10 +127,9 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def _decode_configs(block_b: int) -> list[dict]:
     out = []
-    for bk in (8, 16, 32, 64):
-        if bk * block_b > 64 or bk * block_b < 8:
-            continue
-        for cps in (1, 2, 4):
+    for bk in (16, 32):
+        bk = max(4, bk // block_b)  # BLOCK_B * BK * 128 products live in registers
+        for cps in (1, 2):
             for warps in (4, 8):
                 out.append({"BK": bk, "CPS": cps, "num_warps": warps})
     return out

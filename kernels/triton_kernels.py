@@ -55,18 +55,21 @@ def _popc(v, HW: tl.constexpr):
 
 @triton.jit
 def _load_tile(bitmap_ptr, offsets_ptr, values_ptr, rb, K, cols, col_ok, HW: tl.constexpr):
-    """Columns `cols` [BK] of row block rb -> weights [BK, 4, 32] in the values' dtype (0 where absent)."""
+    """Columns `cols` [BK] of row block rb -> weights [BK, 4, 32] in the values' dtype (0 where absent).
+
+    Per column (amortized over its 128 rows): 4 words, their popcounts and prefix; per element:
+    one bit test, one masked popcount and one masked load."""
     col = rb * K + cols  # [BK] (rb, k) index
     word_i = tl.arange(0, 4)
     lane = tl.arange(0, 32)
+    start = tl.load(offsets_ptr + col, mask=col_ok, other=0)  # [BK]
     words = tl.load(bitmap_ptr + col[:, None] * 4 + word_i[None, :], mask=col_ok[:, None], other=0)
     counts = _popc(words, HW)  # [BK, 4]
-    before = tl.cumsum(counts, axis=1) - counts  # [BK, 4] values in the words before this one
-    start = tl.load(offsets_ptr + col, mask=col_ok, other=0)  # [BK]
+    before = (tl.cumsum(counts, axis=1) - counts)[:, :, None]  # [BK, 4, 1] values before word w
     w3 = words[:, :, None]  # [BK, 4, 1]
     present = ((w3 >> lane[None, None, :]) & 1) != 0  # [BK, 4, 32]
     below = w3 & ((1 << lane[None, None, :]) - 1)  # set bits of lower lanes
-    idx = start[:, None, None] + before[:, :, None] + _popc(below, HW)  # [BK, 4, 32]
+    idx = start[:, None, None] + before + _popc(below, HW)  # [BK, 4, 32]
     return tl.load(values_ptr + idx, mask=present, other=0.0)
 
 

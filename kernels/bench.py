@@ -1,0 +1,243 @@
+"""Benchmark: dual-sparse linear vs dense torch.matmul (MKL/oneDNN on CPU, cuBLAS on CUDA).
+
+    python -m duoserve.kernels.bench                         # CPU, 1 thread, full sweep, bf16
+    python -m duoserve.kernels.bench --bar                   # only the issue's bar points
+    python -m duoserve.kernels.bench --device cuda --markdown docs/out.md
+    python -m duoserve.kernels.bench --cutover               # decode/sparse path vs GEMM/tiled path
+
+For every shape (N, K), weight sparsity p_w, activation sparsity p_x and batch B: random weights of
+the real shape with a fraction p_w of zeros (speed depends on shapes and sparsity, not values),
+inputs x ~ N(0, 1) [B, K] and the threshold at the p_x quantile of |x| (each token masks its own
+columns). The dense baseline is measured in the same run on the same device. Reported: time per
+call, speedup vs dense, and achieved bandwidth (bytes the kernel must read: dense = N*K*esize;
+dual = the packed bytes of the columns active for some token) against the machine's copy bandwidth
+measured at start. CPU timings: best of several repeats of a loop (the machine may be shared:
+the load average is printed). CUDA timings: CUDA-graph replays of 20 calls timed with events.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import time
+
+import torch
+
+from . import cpu, dual_sparse_linear, gpu, pack_dense
+from .layout import BLOCK_ROWS
+
+log = logging.getLogger(__name__)
+SHAPES = {  # (N, K) = (out, in)
+    "smollm2": [(576, 576), (1536, 576), (576, 1536)],
+    "llama": [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336)],
+}
+BAR_SHAPES = [(576, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096), (4096, 11008)]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _floats(s: str) -> list[float]:
+    return [float(v) for v in s.split(",")]
+
+
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",")]
+
+
+class Timer:
+    """Seconds per call of fn() on the device: CPU best-of-repeats, CUDA graph replays."""
+
+    def __init__(self, device: torch.device, min_time: float = 0.05):
+        self.device, self.min_time = device, min_time
+
+    def __call__(self, fn) -> float:
+        if self.device.type == "cuda":
+            return self._cuda(fn)
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        once = max(time.perf_counter() - t0, 1e-6)
+        reps = max(1, int(self.min_time / 5 / once))
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / reps)
+        return best
+
+    def _cuda(self, fn, inner: int = 20) -> float:
+        fn()  # compile / tune outside the capture
+        torch.cuda.synchronize()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(inner):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / inner)
+        return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(device: torch.device, timer: Timer) -> float:
+    """Bytes read + written per second by a large tensor copy (the roofline we compare to)."""
+    n = (256 << 20) // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / timer(lambda: dst.copy_(src))
+
+
+def make_weight(n, k, p_w, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(n, k, generator=g, device=device, dtype=dtype)  # [N, K]
+    w.masked_fill_(torch.rand(n, k, generator=g, device=device) < p_w, 0)
+    return w
+
+
+def make_input(b, k, p_x, dtype, device, seed=1):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(b, k, generator=g, device=device, dtype=torch.float32)  # [B, K]
+    thr = float(torch.quantile(x[0].abs(), p_x)) if p_x > 0 else 0.0
+    return x.to(dtype), torch.tensor(thr, dtype=torch.float32, device=device)
+
+
+def packed_bytes_read(w: torch.Tensor, x: torch.Tensor, thr: torch.Tensor) -> int:
+    """Bytes of the packed layout in the columns active for some token (what the kernel reads)."""
+    active = (x.float().abs() > thr).any(0)  # [K]
+    nb = (w.shape[0] + BLOCK_ROWS - 1) // BLOCK_ROWS
+    nnz = int(((w != 0) & active[None, :]).sum())
+    return nnz * w.element_size() + int(active.sum()) * nb * (BLOCK_ROWS // 8 + 4)
+
+
+def run_sweep(args, device, timer, bw) -> list[dict]:
+    rows = []
+    dtype = DTYPES[args.dtype]
+    dense_cache: dict[tuple, float] = {}
+    for n, k in args.shapes:
+        for p_w in args.pw:
+            w = make_weight(n, k, p_w, dtype, device)
+            packed = pack_dense(w)
+            for b in args.batch:
+                key = (n, k, b)
+                if key not in dense_cache:
+                    x, _ = make_input(b, k, 0.0, dtype, device)
+                    dense_cache[key] = timer(lambda: torch.matmul(x, w.t()))
+                for p_x in args.px:
+                    x, thr = make_input(b, k, p_x, dtype, device)
+                    t = timer(lambda: dual_sparse_linear(x, packed, thr))
+                    moved = packed_bytes_read(w, x, thr)
+                    row = dict(n=n, k=k, p_w=p_w, p_x=p_x, batch=b, dense_us=dense_cache[key] * 1e6,
+                               dual_us=t * 1e6, speedup=dense_cache[key] / t,
+                               dense_bw=n * k * w.element_size() / dense_cache[key] / bw,
+                               dual_bw=moved / t / bw, bpe=packed.bytes_per_element())
+                    rows.append(row)
+                    print(f"{n:>6}x{k:<6} p_w={p_w:.1f} p_x={p_x:.1f} B={b:<3} dense {row['dense_us']:9.1f} us"
+                          f"  dual {row['dual_us']:9.1f} us  x{row['speedup']:5.2f}"
+                          f"  bw dense {100 * row['dense_bw']:5.1f}% dual {100 * row['dual_bw']:5.1f}%"
+                          f" of copy", flush=True)
+            del w, packed
+    return rows
+
+
+def run_cutover(args, device, timer) -> list[dict]:
+    """Per batch size: the sparse path vs the GEMM path at p_w = p_x = 0.5 (picks the cutover)."""
+    dtype = DTYPES[args.dtype]
+    rows = []
+    for n, k in args.shapes:
+        w = make_weight(n, k, 0.5, dtype, device)
+        p = pack_dense(w)
+        for b in args.batch:
+            x, thr = make_input(b, k, 0.5, dtype, device)
+            dense = timer(lambda: torch.matmul(x, w.t()))
+            if device.type == "cuda":
+                sparse = timer(lambda: gpu.decode(x, p.bitmap, p.offsets, p.values, thr, None, n)) \
+                    if b <= 8 else float("nan")
+                dense_path = timer(lambda: gpu.gemm(x, p.bitmap, p.offsets, p.values, thr, None, n))
+            else:
+                sparse = timer(lambda: cpu.spmspv(x, p.bitmap, p.offsets, p.values, thr, None, n))
+                dense_path = timer(lambda: cpu.tiled(x, p.bitmap, p.offsets, p.values, thr, None, n))
+            rows.append(dict(n=n, k=k, batch=b, dense_us=dense * 1e6, sparse_us=sparse * 1e6,
+                             gemm_us=dense_path * 1e6))
+            print(f"{n:>6}x{k:<6} B={b:<4} dense {dense * 1e6:9.1f} us  sparse-path {sparse * 1e6:9.1f} us"
+                  f"  gemm/tiled-path {dense_path * 1e6:9.1f} us", flush=True)
+    return rows
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} thread(s), kernel ISA {cpu.isa()}), torch {torch.__version__}")
+
+
+def markdown(args, rows, cut_rows, device, bw, load) -> str:
+    cmd = "python -m duoserve.kernels.bench " + " ".join(args.argv)
+    out = [f"Machine: {machine(device)}; copy bandwidth {bw / 1e9:.1f} GB/s; dtype {args.dtype}; "
+           f"date {datetime.date.today()}; load average before/after {load[0]:.2f}/{load[1]:.2f}.",
+           f"Command: `{cmd}`", ""]
+    if rows:
+        out += ["| N x K | p_w | p_x | batch | dense us | dual us | speedup | dense bw | dual bw |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['n']}x{r['k']} | {r['p_w']} | {r['p_x']} | {r['batch']} | {r['dense_us']:.1f} | "
+                f"{r['dual_us']:.1f} | **{r['speedup']:.2f}x** | {100 * r['dense_bw']:.0f}% | "
+                f"{100 * r['dual_bw']:.0f}% |" for r in rows]
+    if cut_rows:
+        out += ["", "| N x K | batch | dense us | sparse path us | GEMM/tiled path us |", "|---|---|---|---|---|"]
+        out += [f"| {r['n']}x{r['k']} | {r['batch']} | {r['dense_us']:.1f} | {r['sparse_us']:.1f} | "
+                f"{r['gemm_us']:.1f} |" for r in cut_rows]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> None:
+    import sys
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--shapes", default="smollm2,llama", help="groups (smollm2, llama) or NxK,...")
+    ap.add_argument("--pw", type=_floats, default=[0.0, 0.3, 0.5, 0.7])
+    ap.add_argument("--px", type=_floats, default=[0.0, 0.3, 0.5, 0.7])
+    ap.add_argument("--batch", type=_ints, default=[1, 2, 4, 8, 16])
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (vLLM runs the model on 1)")
+    ap.add_argument("--bar", action="store_true", help="only p_w = p_x = 0.5, batch 1, bar shapes")
+    ap.add_argument("--cutover", action="store_true", help="compare the two paths per batch size")
+    ap.add_argument("--markdown", help="append the results as a markdown table to this file")
+    args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING)
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    shapes = []
+    for part in args.shapes.split(","):
+        shapes += SHAPES[part] if part in SHAPES else [tuple(int(v) for v in part.split("x"))]
+    args.shapes = shapes
+    if args.bar:
+        args.shapes, args.pw, args.px, args.batch = BAR_SHAPES, [0.5], [0.5], [1]
+    load0 = os.getloadavg()[0]
+    timer = Timer(device)
+    bw = copy_bandwidth(device, timer)
+    print(f"# {machine(device)}; copy bandwidth {bw / 1e9:.1f} GB/s; load average {os.getloadavg()}",
+          flush=True)
+    rows = [] if args.cutover else run_sweep(args, device, timer, bw)
+    cut_rows = run_cutover(args, device, timer) if args.cutover else []
+    load1 = os.getloadavg()[0]
+    print(f"# load average after: {os.getloadavg()}")
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write(markdown(args, rows, cut_rows, device, bw, (load0, load1)))
+
+
+if __name__ == "__main__":
+    main()
