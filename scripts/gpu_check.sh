@@ -30,9 +30,9 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 $PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
   | tee "$OUT/versions.txt"
 if [ "$MODE" = quick ] || [ "$MODE" = all ]; then
-  step check 150 $PY -m duoserve.kernels.check --device cuda
   step bar 90 $PY -m duoserve.kernels.bench --device cuda --bar --markdown "$OUT/bar.md"
   step decode 90 $PY -m duoserve.kernels.bench_decode --device cuda --markdown "$OUT/decode.md"
+  step check 120 $PY -m duoserve.kernels.check --device cuda
   step cutover 90 $PY -m duoserve.kernels.bench --device cuda --cutover \
     --shapes 4096x4096,11008x4096,4096x11008 --batch 1,2,4,8,16,32 --markdown "$OUT/cutover.md"
 fi
