@@ -122,7 +122,14 @@ def packed_bytes_read(w: torch.Tensor, x: torch.Tensor, thr: torch.Tensor) -> in
     return nnz * w.element_size() + int(active.sum()) * nb * (BLOCK_ROWS // 8 + 4)
 
 
-def run_sweep(args, device, timer, bw) -> list[dict]:
+def _md_row(r: dict) -> str:
+    return (f"| {r['n']}x{r['k']} | {r['p_w']} | {r['p_x']} | {r['batch']} | {r['dense_us']:.1f} | "
+            f"{r['dual_us']:.1f} | **{r['speedup']:.2f}x** | {100 * r['dense_bw']:.0f}% | "
+            f"{100 * r['dual_bw']:.0f}% |")
+
+
+def run_sweep(args, device, timer, bw, sink) -> list[dict]:
+    """Every point of the grid; each result row is also written to `sink` (markdown) at once."""
     rows = []
     dtype = DTYPES[args.dtype]
     dense_cache: dict[tuple, float] = {}
@@ -144,6 +151,7 @@ def run_sweep(args, device, timer, bw) -> list[dict]:
                                dense_bw=n * k * w.element_size() / dense_cache[key] / bw,
                                dual_bw=moved / t / bw, bpe=packed.bytes_per_element())
                     rows.append(row)
+                    sink(_md_row(row))
                     print(f"{n:>6}x{k:<6} p_w={p_w:.1f} p_x={p_x:.1f} B={b:<3} dense {row['dense_us']:9.1f} us"
                           f"  dual {row['dual_us']:9.1f} us  x{row['speedup']:5.2f}"
                           f"  bw dense {100 * row['dense_bw']:5.1f}% dual {100 * row['dual_bw']:5.1f}%"
@@ -152,7 +160,7 @@ def run_sweep(args, device, timer, bw) -> list[dict]:
     return rows
 
 
-def run_cutover(args, device, timer) -> list[dict]:
+def run_cutover(args, device, timer, sink) -> list[dict]:
     """Per batch size: the sparse path vs the GEMM path at p_w = p_x = 0.5 (picks the cutover)."""
     dtype = DTYPES[args.dtype]
     rows = []
@@ -171,6 +179,7 @@ def run_cutover(args, device, timer) -> list[dict]:
                 dense_path = timer(lambda: cpu.tiled(x, p.bitmap, p.offsets, p.values, thr, None, n))
             rows.append(dict(n=n, k=k, batch=b, dense_us=dense * 1e6, sparse_us=sparse * 1e6,
                              gemm_us=dense_path * 1e6))
+            sink(f"| {n}x{k} | {b} | {dense * 1e6:.1f} | {sparse * 1e6:.1f} | {dense_path * 1e6:.1f} |")
             print(f"{n:>6}x{k:<6} B={b:<4} dense {dense * 1e6:9.1f} us  sparse-path {sparse * 1e6:9.1f} us"
                   f"  gemm/tiled-path {dense_path * 1e6:9.1f} us", flush=True)
     return rows
@@ -183,22 +192,17 @@ def machine(device: torch.device) -> str:
             f"{torch.get_num_threads()} thread(s), kernel ISA {cpu.isa()}), torch {torch.__version__}")
 
 
-def markdown(args, rows, cut_rows, device, bw, load) -> str:
+def markdown_header(args, device, bw, load) -> str:
     cmd = "python -m duoserve.kernels.bench " + " ".join(args.argv)
-    out = [f"Machine: {machine(device)}; copy bandwidth {bw / 1e9:.1f} GB/s; dtype {args.dtype}; "
-           f"date {datetime.date.today()}; load average before/after {load[0]:.2f}/{load[1]:.2f}.",
-           f"Command: `{cmd}`", ""]
-    if rows:
-        out += ["| N x K | p_w | p_x | batch | dense us | dual us | speedup | dense bw | dual bw |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        out += [f"| {r['n']}x{r['k']} | {r['p_w']} | {r['p_x']} | {r['batch']} | {r['dense_us']:.1f} | "
-                f"{r['dual_us']:.1f} | **{r['speedup']:.2f}x** | {100 * r['dense_bw']:.0f}% | "
-                f"{100 * r['dual_bw']:.0f}% |" for r in rows]
-    if cut_rows:
-        out += ["", "| N x K | batch | dense us | sparse path us | GEMM/tiled path us |", "|---|---|---|---|---|"]
-        out += [f"| {r['n']}x{r['k']} | {r['batch']} | {r['dense_us']:.1f} | {r['sparse_us']:.1f} | "
-                f"{r['gemm_us']:.1f} |" for r in cut_rows]
-    return "\n".join(out) + "\n"
+    return (f"Machine: {machine(device)}; copy bandwidth {bw / 1e9:.1f} GB/s; dtype {args.dtype}; "
+            f"date {datetime.date.today()}; load average at start {load:.2f}.\n"
+            f"Command: `{cmd}`\n")
+
+
+SWEEP_HEADER = ("| N x K | p_w | p_x | batch | dense us | dual us | speedup | dense bw | dual bw |\n"
+                "|---|---|---|---|---|---|---|---|---|")
+CUTOVER_HEADER = ("| N x K | batch | dense us | sparse path us | GEMM/tiled path us |\n"
+                  "|---|---|---|---|---|")
 
 
 def main(argv=None) -> None:
@@ -225,19 +229,27 @@ def main(argv=None) -> None:
     args.shapes = shapes
     if args.bar:
         args.shapes, args.pw, args.px, args.batch = BAR_SHAPES, [0.5], [0.5], [1]
-    load0 = os.getloadavg()[0]
     timer = Timer(device)
     bw = copy_bandwidth(device, timer)
     print(f"# {machine(device)}; copy bandwidth {bw / 1e9:.1f} GB/s; load average {os.getloadavg()}",
           flush=True)
-    rows = [] if args.cutover else run_sweep(args, device, timer, bw)
-    cut_rows = run_cutover(args, device, timer) if args.cutover else []
-    load1 = os.getloadavg()[0]
-    print(f"# load average after: {os.getloadavg()}")
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(markdown(args, rows, cut_rows, device, bw, (load0, load1)))
+    md = open(args.markdown, "a") if args.markdown else None
 
+    def sink(line: str) -> None:  # rows land in the file as they are measured (partial runs count)
+        if md:
+            md.write(line + "\n")
+            md.flush()
+
+    sink(markdown_header(args, device, bw, os.getloadavg()[0]))
+    sink(CUTOVER_HEADER if args.cutover else SWEEP_HEADER)
+    if args.cutover:
+        run_cutover(args, device, timer, sink)
+    else:
+        run_sweep(args, device, timer, bw, sink)
+    print(f"# load average after: {os.getloadavg()}")
+    sink(f"\nLoad average at the end: {os.getloadavg()[0]:.2f}.\n")
+    if md:
+        md.close()
 
 if __name__ == "__main__":
     main()

@@ -129,14 +129,16 @@ def main(argv=None) -> int:
     dtypes = [torch.float16, torch.bfloat16, torch.float32] if dev.type == "cuda" else \
         [torch.bfloat16, torch.float32]
     # few distinct token counts: every (T bucket, dtype, config) is a Triton compile
-    cases = grid([1, 33, 971], [77, 300, 4100], [1, 3, 8, 17, 64], [0.0, 0.5, 0.9, 1.0],
-                 [0.0, 0.5, 1.0], dtypes)
+    cases = grid([1, 33, 971], [77, 4100], [1, 3, 8, 17, 64], [0.0, 0.5, 1.0], [0.0, 0.5, 1.0],
+                 dtypes)
+    cases += grid([33], [300], [1, 5], [0.9], [0.5], dtypes, thr_zero=False)
     cases += [Case(971, 300, t, 0.5, 0.5, dt, bias=False) for t in (1, 17) for dt in dtypes]
     impls = {"op": dual_sparse_linear}  # the tuned defaults behind the public API
     if dev.type == "cuda":  # plus one other configuration of each kernel (split-K, wide tiles)
-        cfg = {"BK": 32, "CPS": 4, "num_warps": 8}
-        impls[f"decode {cfg}"] = lambda x, p, t, b: gpu.decode(
-            x, p.bitmap, p.offsets, p.values, t, b, p.n, cfg=_fit(cfg, x.shape[0]))
+        for cfg in ({"COMPACT": True, "BK": 32, "num_warps": 8},
+                    {"COMPACT": True, "BK": 64, "num_warps": 4}):
+            impls[f"decode {cfg}"] = lambda x, p, t, b, c=cfg: gpu.decode(
+                x, p.bitmap, p.offsets, p.values, t, b, p.n, cfg=_fit(c, x.shape[0]))
         gcfg = {"BK": 64, "SPLIT": 4, "num_warps": 8}
         impls[f"gemm {gcfg}"] = lambda x, p, t, b: gpu.gemm(
             x, p.bitmap, p.offsets, p.values, t, b, p.n, cfg=gcfg)

@@ -1,14 +1,14 @@
 """CUDA backend: launches the Triton kernels (triton_kernels.py) and picks their configurations.
 
     linear(x [T, K], bitmap, offsets, values, threshold, bias, n, k) -> y [T, N] in x.dtype
-        T <= DECODE_MAX_TOKENS: compaction + spMspV decode (skips inactive input columns)
-        larger T:               decompress-on-the-fly tl.dot GEMM (all columns, tensor cores)
+        decode path: spMspV that skips inactive input columns (T <= DECODE_MAX_TOKENS = 8)
+        GEMM path:   decompress-on-the-fly tl.dot (all columns, tensor cores), any T
 
-DECODE_MAX_TOKENS (the cutover) comes from measurement (`python -m duoserve.kernels.bench
---device cuda` prints both paths per batch size; docs/kernels.md has the run); override with
-DUOSERVE_GPU_DECODE_MAX_TOKENS. Configurations are tuned once per (shape, dtype, token bucket) on
-first use by timing a few candidates, never while a CUDA graph is being captured (then the
-default is used), so vLLM's warm-up runs do the tuning before capture. Works on CPU tensors under
+The cutover is measured, not guessed: for T <= 8 the first call per (shape, dtype, token bucket)
+times both paths and keeps the faster (`python -m duoserve.kernels.bench --device cuda --cutover`
+prints both; docs/kernels.md has the run). Kernel configurations are tuned the same way. Nothing
+is timed while a CUDA graph is being captured (defaults are used then), so vLLM's warm-up runs do
+the measuring before capture. DUOSERVE_GPU_TUNE=0 turns both off. Works on CPU tensors under
 TRITON_INTERPRET=1 (tests).
 """
 from __future__ import annotations
@@ -19,11 +19,13 @@ import os
 import torch
 
 log = logging.getLogger(__name__)
-DECODE_MAX_TOKENS = int(os.environ.get("DUOSERVE_GPU_DECODE_MAX_TOKENS", "4"))
+DECODE_MAX_TOKENS = int(os.environ.get("DUOSERVE_GPU_DECODE_MAX_TOKENS", "8"))
+DEFAULT_DECODE_TOKENS = 1  # path when nothing was measured (first call inside a graph capture)
 _TUNE = os.environ.get("DUOSERVE_GPU_TUNE", "1") == "1"
 _error: str | None = None
 _tk = None
 _best: dict[tuple, dict] = {}
+_path: dict[tuple, str] = {}
 
 
 def _kernels():
@@ -59,7 +61,7 @@ def _num_sms(device) -> int:
 
 
 def decode(x, bitmap, offsets, values, threshold, bias, n, cfg=None):
-    """x [T, K] (T <= 8) -> y [T, N]: compaction, spMspV over active columns, finalize."""
+    """x [T, K] (T <= 8) -> y [T, N]: spMspV over the active columns, then bias + cast."""
     tk = _kernels()
     t_tokens, k = x.shape
     block_b = _pow2(t_tokens)
@@ -67,16 +69,23 @@ def decode(x, bitmap, offsets, values, threshold, bias, n, cfg=None):
     num_chunks = triton_cdiv(k, tk.CHUNK)
     cfg = cfg or _pick("decode", (n, k, block_b, x.dtype), x.device, lambda c: decode(
         x, bitmap, offsets, values, threshold, bias, n, c), _decode_configs(block_b))
-    idx = torch.empty(num_chunks * tk.CHUNK, dtype=torch.int32, device=x.device)  # [K'] lists
-    xc = torch.empty(t_tokens, k, dtype=torch.float32, device=x.device)  # [T, K] masked inputs
-    count = torch.empty(num_chunks, dtype=torch.int32, device=x.device)
-    acc = torch.empty(t_tokens, n, dtype=torch.float32, device=x.device)  # zeroed by compaction
-    tk._compact_kernel[(num_chunks,)](x, threshold, idx, xc, count, acc, t_tokens, k, acc.numel(),
-                                      BLOCK_B=block_b, CHUNK=tk.CHUNK, ZERO_BLOCK=256)
-    grid = (nb, triton_cdiv(num_chunks, cfg["CPS"]))
-    tk._decode_kernel[grid](idx, xc, count, bitmap, offsets, values, acc, t_tokens, n, k,
-                            num_chunks, BLOCK_B=block_b, BK=cfg["BK"], CPS=cfg["CPS"],
-                            CHUNK=tk.CHUNK, HW=tk.HW_POPC, num_warps=cfg["num_warps"])
+    bk = cfg["BK"]
+    if cfg["COMPACT"]:
+        idx = torch.empty(num_chunks * tk.CHUNK, dtype=torch.int32, device=x.device)  # lists
+        xc = torch.empty(t_tokens, k, dtype=torch.float32, device=x.device)  # [T, K] masked x
+        count = torch.empty(num_chunks, dtype=torch.int32, device=x.device)
+        acc = torch.empty(t_tokens, n, dtype=torch.float32, device=x.device)  # zeroed below
+        tk._compact_kernel[(num_chunks,)](x, threshold, idx, xc, count, acc, t_tokens, k,
+                                          acc.numel(), BLOCK_B=block_b, CHUNK=tk.CHUNK,
+                                          ZERO_BLOCK=256)
+        tiles = num_chunks * (tk.CHUNK // bk)
+    else:
+        idx, xc, count = x, x, x  # unused by the raw variant
+        acc = torch.zeros(t_tokens, n, dtype=torch.float32, device=x.device)  # [T, N]
+        tiles = triton_cdiv(k, bk)
+    tk._decode_kernel[(nb, tiles)](idx, xc, count, x, threshold, bitmap, offsets, values, acc,
+                                   t_tokens, n, k, BLOCK_B=block_b, BK=bk, COMPACT=cfg["COMPACT"],
+                                   CHUNK=tk.CHUNK, HW=tk.HW_POPC, num_warps=cfg["num_warps"])
     return _finalize(acc, bias, x.dtype)
 
 
@@ -113,12 +122,36 @@ def _finalize(acc, bias, dtype):
 
 
 def linear(x, bitmap, offsets, values, threshold, bias, n, k):
-    """The CUDA kernel of duoserve::dual_sparse_linear (see ops.py)."""
-    if x.shape[0] == 0:
+    """The CUDA kernel of duoserve::dual_sparse_linear (see ops.py).
+
+    T <= DECODE_MAX_TOKENS: the faster of the decode and GEMM paths, timed once per (shape,
+    dtype, token bucket) on first use (the measured cutover); larger T: the GEMM path."""
+    t_tokens = x.shape[0]
+    if t_tokens == 0:
         return x.new_empty((0, n))
-    if x.shape[0] <= DECODE_MAX_TOKENS:
-        return decode(x, bitmap, offsets, values, threshold, bias, n)
+    if t_tokens <= DECODE_MAX_TOKENS:
+        key = ("path", n, k, _pow2(t_tokens), x.dtype)
+        path = _path.get(key)
+        if path is None:
+            path = _measure_path(key, x, bitmap, offsets, values, threshold, bias, n)
+        if path == "decode":
+            return decode(x, bitmap, offsets, values, threshold, bias, n)
     return gemm(x, bitmap, offsets, values, threshold, bias, n)
+
+
+def _measure_path(key, x, bitmap, offsets, values, threshold, bias, n) -> str:
+    default = "decode" if x.shape[0] <= DEFAULT_DECODE_TOKENS else "gemm"
+    if not _TUNE or x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return default
+    from triton.testing import do_bench
+
+    args = (x, bitmap, offsets, values, threshold, bias, n)
+    t_decode = do_bench(lambda: decode(*args), warmup=5, rep=20)
+    t_gemm = do_bench(lambda: gemm(*args), warmup=5, rep=20)
+    _path[key] = "decode" if t_decode <= t_gemm else "gemm"
+    log.info("path %s: decode %.1f us, gemm %.1f us -> %s", key, 1e3 * t_decode, 1e3 * t_gemm,
+             _path[key])
+    return _path[key]
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -127,17 +160,18 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def _decode_configs(block_b: int) -> list[dict]:
     out = []
-    for bk in (16, 32):
-        bk = max(4, bk // block_b)  # BLOCK_B * BK * 128 products live in registers
-        for cps in (1, 2):
+    for compact in (True, False):
+        for bk in (16, 32, 64):
+            bk = max(4, bk // block_b)  # BLOCK_B * BK * 128 products live in registers
             for warps in (4, 8):
-                out.append({"BK": bk, "CPS": cps, "num_warps": warps})
+                out.append({"COMPACT": compact, "BK": bk, "num_warps": warps})
     return out
 
 
 def _gemm_configs(programs: int, k: int, device) -> list[dict]:
-    fill = max(1, min(16, (2 * _num_sms(device)) // max(1, programs)))  # split-K to fill the GPU
-    splits = sorted({1, fill})
+    # split K to fill the GPU: every split is an independent load chain in flight
+    fill = max(1, (2 * _num_sms(device)) // max(1, programs))
+    splits = sorted({1, min(fill, max(1, k // 64)), min(4 * fill, max(1, k // 128))})
     return [{"BK": bk, "SPLIT": s, "num_warps": w} for bk in (32, 64) for s in splits for w in (4, 8)]
 
 

@@ -8,14 +8,16 @@ sits at values[offsets[rb, k] + popc(words before w) + popc(bitmap[rb, k, w] & (
 A tile of BK columns is decompressed as a [BK, 4, 32] block (word, lane), so every lane finds its
 value with one masked popcount and one load; absent weights are masked loads (no bytes read).
 
-Decode (T <= DECODE_MAX_TOKENS), three launches, no host sync, fixed shapes (CUDA-graph safe):
-  1. _compact_kernel, one program per CHUNK = 256 input columns: the columns active for at least
-     one token are listed chunk-locally (cumsum of the any-token mask), with the tokens' masked
-     inputs in fp32 (exact per-token masking), and count[chunk]; it also zeroes the fp32 output.
-  2. _decode_kernel, grid (row blocks, K splits of CPS chunks): walks only the listed columns, so
-     an inactive column costs neither ALU work nor weight bytes; fp32 atomics combine the splits
-     (split-K so that a 4096-row matrix still fills every SM).
-  3. _finalize_kernel: + bias, cast to x's dtype.
+Decode (T <= DECODE_MAX_TOKENS), no host sync, fixed shapes (CUDA-graph safe), two variants
+(the tuner times both per shape):
+  compact: 1. _compact_kernel, one program per CHUNK = 256 input columns: the columns active for
+     at least one token are listed chunk-locally (cumsum of the any-token mask), with the tokens'
+     masked inputs in fp32 (exact per-token masking), and count[chunk]; it zeroes the output too.
+     2. _decode_kernel, grid (row blocks, tiles of BK list slots): a tile past its chunk's count
+     does nothing, so an inactive column costs neither ALU work nor weight bytes.
+  raw: _decode_kernel on tiles of BK raw columns, inactive ones masked (no bytes, idle lanes).
+  Both: one tile per program (split-K to the limit) so that many independent load chains are in
+  flight; fp32 atomics combine the tiles; _finalize_kernel adds the bias and casts.
 Prefill / larger T: _gemm_kernel decompresses [BK, 128] tiles on the fly into registers and runs
 tl.dot (tensor cores for fp16/bf16; IEEE fp32 for fp32) with fp32 accumulation; no dense copy of
 the weight exists. For few token blocks it also splits K (atomics) to fill the GPU.
@@ -100,30 +102,47 @@ def _compact_kernel(x_ptr, thr_ptr, idx_ptr, xc_ptr, count_ptr, out_ptr, T, K, O
 
 
 @triton.jit
-def _decode_kernel(idx_ptr, xc_ptr, count_ptr, bitmap_ptr, offsets_ptr, values_ptr, out_ptr,
-                   T, N, K, NUM_CHUNKS,
-                   BLOCK_B: tl.constexpr, BK: tl.constexpr, CPS: tl.constexpr,
+def _decode_kernel(idx_ptr, xc_ptr, count_ptr, x_ptr, thr_ptr, bitmap_ptr, offsets_ptr, values_ptr,
+                   out_ptr, T, N, K,
+                   BLOCK_B: tl.constexpr, BK: tl.constexpr, COMPACT: tl.constexpr,
                    CHUNK: tl.constexpr, HW: tl.constexpr):
-    """out[t, rb*128 + r] += sum over the active columns of chunks [s*CPS, (s+1)*CPS)."""
+    """out[t, rb*128 + r] += the contribution of one tile of BK input columns (one per program).
+
+    One tile per program (no loop): a tile's loads form one dependent chain (list -> bitmap ->
+    values) whose latency the GPU hides across many resident programs; a loop would serialize it.
+    COMPACT: program (rb, q) takes slots [sub*BK, sub*BK + BK) of chunk q // (CHUNK/BK)'s active list
+      and does nothing when the list is shorter (inactive columns cost no ALU work, no bytes).
+    not COMPACT: program (rb, q) takes raw columns [q*BK, q*BK + BK) and masks the inactive ones
+      (no bytes read for them, but their lanes idle): no compaction launch."""
     rb = tl.program_id(0)
-    s = tl.program_id(1)
+    q = tl.program_id(1)
     b = tl.arange(0, BLOCK_B)
-    acc = tl.zeros([BLOCK_B, 4, 32], tl.float32)
-    for ci in range(0, CPS):
-        c = s * CPS + ci
-        cnt = tl.load(count_ptr + c, mask=c < NUM_CHUNKS, other=0)
-        for j0 in range(0, cnt, BK):
-            jj = j0 + tl.arange(0, BK)  # [BK] slots in the chunk's list
-            ok = jj < cnt
-            slot = c * CHUNK + jj
+    jj = tl.arange(0, BK)
+    if COMPACT:
+        c = q // (CHUNK // BK)
+        j0 = (q % (CHUNK // BK)) * BK
+        cnt = tl.load(count_ptr + c)
+        run = j0 < cnt
+    else:
+        run = q * BK < K
+    if run:
+        if COMPACT:
+            ok = j0 + jj < cnt
+            slot = c * CHUNK + j0 + jj  # [BK] slots in the chunk's list
             cols = tl.load(idx_ptr + slot, mask=ok, other=0)  # [BK]
-            w = _load_tile(bitmap_ptr, offsets_ptr, values_ptr, rb, K, cols, ok, HW).to(tl.float32)
             xv = tl.load(xc_ptr + b[:, None] * K + slot[None, :],
-                         mask=(b[:, None] < T) & ok[None, :], other=0.0)  # [BLOCK_B, BK]
-            acc += tl.sum(w[None, :, :, :] * xv[:, :, None, None], axis=1)
-    rows = rb * 128 + tl.arange(0, 4)[:, None] * 32 + tl.arange(0, 32)[None, :]  # [4, 32]
-    ptrs = out_ptr + b[:, None, None] * N + rows[None, :, :]
-    tl.atomic_add(ptrs, acc, mask=(b[:, None, None] < T) & (rows[None, :, :] < N))
+                         mask=(b[:, None] < T) & ok[None, :], other=0.0)  # [BLOCK_B, BK] masked
+        else:
+            cols = q * BK + jj  # [BK]
+            inside = (b[:, None] < T) & (cols[None, :] < K)
+            xv = tl.load(x_ptr + b[:, None] * K + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+            xv = tl.where(tl.abs(xv) > tl.load(thr_ptr), xv, 0.0)  # [BLOCK_B, BK]
+            ok = tl.max((xv != 0.0).to(tl.int32), axis=0) != 0  # [BK] column needed by some token
+        w = _load_tile(bitmap_ptr, offsets_ptr, values_ptr, rb, K, cols, ok, HW).to(tl.float32)
+        acc = tl.sum(w[None, :, :, :] * xv[:, :, None, None], axis=1)  # [BLOCK_B, 4, 32]
+        rows = rb * 128 + tl.arange(0, 4)[:, None] * 32 + tl.arange(0, 32)[None, :]  # [4, 32]
+        ptrs = out_ptr + b[:, None, None] * N + rows[None, :, :]
+        tl.atomic_add(ptrs, acc, mask=(b[:, None, None] < T) & (rows[None, :, :] < N))
 
 
 @triton.jit

@@ -3,7 +3,9 @@
 # no internet). Writes everything under $OUT (default /tmp/duoserve-gpu-out):
 #   nvidia-smi.txt, check.txt (correctness of every CUDA path), bar.md (bf16 bar shapes, batch 1),
 #   decode.md (CUDA-graph Llama-2-7B-shape decode step), cutover.md, sweep-*.md (full sweep).
-# Usage: scripts/gpu_check.sh [quick|sweep|all]   (quick: check + bar + decode + cutover)
+# Usage: scripts/gpu_check.sh [quick|sweep|all]   (quick: bar + decode + cutover + check)
+# Steps run in order of importance, each under its own time limit; results are written as they
+# are measured, so a session cut short still returns what it finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-quick}
@@ -17,6 +19,7 @@ mkdir -p "$PKG/duoserve"
 for f in duoserve/*; do ln -s "$PWD/$f" "$PKG/duoserve/"; done
 ln -s "$PWD/kernels" "$PKG/duoserve/kernels"
 export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}"
+cd "$PKG"  # python -m puts the cwd first on sys.path: the repository's own duoserve/ would win
 PY=${PYTHON:-python3}
 step() {  # step NAME TIMEOUT CMD...: run with a time limit, log to $OUT/NAME.log
   local name=$1 limit=$2; shift 2
@@ -29,14 +32,15 @@ step() {  # step NAME TIMEOUT CMD...: run with a time limit, log to $OUT/NAME.lo
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 $PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
   | tee "$OUT/versions.txt"
+B="$PY -m duoserve.kernels.bench --device cuda"
 if [ "$MODE" = quick ] || [ "$MODE" = all ]; then
-  step bar 90 $PY -m duoserve.kernels.bench --device cuda --bar --markdown "$OUT/bar.md"
-  step decode 90 $PY -m duoserve.kernels.bench_decode --device cuda --markdown "$OUT/decode.md"
-  step check 120 $PY -m duoserve.kernels.check --device cuda
-  step cutover 90 $PY -m duoserve.kernels.bench --device cuda --cutover \
-    --shapes 4096x4096,11008x4096,4096x11008 --batch 1,2,4,8,16,32 --markdown "$OUT/cutover.md"
+  step bar 70 $B --bar --markdown "$OUT/bar.md"
+  step decode 40 $PY -m duoserve.kernels.bench_decode --device cuda --markdown "$OUT/decode.md"
+  step cutover 50 $B --cutover --shapes 4096x4096,11008x4096 --batch 1,2,4,8,16 --markdown "$OUT/cutover.md"
+  step check 70 $PY -m duoserve.kernels.check --device cuda
 fi
 if [ "$MODE" = sweep ] || [ "$MODE" = all ]; then
-  step sweep-bf16 200 $PY -m duoserve.kernels.bench --device cuda --markdown "$OUT/sweep-bf16.md"
-  step bar-fp16 60 $PY -m duoserve.kernels.bench --device cuda --bar --dtype fp16 --markdown "$OUT/bar-fp16.md"
+  step sweep-b1 40 $B --batch 1 --markdown "$OUT/sweep-bf16-b1.md"
+  step bar-fp16 30 $B --bar --dtype fp16 --markdown "$OUT/bar-fp16.md"
+  step sweep-rest 200 $B --batch 2,4,8,16 --markdown "$OUT/sweep-bf16-b2-16.md"
 fi

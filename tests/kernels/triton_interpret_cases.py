@@ -34,13 +34,13 @@ def main() -> int:
     gemm_cases = grid([33, 130], [77], [17], [0.5], [0.5], DTYPES, thr_zero=False)
     gemm_cases += [Case(1, 300, 3, 0.9, 0.5, torch.bfloat16), Case(130, 300, 20, 1.0, 0.0, torch.float16),
                    Case(33, 77, 17, 0.5, 1.0, torch.float32, bias=False)]
-    failures = run_cases(decode({"BK": 8, "CPS": 1, "num_warps": 4}), decode_cases, "cpu")
-    failures += run_cases(decode({"BK": 16, "CPS": 2, "num_warps": 4}), decode_cases[:2], "cpu")
+    failures = run_cases(decode({"COMPACT": True, "BK": 8, "num_warps": 4}), decode_cases, "cpu")
+    failures += run_cases(decode({"COMPACT": False, "BK": 16, "num_warps": 4}), decode_cases, "cpu")
     failures += run_cases(gemm({"BK": 32, "SPLIT": 1, "num_warps": 4}), gemm_cases, "cpu")
     failures += run_cases(gemm({"BK": 32, "SPLIT": 3, "num_warps": 4}), gemm_cases[:2], "cpu")
     for f in failures:
         print("FAIL", f)
-    print(f"{len(decode_cases) + len(gemm_cases) + 4} cases, {len(failures)} failures")
+    print(f"{2 * len(decode_cases) + len(gemm_cases) + 2} cases, {len(failures)} failures")
     return 1 if failures else 0
 
 
