@@ -228,4 +228,5 @@ def launch(ckpt, host: str = DEFAULT_HOST, port: int | None = 0, api_key: str | 
     log.debug("command: %s", " ".join(shown))
     proc = subprocess.Popen(cmd, env=child_env, stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
                             stdin=subprocess.DEVNULL, start_new_session=True)
+    log.info("vLLM pid %d (own process group)", proc.pid)
     return ServerHandle(proc, host, port, api_key, model, path, log_file)

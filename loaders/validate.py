@@ -27,7 +27,7 @@ from duoserve.format.schema import (
 log = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-_validated: set[tuple[str, float]] = set()  # (folder, mtime of config.json) already checked here
+_validated: set[tuple] = set()  # folders already checked in this process, keyed by their files' stats
 
 
 def is_duoserve_checkpoint(path: Path) -> bool:
@@ -109,7 +109,8 @@ def validate_checkpoint(path: Path, hf_config: Any = None, *, verify_hashes: boo
     """
     path = Path(path)
     config, q = read_quant_config(path)
-    key = (str(path.resolve()), (path / "config.json").stat().st_mtime)
+    key = (str(path.resolve()), tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                                             for f in path.iterdir() if f.is_file())))
     if key in _validated:
         return q
     if verify_hashes:

@@ -1,0 +1,94 @@
+"""Fixtures for the serving tests: checkpoints of the tiny Llama and vLLM servers (killed on teardown)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from serving_helpers import make_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def bitmask_ckpt(tiny_llama_dir, tmp_path_factory) -> Path:
+    """W 50% (magnitude) + thresholds at the median |x| of each target input, bitmask format."""
+    return make_checkpoint(tiny_llama_dir, tmp_path_factory.mktemp("ckpt") / "tiny-w50x50-bitmask")
+
+
+@pytest.fixture(scope="session")
+def dense_ckpt(tiny_llama_dir, tmp_path_factory) -> Path:
+    """The same pruning and calibration, dense weight format (zeros in place)."""
+    return make_checkpoint(tiny_llama_dir, tmp_path_factory.mktemp("ckpt") / "tiny-w50x50-dense",
+                           weight_format="dense")
+
+
+@pytest.fixture(scope="session")
+def vllm_layers():
+    """vLLM's distributed state (world size 1, gloo) and config context, to build its linear layers
+    in this process without starting an engine."""
+    from duoserve.loaders import plugin
+
+    plugin.register()
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import (destroy_distributed_environment, destroy_model_parallel,
+                                  init_distributed_environment, initialize_model_parallel)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with set_current_vllm_config(VllmConfig()):
+        init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, "gloo")
+        initialize_model_parallel(1, 1)
+        yield
+        destroy_model_parallel()
+        destroy_distributed_environment()
+
+
+def kill_group(pid: int, grace: float = 15.0) -> None:
+    """SIGTERM a process group, SIGKILL it after `grace` seconds (tests never leave servers behind)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.5)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+class LineReader:
+    """Collects a process's stdout lines in a background thread (no select on a buffered pipe)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.lines = proc, []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, needle: str, timeout: float) -> str:
+        """The first line containing `needle`; fail with the output on exit or timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if needle in line:
+                    return line
+            if self.proc.poll() is not None and not self._thread.is_alive():
+                break
+            time.sleep(0.5)
+        tail = "".join(self.lines[-40:])
+        raise AssertionError(f"{needle!r} not seen within {timeout:.0f} s (exit code {self.proc.poll()}):\n{tail}")
