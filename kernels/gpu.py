@@ -70,7 +70,7 @@ def decode(x, bitmap, offsets, values, threshold, bias, n, cfg=None):
     cfg = cfg or _pick("decode", (n, k, block_b, x.dtype), x.device, lambda c: decode(
         x, bitmap, offsets, values, threshold, bias, n, c), _decode_configs(block_b))
     bk = cfg["BK"]
-    if cfg["COMPACT"]:
+    if cfg.get("LOOP") or cfg["COMPACT"]:
         idx = torch.empty(num_chunks * tk.CHUNK, dtype=torch.int32, device=x.device)  # lists
         xc = torch.empty(t_tokens, k, dtype=torch.float32, device=x.device)  # [T, K] masked x
         count = torch.empty(num_chunks, dtype=torch.int32, device=x.device)
@@ -79,6 +79,12 @@ def decode(x, bitmap, offsets, values, threshold, bias, n, cfg=None):
                                           acc.numel(), BLOCK_B=block_b, CHUNK=tk.CHUNK,
                                           ZERO_BLOCK=256)
         tiles = num_chunks * (tk.CHUNK // bk)
+        if cfg.get("LOOP"):
+            grid = (nb, triton_cdiv(num_chunks, cfg["CPS"]))
+            tk._decode_loop_kernel[grid](idx, xc, count, bitmap, offsets, values, acc, t_tokens, n,
+                                         k, num_chunks, BLOCK_B=block_b, BK=bk, CPS=cfg["CPS"],
+                                         CHUNK=tk.CHUNK, HW=tk.HW_POPC, num_warps=cfg["num_warps"])
+            return _finalize(acc, bias, x.dtype)
     else:
         idx, xc, count = x, x, x  # unused by the raw variant
         acc = torch.zeros(t_tokens, n, dtype=torch.float32, device=x.device)  # [T, N]
@@ -159,7 +165,8 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def _decode_configs(block_b: int) -> list[dict]:
-    out = []
+    """Candidates; the first is the default when nothing is timed (the GPU-verified loop kernel)."""
+    out = [{"LOOP": True, "COMPACT": True, "BK": max(4, 32 // block_b), "CPS": 1, "num_warps": 4}]
     for compact in (True, False):
         for bk in (16, 32, 64):
             bk = max(4, bk // block_b)  # BLOCK_B * BK * 128 products live in registers
@@ -176,22 +183,26 @@ def _gemm_configs(programs: int, k: int, device) -> list[dict]:
 
 
 def _pick(kind: str, key: tuple, device, run, configs: list[dict]) -> dict:
-    """Best config for `key` (timed once per process); the first one where timing is impossible."""
+    """Best config for `key`, timed once per process (configs that fail to compile or run are
+    skipped); the first config where nothing can be timed (no CUDA, tuning off, graph capture)."""
     full_key = (kind, *key)
     if full_key in _best:
         return _best[full_key]
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if not _TUNE or device.type != "cuda" or capturing or len(configs) == 1:
-        return _best.setdefault(full_key, configs[len(configs) // 2]) if not capturing else \
-            configs[len(configs) // 2]
+    if capturing:
+        return configs[0]
+    if not _TUNE or device.type != "cuda" or len(configs) == 1:
+        return _best.setdefault(full_key, configs[0])
     from triton.testing import do_bench
 
     timings = []
     for cfg in configs:
         try:
             timings.append((do_bench(lambda: run(cfg), warmup=5, rep=15), cfg))
-        except Exception as exc:  # a config that does not compile (registers) is skipped
-            log.debug("config %s failed: %s", cfg, exc)
+        except Exception as exc:  # e.g. too many registers: skip this candidate
+            log.warning("duoserve %s config %s failed: %s", kind, cfg, exc)
+    if not timings:
+        raise RuntimeError(f"no {kind} kernel configuration runs for {key}")
     best = min(timings, key=lambda tc: tc[0])[1]
     log.info("tuned %s %s -> %s (%.1f us)", kind, key, best, 1e3 * min(t for t, _ in timings))
     _best[full_key] = best

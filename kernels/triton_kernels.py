@@ -18,6 +18,8 @@ Decode (T <= DECODE_MAX_TOKENS), no host sync, fixed shapes (CUDA-graph safe), t
   raw: _decode_kernel on tiles of BK raw columns, inactive ones masked (no bytes, idle lanes).
   Both: one tile per program (split-K to the limit) so that many independent load chains are in
   flight; fp32 atomics combine the tiles; _finalize_kernel adds the bias and casts.
+  loop (_decode_loop_kernel, the first version, the only one measured on a GPU so far): compact
+     lists, each program loops over CPS chunks; the fallback when nothing has been tuned.
 Prefill / larger T: _gemm_kernel decompresses [BK, 128] tiles on the fly into registers and runs
 tl.dot (tensor cores for fp16/bf16; IEEE fp32 for fp32) with fp32 accumulation; no dense copy of
 the weight exists. For few token blocks it also splits K (atomics) to fill the GPU.
@@ -143,6 +145,35 @@ def _decode_kernel(idx_ptr, xc_ptr, count_ptr, x_ptr, thr_ptr, bitmap_ptr, offse
         rows = rb * 128 + tl.arange(0, 4)[:, None] * 32 + tl.arange(0, 32)[None, :]  # [4, 32]
         ptrs = out_ptr + b[:, None, None] * N + rows[None, :, :]
         tl.atomic_add(ptrs, acc, mask=(b[:, None, None] < T) & (rows[None, :, :] < N))
+
+
+@triton.jit
+def _decode_loop_kernel(idx_ptr, xc_ptr, count_ptr, bitmap_ptr, offsets_ptr, values_ptr, out_ptr,
+                        T, N, K, NUM_CHUNKS,
+                        BLOCK_B: tl.constexpr, BK: tl.constexpr, CPS: tl.constexpr,
+                        CHUNK: tl.constexpr, HW: tl.constexpr):
+    """The first decode kernel (the one measured on the H200, docs/kernels.md): program (rb, s)
+    loops over the compacted lists of chunks [s*CPS, (s+1)*CPS) in steps of BK slots.
+    out[t, rb*128 + r] += its partial sum."""
+    rb = tl.program_id(0)
+    s = tl.program_id(1)
+    b = tl.arange(0, BLOCK_B)
+    acc = tl.zeros([BLOCK_B, 4, 32], tl.float32)
+    for ci in range(0, CPS):
+        c = s * CPS + ci
+        cnt = tl.load(count_ptr + c, mask=c < NUM_CHUNKS, other=0)
+        for j0 in range(0, cnt, BK):
+            jj = j0 + tl.arange(0, BK)  # [BK] slots in the chunk's list
+            ok = jj < cnt
+            slot = c * CHUNK + jj
+            cols = tl.load(idx_ptr + slot, mask=ok, other=0)  # [BK]
+            w = _load_tile(bitmap_ptr, offsets_ptr, values_ptr, rb, K, cols, ok, HW).to(tl.float32)
+            xv = tl.load(xc_ptr + b[:, None] * K + slot[None, :],
+                         mask=(b[:, None] < T) & ok[None, :], other=0.0)  # [BLOCK_B, BK]
+            acc += tl.sum(w[None, :, :, :] * xv[:, :, None, None], axis=1)
+    rows = rb * 128 + tl.arange(0, 4)[:, None] * 32 + tl.arange(0, 32)[None, :]  # [4, 32]
+    ptrs = out_ptr + b[:, None, None] * N + rows[None, :, :]
+    tl.atomic_add(ptrs, acc, mask=(b[:, None, None] < T) & (rows[None, :, :] < N))
 
 
 @triton.jit

@@ -36,11 +36,13 @@ def main() -> int:
                    Case(33, 77, 17, 0.5, 1.0, torch.float32, bias=False)]
     failures = run_cases(decode({"COMPACT": True, "BK": 8, "num_warps": 4}), decode_cases, "cpu")
     failures += run_cases(decode({"COMPACT": False, "BK": 16, "num_warps": 4}), decode_cases, "cpu")
+    loop = {"LOOP": True, "COMPACT": True, "BK": 8, "CPS": 2, "num_warps": 4}
+    failures += run_cases(decode(loop), decode_cases[:4], "cpu")
     failures += run_cases(gemm({"BK": 32, "SPLIT": 1, "num_warps": 4}), gemm_cases, "cpu")
     failures += run_cases(gemm({"BK": 32, "SPLIT": 3, "num_warps": 4}), gemm_cases[:2], "cpu")
     for f in failures:
         print("FAIL", f)
-    print(f"{2 * len(decode_cases) + len(gemm_cases) + 2} cases, {len(failures)} failures")
+    print(f"{2 * len(decode_cases) + len(gemm_cases) + 6} cases, {len(failures)} failures")
     return 1 if failures else 0
 
 
