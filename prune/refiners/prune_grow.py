@@ -176,56 +176,67 @@ def prune_and_grow(dense: torch.Tensor, pruned: torch.Tensor, stats: RefineStats
     hist_val = torch.zeros(n, 2 * s.max_cycles, dtype=torch.float64, device=dev)
     hist_len = torch.zeros(n, dtype=torch.long, device=dev)
 
-    def g_at(rows, cols, used):
-        """<eps_q, x^_c> now, for each row in rows and its column in cols. [R]"""
-        h_idx, h_val = hist_idx[rows, :used], hist_val[rows, :used]  # [R, used]
-        return g0[rows, cols] + (h_val * H[h_idx, cols.unsqueeze(1)].double()).sum(1)
+    h_flat = H.double().reshape(-1)  # [K * K]
+
+    def g_at(cols, used):
+        """<eps_q, x^_c> now, for every row q and its column cols[q]. [N]"""
+        if used == 0:
+            return g0.gather(1, cols.unsqueeze(1)).squeeze(1)
+        flat = hist_idx[:, :used] * k + cols.unsqueeze(1)  # [N, used] positions of H[idx_h, c]
+        h_vals = h_flat.index_select(0, flat.reshape(-1)).view(n, used)
+        return g0.gather(1, cols.unsqueeze(1)).squeeze(1) + (hist_val[:, :used] * h_vals).sum(1)
+
+    def take(mat, cols):
+        return mat.gather(1, cols.unsqueeze(1)).squeeze(1)  # [N] mat[q, cols[q]]
+
     gp = torch.zeros(n, dtype=torch.long, device=dev)  # grow pointers
     pp = torch.zeros(n, dtype=torch.long, device=dev)  # prune pointers (unstructured)
-
+    swaps = torch.zeros((), dtype=torch.long, device=dev)
+    rejected = torch.zeros((), dtype=torch.long, device=dev)
+    # Every row is processed each cycle under masks (no per-cycle nonzero() or .item()): on a GPU
+    # the loop then runs without host synchronization; inactive rows change nothing.
     for cycle in range(s.max_cycles):
-        rows = active.nonzero().squeeze(1)  # [R]
-        if rows.numel() == 0:
+        if cycle % 8 == 0 and not bool(active.any()):
             break
-        info["cycles"] += 1
-        has_grow = gp[rows] < n_grow[rows]
-        i = grow_order[rows, gp[rows].clamp(max=k - 1)]  # [R]
-        gp[rows] += 1  # each grow candidate is tried once
+        info["cycles"] = cycle + 1
+        has_grow = active & (gp < n_grow)
+        i = take(grow_order, gp.clamp(max=k - 1))  # [N]
+        gp += active  # each grow candidate is tried once
         if target.is_nm:  # the prune must stay in i's group of M
-            idx = (i // target.m * target.m).unsqueeze(1) + offsets  # [R, M]
-            cand = torch.where(Wc[rows.unsqueeze(1), idx] != 0, pscore[rows.unsqueeze(1), idx], math.inf)
+            idx = (i // target.m * target.m).unsqueeze(1) + offsets  # [N, M]
+            cand = torch.where(Wc.gather(1, idx) != 0, pscore.gather(1, idx), math.inf)
             pbest, jj = cand.min(1)
             j = idx.gather(1, jj.unsqueeze(1)).squeeze(1)
             has_prune = torch.isfinite(pbest)
         else:
-            has_prune = pp[rows] < n_prune[rows]
-            j = prune_order[rows, pp[rows].clamp(max=k - 1)]
-        wi, wj = W[rows, i], Wc[rows, j]  # [R] grown (dense) and pruned (current) values
-        e_after = err_mean[rows] - wi * mu[i] + wj * mu[j]
+            has_prune = pp < n_prune
+            j = take(prune_order, pp.clamp(max=k - 1))
+        wi, wj = take(W, i), take(Wc, j)  # [N] grown (dense) and pruned (current) values
+        e_after = err_mean - wi * mu[i] + wj * mu[j]
         both = has_grow & has_prune
-        accept = both & (torch.sign(e_after) == sign0[rows])  # DSnoT: keep the sign of E[eps_q]
-        stop = ~has_grow | (both & ~accept)
+        accept = both & (torch.sign(e_after) == sign0)  # DSnoT: keep the sign of E[eps_q]
+        stop = active & (~has_grow | (both & ~accept))
         if not target.is_nm:
-            stop |= ~has_prune  # no kept weight left that moves the mean error toward 0
+            stop |= active & ~has_prune  # no kept weight left that moves the mean error toward 0
         if s.guard:
-            gi, gj, hij = g_at(rows, i, 2 * cycle), g_at(rows, j, 2 * cycle), H[i, j].double()
+            gi, gj, hij = g_at(i, 2 * cycle), g_at(j, 2 * cycle), h_flat[i * k + j]
             hii, hjj = h_diag[i], h_diag[j]
             delta = -2 * wi * gi + 2 * wj * gj + wi ** 2 * hii - 2 * wi * wj * hij + wj ** 2 * hjj
             size = 2 * (wi * gi).abs() + 2 * (wj * gj).abs() + wi ** 2 * hii + 2 * (wi * wj * hij).abs() + wj ** 2 * hjj
             ok = delta < -GUARD_MARGIN * size
-            info["rejected_by_guard"] += int((accept & ~ok).sum())
+            rejected += (accept & ~ok).sum()
             accept &= ok  # a rejected pair leaves the row active: its next grow candidate comes next
-        r, ia, ja = rows[accept], i[accept], j[accept]
-        wi_a, wj_a = wi[accept], wj[accept]
-        Wc[r, ia] = wi_a
-        Wc[r, ja] = 0.0
-        err_mean[r] = e_after[accept]
-        pp[r] += 1
-        at = hist_len[r]
-        hist_idx[r, at], hist_val[r, at] = ia, -wi_a
-        hist_idx[r, at + 1], hist_val[r, at + 1] = ja, wj_a
-        hist_len[r] += 2
-        info["swaps"] += int(accept.sum())
-        active[rows[stop]] = False
-        active[r] &= err_mean[r].abs() > s.update_threshold
+        Wc.scatter_(1, i.unsqueeze(1), torch.where(accept, wi, take(Wc, i)).unsqueeze(1))
+        Wc.scatter_(1, j.unsqueeze(1), torch.where(accept, torch.zeros_like(wj), wj).unsqueeze(1))
+        err_mean = torch.where(accept, e_after, err_mean)
+        pp += accept
+        at = hist_len.unsqueeze(1)  # [N, 1]; at + 1 < 2 * max_cycles: one swap per row and cycle
+        hist_idx.scatter_(1, at, torch.where(accept, i, take(hist_idx, hist_len)).unsqueeze(1))
+        hist_val.scatter_(1, at, torch.where(accept, -wi, take(hist_val, hist_len)).unsqueeze(1))
+        hist_idx.scatter_(1, at + 1, torch.where(accept, j, take(hist_idx, hist_len + 1)).unsqueeze(1))
+        hist_val.scatter_(1, at + 1, torch.where(accept, wj, take(hist_val, hist_len + 1)).unsqueeze(1))
+        hist_len += 2 * accept
+        swaps += accept.sum()
+        active &= ~stop & ~(accept & (err_mean.abs() <= s.update_threshold))
+    info["swaps"], info["rejected_by_guard"] = int(swaps), int(rejected)
     return Wc.to(pruned.dtype), info
