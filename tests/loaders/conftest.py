@@ -15,20 +15,19 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from serving_helpers import make_checkpoint  # noqa: E402
+from serving_helpers import as_dense_format, make_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def bitmask_ckpt(tiny_llama_dir, tmp_path_factory) -> Path:
-    """W 50% (magnitude) + thresholds at the median |x| of each target input, bitmask format."""
+    """`duoserve prune` of the tiny Llama: W 50% (magnitude) + X 50% (calibrated thresholds), bitmask."""
     return make_checkpoint(tiny_llama_dir, tmp_path_factory.mktemp("ckpt") / "tiny-w50x50-bitmask")
 
 
 @pytest.fixture(scope="session")
-def dense_ckpt(tiny_llama_dir, tmp_path_factory) -> Path:
-    """The same pruning and calibration, dense weight format (zeros in place)."""
-    return make_checkpoint(tiny_llama_dir, tmp_path_factory.mktemp("ckpt") / "tiny-w50x50-dense",
-                           weight_format="dense")
+def dense_ckpt(bitmask_ckpt, tmp_path_factory) -> Path:
+    """The same checkpoint in the dense weight format (zeros in place)."""
+    return as_dense_format(bitmask_ckpt, tmp_path_factory.mktemp("ckpt") / "tiny-w50x50-dense")
 
 
 @pytest.fixture(scope="session")

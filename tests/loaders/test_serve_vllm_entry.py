@@ -50,9 +50,7 @@ def server(bitmask_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(bitmask_ckpt):
-    ref = ReferenceModel(bitmask_ckpt)
-    ref.model.float()  # the same dtype as the server
-    return ref
+    return ReferenceModel(bitmask_ckpt, dtype="float32")  # the same dtype as the server
 
 
 def _complete(srv, prompt_ids, n=NEW_TOKENS):
