@@ -18,7 +18,7 @@ def prune_args(model, out, *extra):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--method", "nope"], "unknown method 'nope'; valid methods: duogpt, magnitude, sparsegpt, wanda"),
+    (["--method", "nope"], "unknown method 'nope'; valid methods: duogpt, lpnorm, magnitude, owanda, ria, sparsegpt, stochria, symwanda, wanda"),
     (["--sparsity", "1.0"], "outside [0, 1)"),
     (["--sparsity", "-0.2"], "outside [0, 1)"),
     (["--sparsity", "3:2"], "N:M needs 0 < N < M"),
