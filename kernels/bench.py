@@ -11,8 +11,9 @@ inputs x ~ N(0, 1) [B, K] and the threshold at the p_x quantile of |x| (each tok
 columns). The dense baseline is measured in the same run on the same device. Reported: time per
 call, speedup vs dense, and achieved bandwidth (bytes the kernel must read: dense = N*K*esize;
 dual = the packed bytes of the columns active for some token) against the machine's copy bandwidth
-measured at start. CPU timings: best of several repeats of a loop (the machine may be shared:
-the load average is printed). CUDA timings: CUDA-graph replays of 20 calls timed with events.
+measured at start. CPU timings: the fastest of at least 10 single calls (the machine may be
+shared: the load average is printed). CUDA timings: CUDA-graph replays of 20 calls timed with
+events.
 """
 from __future__ import annotations
 
@@ -46,9 +47,13 @@ def _ints(s: str) -> list[int]:
 
 
 class Timer:
-    """Seconds per call of fn() on the device: CPU best-of-repeats, CUDA graph replays."""
+    """Seconds per call of fn() on the device.
 
-    def __init__(self, device: torch.device, min_time: float = 0.05):
+    CPU: the fastest of >= 10 single calls (on a shared machine the minimum is the call that ran
+    uncontended; dense and dual are timed the same way). CUDA: CUDA-graph replays of 20 calls,
+    median of 10 replays timed with events."""
+
+    def __init__(self, device: torch.device, min_time: float = 0.1):
         self.device, self.min_time = device, min_time
 
     def __call__(self, fn) -> float:
@@ -58,13 +63,11 @@ class Timer:
         t0 = time.perf_counter()
         fn()
         once = max(time.perf_counter() - t0, 1e-6)
-        reps = max(1, int(self.min_time / 5 / once))
-        best = float("inf")
-        for _ in range(5):
+        best = once
+        for _ in range(max(10, min(400, int(self.min_time / once)))):
             t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            best = min(best, (time.perf_counter() - t0) / reps)
+            fn()
+            best = min(best, time.perf_counter() - t0)
         return best
 
     def _cuda(self, fn, inner: int = 20) -> float:

@@ -93,17 +93,27 @@ void block_scalar(const Problem& p, int64_t rb, int64_t t0, int64_t tb) {
 #define DS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")))
 
 // Skipped columns leave gaps in the value stream that the hardware prefetchers do not follow,
-// so the kernels prefetch the values of the column PREFETCH_AHEAD active columns ahead.
-constexpr int64_t PREFETCH_AHEAD = 32;
+// so the kernels prefetch the values of the column g_prefetch_ahead active columns ahead:
+// g_prefetch_lines > 0 prefetches that many 64-byte lines per 16-bit value width (branch-free:
+// 2 lines = a 50%-dense bf16 column, 4 for fp32), 0 prefetches exactly the column's lines
+// (popcount; a data-dependent loop), and g_prefetch_ahead = 0 turns it off. Measured on the
+// 2-core Zen 4 (shared, noisy): 16/2 was as good as or better than the other settings tried.
+int64_t g_prefetch_ahead = 16;
+int64_t g_prefetch_lines = 2;
 
 template <typename V>
 DS_AVX512 inline void prefetch_column(const Problem& p, int64_t rb, int64_t j) {
-  if (j >= p.n_active) return;
+  if (g_prefetch_ahead == 0 || j >= p.n_active) return;
   const int64_t col = rb * p.K + p.active[j];
+  const char* first = reinterpret_cast<const char*>(static_cast<const V*>(p.values) + p.offsets[col]);
+  if (g_prefetch_lines > 0) {
+    const int64_t lines = g_prefetch_lines * static_cast<int64_t>(sizeof(V)) / 2;
+    for (int64_t i = 0; i < lines; ++i) _mm_prefetch(first + 64 * i, _MM_HINT_T0);
+    return;
+  }
   const int32_t* words = p.bitmap + col * WORDS;
   int64_t count = 0;
   for (int64_t w = 0; w < WORDS; ++w) count += _mm_popcnt_u32(static_cast<uint32_t>(words[w]));
-  const char* first = reinterpret_cast<const char*>(static_cast<const V*>(p.values) + p.offsets[col]);
   const char* last = first + count * static_cast<int64_t>(sizeof(V));
   for (const char* line = first; line < last; line += 64) _mm_prefetch(line, _MM_HINT_T0);
 }
@@ -119,7 +129,7 @@ DS_AVX512 void block_bf16_avx512(const Problem& p, int64_t rb, int64_t t0) {
     const int64_t col = rb * p.K + p.active[j];
     const int32_t* words = p.bitmap + col * WORDS;
     const uint16_t* v = vals + p.offsets[col];
-    prefetch_column<uint16_t>(p, rb, j + PREFETCH_AHEAD);
+    prefetch_column<uint16_t>(p, rb, j + g_prefetch_ahead);
     __m512 xb[TB];
     for (int t = 0; t < TB; ++t) xb[t] = _mm512_set1_ps(p.xc[j * p.T + t0 + t]);
     for (int c = 0; c < WORDS; ++c) {
@@ -157,7 +167,7 @@ DS_AVX512 void block_f32_avx512(const Problem& p, int64_t rb, int64_t t0) {
     const int64_t col = rb * p.K + p.active[j];
     const int32_t* words = p.bitmap + col * WORDS;
     const float* v = vals + p.offsets[col];
-    prefetch_column<float>(p, rb, j + PREFETCH_AHEAD);
+    prefetch_column<float>(p, rb, j + g_prefetch_ahead);
     __m512 xb[TB];
     for (int t = 0; t < TB; ++t) xb[t] = _mm512_set1_ps(p.xc[j * p.T + t0 + t]);
     for (int c = 0; c < CH; ++c) {
@@ -171,6 +181,37 @@ DS_AVX512 void block_f32_avx512(const Problem& p, int64_t rb, int64_t t0) {
   for (int t = 0; t < TB; ++t)
     for (int c = 0; c < CH; ++c) _mm512_store_ps(out + t * R + 16 * c, acc[t][c]);
   store_block(p, rb, t0, TB, out);
+}
+
+// One (row block, column) slice -> R dense values at dst (zeros where absent).
+DS_AVX512 inline const char* expand_column_avx512(const int32_t* words, const char* v, char* dst,
+                                                  int64_t esize) {
+  if (esize == 2) {
+    for (int c = 0; c < WORDS; ++c) {
+      const uint32_t m = static_cast<uint32_t>(words[c]);
+      _mm512_storeu_si512(dst + 64 * c, _mm512_maskz_expand_epi16(m, _mm512_loadu_si512(v)));
+      v += 2 * _mm_popcnt_u32(m);
+    }
+  } else {
+    for (int c = 0; c < 2 * WORDS; ++c) {
+      const __mmask16 m = static_cast<__mmask16>(static_cast<uint32_t>(words[c / 2]) >> (16 * (c % 2)));
+      _mm512_storeu_ps(reinterpret_cast<float*>(dst) + 16 * c,
+                       _mm512_maskz_expand_ps(m, _mm512_loadu_ps(reinterpret_cast<const float*>(v))));
+      v += 4 * _mm_popcnt_u32(m);
+    }
+  }
+  return v;
+}
+
+DS_AVX512 void unpack_range_avx512(const int32_t* bm, const int32_t* off, const char* vals, char* o,
+                                   int64_t K, int64_t cols, int64_t rb0, int64_t rb1, int64_t esize,
+                                   int64_t k0, int64_t k1) {
+  for (int64_t k = k0; k < k1; ++k)
+    for (int64_t rb = rb0; rb < rb1; ++rb) {
+      const int64_t col = rb * K + k;
+      expand_column_avx512(bm + col * WORDS, vals + static_cast<int64_t>(off[col]) * esize,
+                           o + (k * cols + (rb - rb0) * R) * esize, esize);
+    }
 }
 
 bool cpu_has_avx512() {
@@ -276,7 +317,9 @@ torch::Tensor unpack_transposed(const torch::Tensor& bitmap, const torch::Tensor
   char* o = static_cast<char*>(out.data_ptr());
   const int32_t* bm = bitmap.data_ptr<int32_t>();
   const int32_t* off = offsets.data_ptr<int32_t>();
+  const bool simd = cpu_has_avx512() && (esize == 2 || esize == 4);
   at::parallel_for(0, K, std::max<int64_t>(64, (1 << 18) / cols), [&](int64_t k0, int64_t k1) {
+    if (simd) return unpack_range_avx512(bm, off, vals, o, K, cols, rb0, rb1, esize, k0, k1);
     for (int64_t k = k0; k < k1; ++k)
       for (int64_t rb = rb0; rb < rb1; ++rb) {
         const int64_t col = rb * K + k;
@@ -297,7 +340,7 @@ torch::Tensor unpack_transposed(const torch::Tensor& bitmap, const torch::Tensor
 }
 
 namespace {
-int64_t g_sparse_max_tokens = 32;     // spmspv up to this many tokens, tiled GEMM above
+int64_t g_sparse_max_tokens = 8;  // spmspv up to this many tokens, tiled GEMM above (measured: bench --cutover)
 int64_t g_scratch_elements = 1 << 22;  // decompressed W^T tile budget of the tiled path
 }  // namespace
 
@@ -336,6 +379,7 @@ torch::Tensor linear_cpu(const torch::Tensor& x, const torch::Tensor& bitmap, co
 }
 
 void set_sparse_max_tokens(int64_t t) { g_sparse_max_tokens = t; }
+void set_prefetch(int64_t ahead, int64_t lines) { g_prefetch_ahead = ahead; g_prefetch_lines = lines; }
 int64_t get_sparse_max_tokens() { return g_sparse_max_tokens; }
 
 std::string isa() { return cpu_has_avx512() ? "avx512" : "scalar"; }
@@ -357,5 +401,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tiled_linear", &tiled_linear, "the prefill path (decompressed W^T tiles + matmul)");
   m.def("set_sparse_max_tokens", &set_sparse_max_tokens, "token count up to which spmspv is used");
   m.def("get_sparse_max_tokens", &get_sparse_max_tokens);
+  m.def("set_prefetch", &set_prefetch, "software prefetch distance (active columns; 0 = off) and lines");
   m.def("isa", &isa, "instruction set the spmspv kernel uses on this CPU");
 }
