@@ -11,10 +11,13 @@ API (stable; changes are written here first):
                   PackedWeight.from_tensors(tensors, n, k), .nbytes(), .to(device, dtype)
     dual_sparse_linear(x [..., K], packed, threshold, bias=None) -> [..., N] in x.dtype
                   threshold: fp32 0-dim tensor (preferred: no host->device copy) or float;
-                  bf16 / fp32 on CPU and CUDA, fp16 on CUDA (CPU fp16 runs the reference)
+                  bf16 / fp32 on CPU and CUDA, fp16 on CUDA (on CPU fp16 runs the
+                  decompress + fp32 matmul path)
     dual_sparse_linear_reference(x, dense_weight, threshold, bias=None)   fp32 oracle
     torch.ops.duoserve.dual_sparse_linear(x [T, K], bitmap, offsets, values, threshold, bias, n, k)
                   the registered custom op (fake impl included) behind dual_sparse_linear
+Importing this package loads the native CPU extension when it is built (it registers the op's
+CPU kernel in C++); without it, CPU calls use the reference with one logged warning.
 Layout, dispatch and benchmarks: docs/kernels.md.
 """
 from .layout import BLOCK_ROWS, PackedWeight, pack_bitmask, pack_dense, unpack_dense
