@@ -96,8 +96,13 @@ def _plot_levels(ax, results, metric, stat, style, labelfmt):
         ax.plot(users, ys, style, color=f"C{i}", marker="o", label=labelfmt.format(label=label, stat=stat))
 
 
-def _axes_setup(ax, title, ylabel):
+def _axes_setup(ax, title, ylabel, users):
+    from matplotlib.ticker import NullLocator, ScalarFormatter
+
     ax.set_xscale("log", base=2)
+    ax.set_xticks(users)  # label the measured levels as plain numbers (1, 2, 4, ...), not 2^k
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("concurrent users")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -112,11 +117,12 @@ def make_plots(results: dict, out_dir: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
+    all_users = sorted({u for levels in results.values() for u in levels})
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, metric in zip(axes.flat, ("ttft_s", "tpot_s", "itl_s", "e2e_s")):
         _plot_levels(ax, results, metric, "median", "-", "{label} median")
         _plot_levels(ax, results, metric, "p90", "--", "{label} p90")
-        _axes_setup(ax, M.METRIC_LABELS[metric], "ms")
+        _axes_setup(ax, M.METRIC_LABELS[metric], "ms", all_users)
     fig.suptitle("Latency vs concurrency")
     fig.tight_layout()
     fig.savefig(out_dir / "latency_vs_concurrency.png", dpi=80)
@@ -129,7 +135,7 @@ def make_plots(results: dict, out_dir: Path) -> list[str]:
         for i, (label, levels) in enumerate(results.items()):
             users = sorted(levels)
             ax.plot(users, [levels[u][key] for u in users], "-", color=f"C{i}", marker="o", label=label)
-        _axes_setup(ax, f"Throughput: {title}", title)
+        _axes_setup(ax, f"Throughput: {title}", title, all_users)
     fig.tight_layout()
     fig.savefig(out_dir / "throughput_vs_concurrency.png", dpi=80)
     plt.close(fig)
@@ -150,7 +156,7 @@ def make_plots(results: dict, out_dir: Path) -> list[str]:
                 ys.append(b / a if a and not math.isnan(a) and not math.isnan(b) else math.nan)
             ax.plot(users, ys, "-", marker="o", color=f"C{i}", label=name)
         ax.axhline(1.0, color="black", linewidth=0.8)
-        _axes_setup(ax, f"{other} / {ref} (throughput > 1 and latency < 1 favour {other})", "ratio")
+        _axes_setup(ax, f"{other} / {ref} (throughput > 1 and latency < 1 favour {other})", "ratio", users)
         fig.tight_layout()
         fig.savefig(out_dir / "sparse_vs_dense.png", dpi=80)
         plt.close(fig)
