@@ -1,9 +1,10 @@
 """The duoserve linear method: load the on-disk format, repack for the kernel, run the custom op.
 
 One vLLM linear layer holds one or more HF projections ("shards"): qkv_proj = q/k/v, gate_up_proj
-= gate/up, any other target = itself. Each shard keeps its own activation threshold, so each shard
-gets its own packed weight and its own op call; the outputs are concatenated along the last dim.
-That is exact (the op sees the same x with the shard's own threshold) and costs one small copy.
+= gate/up, any other target = itself. Each shard keeps its own activation threshold. Consecutive
+shards with equal thresholds (the usual case: they read the same input) are packed as one matrix
+and run as one op call; shards with different thresholds get their own call and the outputs are
+concatenated along the last dim. Both are exact.
 
 Parameters created for the on-disk format (docs/checkpoint-format.md), one of each per layer with
 the shards stacked:
@@ -46,6 +47,35 @@ class Shard:
     nnz: int
     row_offset: int  # first row in the fused layer
     value_offset: int  # first value in the fused values tensor
+
+
+@dataclass(frozen=True)
+class Group:
+    """Consecutive shards with the same threshold: packed together, one op call."""
+
+    row_offset: int
+    rows: int
+    cols: int
+    value_offset: int
+    nnz: int
+    threshold: float
+
+
+def group_by_threshold(shards: list[Shard], thresholds: list[float]) -> list[Group]:
+    """Merge runs of shards whose thresholds are equal (bit for bit).
+
+    q/k/v (and gate/up) read the same input, so calibrations that measure the input give them
+    the same threshold; one op call on the stacked weight is then exactly the per-shard result,
+    with fewer calls, larger kernels and no concatenation. Different thresholds stay separate.
+    """
+    groups: list[Group] = []
+    for s, t in zip(shards, thresholds):
+        last = groups[-1] if groups else None
+        if last is not None and last.threshold == t:
+            groups[-1] = Group(last.row_offset, last.rows + s.rows, s.cols, last.value_offset, last.nnz + s.nnz, t)
+        else:
+            groups.append(Group(s.row_offset, s.rows, s.cols, s.value_offset, s.nnz, t))
+    return groups
 
 
 class LoadSummary:
@@ -160,33 +190,40 @@ class DuoserveLinearMethod(LinearMethodBase):
             if math.isnan(t) or t < 0:
                 raise CheckpointError(f"tensor {s.hf_name}{THRESHOLD_SUFFIX} is {t} after loading (missing, NaN "
                                       "or negative); re-run threshold calibration")
-        packed = []
         for s in self.shards:
             if self.weight_format == "bitmask":
                 bitmask = layer.weight_bitmask.data[s.row_offset:s.row_offset + s.rows]
-                values = layer.weight_values.data[s.value_offset:s.value_offset + s.nnz]
                 if not pad_bits_clear(bitmask, s.cols) or bitmask_popcount(bitmask) != s.nnz:
                     raise CheckpointError(f"tensor {s.hf_name}{BITMASK_SUFFIX}: {bitmask_popcount(bitmask)} bits "
                                           f"set (pad bits clear: {pad_bits_clear(bitmask, s.cols)}), but nnz is "
                                           f"{s.nnz}; the checkpoint is corrupted")
-                packed.append(pack_bitmask(bitmask, values, (s.rows, s.cols)))
+        self.groups = group_by_threshold(self.shards, [float(t) for t in thresholds])
+        packed = []
+        for g in self.groups:
+            # Shards are stacked in row order and their values are row-major, so a run of shards
+            # is itself a valid (bitmask, values) encoding of the stacked [rows, K] matrix.
+            if self.weight_format == "bitmask":
+                packed.append(pack_bitmask(layer.weight_bitmask.data[g.row_offset:g.row_offset + g.rows],
+                                           layer.weight_values.data[g.value_offset:g.value_offset + g.nnz],
+                                           (g.rows, g.cols)))
             else:
-                packed.append(pack_dense(layer.weight.data[s.row_offset:s.row_offset + s.rows]))
+                packed.append(pack_dense(layer.weight.data[g.row_offset:g.row_offset + g.rows]))
         device = layer.act_threshold.device
         # Free the on-disk form: only the kernel layout stays resident.
         for name in self._expected():
             delattr(layer, name)
         # Registered as parameters (not hidden in a Python object) so that torch.compile lifts them
         # as graph inputs and module.to() / memory accounting see them.
-        for i, p in enumerate(packed):
+        for j, (g, p) in enumerate(zip(self.groups, packed)):
             for key, t in p.tensors().items():
-                layer.register_parameter(f"duoserve_s{i}_{key}", Parameter(t, requires_grad=False))
-            layer.register_parameter(f"duoserve_s{i}_threshold",
-                                     Parameter(thresholds[i].clone().to(device), requires_grad=False))
+                layer.register_parameter(f"duoserve_g{j}_{key}", Parameter(t, requires_grad=False))
+            layer.register_parameter(f"duoserve_g{j}_threshold",
+                                     Parameter(torch.tensor(g.threshold, dtype=torch.float32, device=device),
+                                               requires_grad=False))
         layer.duoserve_nbytes = sum(p.nbytes() for p in packed)
         del layer._duoserve_loaded
-        log.debug("%s: %d shard(s) packed, %d bytes, thresholds %s", self.prefix, len(packed),
-                  layer.duoserve_nbytes, [round(float(t), 5) for t in thresholds])
+        log.debug("%s: %d shard(s) in %d op call(s), %d bytes, thresholds %s", self.prefix, len(self.shards),
+                  len(self.groups), layer.duoserve_nbytes, [round(float(t), 5) for t in thresholds])
         if self.summary is not None:
             self.summary.add(layer.duoserve_nbytes, sum(s.rows * s.cols for s in self.shards))
 
@@ -198,11 +235,11 @@ class DuoserveLinearMethod(LinearMethodBase):
         # duoserve.kernels.dual_sparse_linear) to skip rebuilding a PackedWeight per call.
         x2 = x.reshape(-1, x.shape[-1])  # [T, K]
         outs = []
-        for i, s in enumerate(self.shards):
-            b = None if bias is None else bias[s.row_offset:s.row_offset + s.rows]
+        for j, g in enumerate(self.groups):
+            b = None if bias is None else bias[g.row_offset:g.row_offset + g.rows]
             outs.append(dual_sparse_linear_op(
-                x2, getattr(layer, f"duoserve_s{i}_bitmap"), getattr(layer, f"duoserve_s{i}_offsets"),
-                getattr(layer, f"duoserve_s{i}_values"), getattr(layer, f"duoserve_s{i}_threshold"),
-                b, s.rows, s.cols))  # [T, N_s]
+                x2, getattr(layer, f"duoserve_g{j}_bitmap"), getattr(layer, f"duoserve_g{j}_offsets"),
+                getattr(layer, f"duoserve_g{j}_values"), getattr(layer, f"duoserve_g{j}_threshold"),
+                b, g.rows, g.cols))  # [T, N_g]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # [T, sum N_s]
         return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -88,8 +88,9 @@ def test_the_plugin_op_runs_in_the_server(server):
         text = "".join((gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes()).decode(
             errors="replace") for f in files)
         time.sleep(1)
-    # 2 layers x (3 + 1 + 2 + 1) shards = 14 op calls per forward, over prefill + 3 decode steps.
-    assert text.count('"duoserve::dual_sparse_linear"') >= 14 * 4, "the duoserve op did not run"
+    # 2 layers x (qkv, o, gate_up, down) = 8 op calls per forward (q/k/v and gate/up share their
+    # thresholds, so one call each), over the prefill and 3 decode steps.
+    assert text.count('"duoserve::dual_sparse_linear"') >= 8 * 4, "the duoserve op did not run"
 
 
 def test_chat_with_the_openai_client(server):
