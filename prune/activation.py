@@ -28,8 +28,13 @@ def sparsify_topk(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def sparsify_threshold(x: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
-    """x * (|x| > t): the serving kernels' rule."""
-    return x * (x.abs() > threshold)
+    """x * (|x| > t): the serving kernels' rule, compared in fp32 as the kernels do.
+
+    Comparing a bf16 tensor with a Python float rounds the threshold to bf16 (type promotion
+    keeps the tensor's dtype), which flips inputs near t and makes in-process evaluation differ
+    from what is served.
+    """
+    return x * (x.float().abs() > float(threshold))
 
 
 class ActivationSparsity:
