@@ -32,9 +32,9 @@ def sparsify_threshold(x: torch.Tensor, threshold: float | torch.Tensor) -> torc
 
     Comparing a bf16 tensor with a Python float rounds the threshold to bf16 (type promotion
     keeps the tensor's dtype), which flips inputs near t and makes in-process evaluation differ
-    from what is served.
+    from what is served. NaN inputs are dropped, as in the kernels.
     """
-    return x * (x.float().abs() > float(threshold))
+    return torch.where(x.float().abs() > float(threshold), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 class ActivationSparsity:
