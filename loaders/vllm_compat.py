@@ -66,3 +66,15 @@ def shard_index(layer, shard_id) -> int:
     if isinstance(shard_id, int):
         return shard_id
     raise ValueError(f"unknown shard id {shard_id!r} for {type(layer).__name__}")
+
+
+def dense_cpu_linear(weight):
+    """x -> x @ weight.T through the GEMM vLLM's dense linear layers use on CPU (oneDNN or the sgl
+    kernel, prepacked by vLLM's own dispatch): the fair dense baseline for kernel benchmarks."""
+    import torch
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(weight, requires_grad=False)
+    dispatch_cpu_unquantized_gemm(holder, remove_weight=False)
+    return lambda x: holder.cpu_linear(x, holder.weight, None)
