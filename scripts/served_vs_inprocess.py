@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Does the server compute what in-process evaluation computes? Token NLL of the same windows.
+
+Serves CKPT with `duoserve serve` machinery (vLLM + the duoserve plugin), asks for the prompt
+log-probabilities of N windows of held-out text (completions API, token ids, echo), and compares
+them with `duoserve.prune.modeling.load_pruned_model` in the given activation mode and dtype:
+mean NLL per token on both sides, the mean absolute per-token difference, and how many tokens
+differ by more than 0.1 nats.
+
+    python scripts/served_vs_inprocess.py CKPT --windows 4 --seqlen 256 --dtype bfloat16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint")
+    p.add_argument("--data", default="wiki")
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--activation-mode", default="threshold", choices=["threshold", "topk", "off"])
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    from openai import OpenAI
+
+    from duoserve.loaders.server import launch
+    from duoserve.prune.data import evaluation_tokens
+    from duoserve.prune.modeling import load_pruned_model
+    from duoserve.prune.perplexity import make_windows
+
+    model, tokenizer, _ = load_pruned_model(args.checkpoint, args.activation_mode, args.dtype)
+    ids, desc = evaluation_tokens(args.data, tokenizer)
+    windows = make_windows(ids, args.seqlen, max_windows=args.windows)  # [W, T]
+    local = []
+    with torch.no_grad():
+        for w in windows:
+            logits = model(input_ids=w[None]).logits[0].float()  # [T, V]
+            logp = torch.log_softmax(logits[:-1], -1).gather(1, w[1:, None])[:, 0]
+            local.append(-logp)
+    del model
+
+    served = []
+    with launch(args.checkpoint, port=0, enforce_eager=True,
+                extra_vllm_args=("--dtype", args.dtype, "--max-model-len", str(args.seqlen + 8))) as srv:
+        srv.wait_ready(timeout=900)
+        client = OpenAI(base_url=srv.url, api_key=srv.api_key, timeout=600)
+        for w in windows:
+            out = client.completions.create(model=srv.model, prompt=w.tolist(), max_tokens=1, echo=True,
+                                            logprobs=0, temperature=0.0)
+            lp = out.choices[0].logprobs.token_logprobs[1:args.seqlen]
+            served.append(-torch.tensor(lp, dtype=torch.float32))
+
+    a, b = torch.cat(local), torch.cat(served)
+    diff = (a - b).abs()
+    result = {"checkpoint": args.checkpoint, "data": desc, "windows": args.windows, "seqlen": args.seqlen,
+              "dtype": args.dtype, "activation_mode_inprocess": args.activation_mode,
+              "nll_inprocess": float(a.mean()), "nll_served": float(b.mean()),
+              "mean_abs_token_diff": float(diff.mean()), "tokens_over_0.1_nats": float((diff > 0.1).float().mean()),
+              "tokens": int(a.numel())}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
