@@ -42,9 +42,18 @@ def run(cmd: list[str], log: Path) -> float:
     return time.time() - t0
 
 
+class NotRun(Exception):
+    """A result that is not cached while --cached-only is given."""
+
+
+CACHED_ONLY = False
+
+
 def cached(path: Path, compute):
     if path.is_file():
         return json.loads(path.read_text())
+    if CACHED_ONLY:
+        raise NotRun(path.name)
     result = compute()
     path.write_text(json.dumps(result, indent=2))
     return result
@@ -101,7 +110,11 @@ def main() -> int:
     p.add_argument("--eval-dtype", default="bfloat16", help="compute dtype of evaluation (bf16: what vLLM serves)")
     p.add_argument("--markdown", type=Path)
     p.add_argument("--plot", type=Path)
+    p.add_argument("--cached-only", action="store_true",
+                   help="compute nothing: render the rows whose results are cached, list the others as not run")
     args = p.parse_args()
+    global CACHED_ONLY
+    CACHED_ONLY = args.cached_only
     args.work.mkdir(parents=True, exist_ok=True)
 
     dual = args.suite != "foundation"
@@ -109,15 +122,20 @@ def main() -> int:
     if dual:
         for p_x in sorted({c[2] for c in SUITES[args.suite]}):
             rows[0][f"ppl_topk_{p_x:g}"] = evaluate(args, "default", "topk", p_x, f"dense-topk{p_x:g}")
+    not_run = []
     for method, sparsity, p_x in SUITES[args.suite]:
-        ckpt, summary = prune(args, method, sparsity, p_x)
-        row = {"method": method, "sparsity": sparsity, "p_x": p_x, "prune": summary}
-        key = ckpt.name[len("ckpt-"):]
-        if dual:
-            row["ppl_topk"] = evaluate(args, str(ckpt), "topk", None, key + "-topk")
-            row["ppl_threshold"] = evaluate(args, str(ckpt), "threshold", None, key + "-threshold")
-        else:
-            row["ppl_off"] = evaluate(args, str(ckpt), "off", None, key + "-off")
+        try:
+            ckpt, summary = prune(args, method, sparsity, p_x)
+            row = {"method": method, "sparsity": sparsity, "p_x": p_x, "prune": summary}
+            key = ckpt.name[len("ckpt-"):]
+            if dual:
+                row["ppl_topk"] = evaluate(args, str(ckpt), "topk", None, key + "-topk")
+                row["ppl_threshold"] = evaluate(args, str(ckpt), "threshold", None, key + "-threshold")
+            else:
+                row["ppl_off"] = evaluate(args, str(ckpt), "off", None, key + "-off")
+        except NotRun:
+            not_run.append(f"{method} {sparsity} (p_x {p_x:g})")
+            continue
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "prune"}, default=str), flush=True)
 
@@ -125,8 +143,10 @@ def main() -> int:
                 f"{rows[0]['ppl_off']['data']}, seqlen {args.eval_seqlen}, {rows[0]['ppl_off']['windows']} windows, "
                 f"{args.eval_dtype}; "
                 f"machine: {platform.machine()} {os.cpu_count()} cores; command: "
-                f"`python scripts/{Path(__file__).name} {' '.join(sys.argv[1:])}`")
+                f"`python scripts/{Path(__file__).name} {' '.join(a for a in sys.argv[1:] if a != '--cached-only')}`")
     table = render(rows, dual, settings)
+    if not_run:
+        table += "\n\nNot run yet (no cached result): " + ", ".join(not_run) + "."
     print(table)
     if args.markdown:
         args.markdown.write_text(table + "\n")
