@@ -8,7 +8,7 @@ mean NLL per token on both sides, the mean absolute per-token difference, and ho
 differ by more than 0.1 nats.
 
 The same comparison is made between two in-process runs whose embeddings differ by a relative
-perturbation of --perturb (default 1e-7, below fp32 rounding of the served kernels' sums): hard
+perturbation of --perturb (default: 1e-7 in float32; 2^-8, one rounding step, in bfloat16): hard
 activation thresholds make the model discontinuous, so any change in floating-point summation
 order flips inputs near a threshold and the per-token NLL moves (docs/serving.md, "Exactness").
 The served model is correct when its per-token difference is no larger than this in-process
@@ -33,10 +33,13 @@ def main() -> int:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--activation-mode", default="threshold", choices=["threshold", "topk", "off"])
-    p.add_argument("--perturb", type=float, default=1e-7,
-                   help="relative noise on the embeddings for the in-process sensitivity baseline")
+    p.add_argument("--perturb", type=float, default=None,
+                   help="relative noise on the embeddings for the in-process sensitivity baseline "
+                        "(default: 1e-7 for float32, 2^-8 for bfloat16)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    if args.perturb is None:
+        args.perturb = 1e-7 if args.dtype == "float32" else 2.0 ** -8
 
     from openai import OpenAI
 
@@ -52,7 +55,8 @@ def main() -> int:
     def token_nll(perturb: float) -> torch.Tensor:
         gen = torch.Generator().manual_seed(0)
         hook = model.get_input_embeddings().register_forward_hook(
-            lambda mod, a, out: out * (1 + perturb * torch.randn(out.shape, generator=gen).to(out))) if perturb else None
+            lambda mod, a, out: (out.float() * (1 + perturb * torch.randn(out.shape, generator=gen))).to(out.dtype)
+        ) if perturb else None
         nll = []
         with torch.no_grad():
             for w in windows:

@@ -18,30 +18,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from duoserve.prune.refiners import register_refiner
-from duoserve.prune.refiners.dsnot import GUARD_HELP, PruneGrowRefiner
+from duoserve.prune.refiners.dsnot import DSnoTOptions, PruneGrowRefiner
 from duoserve.prune.refiners.prune_grow import PruneGrowSettings
 
 
 @dataclass(frozen=True)
-class R2DSnoTOptions:
-    max_cycles: int = field(default=50, metadata={"help": "at most this many prune-and-grow swaps per row"})
-    update_threshold: float = field(default=0.1, metadata={"help": "stop a row once |E[eps]| is at most this"})
-    var_power: float = field(default=1.0, metadata={"help": "power of Var(x) in the growing criterion"})
+class R2DSnoTOptions(DSnoTOptions):
+    """DSnoT's options (cycle limit, update threshold, Var power, guard) plus eqs. 5-6's."""
+
     grow_relative: bool = field(default=True, metadata={"help": "relative importance D in the growing criterion"})
     prune_relative: bool = field(default=False, metadata={"help": "relative importance D in the pruning criterion"})
     gamma1: float = field(default=0.0, metadata={"help": "weight of the l_p regularizer when growing"})
     gamma2: float = field(default=1e-4, metadata={"help": "weight of the l_p regularizer when pruning"})
     norm_p: float = field(default=2.0, metadata={"help": "p of the regularizer's l_p norm (a number > 0 or inf)"})
     alpha: float = field(default=0.5, metadata={"help": "power of ||x_r|| in the pruning criterion"})
-    guard: bool = field(default=True, metadata={"help": GUARD_HELP})
 
     def __post_init__(self):
-        if self.max_cycles < 0:
-            raise ValueError(f"max_cycles must be >= 0, got {self.max_cycles}")
-        if not self.update_threshold >= 0:
-            raise ValueError(f"update_threshold must be >= 0, got {self.update_threshold}")
-        if not self.var_power >= 0 or not self.alpha >= 0:
-            raise ValueError("var_power and alpha must be >= 0")
+        super().__post_init__()
+        if not self.alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
         if not self.gamma1 >= 0 or not self.gamma2 >= 0:
             raise ValueError(f"gamma1 and gamma2 must be >= 0, got {self.gamma1}, {self.gamma2}")
         if not self.norm_p > 0:
