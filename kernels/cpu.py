@@ -4,7 +4,9 @@ Loading it registers the CPU kernel of `duoserve::dual_sparse_linear` in C++ (TO
 CPU call goes from the dispatcher straight to C++ (a few microseconds; a Python-side custom op
 costs ~20 us a call, more than the whole 576x576 product). Behind that kernel:
   T <= sparse_max_tokens (bf16/fp32): the spMspV walk (AVX-512 expand-loads, or a scalar loop on
-    CPUs without AVX-512 VBMI2): per row block, only the columns active for some token are read.
+    CPUs without AVX-512 VBMI2): per row block, only the columns active for some token are read
+    when at least walk_all_max_inactive (0.8) of them are inactive; otherwise every column is
+    walked, because scattered short skips are slower than one stream from DRAM (docs/kernels.md).
   larger T, or fp16: row-block chunks are decompressed into a bounded W^T scratch [K, rows] and
     multiplied with torch.matmul (never a dense copy of the whole weight).
 The cutover is measured with `python -m duoserve.kernels.bench --cutover`.
@@ -32,6 +34,8 @@ def _load():
             _ext = _cpu_kernels
             if "DUOSERVE_CPU_SPARSE_MAX_TOKENS" in os.environ:
                 _ext.set_sparse_max_tokens(int(os.environ["DUOSERVE_CPU_SPARSE_MAX_TOKENS"]))
+            if "DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE" in os.environ:
+                _ext.set_walk_all_max_inactive(float(os.environ["DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE"]))
         except ImportError as exc:  # not built (DUOSERVE_SKIP_CPU_KERNEL=1, no compiler)
             _error = f"{type(exc).__name__}: {exc}"
     return _ext
@@ -67,3 +71,12 @@ def set_sparse_max_tokens(t: int) -> None:
 
 def sparse_max_tokens() -> int:
     return _load().get_sparse_max_tokens()
+
+
+def set_walk_all_max_inactive(fraction: float) -> None:
+    """Walk every column unless at least this fraction is inactive (0: always skip, >1: never)."""
+    _load().set_walk_all_max_inactive(float(fraction))
+
+
+def walk_all_max_inactive() -> float:
+    return _load().get_walk_all_max_inactive()

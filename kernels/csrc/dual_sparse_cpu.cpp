@@ -11,7 +11,8 @@
 //   bf16: 4 x (64-byte unaligned load + vpexpandw under the 32-bit word) -> even/odd rows as fp32
 //   fp32: 8 x (64-byte load + vexpandps under each 16-bit half word)
 // so an inactive column costs no weight bytes and an active one costs its non-zeros plus 20
-// bytes of index. Tokens are processed in chunks of up to 3 (24 zmm accumulators). The AVX-512
+// bytes of index -- when skipping pays: below 80% inactive columns every column is walked (see
+// spmspv; scattered short skips are slower than streaming from DRAM). Tokens are processed in chunks of up to 3 (24 zmm accumulators). The AVX-512
 // code is compiled with per-function target attributes and chosen at run time; other x86-64
 // CPUs take a scalar loop over set bits (same results up to fp32 summation order).
 //
@@ -99,6 +100,7 @@ void block_scalar(const Problem& p, int64_t rb, int64_t t0, int64_t tb) {
 // (popcount; a data-dependent loop), and g_prefetch_ahead = 0 turns it off. Measured on the
 // 2-core Zen 4 (shared, noisy): 16/2 was as good as or better than the other settings tried.
 int64_t g_prefetch_ahead = 16;
+double g_walk_all_max_inactive = 0.8;  // see spmspv: walk every column unless >= 80% are inactive
 int64_t g_prefetch_lines = 2;
 
 template <typename V>
@@ -270,16 +272,32 @@ torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, con
   const float thr = threshold.item<float>();
   const torch::Tensor x = x_in.contiguous().to(torch::kFloat);  // [T, K] fp32
 
-  // Active columns (any token over the threshold) and their masked inputs, column-major [A, T].
+  // Active columns (any token over the threshold).
   const float* xp = x.data_ptr<float>();
-  std::vector<int32_t> active;
-  active.reserve(K);
-  std::vector<float> xc;
-  xc.reserve(K * T);
+  std::vector<uint8_t> on(K);
+  int64_t n_on = 0;
   for (int64_t k = 0; k < K; ++k) {
     bool any = false;
     for (int64_t t = 0; t < T; ++t) any |= std::fabs(xp[t * K + k]) > thr;
-    if (!any) continue;
+    on[k] = any;
+    n_on += any;
+  }
+  // Which columns to walk. Skipping a column saves its bytes only if the skipped spans are long:
+  // with the weight coming from DRAM (a real model's weights do not stay in cache between
+  // tokens), walking a random 50% or 30% of the columns was slower than walking all of them, and
+  // skipping paid only from about 80% inactive (docs/kernels.md, "Walking all columns": 2-core
+  // AMD EPYC, one thread, bf16, p_w 0.5; e.g. 11008x4096: all 3.98 ms, random half 5.69 ms, random
+  // 10% 2.49 ms). The scattered 128-byte spans defeat the hardware prefetchers, and a broken
+  // stream costs more than the bytes it skips. So below g_walk_all_max_inactive (a fraction of
+  // columns) every column is walked, the masked inputs contributing exact zeros.
+  const bool walk_all = n_on < K && static_cast<double>(K - n_on) < g_walk_all_max_inactive * K;
+  // The walked columns and their masked inputs, column-major [A, T].
+  std::vector<int32_t> active;
+  active.reserve(walk_all ? K : n_on);
+  std::vector<float> xc;
+  xc.reserve((walk_all ? K : n_on) * T);
+  for (int64_t k = 0; k < K; ++k) {
+    if (!on[k] && !walk_all) continue;
     active.push_back(static_cast<int32_t>(k));
     for (int64_t t = 0; t < T; ++t) {
       const float v = xp[t * K + k];
@@ -379,6 +397,8 @@ torch::Tensor linear_cpu(const torch::Tensor& x, const torch::Tensor& bitmap, co
 }
 
 void set_sparse_max_tokens(int64_t t) { g_sparse_max_tokens = t; }
+void set_walk_all_max_inactive(double f) { g_walk_all_max_inactive = f; }
+double get_walk_all_max_inactive() { return g_walk_all_max_inactive; }
 void set_prefetch(int64_t ahead, int64_t lines) { g_prefetch_ahead = ahead; g_prefetch_lines = lines; }
 int64_t get_sparse_max_tokens() { return g_sparse_max_tokens; }
 
@@ -401,6 +421,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tiled_linear", &tiled_linear, "the prefill path (decompressed W^T tiles + matmul)");
   m.def("set_sparse_max_tokens", &set_sparse_max_tokens, "token count up to which spmspv is used");
   m.def("get_sparse_max_tokens", &get_sparse_max_tokens);
+  m.def("set_walk_all_max_inactive", &set_walk_all_max_inactive,
+        "walk every column when fewer than this fraction of them are inactive (0: always skip)");
+  m.def("get_walk_all_max_inactive", &get_walk_all_max_inactive);
   m.def("set_prefetch", &set_prefetch, "software prefetch distance (active columns; 0 = off) and lines");
   m.def("isa", &isa, "instruction set the spmspv kernel uses on this CPU");
 }

@@ -26,12 +26,36 @@ def _tiled(x, p, t, b):
     return cpu.tiled(x, p.bitmap, p.offsets, p.values, t, b, p.n)
 
 
+@pytest.fixture(params=[0.0, 0.8, 2.0], ids=["skip-inactive", "default-policy", "walk-all"])
+def walk_policy(request):
+    """The spMspV walk either skips inactive columns or walks them all (with zero inputs); the
+    default decides by the fraction inactive. Every policy must give the same products."""
+    if not cpu.available():
+        pytest.skip(f"CPU extension: {cpu.import_error()}")
+    saved = cpu.walk_all_max_inactive()
+    cpu.set_walk_all_max_inactive(request.param)
+    yield request.param
+    cpu.set_walk_all_max_inactive(saved)
+
+
 @needs_ext
 @pytest.mark.parametrize("name,impl", [("spmspv", _spmspv(False)), ("spmspv-scalar", _spmspv(True)),
                                        ("tiled", _tiled), ("op", dual_sparse_linear)])
-def test_cpu_paths_match_fp32_dense(name, impl):
+def test_cpu_paths_match_fp32_dense(name, impl, walk_policy):
+    if name == "tiled" and walk_policy != 0.8:
+        pytest.skip("the tiled path does not walk columns")
     failures = run_cases(impl, CASES, "cpu")
     assert not failures, f"{len(failures)} of {len(CASES)} failed:\n" + "\n".join(failures[:10])
+
+
+@needs_ext
+def test_walk_policy_default_and_setter():
+    assert cpu.walk_all_max_inactive() == pytest.approx(0.8)
+    cpu.set_walk_all_max_inactive(0.5)
+    try:
+        assert cpu.walk_all_max_inactive() == pytest.approx(0.5)
+    finally:
+        cpu.set_walk_all_max_inactive(0.8)
 
 
 def test_reference_matches_fp32_dense():
