@@ -125,6 +125,16 @@ def make_input(b, k, p_x, dtype, device, seed=1):
     return x.to(dtype), torch.tensor(thr, dtype=torch.float32, device=device)
 
 
+def dense_linear(w: torch.Tensor, baseline: str):
+    """The dense baseline x -> x @ w.T: torch.matmul, or (CPU, vLLM installed) the GEMM vLLM's own
+    dense linear layers run on CPU (oneDNN with weights pre-packed at load), which is faster."""
+    if baseline == "vllm":
+        from duoserve.loaders.vllm_compat import dense_cpu_linear  # optional: only this baseline needs vLLM
+
+        return dense_cpu_linear(w)
+    return lambda x: torch.matmul(x, w.t())
+
+
 def cold_time(fns, passes: int = 3) -> float:
     """Seconds per call when every call runs on a different copy (the working set exceeds the
     caches): best of `passes` passes over all copies, mean per call."""
@@ -177,8 +187,10 @@ def run_sweep(args, device, timer, bw, sink) -> list[dict]:
                 key = (n, k, b)
                 if key not in dense_cache:
                     x, _ = make_input(b, k, 0.0, dtype, device)
-                    dense_cache[key] = (cold_time([lambda w=w: torch.matmul(x, w.t()) for w in ws]) if cold
-                                        else timer(lambda: torch.matmul(x, w.t())))
+                    dense_fns = [dense_linear(w, args.baseline) for w in ws]
+                    dense_cache[key] = (cold_time([lambda f=f: f(x) for f in dense_fns]) if cold
+                                        else timer(lambda: dense_fns[0](x)))
+                    del dense_fns
                 for p_x in args.px:
                     x, thr = make_input(b, k, p_x, dtype, device)
                     t = (cold_time([lambda p=p: dual_sparse_linear(x, p, thr) for p in ps]) if cold
@@ -234,7 +246,8 @@ def markdown_header(args, device, bw, load) -> str:
     cmd = "python -m duoserve.kernels.bench " + " ".join(args.argv)
     return (f"Machine: {machine(device)}; copy bandwidth {bw / 1e9:.1f} GB/s; dtype {args.dtype}; "
             f"date {datetime.date.today()}; load average at start {load:.2f}; "
-            f"{'cold: weights from DRAM (' + format(args.cold_mib, 'g') + ' MiB of copies)' if args.cold_mib else 'warm: one weight, reused'}.\n"
+            f"{'cold: weights from DRAM (' + format(args.cold_mib, 'g') + ' MiB of copies)' if args.cold_mib else 'warm: one weight, reused'}; "
+            f"dense baseline: {'vLLM CPU GEMM' if args.baseline == 'vllm' else 'torch.matmul'}.\n"
             f"Command: `{cmd}`\n")
 
 
@@ -259,6 +272,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cold-mib", type=float, default=0,
                     help="CPU: time each call on the next of enough weight copies to fill this many MiB, "
                          "so weights come from DRAM as in a real model (0: one warm weight)")
+    ap.add_argument("--baseline", default="torch", choices=["torch", "vllm"],
+                    help="dense baseline: torch.matmul, or vLLM's CPU GEMM (pre-packed oneDNN; needs vLLM)")
     ap.add_argument("--markdown", help="append the results as a markdown table to this file")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
