@@ -110,6 +110,9 @@ def main() -> int:
     p.add_argument("--eval-dtype", default="bfloat16", help="compute dtype of evaluation (bf16: what vLLM serves)")
     p.add_argument("--markdown", type=Path)
     p.add_argument("--plot", type=Path)
+    p.add_argument("--first", default="",
+                   help="comma-separated sparsity levels to prune first (e.g. 0.5,0.6): the most wanted rows land "
+                        "early in a long run")
     p.add_argument("--cached-only", action="store_true",
                    help="compute nothing: render the rows whose results are cached, list the others as not run")
     args = p.parse_args()
@@ -122,8 +125,18 @@ def main() -> int:
     if dual:
         for p_x in sorted({c[2] for c in SUITES[args.suite]}):
             rows[0][f"ppl_topk_{p_x:g}"] = evaluate(args, "default", "topk", p_x, f"dense-topk{p_x:g}")
+    configs = SUITES[args.suite]
+    order = configs
+    if args.first:  # compute these sparsity levels before the others; the table keeps its order
+        first = [f"{float(v):g}" for v in args.first.split(",")]
+
+        def rank(c):
+            level = c[1] if ":" in c[1] else f"{float(c[1]):g}"
+            return first.index(level) if level in first else len(first)
+
+        order = sorted(configs, key=rank)
     not_run = []
-    for method, sparsity, p_x in SUITES[args.suite]:
+    for method, sparsity, p_x in order:
         try:
             ckpt, summary = prune(args, method, sparsity, p_x)
             row = {"method": method, "sparsity": sparsity, "p_x": p_x, "prune": summary}
@@ -138,6 +151,8 @@ def main() -> int:
             continue
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "prune"}, default=str), flush=True)
+    position = {(m, sp, px): i for i, (m, sp, px) in enumerate(configs)}
+    rows[1:] = sorted(rows[1:], key=lambda r: position[(r["method"], r["sparsity"], r["p_x"])])
 
     settings = (f"calibration: {args.nsamples} x {args.seqlen} tokens (C4, seed 0); evaluation: "
                 f"{rows[0]['ppl_off']['data']}, seqlen {args.eval_seqlen}, {rows[0]['ppl_off']['windows']} windows, "
