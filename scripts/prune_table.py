@@ -46,13 +46,10 @@ class NotRun(Exception):
     """A result that is not cached while --cached-only is given."""
 
 
-CACHED_ONLY = False
-
-
-def cached(path: Path, compute):
+def cached(path: Path, compute, cached_only: bool):
     if path.is_file():
         return json.loads(path.read_text())
-    if CACHED_ONLY:
+    if cached_only:
         raise NotRun(path.name)
     result = compute()
     path.write_text(json.dumps(result, indent=2))
@@ -76,7 +73,7 @@ def evaluate(args, target: str, mode: str | None, p_x: float | None, key: str) -
         return {"ppl": result["ppl"], "windows": result["windows"], "seconds": round(seconds, 1),
                 "realized_px": (result.get("activation_sparsity_realized") or {}).get("mean"), "data": data["data"]}
 
-    return cached(args.work / f"result-eval-{key}.json", compute)
+    return cached(args.work / f"result-eval-{key}.json", compute, args.cached_only)
 
 
 def prune(args, method: str, sparsity: str, p_x: float) -> tuple[Path, dict]:
@@ -95,7 +92,7 @@ def prune(args, method: str, sparsity: str, p_x: float) -> tuple[Path, dict]:
         seconds = run(cmd, args.work / f"prune-{key}.log")
         return {**json.loads(summary.read_text()), "wall_seconds": round(seconds, 1)}
 
-    return ckpt, cached(args.work / f"result-prune-{key}.json", compute)
+    return ckpt, cached(args.work / f"result-prune-{key}.json", compute, args.cached_only)
 
 
 def main() -> int:
@@ -116,8 +113,6 @@ def main() -> int:
     p.add_argument("--cached-only", action="store_true",
                    help="compute nothing: render the rows whose results are cached, list the others as not run")
     args = p.parse_args()
-    global CACHED_ONLY
-    CACHED_ONLY = args.cached_only
     args.work.mkdir(parents=True, exist_ok=True)
 
     dual = args.suite != "foundation"
