@@ -14,6 +14,16 @@ DuoGPT (Yin et al. 2025, Algorithm 1) adds the asymmetric residual dX = X~ - X^:
 Q = dX X^T L, U = strict_upper(Q), a = diag(dX dX^T), b = diag(U U^T), c = diag(Q) / diag(L),
 D = U L^T; score S = W^2 (1/diag(L)^2 + a - b + 2c); the updates gain + W_j D[j, j:].
 
+Residual target. Algorithm 1 attributes to column p the residual R_p = W_:,p dX_p of the *running*
+weights (the paper's "R <- R - dW dX"): the target moves with every compensation, and the
+compensation added to later columns is itself treated as needing compensation for dX. Since
+W_q <- W_q + sum_{p<q} W_p D_pq, the recursion is W (I - D)^-1, unbounded when D is large (deep
+layers, where dX carries the upstream pruning error as well as activation sparsity): on SmolLM2 at
+W60%+X60% it inflated a down_proj's norm 150x. `residual_target="original"` uses the dense weights
+W0 instead: R_p = W0_:,p dX_p, the residual of the issue's fixed objective ||W' X^ - W0 X~||, no
+feedback (the updates become W0 D, the score W^2/d^2 + W0^2 (a - b) + 2 W W0 c by the same
+derivation). docs/pruning.md has the measurements that chose the default.
+
 Scale: every statistic is a running mean of (2/m) x x^T-type products (SparseGPT's convention),
 applied to X^ and dX alike, so H, dX X^T and a share one scale. Scaling them all by s scales
 every score term by s and leaves D unchanged, so no extra factor is needed (GPTAQ's code
@@ -26,6 +36,9 @@ from dataclasses import dataclass
 import torch
 
 from duoserve.prune.sparsity import SparsityTarget, prune_lowest_overall, prune_nm
+
+
+RESIDUAL_TARGETS = ("running", "original")
 
 
 class HessianStats:
@@ -64,6 +77,11 @@ class ObsSettings:
     damp: float = 0.01
     act_order: bool = False
     residual_scale: float = 1.0
+    residual_target: str = "running"  # "running" (Algorithm 1 as printed) or "original" (dense W0)
+
+    def __post_init__(self):
+        if self.residual_target not in RESIDUAL_TARGETS:
+            raise ValueError(f"residual_target must be one of {RESIDUAL_TARGETS}, got {self.residual_target!r}")
 
 
 def _block_mask(scores: torch.Tensor, target: SparsityTarget) -> torch.Tensor:
@@ -107,10 +125,19 @@ def obs_prune(weight: torch.Tensor, stats: HessianStats, target: SparsityTarget,
         c = torch.diag(Q) / diag_l
         D = U @ Lt  # [K, K] U L^T, strictly upper
         del Q, U, G
-        score_factor = inv_d2 + a - b + 2.0 * c  # [K]
     else:
         D = None
-        score_factor = inv_d2
+    # W0: the dense weights the "original" residual target attributes the residual to.
+    W0 = W.clone() if D is not None and settings.residual_target == "original" else None
+
+    def block_scores(W1: torch.Tensor, cols: slice) -> torch.Tensor:
+        """Algorithm 1's pruning score of the block's weights W1 [N, B] (columns `cols` of W)."""
+        if D is None:
+            return W1 ** 2 * inv_d2[cols]
+        if W0 is None:  # R_p = W_p dX_p with the running weights: W^2 factors out
+            return W1 ** 2 * (inv_d2[cols] + a[cols] - b[cols] + 2.0 * c[cols])
+        w0 = W0[:, cols]
+        return W1 ** 2 * inv_d2[cols] + w0 ** 2 * (a[cols] - b[cols]) + 2.0 * W1 * w0 * c[cols]
 
     B = settings.blocksize
     for i1 in range(0, k, B):
@@ -118,16 +145,17 @@ def obs_prune(weight: torch.Tensor, stats: HessianStats, target: SparsityTarget,
         W1 = W[:, i1:i2].clone()  # [N, B] current weights of the block
         P1 = torch.zeros_like(W1)  # pruned values
         E1 = torch.zeros_like(W1)  # scaled errors
-        Wpre = torch.zeros_like(W1) if D is not None else None  # column values before pruning
+        # The weights the residual is attributed to: the running columns before pruning, or W0.
+        Wres = (W0[:, i1:i2] if W0 is not None else torch.zeros_like(W1)) if D is not None else None
         Lt1 = Lt[i1:i2, i1:i2]
         D1 = D[i1:i2, i1:i2] if D is not None else None
         mask1 = None
         if not target.is_nm:
-            mask1 = _block_mask(W1 ** 2 * score_factor[i1:i2], target)  # [N, B] True = prune
+            mask1 = _block_mask(block_scores(W1, slice(i1, i2)), target)  # [N, B] True = prune
         for i in range(i2 - i1):
             w = W1[:, i]
             if target.is_nm and i % target.m == 0:
-                group = W1[:, i:i + target.m] ** 2 * score_factor[i1 + i:i1 + i + target.m]
+                group = block_scores(W1[:, i:i + target.m], slice(i1 + i, i1 + i + target.m))
                 if mask1 is None:
                     mask1 = torch.zeros_like(W1, dtype=torch.bool)
                 mask1[:, i:i + target.m] = prune_nm(group, target.n, target.m)
@@ -135,8 +163,9 @@ def obs_prune(weight: torch.Tensor, stats: HessianStats, target: SparsityTarget,
             err = (w - p) / Lt1[i, i]
             update = err.unsqueeze(1) * Lt1[i, i:].unsqueeze(0)  # [N, B - i]
             if D1 is not None:
-                Wpre[:, i] = w
-                update -= w.unsqueeze(1) * D1[i, i:].unsqueeze(0)
+                if W0 is None:
+                    Wres[:, i] = w
+                update -= Wres[:, i].unsqueeze(1) * D1[i, i:].unsqueeze(0)
             W1[:, i:] -= update
             P1[:, i] = p
             E1[:, i] = err
@@ -144,7 +173,7 @@ def obs_prune(weight: torch.Tensor, stats: HessianStats, target: SparsityTarget,
         if i2 < k:
             lazy = E1 @ Lt[i1:i2, i2:]  # [N, K - i2]
             if D is not None:
-                lazy -= Wpre @ D[i1:i2, i2:]
+                lazy -= Wres @ D[i1:i2, i2:]
             W[:, i2:] -= lazy
     if perm is not None:
         W = W[:, torch.argsort(perm)]

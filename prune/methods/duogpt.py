@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field
 
 from duoserve.prune.methods.sparsegpt import ObsObserver, check_nm_blocksize
-from duoserve.prune.obs import ObsSettings
+from duoserve.prune.obs import RESIDUAL_TARGETS, ObsSettings
 from duoserve.prune.registry import PruningMethod, register
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,9 @@ class DuoGPTOptions:
         "help": "process columns by decreasing diag(H) (default: on for unstructured as in the paper, off for N:M)"})
     residual_scale: float = field(default=1.0, metadata={
         "help": "factor on the residual dX (1 = the paper's objective; GPTAQ's code uses 0.5 on dX, i.e. 0.25 on D)"})
+    residual_target: str = field(default="running", metadata={
+        "help": "weights the residual W dX is attributed to: running (Algorithm 1 as printed; the target moves "
+                "with every update) or original (the dense weights; no feedback, see prune/obs.py)"})
 
     def __post_init__(self):
         if self.blocksize <= 0:
@@ -33,6 +36,9 @@ class DuoGPTOptions:
             raise ValueError(f"damp must be > 0 (Cholesky of H needs it), got {self.damp}")
         if not self.residual_scale >= 0:
             raise ValueError(f"residual_scale must be >= 0, got {self.residual_scale}")
+        if self.residual_target not in RESIDUAL_TARGETS:
+            raise ValueError(f"residual_target must be one of {', '.join(RESIDUAL_TARGETS)}, "
+                             f"got {self.residual_target!r}")
 
 
 @register("duogpt")
@@ -53,4 +59,4 @@ class DuoGPT(PruningMethod):
         o = self.options
         act_order = (not self.target.is_nm) if o.act_order is None else o.act_order
         return ObsObserver(self, linear.in_features, linear.weight.device, True,
-                           ObsSettings(o.blocksize, o.damp, act_order, o.residual_scale))
+                           ObsSettings(o.blocksize, o.damp, act_order, o.residual_scale, o.residual_target))

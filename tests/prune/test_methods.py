@@ -58,20 +58,22 @@ def test_sparsegpt_beats_wanda_and_magnitude(target):
     assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
 
 
+@pytest.mark.parametrize("residual_target", ["running", "original"])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_duogpt_equals_sparsegpt_without_activation_sparsity(act_order):
+def test_duogpt_equals_sparsegpt_without_activation_sparsity(act_order, residual_target):
     """p_x = 0 and identical streams: a = b = c = 0 and D = 0, so DuoGPT is SparseGPT."""
     torch.manual_seed(2)
     w, x = torch.randn(48, 256), correlated_inputs(2048, 256, seed=2)
     opts = dict(damp=0.1, act_order=act_order, blocksize=64)
     sgpt = prune_with("sparsegpt", w, x, "0.5", **opts)
-    duo = prune_with("duogpt", w, x, "0.5", x_dense=x, **opts)
+    duo = prune_with("duogpt", w, x, "0.5", x_dense=x, residual_target=residual_target, **opts)
     torch.testing.assert_close(duo, sgpt, rtol=1e-4, atol=1e-5)
     assert torch.equal(duo == 0, sgpt == 0)
 
 
+@pytest.mark.parametrize("residual_target", ["running", "original"])
 @pytest.mark.parametrize("p", [0.5, 0.6])
-def test_duogpt_objective_below_sparsegpt(p):
+def test_duogpt_objective_below_sparsegpt(p, residual_target):
     """||W' X^ - W X~|| is lower for DuoGPT than for dual-sparse SparseGPT at the same p_w, p_x."""
     torch.manual_seed(3)
     k = 256
@@ -81,8 +83,37 @@ def test_duogpt_objective_below_sparsegpt(p):
     x_hat = sparsify_topk(x, p)
     opts = dict(damp=0.1, act_order=True)
     sgpt = prune_with("sparsegpt", w, x, str(p), p_x=p, **opts)
-    duo = prune_with("duogpt", w, x, str(p), p_x=p, x_dense=x_dense, **opts)
+    duo = prune_with("duogpt", w, x, str(p), p_x=p, x_dense=x_dense, residual_target=residual_target, **opts)
     assert rel_error(duo, w, x_hat, x_dense) < rel_error(sgpt, w, x_hat, x_dense)
+
+
+def _residual_update_matrix(stats, damp):
+    """D = strict_upper(G L) L^T of Algorithm 1, computed directly (no act_order)."""
+    H = stats.H.clone()
+    H.diagonal().add_(damp * H.diagonal().mean())
+    L = torch.linalg.cholesky(torch.linalg.inv(H.double()))  # lower, H^-1 = L L^T
+    return torch.triu(stats.G.double() @ L, diagonal=1) @ L.T
+
+
+@pytest.mark.parametrize("blocksize", [16, 64])
+def test_duogpt_residual_updates_without_pruning(blocksize):
+    """With nothing pruned only the residual updates act, so the result has a closed form:
+    running weights give the recursion W_q += sum_{p<q} W_p D_pq, i.e. W0 (I - D)^-1 (the feedback
+    that blows up on deep layers); the original target gives W0 (I + D), linear in W0. The lazy
+    batch must regroup the per-column updates exactly, so the block size cannot matter."""
+    k = 64
+    x_dense = correlated_inputs(2048, k, seed=5).double()
+    x = sparsify_topk(x_dense + 0.3 * torch.randn_like(x_dense), 0.5)
+    stats = HessianStats(k, True, "cpu")
+    stats.add(x.float(), x_dense.float())
+    w0 = torch.randn(8, k, generator=torch.Generator().manual_seed(5))
+    D = _residual_update_matrix(stats, 0.1)
+    eye = torch.eye(k, dtype=torch.float64)
+    expected = {"running": w0.double() @ torch.linalg.inv(eye - D), "original": w0.double() @ (eye + D)}
+    for target, want in expected.items():
+        got = obs_prune(w0, stats, SparsityTarget(0.0), ObsSettings(blocksize, 0.1, False, 1.0, target))
+        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(expected["running"], expected["original"], rtol=1e-3)
 
 
 def test_obs_dead_inputs_are_pruned():
@@ -102,6 +133,8 @@ def test_option_validation():
         build_options(get_method("wanda"), {"damp": 0.1})
     with pytest.raises(InputError, match="damp"):
         build_options(get_method("sparsegpt"), {"damp": 0.0})
+    with pytest.raises(InputError, match="residual_target must be one of running, original"):
+        build_options(get_method("duogpt"), {"residual_target": "dense"})
     with pytest.raises(InputError, match="multiple of M"):
         get_method("sparsegpt")(SparsityTarget.parse("2:4"), 0.0, build_options(get_method("sparsegpt"), {"blocksize": 6}))
     with pytest.raises(InputError, match="unknown method 'nope'; valid methods: .*sparsegpt"):
