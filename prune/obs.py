@@ -27,7 +27,8 @@ derivation). docs/pruning.md has the measurements that chose the default.
 Scale: every statistic is a running mean of (2/m) x x^T-type products (SparseGPT's convention),
 applied to X^ and dX alike, so H, dX X^T and a share one scale. Scaling them all by s scales
 every score term by s and leaves D unchanged, so no extra factor is needed (GPTAQ's code
-multiplies its D by 0.25; `residual_scale` exposes such a factor, default 1).
+multiplies its D by 0.25; `residual_scale` is that factor on dX. ObsSettings keeps the paper's
+literal defaults (1, running); DuoGPTOptions defaults to the measured best (0.5, original).
 """
 from __future__ import annotations
 

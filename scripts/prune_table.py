@@ -14,6 +14,11 @@ Suites
 - dual: W50%+X50%: Wanda (dense calibration), SparseGPT (calibrated on sparsified inputs), DuoGPT;
   PPL with top-k and with calibrated-threshold activation sparsity; prune wall time and peak memory.
 - sweep: p_w = p_x in 30/40/50/55/60/65% for Wanda, SparseGPT and DuoGPT, both activation modes.
+- duogpt-residual: DuoGPT's residual term at W50+X50 and W60+X60: --residual-scale 0 / 0.25 /
+  0.5 / 1 with --residual-target running (Algorithm 1 as printed) and original (docs/pruning.md).
+
+A configuration is (method, sparsity, p_x) or (method, sparsity, p_x, {option: value}); options
+go to `duoserve prune` as --option-name value and into the cache key.
 """
 from __future__ import annotations
 
@@ -30,7 +35,25 @@ SUITES = {
     "foundation": [(m, s, 0.0) for s in ("0.5", "2:4") for m in ("magnitude", "wanda", "sparsegpt")],
     "dual": [(m, "0.5", 0.5) for m in ("wanda", "sparsegpt", "duogpt")],
     "sweep": [(m, str(p), p) for p in (0.3, 0.4, 0.5, 0.55, 0.6, 0.65) for m in ("wanda", "sparsegpt", "duogpt")],
+    "duogpt-residual": [("duogpt", str(p), p, {"residual_scale": r, "residual_target": t})
+                        for p in (0.5, 0.6) for t in ("running", "original") for r in (0.0, 0.25, 0.5, 1.0)
+                        if not (r == 0.0 and t == "original")],  # scale 0: no residual, the target is moot
 }
+
+
+def options_of(config) -> dict:
+    return config[3] if len(config) > 3 else {}
+
+
+def _fmt(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def label(method: str, options: dict) -> str:
+    """'duogpt (residual-scale 0.5, residual-target original)': the options as the CLI spells them."""
+    if not options:
+        return method
+    return f"{method} ({', '.join(k.replace('_', '-') + ' ' + _fmt(v) for k, v in options.items())})"
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -76,8 +99,9 @@ def evaluate(args, target: str, mode: str | None, p_x: float | None, key: str) -
     return cached(args.work / f"result-eval-{key}.json", compute, args.cached_only)
 
 
-def prune(args, method: str, sparsity: str, p_x: float) -> tuple[Path, dict]:
+def prune(args, method: str, sparsity: str, p_x: float, options: dict) -> tuple[Path, dict]:
     key = f"{method}-{sparsity.replace(':', 'of')}-x{p_x:g}"
+    key += "".join(f"-{k.replace('_', '')}{_fmt(v)}" for k, v in options.items())
     ckpt = args.work / f"ckpt-{key}"
 
     def compute():
@@ -85,6 +109,8 @@ def prune(args, method: str, sparsity: str, p_x: float) -> tuple[Path, dict]:
         cmd = [sys.executable, "-m", "duoserve.cli", "prune", "--method", method, "--sparsity", sparsity,
                "--activation-sparsity", str(p_x), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                "-o", str(ckpt), "--json", str(summary)]
+        for k, v in options.items():
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
         if ckpt.with_name(ckpt.name + ".partial").exists():
             cmd.append("--resume")
         elif ckpt.exists():
@@ -131,10 +157,13 @@ def main() -> int:
 
         order = sorted(configs, key=rank)
     not_run = []
-    for method, sparsity, p_x in order:
+    for config in order:
+        method, sparsity, p_x = config[:3]
+        options = options_of(config)
         try:
-            ckpt, summary = prune(args, method, sparsity, p_x)
-            row = {"method": method, "sparsity": sparsity, "p_x": p_x, "prune": summary}
+            ckpt, summary = prune(args, method, sparsity, p_x, options)
+            row = {"method": method, "sparsity": sparsity, "p_x": p_x, "options": options, "prune": summary,
+                   "config": config}
             key = ckpt.name[len("ckpt-"):]
             if dual:
                 row["ppl_topk"] = evaluate(args, str(ckpt), "topk", None, key + "-topk")
@@ -142,12 +171,12 @@ def main() -> int:
             else:
                 row["ppl_off"] = evaluate(args, str(ckpt), "off", None, key + "-off")
         except NotRun:
-            not_run.append(f"{method} {sparsity} (p_x {p_x:g})")
+            not_run.append(f"{label(method, options)} {sparsity} (p_x {p_x:g})")
             continue
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "prune"}, default=str), flush=True)
-    position = {(m, sp, px): i for i, (m, sp, px) in enumerate(configs)}
-    rows[1:] = sorted(rows[1:], key=lambda r: position[(r["method"], r["sparsity"], r["p_x"])])
+        print(json.dumps({k: v for k, v in row.items() if k not in ("prune", "config")}, default=str), flush=True)
+    position = {repr(c): i for i, c in enumerate(configs)}
+    rows[1:] = sorted(rows[1:], key=lambda r: position[repr(r["config"])])
 
     settings = (f"calibration: {args.nsamples} x {args.seqlen} tokens (C4, seed 0); evaluation: "
                 f"{rows[0]['ppl_off']['data']}, seqlen {args.eval_seqlen}, {rows[0]['ppl_off']['windows']} windows, "
@@ -181,11 +210,11 @@ def render(rows: list[dict], dual: bool, settings: str) -> str:
             continue
         pr = r["prune"]
         if dual:
-            lines.append(f"| {r['method']} | {r['sparsity']} | {r['p_x']:g} | {r['ppl_topk']['ppl']:.2f} | "
+            lines.append(f"| {label(r['method'], r['options'])} | {r['sparsity']} | {r['p_x']:g} | {r['ppl_topk']['ppl']:.2f} | "
                          f"{r['ppl_threshold']['ppl']:.2f} | {r['ppl_threshold']['realized_px']:.3f} | "
                          f"{pr['prune_seconds']:.0f} | {pr['peak_rss_mib']:.0f} |")
         else:
-            lines.append(f"| {r['method']} | {r['sparsity']} | {r['ppl_off']['ppl']:.2f} | {pr['prune_seconds']:.0f} | "
+            lines.append(f"| {label(r['method'], r['options'])} | {r['sparsity']} | {r['ppl_off']['ppl']:.2f} | {pr['prune_seconds']:.0f} | "
                          f"{pr['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
