@@ -20,7 +20,7 @@ compensation added to later columns is itself treated as needing compensation fo
 W_q <- W_q + sum_{p<q} W_p D_pq, the recursion is W (I - D)^-1, unbounded when D is large (deep
 layers, where dX carries the upstream pruning error as well as activation sparsity): on SmolLM2 at
 W60%+X60% it inflated a down_proj's norm 150x. `residual_target="original"` uses the dense weights
-W0 instead: R_p = W0_:,p dX_p, the residual of the issue's fixed objective ||W' X^ - W0 X~||, no
+W0 instead: R_p = W0_:,p dX_p, the residual of the fixed objective ||W' X^ - W0 X~|| (section 4.2), no
 feedback (the updates become W0 D, the score W^2/d^2 + W0^2 (a - b) + 2 W W0 c by the same
 derivation). docs/pruning.md has the measurements that chose the default.
 
