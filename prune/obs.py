@@ -42,6 +42,11 @@ from duoserve.prune.sparsity import SparsityTarget, prune_lowest_overall, prune_
 RESIDUAL_TARGETS = ("running", "original")
 
 
+def check_residual_target(value: str) -> None:
+    if value not in RESIDUAL_TARGETS:
+        raise ValueError(f"residual_target must be one of {', '.join(RESIDUAL_TARGETS)}, got {value!r}")
+
+
 class HessianStats:
     """Running statistics of one linear's calibration inputs (fp32, on the inputs' device).
 
@@ -81,8 +86,7 @@ class ObsSettings:
     residual_target: str = "running"  # "running" (Algorithm 1 as printed) or "original" (dense W0)
 
     def __post_init__(self):
-        if self.residual_target not in RESIDUAL_TARGETS:
-            raise ValueError(f"residual_target must be one of {RESIDUAL_TARGETS}, got {self.residual_target!r}")
+        check_residual_target(self.residual_target)
 
 
 def _block_mask(scores: torch.Tensor, target: SparsityTarget) -> torch.Tensor:
@@ -146,8 +150,11 @@ def obs_prune(weight: torch.Tensor, stats: HessianStats, target: SparsityTarget,
         W1 = W[:, i1:i2].clone()  # [N, B] current weights of the block
         P1 = torch.zeros_like(W1)  # pruned values
         E1 = torch.zeros_like(W1)  # scaled errors
-        # The weights the residual is attributed to: the running columns before pruning, or W0.
-        Wres = (W0[:, i1:i2] if W0 is not None else torch.zeros_like(W1)) if D is not None else None
+        # The weights the residual is attributed to: W0's block, or the running columns before
+        # pruning (filled in as the columns are processed).
+        Wres = None
+        if D is not None:
+            Wres = W0[:, i1:i2] if W0 is not None else torch.zeros_like(W1)
         Lt1 = Lt[i1:i2, i1:i2]
         D1 = D[i1:i2, i1:i2] if D is not None else None
         mask1 = None

@@ -21,9 +21,11 @@ import argparse
 import torch
 
 from duoserve.prune.activation import sparsify_topk
+from duoserve.prune.data import evaluation_tokens
 from duoserve.prune.models import load_model_and_tokenizer
 from duoserve.prune.obs import HessianStats, ObsSettings, obs_prune
 from duoserve.prune.sparsity import SparsityTarget
+from duoserve.prune.streams import InputRecorder
 
 LINEARS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")
 SETTINGS = [("sparsegpt (no residual)", 0.0, "running"), ("residual 0.5, original", 0.5, "original"),
@@ -43,23 +45,17 @@ def main() -> int:
     args = p.parse_args()
 
     model, tokenizer, _ = load_model_and_tokenizer(None, dtype="float32")
-    with open(args.data) as f:
-        text = f.read()
+    ids, _ = evaluation_tokens(args.data, tokenizer)
     n = args.cal_windows + args.val_windows
-    ids = tokenizer(text[: 2000 * n * args.seqlen // 256], return_tensors="pt").input_ids[0]
     if ids.numel() < n * args.seqlen:
         raise SystemExit(f"{args.data}: {ids.numel()} tokens, need {n * args.seqlen}")
     windows = ids[: n * args.seqlen].view(n, args.seqlen)
     layer = model.model.layers[args.layer]
     captured = {name: [] for name in LINEARS}
-    hooks = [layer.get_submodule(name).register_forward_pre_hook(
-        lambda _m, a, name=name: captured[name].append(a[0].reshape(-1, a[0].shape[-1])))
-        for name in LINEARS]
-    with torch.no_grad():
+    linears = {name: layer.get_submodule(name) for name in LINEARS}
+    with torch.no_grad(), InputRecorder(linears, lambda name, x: captured[name].append(x), stop_when_done=False):
         for w in windows:
             model(w[None])
-    for h in hooks:
-        h.remove()
 
     n_cal = args.cal_windows * args.seqlen
     target = SparsityTarget(args.sparsity)
@@ -68,7 +64,7 @@ def main() -> int:
     for name in LINEARS:
         x_dense = torch.cat(captured[name])  # [T, K]
         x_hat = sparsify_topk(x_dense, args.sparsity)
-        weight = layer.get_submodule(name).weight.detach().float()
+        weight = linears[name].weight.detach().float()
         stats = HessianStats(x_dense.shape[1], True, "cpu")
         for s in range(0, n_cal, 512):
             stats.add(x_hat[s:min(s + 512, n_cal)], x_dense[s:min(s + 512, n_cal)])

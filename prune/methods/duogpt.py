@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 
 from duoserve.prune.methods.sparsegpt import ObsObserver, check_nm_blocksize
-from duoserve.prune.obs import RESIDUAL_TARGETS, ObsSettings
+from duoserve.prune.obs import ObsSettings, check_residual_target
 from duoserve.prune.registry import PruningMethod, register
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,7 @@ class DuoGPTOptions:
             raise ValueError(f"damp must be > 0 (Cholesky of H needs it), got {self.damp}")
         if not self.residual_scale >= 0:
             raise ValueError(f"residual_scale must be >= 0, got {self.residual_scale}")
-        if self.residual_target not in RESIDUAL_TARGETS:
-            raise ValueError(f"residual_target must be one of {', '.join(RESIDUAL_TARGETS)}, "
-                             f"got {self.residual_target!r}")
+        check_residual_target(self.residual_target)  # here too: bad CLI input fails before any work
 
 
 @register("duogpt")
