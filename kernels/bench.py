@@ -5,6 +5,8 @@
     python -m duoserve.kernels.bench --device cuda --markdown docs/out.md
     python -m duoserve.kernels.bench --cutover               # decode/sparse path vs GEMM/tiled path
     python -m duoserve.kernels.bench --bar --cold-mib 512    # weights from DRAM, as in a real model
+    python -m duoserve.kernels.bench --device cuda --variants --shapes 11008x4096 --batch 1
+                                                             # every decode kernel configuration
 
 For every shape (N, K), weight sparsity p_w, activation sparsity p_x and batch B: random weights of
 the real shape with a fraction p_w of zeros (speed depends on shapes and sparsity, not values),
@@ -78,29 +80,8 @@ class Timer:
             best = min(best, time.perf_counter() - t0)
         return best
 
-    def _cuda(self, fn, inner: int = 20) -> float:
-        fn()  # compile / tune outside the capture
-        torch.cuda.synchronize()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(inner):
-                fn()
-        graph.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(10):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3 / inner)
-        return sorted(times)[len(times) // 2]
+    def _cuda(self, fn) -> float:
+        return gpu.time_call(fn)  # the tuner's own timing: CUDA-graph replays
 
 
 def copy_bandwidth(device: torch.device, timer: Timer) -> float:
@@ -235,6 +216,41 @@ def run_cutover(args, device, timer, sink) -> list[dict]:
     return rows
 
 
+def run_variants(args, device, timer, sink) -> list[dict]:
+    """CUDA: every decode kernel configuration the tuner chooses from, each timed on its own
+    (p_w = p_x = 0.5), against cuBLAS and the GEMM path in the same run: which variant wins where."""
+    if device.type != "cuda":
+        raise SystemExit("--variants times the CUDA decode kernels: use --device cuda")
+    dtype = DTYPES[args.dtype]
+    rows = []
+    for n, k in args.shapes:
+        w = make_weight(n, k, 0.5, dtype, device)
+        p = pack_dense(w)
+        for b in args.batch:
+            x, thr = make_input(b, k, 0.5, dtype, device)
+            dense = timer(lambda: torch.matmul(x, w.t()))
+            gemm_t = timer(lambda: gpu.gemm(x, p.bitmap, p.offsets, p.values, thr, None, n))
+            block_b = 1 << max(0, (b - 1).bit_length())
+            for cfg in gpu._decode_configs(block_b):
+                try:
+                    t = timer(lambda c=cfg: gpu.decode(x, p.bitmap, p.offsets, p.values, thr, None, n, cfg=c))
+                except Exception as exc:  # a config that does not compile or run here
+                    print(f"{n}x{k} B={b} {cfg}: {type(exc).__name__}: {exc}", flush=True)
+                    continue
+                name = " ".join(f"{key}={val}" for key, val in cfg.items())
+                rows.append(dict(n=n, k=k, batch=b, cfg=name, us=t * 1e6, dense_us=dense * 1e6))
+                sink(f"| {n}x{k} | {b} | {name} | {dense * 1e6:.1f} | {gemm_t * 1e6:.1f} | {t * 1e6:.1f} | "
+                     f"**{dense / t:.2f}x** |")
+                print(f"{n:>6}x{k:<6} B={b:<3} dense {dense * 1e6:7.1f} us  gemm {gemm_t * 1e6:7.1f} us  "
+                      f"decode {t * 1e6:7.1f} us  x{dense / t:5.2f}  {name}", flush=True)
+            best = min((r for r in rows if (r["n"], r["k"], r["batch"]) == (n, k, b)),
+                       key=lambda r: r["us"], default=None)
+            if best:
+                print(f"# best {n}x{k} B={b}: {best['us']:.1f} us ({dense * 1e6 / best['us']:.2f}x): "
+                      f"{best['cfg']}", flush=True)
+    return rows
+
+
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
@@ -257,6 +273,10 @@ CUTOVER_HEADER = ("| N x K | batch | dense us | sparse path us | GEMM/tiled path
                   "|---|---|---|---|---|")
 
 
+VARIANTS_HEADER = ("| N x K | batch | decode configuration | cuBLAS us | GEMM path us | decode us | speedup |\n"
+                   "|---|---|---|---|---|---|---|")
+
+
 def main(argv=None) -> None:
     import sys
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -269,6 +289,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (vLLM runs the model on 1)")
     ap.add_argument("--bar", action="store_true", help="only p_w = p_x = 0.5, batch 1, bar shapes")
     ap.add_argument("--cutover", action="store_true", help="compare the two paths per batch size")
+    ap.add_argument("--variants", action="store_true",
+                    help="CUDA: time every decode kernel configuration separately (p_w = p_x = 0.5)")
     ap.add_argument("--cold-mib", type=float, default=0,
                     help="CPU: time each call on the next of enough weight copies to fill this many MiB, "
                          "so weights come from DRAM as in a real model (0: one warm weight)")
@@ -298,9 +320,11 @@ def main(argv=None) -> None:
             md.flush()
 
     sink(markdown_header(args, device, bw, os.getloadavg()[0]))
-    sink(CUTOVER_HEADER if args.cutover else SWEEP_HEADER)
+    sink(CUTOVER_HEADER if args.cutover else VARIANTS_HEADER if args.variants else SWEEP_HEADER)
     if args.cutover:
         run_cutover(args, device, timer, sink)
+    elif args.variants:
+        run_variants(args, device, timer, sink)
     else:
         run_sweep(args, device, timer, bw, sink)
     print(f"# load average after: {os.getloadavg()}")

@@ -120,6 +120,8 @@ def _fit(cfg: dict, t: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smaller grid (every kernel configuration still runs; for short GPU sessions)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from . import dual_sparse_linear, gpu
@@ -129,14 +131,21 @@ def main(argv=None) -> int:
     dtypes = [torch.float16, torch.bfloat16, torch.float32] if dev.type == "cuda" else \
         [torch.bfloat16, torch.float32]
     # few distinct token counts: every (T bucket, dtype, config) is a Triton compile
-    cases = grid([1, 33, 971], [77, 4100], [1, 3, 8, 17, 64], [0.0, 0.5, 1.0], [0.0, 0.5, 1.0],
-                 dtypes)
+    if args.quick:
+        cases = grid([33, 971], [77, 4100], [1, 3, 8, 17], [0.5, 1.0], [0.5, 1.0], dtypes)
+    else:
+        cases = grid([1, 33, 971], [77, 4100], [1, 3, 8, 17, 64], [0.0, 0.5, 1.0], [0.0, 0.5, 1.0],
+                     dtypes)
     cases += grid([33], [300], [1, 5], [0.9], [0.5], dtypes, thr_zero=False)
     cases += [Case(971, 300, t, 0.5, 0.5, dt, bias=False) for t in (1, 17) for dt in dtypes]
     impls = {"op": dual_sparse_linear}  # the tuned defaults behind the public API
     if dev.type == "cuda":  # plus one other configuration of each kernel (split-K, wide tiles)
+        fused = {"FUSED": True, "SORT": True, "GUARD": True, "C": 256, "BK": 32, "num_warps": 4}
         for cfg in ({"COMPACT": True, "BK": 32, "num_warps": 8},
-                    {"COMPACT": True, "BK": 64, "num_warps": 4}):
+                    {"COMPACT": True, "BK": 64, "num_warps": 4},
+                    {"PIPE": True, "BK": 16, "CPS": 2, "num_warps": 2},
+                    fused, {**fused, "GUARD": False, "C": 512, "BK": 64, "num_warps": 8},
+                    {**fused, "SORT": False, "GUARD": False, "C": 128}):
             impls[f"decode {cfg}"] = lambda x, p, t, b, c=cfg: gpu.decode(
                 x, p.bitmap, p.offsets, p.values, t, b, p.n, cfg=_fit(c, x.shape[0]))
         gcfg = {"BK": 64, "SPLIT": 4, "num_warps": 8}
@@ -146,6 +155,8 @@ def main(argv=None) -> int:
     for name, impl in impls.items():
         sel = [c for c in cases if not name.startswith("decode") or c.t <= 8]
         fails = run_cases(impl, sel, dev)
+        if "FUSED" in name:  # its workspace must be zero again after every call: run them twice
+            fails += run_cases(impl, sel, dev)
         total += len(fails)
         log.info("%s: %d cases, %d failures", name, len(sel), len(fails))
         for f in fails[:20]:

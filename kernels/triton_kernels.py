@@ -18,8 +18,11 @@ Decode (T <= DECODE_MAX_TOKENS), no host sync, fixed shapes (CUDA-graph safe), t
   raw: _decode_kernel on tiles of BK raw columns, inactive ones masked (no bytes, idle lanes).
   Both: one tile per program (split-K to the limit) so that many independent load chains are in
   flight; fp32 atomics combine the tiles; _finalize_kernel adds the bias and casts.
-  loop (_decode_loop_kernel, the first version, the only one measured on a GPU so far): compact
-     lists, each program loops over CPS chunks; the fallback when nothing has been tuned.
+  loop (_decode_loop_kernel, the first version): compact lists, each program loops over CPS chunks.
+  pipe (_decode_pipe_kernel): the loop, software-pipelined by hand (three tiles of loads in
+     flight per program); with 2 warps the fastest on an H100 and the untuned default.
+  fused (_decode_fused_kernel): everything in one launch (in-register compaction by a sort,
+     reduction by the last-arriving program); measured: no faster, launches are not the limit.
 Prefill / larger T: _gemm_kernel decompresses [BK, 128] tiles on the fly into registers and runs
 tl.dot (tensor cores for fp16/bf16; IEEE fp32 for fp32) with fp32 accumulation; no dense copy of
 the weight exists. For few token blocks it also splits K (atomics) to fill the GPU.
@@ -58,23 +61,35 @@ def _popc(v, HW: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(bitmap_ptr, offsets_ptr, values_ptr, rb, K, cols, col_ok, HW: tl.constexpr):
-    """Columns `cols` [BK] of row block rb -> weights [BK, 4, 32] in the values' dtype (0 where absent).
-
-    Per column (amortized over its 128 rows): 4 words, their popcounts and prefix; per element:
-    one bit test, one masked popcount and one masked load."""
+def _tile_index(bitmap_ptr, offsets_ptr, rb, K, cols, col_ok):
+    """Columns `cols` [BK] of row block rb: where their values start [BK] and their words [BK, 4]."""
     col = rb * K + cols  # [BK] (rb, k) index
-    word_i = tl.arange(0, 4)
-    lane = tl.arange(0, 32)
     start = tl.load(offsets_ptr + col, mask=col_ok, other=0)  # [BK]
-    words = tl.load(bitmap_ptr + col[:, None] * 4 + word_i[None, :], mask=col_ok[:, None], other=0)
+    words = tl.load(bitmap_ptr + col[:, None] * 4 + tl.arange(0, 4)[None, :], mask=col_ok[:, None],
+                    other=0)  # [BK, 4]
+    return start, words
+
+
+@triton.jit
+def _tile_values(values_ptr, start, words, HW: tl.constexpr):
+    """Weights [BK, 4, 32] in the values' dtype (0 where absent) from _tile_index's start and words.
+
+    Per column (amortized over its 128 rows): popcounts and prefix of the 4 words; per element:
+    two ALU ops, one popcount and one masked load (absent weights read no bytes)."""
+    bit = (1 << tl.arange(0, 32))[None, None, :]  # [1, 1, 32] this lane's bit (lane 31: sign bit)
     counts = _popc(words, HW)  # [BK, 4]
-    before = (tl.cumsum(counts, axis=1) - counts)[:, :, None]  # [BK, 4, 1] values before word w
+    base = (start[:, None] + tl.cumsum(counts, axis=1) - counts)[:, :, None]  # [BK, 4, 1] word starts
     w3 = words[:, :, None]  # [BK, 4, 1]
-    present = ((w3 >> lane[None, None, :]) & 1) != 0  # [BK, 4, 32]
-    below = w3 & ((1 << lane[None, None, :]) - 1)  # set bits of lower lanes
-    idx = start[:, None, None] + before + _popc(below, HW)  # [BK, 4, 32]
+    present = (w3 & bit) != 0  # [BK, 4, 32]
+    idx = base + _popc(w3 & (bit - 1), HW)  # [BK, 4, 32] rank of this lane's weight
     return tl.load(values_ptr + idx, mask=present, other=0.0)
+
+
+@triton.jit
+def _load_tile(bitmap_ptr, offsets_ptr, values_ptr, rb, K, cols, col_ok, HW: tl.constexpr):
+    """Columns `cols` [BK] of row block rb -> weights [BK, 4, 32] (0 where absent or not col_ok)."""
+    start, words = _tile_index(bitmap_ptr, offsets_ptr, rb, K, cols, col_ok)
+    return _tile_values(values_ptr, start, words, HW)
 
 
 @triton.jit
@@ -148,6 +163,99 @@ def _decode_kernel(idx_ptr, xc_ptr, count_ptr, x_ptr, thr_ptr, bitmap_ptr, offse
 
 
 @triton.jit
+def _tile_fma(acc, xv, bitmap_ptr, offsets_ptr, values_ptr, rb, K, cols, ok, HW: tl.constexpr):
+    """acc [B, BK, 4, 32] += W[rb rows, cols] * xv [B, BK] (weights decompressed from the layout);
+    the sum over the BK columns is left to the caller, once (a reduction per tile would cost a
+    cross-thread exchange per tile)."""
+    w = _load_tile(bitmap_ptr, offsets_ptr, values_ptr, rb, K, cols, ok, HW).to(tl.float32)
+    return acc + w[None, :, :, :] * xv[:, :, None, None]
+
+
+@triton.jit
+def _sorted_tile(acc, order, g: tl.constexpr, x_ptr, thr, bitmap_ptr, offsets_ptr, values_ptr,
+                 rb, c, T, K, BLOCK_B: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                 HW: tl.constexpr):
+    """Tile g of a chunk's sorted column order [C/BK, BK] (entries >= C are inactive columns)."""
+    group = tl.arange(0, C // BK)[:, None]
+    sub = tl.sum(tl.where(group == g, order, 0), axis=0)  # [BK] row g of `order`
+    ok = sub < C
+    cols = c * C + tl.where(ok, sub, 0)
+    b = tl.arange(0, BLOCK_B)
+    xv = tl.load(x_ptr + b[:, None] * K + cols[None, :], mask=(b[:, None] < T) & ok[None, :],
+                 other=0.0).to(tl.float32)
+    xv = tl.where(tl.abs(xv) > thr, xv, 0.0)  # [BLOCK_B, BK] each token's own mask
+    return _tile_fma(acc, xv, bitmap_ptr, offsets_ptr, values_ptr, rb, K, cols, ok, HW)
+
+
+@triton.jit
+def _decode_fused_kernel(x_ptr, thr_ptr, bitmap_ptr, offsets_ptr, values_ptr, bias_ptr, y_ptr,
+                         ws_ptr, arrived_ptr, T, N, K, NUM_CHUNKS,
+                         BLOCK_B: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                         SORT: tl.constexpr, GUARD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HW: tl.constexpr):
+    """The whole decode in one launch: program (rb, c) = row block rb x chunk c of C input columns.
+
+    SORT: the chunk's columns are compacted in registers (a sort puts the active ones first, in
+      column order) and the program runs C/BK tiles of BK of them; with GUARD a tile past the
+      active count is skipped (no ALU work, no bytes), without it the tile runs fully masked (no
+      bytes; the branch-free code lets the compiler issue every tile's loads at once).
+    not SORT: tiles of raw columns, inactive ones masked (GUARD: skip a tile with none active).
+    Reduction without extra launches: partial sums go by fp32 atomics into ws [T, N] (zero
+    between calls); the program that arrives last for its row block (counter arrived[rb]) reads
+    ws back while resetting it to zero (atomic exchange), adds the bias, writes y in y's dtype and
+    resets the counter. So ws and arrived are zero again when the kernel ends."""
+    rb = tl.program_id(0)
+    c = tl.program_id(1)
+    b = tl.arange(0, BLOCK_B)
+    tok = b[:, None] < T  # [BLOCK_B, 1]
+    thr = tl.load(thr_ptr)
+    acc4 = tl.zeros([BLOCK_B, BK, 4, 32], tl.float32)
+    if SORT:
+        local = tl.arange(0, C)
+        cols = c * C + local
+        xin = tl.load(x_ptr + b[:, None] * K + cols[None, :], mask=tok & (cols[None, :] < K),
+                      other=0.0).to(tl.float32)  # [BLOCK_B, C]
+        active = tl.max((tl.abs(xin) > thr).to(tl.int32), axis=0)  # [C] any token (NaN: no)
+        count = tl.sum(active, axis=0)
+        order = tl.reshape(tl.sort(tl.where(active != 0, local, local + C)), [C // BK, BK])
+        for g in tl.static_range(C // BK):
+            if GUARD:
+                if g * BK < count:
+                    acc4 = _sorted_tile(acc4, order, g, x_ptr, thr, bitmap_ptr, offsets_ptr,
+                                       values_ptr, rb, c, T, K, BLOCK_B, C, BK, HW)
+            else:
+                acc4 = _sorted_tile(acc4, order, g, x_ptr, thr, bitmap_ptr, offsets_ptr, values_ptr,
+                                   rb, c, T, K, BLOCK_B, C, BK, HW)
+    else:
+        for g in tl.static_range(C // BK):
+            cg = c * C + g * BK + tl.arange(0, BK)
+            xv = tl.load(x_ptr + b[:, None] * K + cg[None, :], mask=tok & (cg[None, :] < K),
+                         other=0.0).to(tl.float32)
+            xv = tl.where(tl.abs(xv) > thr, xv, 0.0)  # [BLOCK_B, BK]
+            ok = tl.max((xv != 0.0).to(tl.int32), axis=0) != 0  # [BK]
+            if GUARD:
+                if tl.max(ok.to(tl.int32), axis=0) != 0:
+                    acc4 = _tile_fma(acc4, xv, bitmap_ptr, offsets_ptr, values_ptr, rb, K, cg, ok, HW)
+            else:
+                acc4 = _tile_fma(acc4, xv, bitmap_ptr, offsets_ptr, values_ptr, rb, K, cg, ok, HW)
+    acc = tl.sum(acc4, axis=1)  # [BLOCK_B, 4, 32]
+    rows = rb * 128 + tl.arange(0, 4)[:, None] * 32 + tl.arange(0, 32)[None, :]  # [4, 32]
+    offs = b[:, None, None] * N + rows[None, :, :]  # [BLOCK_B, 4, 32]
+    keep = (b[:, None, None] < T) & (rows[None, :, :] < N)
+    tl.atomic_add(ws_ptr + offs, acc, mask=keep, sem="relaxed")
+    tl.debug_barrier()  # every thread's partial sums before the (cumulative) release below
+    if tl.atomic_add(arrived_ptr + rb, 1, sem="acq_rel") == NUM_CHUNKS - 1:  # last for rb
+        # exchange as int32 bits (the same instruction; the interpreter only exchanges integers)
+        ws_bits = ws_ptr.to(tl.pointer_type(tl.int32))
+        total = tl.atomic_xchg(ws_bits + offs, tl.zeros([BLOCK_B, 4, 32], tl.int32), mask=keep)
+        total = total.to(tl.float32, bitcast=True)
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :, :]
+        tl.store(y_ptr + offs, total.to(y_ptr.dtype.element_ty), mask=keep)
+        tl.atomic_xchg(arrived_ptr + rb, 0)
+
+
+@triton.jit
 def _decode_loop_kernel(idx_ptr, xc_ptr, count_ptr, bitmap_ptr, offsets_ptr, values_ptr, out_ptr,
                         T, N, K, NUM_CHUNKS,
                         BLOCK_B: tl.constexpr, BK: tl.constexpr, CPS: tl.constexpr,
@@ -158,7 +266,7 @@ def _decode_loop_kernel(idx_ptr, xc_ptr, count_ptr, bitmap_ptr, offsets_ptr, val
     rb = tl.program_id(0)
     s = tl.program_id(1)
     b = tl.arange(0, BLOCK_B)
-    acc = tl.zeros([BLOCK_B, 4, 32], tl.float32)
+    acc4 = tl.zeros([BLOCK_B, BK, 4, 32], tl.float32)  # summed over BK once, after the loop
     for ci in range(0, CPS):
         c = s * CPS + ci
         cnt = tl.load(count_ptr + c, mask=c < NUM_CHUNKS, other=0)
@@ -170,7 +278,72 @@ def _decode_loop_kernel(idx_ptr, xc_ptr, count_ptr, bitmap_ptr, offsets_ptr, val
             w = _load_tile(bitmap_ptr, offsets_ptr, values_ptr, rb, K, cols, ok, HW).to(tl.float32)
             xv = tl.load(xc_ptr + b[:, None] * K + slot[None, :],
                          mask=(b[:, None] < T) & ok[None, :], other=0.0)  # [BLOCK_B, BK]
-            acc += tl.sum(w[None, :, :, :] * xv[:, :, None, None], axis=1)
+            acc4 += w[None, :, :, :] * xv[:, :, None, None]
+    acc = tl.sum(acc4, axis=1)  # [BLOCK_B, 4, 32]
+    rows = rb * 128 + tl.arange(0, 4)[:, None] * 32 + tl.arange(0, 32)[None, :]  # [4, 32]
+    ptrs = out_ptr + b[:, None, None] * N + rows[None, :, :]
+    tl.atomic_add(ptrs, acc, mask=(b[:, None, None] < T) & (rows[None, :, :] < N))
+
+
+@triton.jit
+def _pipe_slots(t, first, ntile, cnt, chunk, BK: tl.constexpr, CHUNK: tl.constexpr):
+    """Virtual tile t of a program's chunks -> list slots [BK] and their validity (none valid
+    past the last tile: no chunk is selected, so n = 0)."""
+    sel = (t >= first) & (t < first + ntile)  # [CPS]: the chunk holding tile t (none past the end)
+    c = tl.sum(tl.where(sel, chunk, 0), axis=0)
+    j0 = (t - tl.sum(tl.where(sel, first, 0), axis=0)) * BK
+    n = tl.sum(tl.where(sel, cnt, 0), axis=0)
+    jj = j0 + tl.arange(0, BK)
+    return c * CHUNK + jj, jj < n
+
+
+@triton.jit
+def _decode_pipe_kernel(idx_ptr, xc_ptr, count_ptr, bitmap_ptr, offsets_ptr, values_ptr, out_ptr,
+                        T, N, K, NUM_CHUNKS,
+                        BLOCK_B: tl.constexpr, BK: tl.constexpr, CPS: tl.constexpr,
+                        CHUNK: tl.constexpr, HW: tl.constexpr):
+    """The loop decode (program (rb, s) over the active lists of chunks [s*CPS, (s+1)*CPS)),
+    software-pipelined by hand: a tile's loads form a chain (list slot -> column's words and
+    offset -> values), and a plain loop waits for each link. Here iteration t multiplies tile t
+    (values loaded in iteration t-1), issues the values loads of tile t+1 (words from t-1), the
+    words of tile t+2 (columns from t-1) and the list of tile t+3: every load of an iteration is
+    independent of the others, so a program has three tiles of loads in flight."""
+    rb = tl.program_id(0)
+    s = tl.program_id(1)
+    b = tl.arange(0, BLOCK_B)
+    tok = b[:, None] < T
+    chunk = s * CPS + tl.arange(0, CPS)
+    cnt = tl.load(count_ptr + chunk, mask=chunk < NUM_CHUNKS, other=0)  # [CPS]
+    ntile = (cnt + BK - 1) // BK
+    first = tl.cumsum(ntile, axis=0) - ntile  # [CPS] first virtual tile of each chunk
+    total = tl.sum(ntile, axis=0)
+    # prologue: list of tiles 0..2, words of tiles 0..1, values of tile 0
+    slot, ok_a = _pipe_slots(0, first, ntile, cnt, chunk, BK, CHUNK)
+    cols_a = tl.load(idx_ptr + slot, mask=ok_a, other=0)
+    xv_a = tl.load(xc_ptr + b[:, None] * K + slot[None, :], mask=tok & ok_a[None, :], other=0.0)
+    start_b, words_b = _tile_index(bitmap_ptr, offsets_ptr, rb, K, cols_a, ok_a)
+    xv_b = xv_a
+    slot, ok_a = _pipe_slots(1, first, ntile, cnt, chunk, BK, CHUNK)
+    cols_a = tl.load(idx_ptr + slot, mask=ok_a, other=0)
+    xv_a = tl.load(xc_ptr + b[:, None] * K + slot[None, :], mask=tok & ok_a[None, :], other=0.0)
+    w_c = _tile_values(values_ptr, start_b, words_b, HW)
+    xv_c = xv_b
+    start_b, words_b = _tile_index(bitmap_ptr, offsets_ptr, rb, K, cols_a, ok_a)
+    xv_b = xv_a
+    slot, ok_a = _pipe_slots(2, first, ntile, cnt, chunk, BK, CHUNK)
+    cols_a = tl.load(idx_ptr + slot, mask=ok_a, other=0)
+    xv_a = tl.load(xc_ptr + b[:, None] * K + slot[None, :], mask=tok & ok_a[None, :], other=0.0)
+    acc4 = tl.zeros([BLOCK_B, BK, 4, 32], tl.float32)
+    for t in range(0, total):
+        acc4 += w_c.to(tl.float32)[None, :, :, :] * xv_c[:, :, None, None]  # tile t
+        w_c = _tile_values(values_ptr, start_b, words_b, HW)  # tile t+1
+        xv_c = xv_b
+        start_b, words_b = _tile_index(bitmap_ptr, offsets_ptr, rb, K, cols_a, ok_a)  # tile t+2
+        xv_b = xv_a
+        slot, ok_a = _pipe_slots(t + 3, first, ntile, cnt, chunk, BK, CHUNK)  # tile t+3
+        cols_a = tl.load(idx_ptr + slot, mask=ok_a, other=0)
+        xv_a = tl.load(xc_ptr + b[:, None] * K + slot[None, :], mask=tok & ok_a[None, :], other=0.0)
+    acc = tl.sum(acc4, axis=1)  # [BLOCK_B, 4, 32]
     rows = rb * 128 + tl.arange(0, 4)[:, None] * 32 + tl.arange(0, 32)[None, :]  # [4, 32]
     ptrs = out_ptr + b[:, None, None] * N + rows[None, :, :]
     tl.atomic_add(ptrs, acc, mask=(b[:, None, None] < T) & (rows[None, :, :] < N))

@@ -36,6 +36,11 @@ START, END = "<!-- symmetric-table:start -->", "<!-- symmetric-table:end -->"
 log = logging.getLogger("symmetric_table")
 
 
+# DuoGPT's Algorithm 1 as printed (the library default before 2026-11-26; docs/pruning.md "The
+# residual term"): kept as its own rows so that the table shows what the correction changed
+DUOGPT_AS_PRINTED = {"residual_target": "running", "residual_scale": 1.0}
+
+
 def row(method, sparsity, tier, opts=None, refine=None, p_x=0.0, ropts=None):
     opts, ropts = opts or {}, ropts or {}
     parts = [method] + [f"{k}-{v}" for k, v in sorted(opts.items())] + [sparsity.replace(":", "of"), refine or "base"]
@@ -55,6 +60,7 @@ def grid() -> list[dict]:
             rows += [row("wanda", sp, 1, refine=refine), row("ria", sp, 1, refine=refine)]
         rows += [row("stochria", sp, 1, o) for o in seeds]
     rows += [row("duogpt", "0.5", 1, refine=r, p_x=0.5) for r in REFINES]
+    rows += [row("duogpt", "0.5", 1, DUOGPT_AS_PRINTED, refine=r, p_x=0.5) for r in REFINES]
     for sp in SPARSITIES:  # tier 2: SymWanda variants, magnitude; RIA ablations at 50%
         rows += [row("magnitude", sp, 2), row("owanda", sp, 2)]
         rows += [row("symwanda", sp, 2, {"variant": v}) for v in SYMWANDA]
@@ -266,7 +272,10 @@ def tables(res: dict) -> str:
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     out += ["", "DuoGPT at W50% + X50% (activation sparsity by calibrated thresholds at evaluation):", "",
             "| method | base | +DSnoT | +R²-DSnoT |", "|---|---|---|---|",
-            "| DuoGPT | " + " | ".join(_cell(res, "duogpt", "0.5", None, r, 0.5) for r in REFINES) + " |", ""]
+            "| DuoGPT (defaults: residual on the dense weights, scale 0.5) | "
+            + " | ".join(_cell(res, "duogpt", "0.5", None, r, 0.5) for r in REFINES) + " |",
+            "| DuoGPT, Algorithm 1 as printed (residual_target running, scale 1) | "
+            + " | ".join(_cell(res, "duogpt", "0.5", DUOGPT_AS_PRINTED, r, 0.5) for r in REFINES) + " |", ""]
     out += ["Ablations at 50% unstructured (no refinement):", "", "| variant | PPL |", "|---|---|"]
     abl = [("Wanda (RIA's alpha = 1, no relative term, per row)", "wanda", None),
            ("RIA alpha = 0 (RI only)", "ria", {"alpha": 0.0}), ("RIA alpha = 0.5", "ria", None),

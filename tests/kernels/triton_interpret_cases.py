@@ -38,11 +38,24 @@ def main() -> int:
     failures += run_cases(decode({"COMPACT": False, "BK": 16, "num_warps": 4}), decode_cases, "cpu")
     loop = {"LOOP": True, "COMPACT": True, "BK": 8, "CPS": 2, "num_warps": 4}
     failures += run_cases(decode(loop), decode_cases[:4], "cpu")
+    # the pipelined loop: K = 300 and 77 give programs with 0, 1, 2 and more tiles (prologue only,
+    # partial pipelines, tails)
+    for pipe in ({"PIPE": True, "BK": 8, "CPS": 2, "num_warps": 2},
+                 {"PIPE": True, "BK": 16, "CPS": 1, "num_warps": 2}):
+        failures += run_cases(decode(pipe), decode_cases, "cpu")
+    # the one-launch decode: in-register compaction (sort) with and without the tile guard, and
+    # raw column tiles; run twice, since its workspace must be left zeroed for the next call
+    fused = {"FUSED": True, "SORT": True, "GUARD": True, "C": 128, "BK": 32, "num_warps": 4}
+    fused_cfgs = [fused, {**fused, "GUARD": False, "C": 256, "BK": 64},
+                  {**fused, "SORT": False, "GUARD": True}]
+    for cfg in fused_cfgs:
+        failures += run_cases(decode(cfg), decode_cases, "cpu") + run_cases(decode(cfg), decode_cases, "cpu")
     failures += run_cases(gemm({"BK": 32, "SPLIT": 1, "num_warps": 4}), gemm_cases, "cpu")
     failures += run_cases(gemm({"BK": 32, "SPLIT": 3, "num_warps": 4}), gemm_cases[:2], "cpu")
     for f in failures:
         print("FAIL", f)
-    print(f"{2 * len(decode_cases) + len(gemm_cases) + 6} cases, {len(failures)} failures")
+    runs = (4 + 2 * len(fused_cfgs)) * len(decode_cases) + len(gemm_cases) + 6
+    print(f"{runs} cases, {len(failures)} failures")
     return 1 if failures else 0
 
 
