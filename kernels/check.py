@@ -140,10 +140,10 @@ def main(argv=None) -> int:
     cases += [Case(971, 300, t, 0.5, 0.5, dt, bias=False) for t in (1, 17) for dt in dtypes]
     impls = {"op": dual_sparse_linear}  # the tuned defaults behind the public API
     if dev.type == "cuda":  # plus one other configuration of each kernel (split-K, wide tiles)
-        fused = {"FUSED": True, "SORT": True, "GUARD": True, "C": 256, "BK": 32, "num_warps": 4}
-        for cfg in ({"COMPACT": True, "BK": 32, "num_warps": 8},
-                    {"COMPACT": True, "BK": 64, "num_warps": 4},
-                    {"PIPE": True, "BK": 16, "CPS": 2, "num_warps": 2},
+        fused = {"kind": "fused", "SORT": True, "GUARD": True, "C": 256, "BK": 32, "num_warps": 4}
+        for cfg in ({"kind": "compact", "BK": 32, "num_warps": 8},
+                    {"kind": "compact", "BK": 64, "num_warps": 4},
+                    {"kind": "pipe", "BK": 16, "CPS": 2, "num_warps": 2},
                     fused, {**fused, "GUARD": False, "C": 512, "BK": 64, "num_warps": 8},
                     {**fused, "SORT": False, "GUARD": False, "C": 128}):
             impls[f"decode {cfg}"] = lambda x, p, t, b, c=cfg: gpu.decode(
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     for name, impl in impls.items():
         sel = [c for c in cases if not name.startswith("decode") or c.t <= 8]
         fails = run_cases(impl, sel, dev)
-        if "FUSED" in name:  # its workspace must be zero again after every call: run them twice
+        if "fused" in name:  # its workspace must be zero again after every call: run them twice
             fails += run_cases(impl, sel, dev)
         total += len(fails)
         log.info("%s: %d cases, %d failures", name, len(sel), len(fails))

@@ -61,46 +61,48 @@ def _num_sms(device) -> int:
 
 
 def decode(x, bitmap, offsets, values, threshold, bias, n, cfg=None):
-    """x [T, K] (T <= 8) -> y [T, N]: spMspV over the active columns, then bias + cast."""
+    """x [T, K] (T <= 8) -> y [T, N]: spMspV over the active columns, then bias + cast.
+
+    cfg["kind"] picks the kernel (triton_kernels.py): "pipe", "loop" and "compact" run on the
+    active-column lists of _compact_kernel, "raw" masks inactive columns in place, "fused" does
+    everything in one launch. Without cfg the tuned (or default) configuration is used."""
     tk = _kernels()
     t_tokens, k = x.shape
     block_b = _pow2(t_tokens)
     nb = bitmap.shape[0]
-    num_chunks = triton_cdiv(k, tk.CHUNK)
     cfg = cfg or _pick("decode", (n, k, block_b, x.dtype), x.device, lambda c: decode(
         x, bitmap, offsets, values, threshold, bias, n, c), _decode_configs(block_b))
-    bk = cfg["BK"]
-    if cfg.get("FUSED"):
+    kind, bk = cfg["kind"], cfg["BK"]
+    if kind not in DECODE_KINDS:
+        raise ValueError(f"unknown decode kernel kind {kind!r}; expected one of {DECODE_KINDS}")
+    if kind == "fused":
         return _decode_fused(x, bitmap, offsets, values, threshold, bias, n, block_b, cfg)
-    if cfg.get("LOOP") or cfg.get("PIPE") or cfg["COMPACT"]:
-        idx = torch.empty(num_chunks * tk.CHUNK, dtype=torch.int32, device=x.device)  # lists
-        xc = torch.empty(t_tokens, k, dtype=torch.float32, device=x.device)  # [T, K] masked x
-        count = torch.empty(num_chunks, dtype=torch.int32, device=x.device)
-        acc = torch.empty(t_tokens, n, dtype=torch.float32, device=x.device)  # zeroed below
-        tk._compact_kernel[(num_chunks,)](x, threshold, idx, xc, count, acc, t_tokens, k,
-                                          acc.numel(), BLOCK_B=block_b, CHUNK=tk.CHUNK,
-                                          ZERO_BLOCK=256)
-        tiles = num_chunks * (tk.CHUNK // bk)
-        if cfg.get("PIPE"):
-            grid = (nb, triton_cdiv(num_chunks, cfg["CPS"]))
-            tk._decode_pipe_kernel[grid](idx, xc, count, bitmap, offsets, values, acc, t_tokens, n,
-                                         k, num_chunks, BLOCK_B=block_b, BK=bk, CPS=cfg["CPS"],
-                                         CHUNK=tk.CHUNK, HW=tk.HW_POPC, num_warps=cfg["num_warps"])
-            return _finalize(acc, bias, x.dtype)
-        if cfg.get("LOOP"):
-            grid = (nb, triton_cdiv(num_chunks, cfg["CPS"]))
-            tk._decode_loop_kernel[grid](idx, xc, count, bitmap, offsets, values, acc, t_tokens, n,
-                                         k, num_chunks, BLOCK_B=block_b, BK=bk, CPS=cfg["CPS"],
-                                         CHUNK=tk.CHUNK, HW=tk.HW_POPC, num_warps=cfg["num_warps"])
-            return _finalize(acc, bias, x.dtype)
-    else:
-        idx, xc, count = x, x, x  # unused by the raw variant
+    common = dict(BLOCK_B=block_b, BK=bk, CHUNK=tk.CHUNK, HW=tk.HW_POPC, num_warps=cfg["num_warps"])
+    if kind == "raw":
         acc = torch.zeros(t_tokens, n, dtype=torch.float32, device=x.device)  # [T, N]
-        tiles = triton_cdiv(k, bk)
-    tk._decode_kernel[(nb, tiles)](idx, xc, count, x, threshold, bitmap, offsets, values, acc,
-                                   t_tokens, n, k, BLOCK_B=block_b, BK=bk, COMPACT=cfg["COMPACT"],
-                                   CHUNK=tk.CHUNK, HW=tk.HW_POPC, num_warps=cfg["num_warps"])
+        tk._decode_kernel[(nb, triton_cdiv(k, bk))](x, x, x, x, threshold, bitmap, offsets, values,
+                                                   acc, t_tokens, n, k, COMPACT=False, **common)
+        return _finalize(acc, bias, x.dtype)
+    num_chunks = triton_cdiv(k, tk.CHUNK)
+    idx = torch.empty(num_chunks * tk.CHUNK, dtype=torch.int32, device=x.device)  # chunk lists
+    xc = torch.empty(t_tokens, k, dtype=torch.float32, device=x.device)  # [T, K] masked x
+    count = torch.empty(num_chunks, dtype=torch.int32, device=x.device)
+    acc = torch.empty(t_tokens, n, dtype=torch.float32, device=x.device)  # zeroed by _compact
+    tk._compact_kernel[(num_chunks,)](x, threshold, idx, xc, count, acc, t_tokens, k, acc.numel(),
+                                      BLOCK_B=block_b, CHUNK=tk.CHUNK, ZERO_BLOCK=256)
+    if kind == "compact":
+        tk._decode_kernel[(nb, num_chunks * (tk.CHUNK // bk))](
+            idx, xc, count, x, threshold, bitmap, offsets, values, acc, t_tokens, n, k,
+            COMPACT=True, **common)
+    else:  # "loop" / "pipe": program (row block, CPS chunks)
+        kernel = tk._decode_pipe_kernel if kind == "pipe" else tk._decode_loop_kernel
+        kernel[(nb, triton_cdiv(num_chunks, cfg["CPS"]))](
+            idx, xc, count, bitmap, offsets, values, acc, t_tokens, n, k, num_chunks,
+            CPS=cfg["CPS"], **common)
     return _finalize(acc, bias, x.dtype)
+
+
+DECODE_KINDS = ("pipe", "loop", "compact", "raw", "fused")
 
 
 def _decode_fused(x, bitmap, offsets, values, threshold, bias, n, block_b, cfg):
@@ -258,15 +260,15 @@ def _decode_configs(block_b: int) -> list[dict]:
     15-25%, wider tiles more. The losers of that table (8 warps, fused chunks of 256/512,
     unguarded fused tiles) are no longer timed."""
     fit = lambda bk: max(4, bk // block_b)  # noqa: E731  BLOCK_B * BK * 128 products in registers
-    out = [{"PIPE": True, "BK": fit(16), "CPS": 2, "num_warps": 2},
-           {"COMPACT": True, "BK": fit(16), "num_warps": 2},
-           {"PIPE": True, "BK": fit(16), "CPS": 1, "num_warps": 2},
-           {"PIPE": True, "BK": fit(16), "CPS": 4, "num_warps": 2},
-           {"COMPACT": True, "BK": fit(32), "num_warps": 2},
-           {"COMPACT": True, "BK": fit(16), "num_warps": 4},
-           {"LOOP": True, "COMPACT": True, "BK": fit(32), "CPS": 1, "num_warps": 4},
-           {"FUSED": True, "SORT": True, "GUARD": True, "C": 128, "BK": fit(32), "num_warps": 4},
-           {"FUSED": True, "SORT": True, "GUARD": True, "C": 128, "BK": fit(32), "num_warps": 2}]
+    out = [{"kind": "pipe", "BK": fit(16), "CPS": 2, "num_warps": 2},
+           {"kind": "compact", "BK": fit(16), "num_warps": 2},
+           {"kind": "pipe", "BK": fit(16), "CPS": 1, "num_warps": 2},
+           {"kind": "pipe", "BK": fit(16), "CPS": 4, "num_warps": 2},
+           {"kind": "compact", "BK": fit(32), "num_warps": 2},
+           {"kind": "compact", "BK": fit(16), "num_warps": 4},
+           {"kind": "loop", "BK": fit(32), "CPS": 1, "num_warps": 4},
+           {"kind": "fused", "SORT": True, "GUARD": True, "C": 128, "BK": fit(32), "num_warps": 4},
+           {"kind": "fused", "SORT": True, "GUARD": True, "C": 128, "BK": fit(32), "num_warps": 2}]
     return out
 
 
