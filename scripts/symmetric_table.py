@@ -246,7 +246,13 @@ def _cell(res: dict, method: str, sp: str, opts=None, refine=None, p_x=0.0, ropt
         std = statistics.stdev(vals) if len(vals) > 1 else float("nan")
         return f"{statistics.fmean(vals):.2f} ± {std:.2f}" + ("" if len(vals) == 3 else f" (n={len(vals)})")
     r = res.get(row(method, sp, 0, opts, refine, p_x, ropts)["key"])
-    return f"{r['ppl']:.2f}" if r else "n/r"
+    return f"{r['ppl']:.2f}{_other_device_mark(res, r)}" if r else "n/r"
+
+
+def _other_device_mark(res: dict, r: dict) -> str:
+    """A dagger on rows run on another device than the dense reference (see the table's note)."""
+    dense_device = res.get("dense", {}).get("settings", {}).get("device")
+    return " †" if dense_device and r.get("settings", {}).get("device") != dense_device else ""
 
 
 MAIN_ROWS = [("Magnitude", "magnitude", None), ("Wanda", "wanda", None), ("RIA (alpha 0.5)", "ria", None),
@@ -264,7 +270,9 @@ def tables(res: dict) -> str:
            f" evaluation {st.get('eval', '?')} at seqlen {st.get('eval_seqlen')}, first {st.get('max_windows')} "
            f"windows, fp32; device {st.get('device')}.",
            "", f"Dense: **{dense['ppl']:.2f}**" if dense else "Dense: n/r", "",
-           "WikiText-2 perplexity (lower is better); n/r = not run (see \"What was not run\").", ""]
+           "WikiText-2 perplexity (lower is better); n/r = not run (see \"What was not run\"); † = run on "
+           "another device than the dense reference (same settings and code; each row's device is in its "
+           "results/*.json).", ""]
     head = "| method | " + " | ".join(f"{sp} {name}" for sp in SPARSITIES for name in ("base", "+DSnoT", "+R²-DSnoT"))
     out += [head + " |", "|---" * (1 + 3 * len(SPARSITIES)) + "|"]
     for label, method, opts in MAIN_ROWS:
