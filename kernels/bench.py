@@ -191,28 +191,34 @@ def run_sweep(args, device, timer, bw, sink) -> list[dict]:
     return rows
 
 
-def run_cutover(args, device, timer, sink) -> list[dict]:
-    """Per batch size: the sparse path vs the GEMM path at p_w = p_x = 0.5 (picks the cutover)."""
+def half_sparse_points(args, device):
+    """(n, k, dense w, packed w, batch, x, threshold) for every shape and batch at p_w = p_x = 0.5."""
     dtype = DTYPES[args.dtype]
-    rows = []
     for n, k in args.shapes:
         w = make_weight(n, k, 0.5, dtype, device)
         p = pack_dense(w)
         for b in args.batch:
             x, thr = make_input(b, k, 0.5, dtype, device)
-            dense = timer(lambda: torch.matmul(x, w.t()))
-            if device.type == "cuda":
-                sparse = timer(lambda: gpu.decode(x, p.bitmap, p.offsets, p.values, thr, None, n)) \
-                    if b <= 8 else float("nan")
-                dense_path = timer(lambda: gpu.gemm(x, p.bitmap, p.offsets, p.values, thr, None, n))
-            else:
-                sparse = timer(lambda: cpu.spmspv(x, p.bitmap, p.offsets, p.values, thr, None, n))
-                dense_path = timer(lambda: cpu.tiled(x, p.bitmap, p.offsets, p.values, thr, None, n))
-            rows.append(dict(n=n, k=k, batch=b, dense_us=dense * 1e6, sparse_us=sparse * 1e6,
-                             gemm_us=dense_path * 1e6))
-            sink(f"| {n}x{k} | {b} | {dense * 1e6:.1f} | {sparse * 1e6:.1f} | {dense_path * 1e6:.1f} |")
-            print(f"{n:>6}x{k:<6} B={b:<4} dense {dense * 1e6:9.1f} us  sparse-path {sparse * 1e6:9.1f} us"
-                  f"  gemm/tiled-path {dense_path * 1e6:9.1f} us", flush=True)
+            yield n, k, w, p, b, x, thr
+
+
+def run_cutover(args, device, timer, sink) -> list[dict]:
+    """Per batch size: the sparse path vs the GEMM path at p_w = p_x = 0.5 (picks the cutover)."""
+    rows = []
+    for n, k, w, p, b, x, thr in half_sparse_points(args, device):
+        dense = timer(lambda: torch.matmul(x, w.t()))
+        if device.type == "cuda":
+            sparse = timer(lambda: gpu.decode(x, p.bitmap, p.offsets, p.values, thr, None, n)) \
+                if b <= 8 else float("nan")
+            dense_path = timer(lambda: gpu.gemm(x, p.bitmap, p.offsets, p.values, thr, None, n))
+        else:
+            sparse = timer(lambda: cpu.spmspv(x, p.bitmap, p.offsets, p.values, thr, None, n))
+            dense_path = timer(lambda: cpu.tiled(x, p.bitmap, p.offsets, p.values, thr, None, n))
+        rows.append(dict(n=n, k=k, batch=b, dense_us=dense * 1e6, sparse_us=sparse * 1e6,
+                         gemm_us=dense_path * 1e6))
+        sink(f"| {n}x{k} | {b} | {dense * 1e6:.1f} | {sparse * 1e6:.1f} | {dense_path * 1e6:.1f} |")
+        print(f"{n:>6}x{k:<6} B={b:<4} dense {dense * 1e6:9.1f} us  sparse-path {sparse * 1e6:9.1f} us"
+              f"  gemm/tiled-path {dense_path * 1e6:9.1f} us", flush=True)
     return rows
 
 
@@ -221,33 +227,28 @@ def run_variants(args, device, timer, sink) -> list[dict]:
     (p_w = p_x = 0.5), against cuBLAS and the GEMM path in the same run: which variant wins where."""
     if device.type != "cuda":
         raise SystemExit("--variants times the CUDA decode kernels: use --device cuda")
-    dtype = DTYPES[args.dtype]
     rows = []
-    for n, k in args.shapes:
-        w = make_weight(n, k, 0.5, dtype, device)
-        p = pack_dense(w)
-        for b in args.batch:
-            x, thr = make_input(b, k, 0.5, dtype, device)
-            dense = timer(lambda: torch.matmul(x, w.t()))
-            gemm_t = timer(lambda: gpu.gemm(x, p.bitmap, p.offsets, p.values, thr, None, n))
-            block_b = 1 << max(0, (b - 1).bit_length())
-            for cfg in gpu._decode_configs(block_b):
-                try:
-                    t = timer(lambda c=cfg: gpu.decode(x, p.bitmap, p.offsets, p.values, thr, None, n, cfg=c))
-                except Exception as exc:  # a config that does not compile or run here
-                    print(f"{n}x{k} B={b} {cfg}: {type(exc).__name__}: {exc}", flush=True)
-                    continue
-                name = " ".join(f"{key}={val}" for key, val in cfg.items())
-                rows.append(dict(n=n, k=k, batch=b, cfg=name, us=t * 1e6, dense_us=dense * 1e6))
-                sink(f"| {n}x{k} | {b} | {name} | {dense * 1e6:.1f} | {gemm_t * 1e6:.1f} | {t * 1e6:.1f} | "
-                     f"**{dense / t:.2f}x** |")
-                print(f"{n:>6}x{k:<6} B={b:<3} dense {dense * 1e6:7.1f} us  gemm {gemm_t * 1e6:7.1f} us  "
-                      f"decode {t * 1e6:7.1f} us  x{dense / t:5.2f}  {name}", flush=True)
-            best = min((r for r in rows if (r["n"], r["k"], r["batch"]) == (n, k, b)),
-                       key=lambda r: r["us"], default=None)
-            if best:
-                print(f"# best {n}x{k} B={b}: {best['us']:.1f} us ({dense * 1e6 / best['us']:.2f}x): "
-                      f"{best['cfg']}", flush=True)
+    for n, k, w, p, b, x, thr in half_sparse_points(args, device):
+        dense = timer(lambda: torch.matmul(x, w.t()))
+        gemm_t = timer(lambda: gpu.gemm(x, p.bitmap, p.offsets, p.values, thr, None, n))
+        block_b = 1 << max(0, (b - 1).bit_length())
+        for cfg in gpu._decode_configs(block_b):
+            try:
+                t = timer(lambda c=cfg: gpu.decode(x, p.bitmap, p.offsets, p.values, thr, None, n, cfg=c))
+            except Exception as exc:  # a config that does not compile or run here
+                print(f"{n}x{k} B={b} {cfg}: {type(exc).__name__}: {exc}", flush=True)
+                continue
+            name = " ".join(f"{key}={val}" for key, val in cfg.items())
+            rows.append(dict(n=n, k=k, batch=b, cfg=name, us=t * 1e6, dense_us=dense * 1e6))
+            sink(f"| {n}x{k} | {b} | {name} | {dense * 1e6:.1f} | {gemm_t * 1e6:.1f} | {t * 1e6:.1f} | "
+                 f"**{dense / t:.2f}x** |")
+            print(f"{n:>6}x{k:<6} B={b:<3} dense {dense * 1e6:7.1f} us  gemm {gemm_t * 1e6:7.1f} us  "
+                  f"decode {t * 1e6:7.1f} us  x{dense / t:5.2f}  {name}", flush=True)
+        best = min((r for r in rows if (r["n"], r["k"], r["batch"]) == (n, k, b)),
+                   key=lambda r: r["us"], default=None)
+        if best:
+            print(f"# best {n}x{k} B={b}: {best['us']:.1f} us ({dense * 1e6 / best['us']:.2f}x): "
+                  f"{best['cfg']}", flush=True)
     return rows
 
 

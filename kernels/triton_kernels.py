@@ -93,6 +93,15 @@ def _load_tile(bitmap_ptr, offsets_ptr, values_ptr, rb, K, cols, col_ok, HW: tl.
 
 
 @triton.jit
+def _add_row_block(out_ptr, acc, rb, T, N, BLOCK_B: tl.constexpr):
+    """out[t, rb*128 + r] += acc[t, r // 32, r % 32] (fp32 atomics; rows >= N and tokens >= T masked)."""
+    b = tl.arange(0, BLOCK_B)
+    rows = rb * 128 + tl.arange(0, 4)[:, None] * 32 + tl.arange(0, 32)[None, :]  # [4, 32]
+    ptrs = out_ptr + b[:, None, None] * N + rows[None, :, :]
+    tl.atomic_add(ptrs, acc, mask=(b[:, None, None] < T) & (rows[None, :, :] < N))
+
+
+@triton.jit
 def _compact_kernel(x_ptr, thr_ptr, idx_ptr, xc_ptr, count_ptr, out_ptr, T, K, OUT_NUMEL,
                     BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, ZERO_BLOCK: tl.constexpr):
     """Per chunk of CHUNK columns: active column list idx [K], masked inputs xc [T, K] fp32
@@ -157,9 +166,7 @@ def _decode_kernel(idx_ptr, xc_ptr, count_ptr, x_ptr, thr_ptr, bitmap_ptr, offse
             ok = tl.max((xv != 0.0).to(tl.int32), axis=0) != 0  # [BK] column needed by some token
         w = _load_tile(bitmap_ptr, offsets_ptr, values_ptr, rb, K, cols, ok, HW).to(tl.float32)
         acc = tl.sum(w[None, :, :, :] * xv[:, :, None, None], axis=1)  # [BLOCK_B, 4, 32]
-        rows = rb * 128 + tl.arange(0, 4)[:, None] * 32 + tl.arange(0, 32)[None, :]  # [4, 32]
-        ptrs = out_ptr + b[:, None, None] * N + rows[None, :, :]
-        tl.atomic_add(ptrs, acc, mask=(b[:, None, None] < T) & (rows[None, :, :] < N))
+        _add_row_block(out_ptr, acc, rb, T, N, BLOCK_B)
 
 
 @triton.jit
@@ -280,9 +287,7 @@ def _decode_loop_kernel(idx_ptr, xc_ptr, count_ptr, bitmap_ptr, offsets_ptr, val
                          mask=(b[:, None] < T) & ok[None, :], other=0.0)  # [BLOCK_B, BK]
             acc4 += w[None, :, :, :] * xv[:, :, None, None]
     acc = tl.sum(acc4, axis=1)  # [BLOCK_B, 4, 32]
-    rows = rb * 128 + tl.arange(0, 4)[:, None] * 32 + tl.arange(0, 32)[None, :]  # [4, 32]
-    ptrs = out_ptr + b[:, None, None] * N + rows[None, :, :]
-    tl.atomic_add(ptrs, acc, mask=(b[:, None, None] < T) & (rows[None, :, :] < N))
+    _add_row_block(out_ptr, acc, rb, T, N, BLOCK_B)
 
 
 @triton.jit
@@ -344,9 +349,7 @@ def _decode_pipe_kernel(idx_ptr, xc_ptr, count_ptr, bitmap_ptr, offsets_ptr, val
         cols_a = tl.load(idx_ptr + slot, mask=ok_a, other=0)
         xv_a = tl.load(xc_ptr + b[:, None] * K + slot[None, :], mask=tok & ok_a[None, :], other=0.0)
     acc = tl.sum(acc4, axis=1)  # [BLOCK_B, 4, 32]
-    rows = rb * 128 + tl.arange(0, 4)[:, None] * 32 + tl.arange(0, 32)[None, :]  # [4, 32]
-    ptrs = out_ptr + b[:, None, None] * N + rows[None, :, :]
-    tl.atomic_add(ptrs, acc, mask=(b[:, None, None] < T) & (rows[None, :, :] < N))
+    _add_row_block(out_ptr, acc, rb, T, N, BLOCK_B)
 
 
 @triton.jit
