@@ -211,8 +211,10 @@ def test_client_that_goes_away_frees_the_server(server, stream):
     """A client that disconnects (mid-stream, or by timing out on a whole response) leaks no work."""
     wait_idle(server)
     tokens_before = prometheus(server, "vllm:generation_tokens_total")
+    latency_before = prometheus(server, "vllm:e2e_request_latency_seconds_sum")
     body = client.build_payload("completions", "tiny", "Once upon a time", 480, stream=stream)
     if stream:
+        t_sent = time.monotonic()
         resp = requests.post(server + "/v1/completions", json=body, headers=client.headers(API_KEY), stream=True,
                              timeout=30)
         lines = resp.iter_lines()
@@ -221,6 +223,7 @@ def test_client_that_goes_away_frees_the_server(server, stream):
             if next(lines).startswith(b"data:"):
                 received += 1
         resp.close()  # the client goes away mid-stream
+        t_gone = time.monotonic() - t_sent
     else:
         try:
             requests.post(server + "/v1/completions", json=body, headers=client.headers(API_KEY), timeout=(5, 0.2))
@@ -232,6 +235,13 @@ def test_client_that_goes_away_frees_the_server(server, stream):
             pytest.skip("the server answered the whole request before the client's timeout")
     assert wait_idle(server, timeout=10) < 10
     generated = prometheus(server, "vllm:generation_tokens_total") - tokens_before
+    if stream and generated >= 480 / 2:
+        # On a busy machine the tiny model can outrun a starved client: if the client left only after
+        # the server had spent half of the request's time, there was not much left to free. A server
+        # that ignores disconnects still fails: its request lasts far longer than the client stayed.
+        latency = prometheus(server, "vllm:e2e_request_latency_seconds_sum") - latency_before
+        if t_gone > latency / 2:
+            pytest.skip(f"the client left after {t_gone:.2f} s of a {latency:.2f} s request")
     assert generated < 480 / 2, f"the server kept generating for a gone client ({generated:.0f} tokens)"
 
 
