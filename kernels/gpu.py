@@ -8,8 +8,8 @@ The cutover is measured, not guessed: for T <= 8 the first call per (shape, dtyp
 times both paths and keeps the faster (`python -m duoserve.kernels.bench --device cuda --cutover`
 prints both; docs/kernels.md has the run). Kernel configurations are tuned the same way. Timings
 are CUDA-graph replays (time_call), as vLLM runs decode. Nothing is timed while a CUDA graph is
-being captured (defaults are used then), so vLLM's warm-up runs do the measuring before capture. DUOSERVE_GPU_TUNE=0 turns both off. Works on CPU tensors under
-TRITON_INTERPRET=1 (tests).
+being captured (defaults are used then), so vLLM's warm-up runs do the measuring before capture.
+DUOSERVE_GPU_TUNE=0 turns both off. Works on CPU tensors under TRITON_INTERPRET=1 (tests).
 """
 from __future__ import annotations
 
