@@ -64,8 +64,7 @@ def decode(x, bitmap, offsets, values, threshold, bias, n, cfg=None):
     """x [T, K] (T <= 8) -> y [T, N]: spMspV over the active columns, then bias + cast.
 
     cfg["kind"] picks the kernel (triton_kernels.py): "pipe", "loop" and "compact" run on the
-    active-column lists of _compact_kernel, "raw" masks inactive columns in place, "fused" does
-    everything in one launch. Without cfg the tuned (or default) configuration is used."""
+    active-column lists of _compact_kernel, "fused" does everything in one launch. Without cfg the tuned (or default) configuration is used."""
     tk = _kernels()
     t_tokens, k = x.shape
     block_b = _pow2(t_tokens)
@@ -78,11 +77,6 @@ def decode(x, bitmap, offsets, values, threshold, bias, n, cfg=None):
     if kind == "fused":
         return _decode_fused(x, bitmap, offsets, values, threshold, bias, n, block_b, cfg)
     common = dict(BLOCK_B=block_b, BK=bk, CHUNK=tk.CHUNK, HW=tk.HW_POPC, num_warps=cfg["num_warps"])
-    if kind == "raw":
-        acc = torch.zeros(t_tokens, n, dtype=torch.float32, device=x.device)  # [T, N]
-        tk._decode_kernel[(nb, triton_cdiv(k, bk))](x, x, x, x, threshold, bitmap, offsets, values,
-                                                   acc, t_tokens, n, k, COMPACT=False, **common)
-        return _finalize(acc, bias, x.dtype)
     num_chunks = triton_cdiv(k, tk.CHUNK)
     idx = torch.empty(num_chunks * tk.CHUNK, dtype=torch.int32, device=x.device)  # chunk lists
     xc = torch.empty(t_tokens, k, dtype=torch.float32, device=x.device)  # [T, K] masked x
@@ -92,8 +86,7 @@ def decode(x, bitmap, offsets, values, threshold, bias, n, cfg=None):
                                       BLOCK_B=block_b, CHUNK=tk.CHUNK, ZERO_BLOCK=256)
     if kind == "compact":
         tk._decode_kernel[(nb, num_chunks * (tk.CHUNK // bk))](
-            idx, xc, count, x, threshold, bitmap, offsets, values, acc, t_tokens, n, k,
-            COMPACT=True, **common)
+            idx, xc, count, bitmap, offsets, values, acc, t_tokens, n, k, **common)
     else:  # "loop" / "pipe": program (row block, CPS chunks)
         kernel = tk._decode_pipe_kernel if kind == "pipe" else tk._decode_loop_kernel
         kernel[(nb, triton_cdiv(num_chunks, cfg["CPS"]))](
@@ -102,7 +95,7 @@ def decode(x, bitmap, offsets, values, threshold, bias, n, cfg=None):
     return _finalize(acc, bias, x.dtype)
 
 
-DECODE_KINDS = ("pipe", "loop", "compact", "raw", "fused")
+DECODE_KINDS = ("pipe", "loop", "compact", "fused")
 
 
 def _decode_fused(x, bitmap, offsets, values, threshold, bias, n, block_b, cfg):
@@ -115,8 +108,8 @@ def _decode_fused(x, bitmap, offsets, values, threshold, bias, n, block_b, cfg):
     y = torch.empty(t_tokens, n, dtype=x.dtype, device=x.device)  # [T, N], every element written
     tk._decode_fused_kernel[(nb, chunks)](
         x, threshold, bitmap, offsets, values, bias if bias is not None else y, y, ws, arrived,
-        t_tokens, n, k, chunks, BLOCK_B=block_b, C=cfg["C"], BK=cfg["BK"], SORT=cfg["SORT"],
-        GUARD=cfg["GUARD"], HAS_BIAS=bias is not None, HW=tk.HW_POPC, num_warps=cfg["num_warps"])
+        t_tokens, n, k, chunks, BLOCK_B=block_b, C=cfg["C"], BK=cfg["BK"],
+        HAS_BIAS=bias is not None, HW=tk.HW_POPC, num_warps=cfg["num_warps"])
     return y
 
 
@@ -267,8 +260,8 @@ def _decode_configs(block_b: int) -> list[dict]:
            {"kind": "compact", "BK": fit(32), "num_warps": 2},
            {"kind": "compact", "BK": fit(16), "num_warps": 4},
            {"kind": "loop", "BK": fit(32), "CPS": 1, "num_warps": 4},
-           {"kind": "fused", "SORT": True, "GUARD": True, "C": 128, "BK": fit(32), "num_warps": 4},
-           {"kind": "fused", "SORT": True, "GUARD": True, "C": 128, "BK": fit(32), "num_warps": 2}]
+           {"kind": "fused", "C": 128, "BK": fit(32), "num_warps": 4},
+           {"kind": "fused", "C": 128, "BK": fit(32), "num_warps": 2}]
     return out
 
 

@@ -8,15 +8,14 @@ sits at values[offsets[rb, k] + popc(words before w) + popc(bitmap[rb, k, w] & (
 A tile of BK columns is decompressed as a [BK, 4, 32] block (word, lane), so every lane finds its
 value with one masked popcount and one load; absent weights are masked loads (no bytes read).
 
-Decode (T <= DECODE_MAX_TOKENS), no host sync, fixed shapes (CUDA-graph safe), two variants
-(the tuner times both per shape):
+Decode (T <= DECODE_MAX_TOKENS), no host sync, fixed shapes (CUDA-graph safe); the tuner times
+the variants per shape (gpu._decode_configs):
   compact: 1. _compact_kernel, one program per CHUNK = 256 input columns: the columns active for
      at least one token are listed chunk-locally (cumsum of the any-token mask), with the tokens'
      masked inputs in fp32 (exact per-token masking), and count[chunk]; it zeroes the output too.
      2. _decode_kernel, grid (row blocks, tiles of BK list slots): a tile past its chunk's count
      does nothing, so an inactive column costs neither ALU work nor weight bytes.
-  raw: _decode_kernel on tiles of BK raw columns, inactive ones masked (no bytes, idle lanes).
-  Both: one tile per program (split-K to the limit) so that many independent load chains are in
+  One tile per program (split-K to the limit) so that many independent load chains are in
   flight; fp32 atomics combine the tiles; _finalize_kernel adds the bias and casts.
   loop (_decode_loop_kernel, the first version): compact lists, each program loops over CPS chunks.
   pipe (_decode_pipe_kernel): the loop, software-pipelined by hand (three tiles of loads in
@@ -128,42 +127,28 @@ def _compact_kernel(x_ptr, thr_ptr, idx_ptr, xc_ptr, count_ptr, out_ptr, T, K, O
 
 
 @triton.jit
-def _decode_kernel(idx_ptr, xc_ptr, count_ptr, x_ptr, thr_ptr, bitmap_ptr, offsets_ptr, values_ptr,
-                   out_ptr, T, N, K,
-                   BLOCK_B: tl.constexpr, BK: tl.constexpr, COMPACT: tl.constexpr,
-                   CHUNK: tl.constexpr, HW: tl.constexpr):
-    """out[t, rb*128 + r] += the contribution of one tile of BK input columns (one per program).
+def _decode_kernel(idx_ptr, xc_ptr, count_ptr, bitmap_ptr, offsets_ptr, values_ptr, out_ptr,
+                   T, N, K, BLOCK_B: tl.constexpr, BK: tl.constexpr, CHUNK: tl.constexpr,
+                   HW: tl.constexpr):
+    """out[t, rb*128 + r] += the contribution of one tile of BK listed columns (one per program).
 
     One tile per program (no loop): a tile's loads form one dependent chain (list -> bitmap ->
-    values) whose latency the GPU hides across many resident programs; a loop would serialize it.
-    COMPACT: program (rb, q) takes slots [sub*BK, sub*BK + BK) of chunk q // (CHUNK/BK)'s active list
-      and does nothing when the list is shorter (inactive columns cost no ALU work, no bytes).
-    not COMPACT: program (rb, q) takes raw columns [q*BK, q*BK + BK) and masks the inactive ones
-      (no bytes read for them, but their lanes idle): no compaction launch."""
+    values) whose latency the GPU hides across many resident programs. Program (rb, q) takes
+    slots [sub*BK, sub*BK + BK) of chunk q // (CHUNK/BK)'s active list and does nothing when the
+    list is shorter (inactive columns cost no ALU work, no bytes)."""
     rb = tl.program_id(0)
     q = tl.program_id(1)
     b = tl.arange(0, BLOCK_B)
     jj = tl.arange(0, BK)
-    if COMPACT:
-        c = q // (CHUNK // BK)
-        j0 = (q % (CHUNK // BK)) * BK
-        cnt = tl.load(count_ptr + c)
-        run = j0 < cnt
-    else:
-        run = q * BK < K
-    if run:
-        if COMPACT:
-            ok = j0 + jj < cnt
-            slot = c * CHUNK + j0 + jj  # [BK] slots in the chunk's list
-            cols = tl.load(idx_ptr + slot, mask=ok, other=0)  # [BK]
-            xv = tl.load(xc_ptr + b[:, None] * K + slot[None, :],
-                         mask=(b[:, None] < T) & ok[None, :], other=0.0)  # [BLOCK_B, BK] masked
-        else:
-            cols = q * BK + jj  # [BK]
-            inside = (b[:, None] < T) & (cols[None, :] < K)
-            xv = tl.load(x_ptr + b[:, None] * K + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-            xv = tl.where(tl.abs(xv) > tl.load(thr_ptr), xv, 0.0)  # [BLOCK_B, BK]
-            ok = tl.max((xv != 0.0).to(tl.int32), axis=0) != 0  # [BK] column needed by some token
+    c = q // (CHUNK // BK)
+    j0 = (q % (CHUNK // BK)) * BK
+    cnt = tl.load(count_ptr + c)
+    if j0 < cnt:
+        ok = j0 + jj < cnt
+        slot = c * CHUNK + j0 + jj  # [BK] slots in the chunk's list
+        cols = tl.load(idx_ptr + slot, mask=ok, other=0)  # [BK]
+        xv = tl.load(xc_ptr + b[:, None] * K + slot[None, :],
+                     mask=(b[:, None] < T) & ok[None, :], other=0.0)  # [BLOCK_B, BK] masked
         w = _load_tile(bitmap_ptr, offsets_ptr, values_ptr, rb, K, cols, ok, HW).to(tl.float32)
         acc = tl.sum(w[None, :, :, :] * xv[:, :, None, None], axis=1)  # [BLOCK_B, 4, 32]
         _add_row_block(out_ptr, acc, rb, T, N, BLOCK_B)
@@ -198,15 +183,11 @@ def _sorted_tile(acc, order, g: tl.constexpr, x_ptr, thr, bitmap_ptr, offsets_pt
 def _decode_fused_kernel(x_ptr, thr_ptr, bitmap_ptr, offsets_ptr, values_ptr, bias_ptr, y_ptr,
                          ws_ptr, arrived_ptr, T, N, K, NUM_CHUNKS,
                          BLOCK_B: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                         SORT: tl.constexpr, GUARD: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         HW: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, HW: tl.constexpr):
     """The whole decode in one launch: program (rb, c) = row block rb x chunk c of C input columns.
 
-    SORT: the chunk's columns are compacted in registers (a sort puts the active ones first, in
-      column order) and the program runs C/BK tiles of BK of them; with GUARD a tile past the
-      active count is skipped (no ALU work, no bytes), without it the tile runs fully masked (no
-      bytes; the branch-free code lets the compiler issue every tile's loads at once).
-    not SORT: tiles of raw columns, inactive ones masked (GUARD: skip a tile with none active).
+    The chunk's columns are compacted in registers (a sort puts the active ones first, in column
+    order) and the program runs its tiles of BK of them, skipping those past the active count.
     Reduction without extra launches: partial sums go by fp32 atomics into ws [T, N] (zero
     between calls); the program that arrives last for its row block (counter arrived[rb]) reads
     ws back while resetting it to zero (atomic exchange), adds the bias, writes y in y's dtype and
@@ -217,34 +198,17 @@ def _decode_fused_kernel(x_ptr, thr_ptr, bitmap_ptr, offsets_ptr, values_ptr, bi
     tok = b[:, None] < T  # [BLOCK_B, 1]
     thr = tl.load(thr_ptr)
     acc4 = tl.zeros([BLOCK_B, BK, 4, 32], tl.float32)
-    if SORT:
-        local = tl.arange(0, C)
-        cols = c * C + local
-        xin = tl.load(x_ptr + b[:, None] * K + cols[None, :], mask=tok & (cols[None, :] < K),
-                      other=0.0).to(tl.float32)  # [BLOCK_B, C]
-        active = tl.max((tl.abs(xin) > thr).to(tl.int32), axis=0)  # [C] any token (NaN: no)
-        count = tl.sum(active, axis=0)
-        order = tl.reshape(tl.sort(tl.where(active != 0, local, local + C)), [C // BK, BK])
-        for g in tl.static_range(C // BK):
-            if GUARD:
-                if g * BK < count:
-                    acc4 = _sorted_tile(acc4, order, g, x_ptr, thr, bitmap_ptr, offsets_ptr,
-                                       values_ptr, rb, c, T, K, BLOCK_B, C, BK, HW)
-            else:
-                acc4 = _sorted_tile(acc4, order, g, x_ptr, thr, bitmap_ptr, offsets_ptr, values_ptr,
-                                   rb, c, T, K, BLOCK_B, C, BK, HW)
-    else:
-        for g in tl.static_range(C // BK):
-            cg = c * C + g * BK + tl.arange(0, BK)
-            xv = tl.load(x_ptr + b[:, None] * K + cg[None, :], mask=tok & (cg[None, :] < K),
-                         other=0.0).to(tl.float32)
-            xv = tl.where(tl.abs(xv) > thr, xv, 0.0)  # [BLOCK_B, BK]
-            ok = tl.max((xv != 0.0).to(tl.int32), axis=0) != 0  # [BK]
-            if GUARD:
-                if tl.max(ok.to(tl.int32), axis=0) != 0:
-                    acc4 = _tile_fma(acc4, xv, bitmap_ptr, offsets_ptr, values_ptr, rb, K, cg, ok, HW)
-            else:
-                acc4 = _tile_fma(acc4, xv, bitmap_ptr, offsets_ptr, values_ptr, rb, K, cg, ok, HW)
+    local = tl.arange(0, C)
+    cols = c * C + local
+    xin = tl.load(x_ptr + b[:, None] * K + cols[None, :], mask=tok & (cols[None, :] < K),
+                  other=0.0).to(tl.float32)  # [BLOCK_B, C]
+    active = tl.max((tl.abs(xin) > thr).to(tl.int32), axis=0)  # [C] any token (NaN: no)
+    count = tl.sum(active, axis=0)
+    order = tl.reshape(tl.sort(tl.where(active != 0, local, local + C)), [C // BK, BK])
+    for g in tl.static_range(C // BK):
+        if g * BK < count:
+            acc4 = _sorted_tile(acc4, order, g, x_ptr, thr, bitmap_ptr, offsets_ptr, values_ptr,
+                                rb, c, T, K, BLOCK_B, C, BK, HW)
     acc = tl.sum(acc4, axis=1)  # [BLOCK_B, 4, 32]
     rows = rb * 128 + tl.arange(0, 4)[:, None] * 32 + tl.arange(0, 32)[None, :]  # [4, 32]
     offs = b[:, None, None] * N + rows[None, :, :]  # [BLOCK_B, 4, 32]

@@ -12,8 +12,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 LISTS = {"idx_ptr": "*i32", "xc_ptr": "*fp32", "count_ptr": "*i32"}
 LAYOUT = {"bitmap_ptr": "*i32", "offsets_ptr": "*i32", "values_ptr": "*bf16"}
 LOOP = {**LISTS, **LAYOUT, "out_ptr": "*fp32", "T": "i32", "N": "i32", "K": "i32", "NUM_CHUNKS": "i32"}
-TILE = {**LISTS, "x_ptr": "*bf16", "thr_ptr": "*fp32", **LAYOUT, "out_ptr": "*fp32",
-        "T": "i32", "N": "i32", "K": "i32"}
+TILE = {**LISTS, **LAYOUT, "out_ptr": "*fp32", "T": "i32", "N": "i32", "K": "i32"}
 FUSED = {"x_ptr": "*bf16", "thr_ptr": "*fp32", **LAYOUT, "bias_ptr": "*bf16", "y_ptr": "*bf16",
          "ws_ptr": "*fp32", "arrived_ptr": "*i32", "T": "i32", "N": "i32", "K": "i32", "NUM_CHUNKS": "i32"}
 GEMM = {"x_ptr": "*bf16", "thr_ptr": "*fp32", **LAYOUT, "bias_ptr": "*bf16", "y_ptr": "*bf16",
@@ -25,10 +24,9 @@ CASES = [  # kernel name, runtime signature, constexprs, warps (the default deco
     ("_decode_pipe_kernel", LOOP, {"BLOCK_B": 1, "BK": 16, "CPS": 2, "CHUNK": 256, "HW": True}, 2),
     ("_decode_pipe_kernel", LOOP, {"BLOCK_B": 8, "BK": 4, "CPS": 4, "CHUNK": 256, "HW": True}, 2),
     ("_decode_loop_kernel", LOOP, {"BLOCK_B": 1, "BK": 32, "CPS": 1, "CHUNK": 256, "HW": True}, 4),
-    ("_decode_kernel", TILE, {"BLOCK_B": 1, "BK": 16, "COMPACT": True, "CHUNK": 256, "HW": True}, 2),
-    ("_decode_kernel", TILE, {"BLOCK_B": 2, "BK": 16, "COMPACT": False, "CHUNK": 256, "HW": True}, 4),
-    ("_decode_fused_kernel", FUSED, {"BLOCK_B": 1, "C": 128, "BK": 32, "SORT": True, "GUARD": True,
-                                     "HAS_BIAS": True, "HW": True}, 4),
+    ("_decode_kernel", TILE, {"BLOCK_B": 1, "BK": 16, "CHUNK": 256, "HW": True}, 2),
+    ("_decode_kernel", TILE, {"BLOCK_B": 2, "BK": 16, "CHUNK": 256, "HW": True}, 4),
+    ("_decode_fused_kernel", FUSED, {"BLOCK_B": 1, "C": 128, "BK": 32, "HAS_BIAS": True, "HW": True}, 4),
     ("_compact_kernel", COMPACT, {"BLOCK_B": 1, "CHUNK": 256, "ZERO_BLOCK": 256}, 4),
     ("_gemm_kernel", GEMM, {"BT": 16, "BK": 32, "HAS_BIAS": True, "ATOMIC": False, "DOT_F32": False,
                             "HW": True}, 4),
