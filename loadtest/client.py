@@ -116,6 +116,8 @@ def send(session: requests.Session, url: str, api: str, body: dict, api_key: str
         # A read timeout inside a stream surfaces as ConnectionError(ReadTimeoutError).
         if "timed out" in str(e):
             rec.error = f"timeout: no data for {timeout_s:g} s"
+        elif "without response" in str(e):  # http.client's RemoteDisconnected: the request was not answered
+            rec.error = f"connection closed by the server without a response: {str(e)[:150]}"
         else:
             rec.error = f"connection error: {str(e)[:200]}"
     except requests.exceptions.ChunkedEncodingError as e:

@@ -39,6 +39,9 @@ log = logging.getLogger("symmetric_table")
 # DuoGPT's Algorithm 1 as printed (the library default before 2026-11-26; docs/pruning.md "The
 # residual term"): kept as its own rows so that the table shows what the correction changed
 DUOGPT_AS_PRINTED = {"residual_target": "running", "residual_scale": 1.0}
+# A refiner aiming at the full dense stream after DuoGPT (the refiners' behaviour before they
+# followed the base's --residual-scale, 2026-11-26)
+FULL_RESIDUAL = {"residual_scale": 1.0}
 
 
 def row(method, sparsity, tier, opts=None, refine=None, p_x=0.0, ropts=None):
@@ -61,6 +64,8 @@ def grid() -> list[dict]:
         rows += [row("stochria", sp, 1, o) for o in seeds]
     rows += [row("duogpt", "0.5", 1, refine=r, p_x=0.5) for r in REFINES]
     rows += [row("duogpt", "0.5", 1, DUOGPT_AS_PRINTED, refine=r, p_x=0.5) for r in REFINES]
+    # The refiners follow DuoGPT's residual scale (0.5) by default; scale 1 = aim at the full dense stream
+    rows += [row("duogpt", "0.5", 1, refine=r, p_x=0.5, ropts=FULL_RESIDUAL) for r in REFINES[1:]]
     for sp in SPARSITIES:  # tier 2: SymWanda variants, magnitude; RIA ablations at 50%
         rows += [row("magnitude", sp, 2), row("owanda", sp, 2)]
         rows += [row("symwanda", sp, 2, {"variant": v}) for v in SYMWANDA]
@@ -282,6 +287,8 @@ def tables(res: dict) -> str:
             "| method | base | +DSnoT | +R²-DSnoT |", "|---|---|---|---|",
             "| DuoGPT (defaults: residual on the dense weights, scale 0.5) | "
             + " | ".join(_cell(res, "duogpt", "0.5", None, r, 0.5) for r in REFINES) + " |",
+            "| DuoGPT (defaults), refiner aiming at the full dense stream (--refine-residual-scale 1) | n/a | "
+            + " | ".join(_cell(res, "duogpt", "0.5", None, r, 0.5, FULL_RESIDUAL) for r in REFINES[1:]) + " |",
             "| DuoGPT, Algorithm 1 as printed (residual_target running, scale 1) | "
             + " | ".join(_cell(res, "duogpt", "0.5", DUOGPT_AS_PRINTED, r, 0.5) for r in REFINES) + " |", ""]
     out += ["Ablations at 50% unstructured (no refinement):", "", "| variant | PPL |", "|---|---|"]

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from duoserve.prune.refiners import RefineObserver, Refiner, register_refiner
 from duoserve.prune.refiners.prune_grow import PruneGrowSettings, RefineStats, prune_and_grow
 
+RESIDUAL_SCALE_HELP = ("factor s on the residual in the refinement target X^ + s (X~ - X^) (default: the base method's "
+                       "residual_scale, e.g. DuoGPT's 0.5, so refiner and base minimize one objective; 1 for bases "
+                       "without one)")
 GUARD_HELP = ("accept a swap only if it lowers the row's squared reconstruction error on the calibration "
               "batch (off: the papers' rule, which tracks the mean error only)")
 
@@ -24,6 +27,7 @@ class DSnoTOptions:
     update_threshold: float = field(default=0.1, metadata={"help": "stop a row once |E[eps]| is at most this"})
     var_power: float = field(default=1.0, metadata={"help": "power of Var(x) in the growing criterion"})
     guard: bool = field(default=True, metadata={"help": GUARD_HELP})
+    residual_scale: float | None = field(default=None, metadata={"help": RESIDUAL_SCALE_HELP})
 
     def __post_init__(self):
         if self.max_cycles < 0:
@@ -32,17 +36,31 @@ class DSnoTOptions:
             raise ValueError(f"update_threshold must be >= 0, got {self.update_threshold}")
         if not self.var_power >= 0:
             raise ValueError(f"var_power must be >= 0, got {self.var_power}")
+        if self.residual_scale is not None and not self.residual_scale >= 0:
+            raise ValueError(f"residual_scale must be >= 0, got {self.residual_scale}")
 
     def settings(self) -> PruneGrowSettings:
         return PruneGrowSettings(max_cycles=self.max_cycles, update_threshold=self.update_threshold,
                                  var_power=self.var_power, alpha=1.0, guard=self.guard)
 
 
+def target_residual_scale(options: DSnoTOptions, method) -> float:
+    """The refiner's factor on X~ - X^: its own option if given, else the base method's, else 1.
+
+    DuoGPT calibrates toward X^ + 0.5 (X~ - X^) by default; a refiner aiming at the full X~ would
+    pull the weights back toward the objective the base deliberately shrank (docs/symmetric.md has
+    both measured)."""
+    if options.residual_scale is not None:
+        return options.residual_scale
+    return float(getattr(method.options, "residual_scale", 1.0))
+
+
 class PruneGrowObserver(RefineObserver):
     def __init__(self, refiner: Refiner, method, name: str, linear):
         self.refiner, self.method, self.name = refiner, method, name
         self.stats = RefineStats(linear.in_features, linear.weight.device, method.activation_sparsity,
-                                 use_dense=method.needs_dense_stream)
+                                 use_dense=method.needs_dense_stream,
+                                 residual_scale=target_residual_scale(refiner.options, method))
 
     def add_batch(self, x, x_dense):
         self.stats.add(x, x_dense)

@@ -6,7 +6,9 @@ W: the dense weight, W': the current pruned weight; X^: the inputs the pruned li
 (the pruned stream, with each token's p_x smallest inputs zeroed when activation sparsity is on,
 as at inference); X~: the target's inputs: the dense model's stream when the base method
 calibrates against it (DuoGPT's ||W' X^ - W X~||), else the pruned stream without activation
-sparsity. With p_x = 0 and no dense stream this is DSnoT's eps_q = W_q X - W'_q X.
+sparsity. With p_x = 0 and no dense stream this is DSnoT's eps_q = W_q X - W'_q X. A residual
+scale s moves the target to X^ + s (X~ - X^), as DuoGPT's --residual-scale does for its own
+objective; the refiners follow the base's scale unless given one (prune/refiners/dsnot.py).
 
 One cycle, for every active row q (all rows in parallel), with mu_r = E[x^_r], v_r = Var(x^_r),
 s_q = sign(E[eps_q]) fixed at the start:
@@ -63,8 +65,8 @@ class PruneGrowSettings:
 class RefineStats:
     """Calibration statistics of one linear in the refinement objective (see the module doc)."""
 
-    def __init__(self, in_features: int, device, p_x: float, use_dense: bool):
-        self.p_x, self.use_dense = p_x, use_dense
+    def __init__(self, in_features: int, device, p_x: float, use_dense: bool, residual_scale: float = 1.0):
+        self.p_x, self.use_dense, self.residual_scale = p_x, use_dense, residual_scale
         self.residual = use_dense or p_x > 0  # X~ differs from X^
         self.hess = HessianStats(in_features, self.residual, device)  # H, G = 2/T X^ X^T, 2/T (X~ - X^) X^T
         k = in_features
@@ -78,6 +80,8 @@ class RefineStats:
             raise ValueError("the refinement objective needs the dense stream's inputs")
         x_hat = sparsify_topk(x, self.p_x) if self.p_x > 0 else x  # [T, K]
         target = x_dense if self.use_dense else x
+        if self.residual and self.residual_scale != 1.0:
+            target = torch.lerp(x_hat.float(), target.float(), self.residual_scale)  # X^ + s (X~ - X^)
         self.hess.add(x_hat, target if self.residual else None)
         xd = x_hat.double()
         self.sum_hat += xd.sum(0)

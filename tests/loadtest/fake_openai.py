@@ -3,7 +3,8 @@
 Streams `tokens` events spaced `token_delay_s` apart after `first_delay_s`, so the expected
 TTFT/ITL/TPOT are known. `mode` scripts failures: "ok", "busy" (503 with an OpenAI error body),
 "stall" (accepts, then sends nothing), "cut" (closes the stream halfway, no [DONE]),
-"midstream_error" (an error event after some tokens). The real-server checks are in test_live.py.
+"midstream_error" (an error event after some tokens), "drop" (reads the request, then closes the
+connection without a response, as an overloaded uvicorn sometimes does). The real-server checks are in test_live.py.
 """
 from __future__ import annotations
 
@@ -51,6 +52,9 @@ class FakeOpenAI:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 fake.requests.append(body)
                 if not self._authorized():
+                    return
+                if fake.mode == "drop":
+                    self.close_connection = True
                     return
                 if fake.mode == "busy":
                     self._json(503, {"error": {"message": "The engine is currently busy", "code": 503}})

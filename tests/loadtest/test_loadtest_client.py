@@ -47,6 +47,7 @@ def test_non_streamed_has_no_ttft():
 
 @pytest.mark.parametrize("mode, expect", [("busy", "HTTP 503: The engine is currently busy"),
                                           ("cut", "stream error"),
+                                          ("drop", "connection closed by the server without a response"),
                                           ("midstream_error", "stream error: engine died")])
 def test_failures_are_readable(mode, expect):
     with FakeOpenAI(mode=mode, tokens=6, first_delay_s=0.01, token_delay_s=0.01) as fake:

@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.vllm,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")]
 
 API_KEY = "test-key"
+DROPPED = "connection closed by the server without a response"
 MAX_NUM_SEQS, MAX_QUEUED = 4, 8
 
 
@@ -193,11 +194,17 @@ def test_overload_gives_readable_errors_and_recovers(server, tmp_path):
     failed = [r for r in recs if not r["ok"]]
     assert failed and any(r["ok"] for r in recs), "expected both served and refused requests"
     # Refused either with HTTP 503 or, for a stream whose 200 header already went out, with an
-    # error event carrying code 503; both say why.
-    assert {r["status"] for r in failed} == {503}
-    assert all("currently busy" in r["error"] for r in failed)
+    # error event carrying code 503; both say why. On a starved 2-core machine uvicorn (vLLM's HTTP
+    # server) also, rarely, closes a connection without answering: the request never reached vLLM
+    # (its access log lacks it; docs/loadtest.md). That is a failure with status 0, named as such.
+    busy = [r for r in failed if r["status"] == 503]
+    dropped = [r for r in failed if r["status"] == 0]
+    assert busy and len(busy) + len(dropped) == len(failed), {r["status"] for r in failed}
+    assert all("currently busy" in r["error"] for r in busy)
+    assert all(r["error"].startswith(DROPPED) for r in dropped)
+    assert len(dropped) < len(busy)
     with open(tmp_path / "run_failures.csv", newline="") as f:
-        assert all("currently busy" in row["Error"] for row in csv.DictReader(f))
+        assert all("currently busy" in row["Error"] or DROPPED in row["Error"] for row in csv.DictReader(f))
     # Recovery: the queue drains and a new request is served normally.
     wait_idle(server, timeout=30)
     body = client.build_payload("chat", "tiny", "Hello there", 8, stream=True)

@@ -65,18 +65,36 @@ def test_refiners_keep_sparsity_and_never_increase_error(refiner, method, target
 
 
 @pytest.mark.parametrize("refiner", ["dsnot", "r2dsnot"])
-def test_refining_duogpt_uses_its_dual_sparse_objective(refiner):
-    """After DuoGPT at p_x = 0.5: ||W' X^ - W X~|| (X^ sparsified pruned stream, X~ dense stream) never rises."""
+@pytest.mark.parametrize("base_scale, refine_scale, expect", [(None, None, 0.5), (0.25, None, 0.25), (None, 1.0, 1.0)])
+def test_refining_duogpt_uses_its_dual_sparse_objective(refiner, base_scale, refine_scale, expect):
+    """After DuoGPT at p_x = 0.5: ||W' X^ - W (X^ + s (X~ - X^))|| (X^ sparsified pruned stream,
+    X~ dense stream) never rises, s the refiner's residual scale: by default DuoGPT's own."""
     torch.manual_seed(1)
     x_dense = llm_like_inputs(2048, 128, seed=2)
     x = x_dense + 0.2 * torch.randn_like(x_dense)  # the pruned model's inputs drift from the dense ones
     w = torch.randn(40, 128)
-    base, refined, ref = refine_with("duogpt", refiner, w, x, "0.5", p_x=0.5, x_dense=x_dense,
-                                     opts={"damp": 0.1}, ropts={"update_threshold": 0.0})
+    opts = {"damp": 0.1, "residual_scale": base_scale}
+    base, refined, ref = refine_with("duogpt", refiner, w, x, "0.5", p_x=0.5, x_dense=x_dense, opts=opts,
+                                     ropts={"update_threshold": 0.0, "residual_scale": refine_scale})
     check_same_sparsity(base, refined, "0.5")
     x_hat = sparsify_topk(x, 0.5)
-    assert sq_error(refined, w, x_hat, x_dense) <= sq_error(base, w, x_hat, x_dense) * (1 + 1e-9)
-    assert ref.totals["active_rows"] > 0
+    x_target = x_hat + expect * (x_dense - x_hat)
+    assert sq_error(refined, w, x_hat, x_target) <= sq_error(base, w, x_hat, x_target) * (1 + 1e-9)
+    assert ref.totals["active_rows"] > 0 and ref.totals["swaps"] > 0
+
+
+def test_refiner_residual_scale_changes_the_result():
+    """The refinement target's scale is not a no-op: following DuoGPT's 0.5 and aiming at the full
+    dense stream pick different swaps."""
+    torch.manual_seed(1)
+    x_dense = llm_like_inputs(2048, 128, seed=2)
+    x = x_dense + 0.2 * torch.randn_like(x_dense)
+    w = torch.randn(40, 128)
+    ropts = {"update_threshold": 0.0}
+    _, half, _ = refine_with("duogpt", "r2dsnot", w, x, "0.5", p_x=0.5, x_dense=x_dense, ropts=ropts)
+    _, full, _ = refine_with("duogpt", "r2dsnot", w, x, "0.5", p_x=0.5, x_dense=x_dense,
+                             ropts={**ropts, "residual_scale": 1.0})
+    assert not torch.equal(half, full)
 
 
 def test_refining_with_activation_sparsity_without_dense_stream():
@@ -169,6 +187,8 @@ def test_refiner_option_validation():
         build_refiner("dsnot", {"gamma1": 0.1})
     with pytest.raises(InputError, match="gamma"):
         build_refiner("r2dsnot", {"gamma2": -1.0})
+    with pytest.raises(InputError, match="residual_scale must be >= 0"):
+        build_refiner("dsnot", {"residual_scale": -0.5})
 
 
 FAST = dict(nsamples=4, seqlen=64, threshold_nsamples=2, batch_size=2)
@@ -205,7 +225,8 @@ def test_cli_refine_flags(tmp_path, tiny_llama_dir, capsys):
     ck = load_checkpoint(out)
     producer = ck.qconfig.producer
     assert producer["method"] == "duogpt" and producer["refine"] == "dsnot"
-    assert producer["refine_args"] == {"max_cycles": 5, "update_threshold": 0.1, "var_power": 1.0, "guard": False}
+    assert producer["refine_args"] == {"max_cycles": 5, "update_threshold": 0.1, "var_power": 1.0, "guard": False,
+                                     "residual_scale": None}  # None: the base method's (DuoGPT: 0.5)
     assert ck.qconfig.global_sparsity == pytest.approx(0.5, abs=1e-6) and ck.qconfig.activation_sparsity.target == 0.5
     for extra, message in [(["--refine", "nope"], "unknown refiner 'nope'"),
                            (["--refine-gamma2", "0.1"], "--refine-gamma2 need(s) --refine NAME"),
