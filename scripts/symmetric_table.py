@@ -66,6 +66,8 @@ def grid() -> list[dict]:
     rows += [row("duogpt", "0.5", 1, DUOGPT_AS_PRINTED, refine=r, p_x=0.5) for r in REFINES]
     # The refiners follow DuoGPT's residual scale (0.5) by default; scale 1 = aim at the full dense stream
     rows += [row("duogpt", "0.5", 1, refine=r, p_x=0.5, ropts=FULL_RESIDUAL) for r in REFINES[1:]]
+    # Threshold 0: every row may swap (at 0.1 only ~1% of rows are active after DuoGPT's defaults)
+    rows += [row("duogpt", "0.5", 1, refine=r, p_x=0.5, ropts={"update_threshold": 0.0}) for r in REFINES[1:]]
     for sp in SPARSITIES:  # tier 2: SymWanda variants, magnitude; RIA ablations at 50%
         rows += [row("magnitude", sp, 2), row("owanda", sp, 2)]
         rows += [row("symwanda", sp, 2, {"variant": v}) for v in SYMWANDA]
@@ -289,6 +291,9 @@ def tables(res: dict) -> str:
             + " | ".join(_cell(res, "duogpt", "0.5", None, r, 0.5) for r in REFINES) + " |",
             "| DuoGPT (defaults), refiner aiming at the full dense stream (--refine-residual-scale 1) | n/a | "
             + " | ".join(_cell(res, "duogpt", "0.5", None, r, 0.5, FULL_RESIDUAL) for r in REFINES[1:]) + " |",
+            "| DuoGPT (defaults), refiner with update threshold 0 (--refine-update-threshold 0) | n/a | "
+            + " | ".join(_cell(res, "duogpt", "0.5", None, r, 0.5, {"update_threshold": 0.0}) for r in REFINES[1:])
+            + " |",
             "| DuoGPT, Algorithm 1 as printed (residual_target running, scale 1) | "
             + " | ".join(_cell(res, "duogpt", "0.5", DUOGPT_AS_PRINTED, r, 0.5) for r in REFINES) + " |", ""]
     out += ["Ablations at 50% unstructured (no refinement):", "", "| variant | PPL |", "|---|---|"]
