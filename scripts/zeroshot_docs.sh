@@ -6,7 +6,9 @@
 #   LIMIT=100 scripts/zeroshot_docs.sh runs dense=default sparsegpt=ckpts/smol-sparsegpt duogpt=ckpts/smol-duogpt
 #
 # LIMIT (default 100) is the number of items per task (the first N of each split); LIMIT=0 runs the
-# full sets. STAGES="inproc endpoint" chooses which paths to run. Pruned checkpoints come from
+# full sets. STAGES="inproc endpoint" chooses which paths to run. DTYPE (default bfloat16) is the
+# in-process dtype (the server computes in bfloat16); DTYPE=float32 STAGES=inproc gave the noise
+# reference of docs/zeroshot.md. Pruned checkpoints come from
 #   duoserve prune --method sparsegpt|duogpt --sparsity 0.5 --activation-sparsity 0.5 -o DIR
 set -euo pipefail
 OUT=${1:?usage: zeroshot_docs.sh OUTDIR [LABEL=MODEL_OR_CKPT ...]}
@@ -35,7 +37,7 @@ for cfg in "${CONFIGS[@]}"; do
     echo "== $label $stage: start $(date +%T), load $(load)"
     if [ "$stage" = inproc ]; then
       duoserve eval zeroshot "$model" --tasks all "${LIMIT_ARGS[@]}" --data offline --max-length "$MAX_LEN" \
-        --save-loglikelihoods --json "$json"
+        --dtype "${DTYPE:-bfloat16}" --save-loglikelihoods --json "$json"
     else
       key=$(python -c "import secrets; print(secrets.token_urlsafe(16))")
       duoserve serve "$model" --host 127.0.0.1 --port "$PORT" --api-key "$key" --max-model-len "$MAX_LEN" \
