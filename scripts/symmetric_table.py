@@ -157,8 +157,10 @@ class Runner:
                                               device=self.device, seed=self.args.seed)
             install_activation_sparsity(model, "threshold", targets=DEFAULT_TARGETS, thresholds=thresholds)
         ppl = self.perplexity(model)
+        # None for methods that never see calibration inputs (magnitude): the engine measures no error
+        errors = [e["reconstruction_error"] for e in layer_logs if e["reconstruction_error"] is not None]
         out = {"ppl": ppl, "weight_sparsity": zeros / total, "prune_seconds": round(seconds, 1),
-               "mean_layer_error": statistics.fmean(e["reconstruction_error"] for e in layer_logs),
+               "mean_layer_error": statistics.fmean(errors) if errors else None,
                "method_args": method.describe(), "refine_args": refiner.describe() if refiner else None}
         if refiner is not None:
             out["refine_totals"] = dict(refiner.totals)
@@ -320,8 +322,9 @@ def tables(res: dict) -> str:
         if not t:
             continue
         base = res.get(row(r["method"], r["sparsity"], 0, r["opts"], None, r["p_x"])["key"], {})
-        err = (f"{base['mean_layer_error']:.4f} -> {r['mean_layer_error']:.4f}" if base else
-               f"n/r -> {r['mean_layer_error']:.4f}")
+        def fmt(e):
+            return "n/a" if e is None else f"{e:.4f}"
+        err = f"{fmt(base['mean_layer_error']) if base else 'n/r'} -> {fmt(r['mean_layer_error'])}"
         ppl = f"{base['ppl']:.2f} -> {r['ppl']:.2f}" if base else f"n/r -> {r['ppl']:.2f}"
         out.append(f"| {key} | {t['active_rows']}/{t['rows']} | {t['swaps']} | {t['rejected_by_guard']} | {err} | {ppl} |")
     if "check_cli" in res:
