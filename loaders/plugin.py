@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 _done = False
 
 
-def _route_logs() -> None:
+def route_logs() -> None:
     """vLLM configures only the `vllm` logger; give ours a handler so load-time lines reach the log."""
     root = logging.getLogger("duoserve")
     if not root.handlers and not logging.getLogger().handlers:
@@ -28,7 +28,7 @@ def register() -> None:
         return
     from duoserve.loaders import vllm_compat
 
-    _route_logs()
+    route_logs()
     vllm_compat.check_version()
     if not vllm_compat.is_registered("duoserve"):
         from duoserve.loaders.config import DuoserveConfig

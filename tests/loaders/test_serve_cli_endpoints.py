@@ -2,8 +2,8 @@
 
 The server is the real command line (`python -m duoserve.cli serve CKPT ...`), on the dense-format
 checkpoint, in bf16 (the serving dtype). Checks: the URL line, /health, /v1/models, /metrics,
-authentication, OpenAI error bodies with 4xx for client mistakes, survival of a client that hangs
-up mid-stream, and agreement of the bf16 tokens with the in-process reference.
+authentication, OpenAI error bodies with 4xx for client mistakes, 503 for clients over the default
+queue limit, survival of a client that hangs up mid-stream, and agreement of the bf16 tokens with the in-process reference.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
@@ -111,6 +112,35 @@ def test_keeps_serving_after_a_client_disconnects_mid_stream(server):
     assert out.choices[0].finish_reason in ("length", "stop")
     assert requests.get(server["base"] + "/health", timeout=30).status_code == 200
     assert server["proc"].poll() is None
+
+
+def test_over_capacity_clients_get_503_by_default(server):
+    """duoserve's overload policy with no --max-num-queued-reqs: 2 x max_num_seqs (4) in flight.
+
+    16 long requests at once: 8 are admitted (4 run, 4 wait), the rest are refused at once with a
+    readable 503 instead of waiting in an unbounded queue; afterwards the server serves normally.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def send(_):
+        return requests.post(server["url"] + "/completions", headers=_auth(), timeout=300,
+                             json={"model": "tiny", "prompt": "Once upon a time", "max_tokens": 200,
+                                   "ignore_eos": True})
+
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(send, range(16)))
+    codes = sorted(r.status_code for r in replies)
+    assert set(codes) == {200, 503} and codes.count(200) >= 8, codes
+    refusals = [r.json()["error"]["message"] for r in replies if r.status_code == 503]
+    assert all("busy" in m for m in refusals), refusals
+    assert "max_num_queued_reqs=8" in server["log"].read_text(errors="replace")
+    # Recovered: the in-flight count drops as the admitted requests finish (allow it a moment).
+    for _ in range(30):
+        after = send(0)
+        if after.status_code != 503:
+            break
+        time.sleep(1)
+    assert after.status_code == 200, after.text
 
 
 def test_bf16_tokens_agree_with_the_reference(server, dense_ckpt):

@@ -1,0 +1,72 @@
+"""duoserve's overload policy inside the vLLM process: a bounded request queue by default.
+
+vLLM's queue is unbounded unless `--max-num-queued-reqs` is given: under overload every request
+waits (TTFT grows without limit) instead of being refused. `duoserve serve` bounds it at
+IN_FLIGHT_PER_SEQ x max_num_seqs requests in flight (running + waiting), so a client over capacity
+gets HTTP 503 "currently busy" within milliseconds (docs/loadtest.md, "Overload policy").
+
+The limit has to follow the max_num_seqs vLLM resolves for the platform (128 on CPU, 256 to 1024
+on GPUs by memory), so it is set on the engine config vLLM has just built, in the API-server
+process, and only where the user left `--max-num-queued-reqs` unset. The launcher asks for it
+through the environment (ENV); vLLM's own `vllm serve` command never sees this hook.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+ENV = "DUOSERVE_MAX_IN_FLIGHT_PER_SEQ"
+IN_FLIGHT_PER_SEQ = 2  # the running batch plus a waiting queue of the same size
+
+
+def bound_queue(vllm_config, per_seq: int) -> int | None:
+    """Set max_num_queued_reqs = per_seq x max_num_seqs x data-parallel size if it is unset.
+
+    Returns the limit now in force (None: unbounded). A limit the user gave is never changed.
+    """
+    sched = vllm_config.scheduler_config
+    if sched.max_num_queued_reqs is not None:
+        return sched.max_num_queued_reqs
+    if per_seq <= 0:
+        return None
+    # The limit is checked in the API server over all data-parallel ranks it routes to.
+    ranks = getattr(vllm_config.parallel_config, "data_parallel_size", 1) or 1
+    sched.max_num_queued_reqs = per_seq * sched.max_num_seqs * ranks
+    log.info("duoserve: bounded request queue: max_num_queued_reqs=%d (%d x max_num_seqs %d x %d data-parallel "
+             "ranks); over it requests get HTTP 503. Pass --max-num-queued-reqs N or --no-queue-limit to change it.",
+             sched.max_num_queued_reqs, per_seq, sched.max_num_seqs, ranks)
+    return sched.max_num_queued_reqs
+
+
+def install_from_env() -> None:
+    """In the vLLM CLI process: bound the queue of every engine config built, if ENV asks for it."""
+    raw = os.environ.get(ENV, "")
+    if not raw:
+        return
+    try:
+        per_seq = int(raw)
+    except ValueError:
+        raise SystemExit(f"{ENV}={raw!r} is not an integer (requests in flight per batch slot; 0 = unbounded)")
+    if per_seq <= 0:
+        return
+    from vllm.engine.arg_utils import EngineArgs
+
+    from duoserve.loaders.plugin import route_logs
+
+    route_logs()
+
+    build = EngineArgs.create_engine_config
+    if getattr(build, "_duoserve_bounded", False):
+        return
+
+    @functools.wraps(build)
+    def create_engine_config(self, *args, **kwargs):
+        config = build(self, *args, **kwargs)
+        bound_queue(config, per_seq)
+        return config
+
+    create_engine_config._duoserve_bounded = True
+    EngineArgs.create_engine_config = create_engine_config
