@@ -6,7 +6,8 @@
 
 Prints an acc table, an acc_norm table (acc_norm where the task has it, acc elsewhere), the
 settings of each run (limit, data, dtype, seconds) and, for each --compare pair saved with
---save-loglikelihoods, the item-by-item agreement (mean/max |delta log-likelihood|, same prediction).
+--save-loglikelihoods, the item-by-item agreement (mean/max |delta log-likelihood|, same prediction)
+and the accuracy difference with a bound on its paired standard error (results.paired_accuracy_difference).
 To regenerate the numbers themselves, run scripts/zeroshot_docs.sh (the commands it lists).
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from duoserve.prune.zeroshot.results import compare_loglikelihoods, markdown_header, markdown_rows
+from duoserve.prune.zeroshot.results import (compare_loglikelihoods, markdown_header, markdown_rows,
+                                             paired_accuracy_difference)
 
 
 def _load(spec: str) -> tuple[str, dict]:
@@ -61,11 +63,19 @@ def main(argv: list[str] | None = None) -> int:
         if not agreement:
             print(f"\n(no per-item log-likelihoods to compare for {a} vs {b}: run with --save-loglikelihoods)")
             continue
-        print(f"\n**{a} vs {b}**, item by item\n")
-        print("| task | items | requests | mean abs dLL | max abs dLL | same prediction |\n|---|---|---|---|---|---|")
+        paired = paired_accuracy_difference(runs[a], runs[b], agreement)
+        print(f"\n**{a} vs {b}**, item by item (acc difference in points, second minus first; its paired "
+              "standard error is at most the bound shown)\n")
+        print("| task | items | requests | mean abs dLL | max abs dLL | same prediction | acc difference "
+              "| paired SE at most |\n|---|---|---|---|---|---|---|---|")
         for name, r in agreement.items():
+            p = paired.get(name)
+            diff = f"{100 * p['acc_diff']:+.2f} | {100 * p['paired_se_max']:.2f}" if p else "- | -"
             print(f"| {name} | {r['items']} | {r['requests']} | {r['mean_abs_diff']:.4f} | {r['max_abs_diff']:.3f} "
-                  f"| {100 * r['same_prediction']:.1f}% |")
+                  f"| {100 * r['same_prediction']:.1f}% | {diff} |")
+        for key, title in (("avg5", "Avg-5"), ("avg7", "Avg-7")):
+            if key in paired:
+                print(f"| {title} | | | | | | {100 * paired[key]['acc_diff']:+.2f} | {100 * paired[key]['paired_se_max']:.2f} |")
     return 0
 
 

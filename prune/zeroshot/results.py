@@ -132,3 +132,30 @@ def compare_loglikelihoods(a: dict[str, Any], b: dict[str, Any]) -> dict[str, di
         out[name] = {"items": len(common), "requests": len(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
                      "max_abs_diff": max(diffs), "same_prediction": same / len(common)}
     return out
+
+
+def paired_accuracy_difference(a: dict[str, Any], b: dict[str, Any],
+                               agreement: dict[str, dict[str, float | int]]) -> dict[str, dict[str, float]]:
+    """acc(b) - acc(a) per task and for Avg-5 / Avg-7, with an upper bound on its paired standard error.
+
+    Both runs scored the same items, so their accuracies are not independent: the difference of
+    means of the per-item correctness d_i = c_b,i - c_a,i has standard error sqrt(Var(d) / n), and
+    since |d_i| <= 1 only where the two predicted choices differ, Var(d) <= E[d^2] <= (1 - same).
+    The bound sqrt((1 - same_prediction) / n) needs no gold labels (the saved log-likelihoods do not
+    carry them); for an average over k tasks it is sqrt(sum of the tasks' squared bounds) / k.
+    Differences within about two such bounds are within sampling noise of the items. `acc` only:
+    acc_norm ranks by length-normalized LL, which the same-prediction count does not cover.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for name, r in agreement.items():
+        acc_a, acc_b = a["tasks"].get(name, {}).get("acc"), b["tasks"].get(name, {}).get("acc")
+        if acc_a is None or acc_b is None:
+            continue
+        out[name] = {"acc_diff": acc_b - acc_a, "paired_se_max": math.sqrt((1 - r["same_prediction"]) / r["items"])}
+    for key, names in AVERAGES.items():
+        if not all(n in out for n in names):
+            continue
+        diff = sum(out[n]["acc_diff"] for n in names) / len(names)
+        bound = math.sqrt(sum(out[n]["paired_se_max"] ** 2 for n in names)) / len(names)
+        out[key] = {"acc_diff": diff, "paired_se_max": bound}
+    return out

@@ -117,6 +117,35 @@ def test_compare_loglikelihoods():
     assert math.isclose(r["max_abs_diff"], 2.5) and math.isclose(r["mean_abs_diff"], (0.1 + 2.5) / 4)
 
 
+def test_paired_accuracy_difference_bounds_the_standard_error():
+    import random
+
+    rng = random.Random(0)
+    tasks = results.FIVE_TASKS
+    n = 400
+    gold = {t: [rng.randrange(2) for _ in range(n)] for t in tasks}
+    # b flips its prediction on ~20% of the items of a; both sets of "log-likelihoods" encode the choice
+    pred_a = {t: [rng.randrange(2) for _ in range(n)] for t in tasks}
+    pred_b = {t: [p if rng.random() > 0.2 else 1 - p for p in pred_a[t]] for t in tasks}
+
+    def run(pred):
+        lls = {t: {str(i): [0.0, -1.0] if p == 0 else [-1.0, 0.0] for i, p in enumerate(pred[t])} for t in tasks}
+        accs = {t: {"acc": sum(p == g for p, g in zip(pred[t], gold[t])) / n} for t in tasks}
+        return {"loglikelihoods": lls, "tasks": accs}
+
+    a, b = run(pred_a), run(pred_b)
+    agreement = results.compare_loglikelihoods(a, b)
+    diff = results.paired_accuracy_difference(a, b, agreement)
+    for t in tasks:
+        d = [(pb == g) - (pa == g) for pa, pb, g in zip(pred_a[t], pred_b[t], gold[t])]
+        mean = sum(d) / n
+        exact_se = math.sqrt((sum(x * x for x in d) / n - mean ** 2) / n)
+        assert math.isclose(diff[t]["acc_diff"], mean)
+        assert exact_se <= diff[t]["paired_se_max"] <= 1.2 * exact_se + 1e-12  # the bound, and not a loose one here
+    assert math.isclose(diff["avg5"]["acc_diff"], sum(diff[t]["acc_diff"] for t in tasks) / 5)
+    assert "avg7" not in diff  # OBQA and BoolQ were not compared
+
+
 def test_normalize_endpoint():
     from duoserve.prune.zeroshot.run import normalize_endpoint
 
