@@ -74,6 +74,9 @@ def grid() -> list[dict]:
     rows += [row("ria", "0.5", 2, {"alpha": a}) for a in (0.0, 1.0, 2.0)]
     rows += [row("ria", "0.5", 2, {"relative": r}) for r in ("col", "row")]
     rows += [row(m, "0.6", 2, refine="r2dsnot", ropts={"update_threshold": 0.0}) for m in ("wanda", "ria")]
+    # RIA choosing per output row, as Wanda does: tests the explanation that layer-wide selection is
+    # what makes RIA lose to Wanda on this model at 50-60% (docs/symmetric.md "Layer-wide selection")
+    rows += [row("ria", sp, 2, {"mask_scope": "row"}) for sp in ("0.5", "0.6")]
     for sp in SPARSITIES:  # tier 3: refiners on stochRIA (3 seeds) and SymWanda (sum)
         for refine in REFINES[1:]:
             rows += [row("stochria", sp, 3, o, refine) for o in seeds]
@@ -307,6 +310,11 @@ def tables(res: dict) -> str:
     abl += [("l_p S1, p = inf", "lpnorm", {"norm_p": math.inf})]
     abl += [(f"l_p {s.upper()}, p = 1", "lpnorm", {"strategy": s}) for s in ("s2", "s3", "s4")]
     out += [f"| {label} | {_cell(res, m, '0.5', o)} |" for label, m, o in abl]
+    out += ["", "Mask scope: RIA (alpha 0.5) selecting over the whole layer (its default, as RIA's code) or per "
+            "output row (`--mask-scope row`, as Wanda does):", "", "| method | 0.5 | 0.6 |", "|---|---|---|"]
+    out += [f"| {label} | " + " | ".join(_cell(res, m, sp, o) for sp in ("0.5", "0.6")) + " |"
+            for label, m, o in (("Wanda (per row)", "wanda", None), ("RIA, layer-wide", "ria", None),
+                                ("RIA, per row", "ria", {"mask_scope": "row"}))]
     out += ["", "R²-DSnoT at 60% with the update threshold 0 instead of 0.1 (every row refines up to 50 swaps):", "",
             "| base | threshold 0.1 | threshold 0 |", "|---|---|---|"]
     out += [f"| {m} | {_cell(res, m, '0.6', None, 'r2dsnot')} | "
