@@ -12,8 +12,8 @@ Each result is cached as WORK/results/<key>.json (written atomically), so an int
 resumes where it stopped; rows run in priority tiers, so a partial table already answers the
 main questions. The markdown goes between the table markers of --markdown.
 
-    python scripts/symmetric_table.py --work /work/scratch/symmetric --device cuda
-    python scripts/symmetric_table.py --work /work/scratch/symmetric --report-only
+    python scripts/symmetric_table.py --device cuda
+    python scripts/symmetric_table.py --report-only
 """
 from __future__ import annotations
 
@@ -192,7 +192,8 @@ def write_json(path: Path, data: dict) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, default=Path("/work/scratch/symmetric"), help="cache folder (results/*.json)")
+    p.add_argument("--work", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "reports" / "symmetric-smollm2",
+                   help="cache folder (results/*.json); the default is the committed cache of docs/symmetric.md")
     p.add_argument("--model", default=None, help="HF folder or id (default: the built-in SmolLM2-135M)")
     p.add_argument("--calib-data", default="c4")
     p.add_argument("--nsamples", type=int, default=32)
@@ -340,6 +341,10 @@ def tables(res: dict) -> str:
         same = res.get(c["key"], {}).get("ppl")
         out += ["", f"CLI-path check ({c['key']} through prune_model + checkpoint + load): PPL {c['ppl_cli']:.4f}"
                 f" vs in-process {same:.4f}" if same else ""]
+    missing = [r["key"] for r in grid() if r["key"] not in res]
+    if missing:  # computed, so the count in the docs cannot go stale
+        out += ["", f"<details><summary>Rows of the grid not run yet: {len(missing)} of {len(grid())}</summary>", "",
+                ", ".join(f"`{k}`" for k in missing), "", "</details>"]
     return "\n".join(out) + "\n"
 
 
