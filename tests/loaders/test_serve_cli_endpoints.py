@@ -115,26 +115,41 @@ def test_keeps_serving_after_a_client_disconnects_mid_stream(server):
 
 
 def test_over_capacity_clients_get_503_by_default(server):
-    """duoserve's overload policy with no --max-num-queued-reqs: 2 x max_num_seqs (4) in flight.
+    """duoserve's overload policy with no --max-num-queued-reqs: 2 x max_num_seqs (4) = 8 in flight.
 
-    16 long requests at once: 8 are admitted (4 run, 4 wait), the rest are refused at once with a
-    readable 503 instead of waiting in an unbounded queue; afterwards the server serves normally.
+    One streamed request with n=8 takes all 8 slots (vLLM counts each of its sequences). While it
+    streams, 8 more clients are refused at once with a readable 503 instead of waiting in an
+    unbounded queue; once it has finished the server serves normally.
+
+    Why not 16 clients at once: whether 16 HTTP requests overlap depends on how fast the machine
+    generates; on a CI machine the early ones finished before the late ones were admitted and all
+    16 got 200. The n=8 stream holds its slots for at least 2 x 200 decode steps (4 run at a time),
+    and the refusals are sent only after its first token arrived, so this overlap is certain.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     def send(_):
         return requests.post(server["url"] + "/completions", headers=_auth(), timeout=300,
-                             json={"model": "tiny", "prompt": "Once upon a time", "max_tokens": 200,
-                                   "ignore_eos": True})
+                             json={"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8})
 
-    with ThreadPoolExecutor(16) as pool:
-        replies = list(pool.map(send, range(16)))
-    codes = sorted(r.status_code for r in replies)
-    assert set(codes) == {200, 503} and codes.count(200) >= 8, codes
-    refusals = [r.json()["error"]["message"] for r in replies if r.status_code == 503]
-    assert all("busy" in m for m in refusals), refusals
+    with requests.post(server["url"] + "/completions", headers=_auth(), stream=True, timeout=300,
+                       json={"model": "tiny", "prompt": "Once upon a time", "max_tokens": 200, "n": 8,
+                             "ignore_eos": True, "stream": True}) as hog:
+        assert hog.status_code == 200, hog.text
+        events = hog.iter_lines()
+        first = next(line for line in events if line.startswith(b"data:"))
+        assert b'"error"' not in first, first
+        with ThreadPoolExecutor(8) as pool:
+            refused = list(pool.map(send, range(8)))
+        rest = [line for line in events if line.startswith(b"data:")]
+    assert [r.status_code for r in refused] == [503] * 8, [(r.status_code, r.text[:200]) for r in refused]
+    assert all("busy" in r.json()["error"]["message"] and r.json()["error"]["code"] == 503 for r in refused)
+    # The admitted request was not disturbed: all 8 sequences ran to their 200 tokens.
+    assert rest[-1] == b"data: [DONE]" and not any(b'"error"' in line for line in rest)
+    finished = [line for line in [first, *rest[:-1]] if b'"finish_reason":"length"' in line.replace(b" ", b"")]
+    assert len(finished) == 8, f"{len(finished)} of 8 sequences finished by length"
     assert "max_num_queued_reqs=8" in server["log"].read_text(errors="replace")
-    # Recovered: the in-flight count drops as the admitted requests finish (allow it a moment).
+    # Recovered: the in-flight count drops as the admitted sequences finish (allow it a moment).
     for _ in range(30):
         after = send(0)
         if after.status_code != 503:
