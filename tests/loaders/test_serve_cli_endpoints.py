@@ -30,7 +30,12 @@ def server(dense_ckpt, tmp_path_factory):
     cmd = [sys.executable, "-m", "duoserve.cli", "serve", str(dense_ckpt), "--port", "0", "--api-key", API_KEY,
            "--served-model-name", "tiny", "--enforce-eager", "--max-model-len", "256", "--log-file", str(log),
            "--max-num-seqs", "4"]  # the last one is vLLM's: passed through
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # vLLM's dev-mode routes add /pause and /resume (and nothing to the routes checked here): the
+    # overload test freezes the scheduler with them so that admitted requests hold their slots
+    # for as long as it needs, on any machine speed.
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=env)
     out = LineReader(proc)
     vllm_pid = None
     try:
@@ -114,44 +119,70 @@ def test_keeps_serving_after_a_client_disconnects_mid_stream(server):
     assert server["proc"].poll() is None
 
 
+def _rejections(server) -> float:
+    text = requests.get(server["base"] + "/metrics", timeout=30).text
+    m = re.search(r'^vllm:admission_rejections_total\{[^}]*reason="max_num_queued_reqs"[^}]*\} (\S+)$', text, re.M)
+    assert m, "vLLM's /metrics has no admission_rejections_total counter"
+    return float(m.group(1))
+
+
 def test_over_capacity_clients_get_503_by_default(server):
     """duoserve's overload policy with no --max-num-queued-reqs: 2 x max_num_seqs (4) = 8 in flight.
 
-    One streamed request with n=8 takes all 8 slots (vLLM counts each of its sequences). While it
-    streams, 8 more clients are refused at once with a readable 503 instead of waiting in an
-    unbounded queue; once it has finished the server serves normally.
+    vLLM's admission check counts each sequence of an n>1 request as a slot. With the scheduler
+    paused ("keep": admitted requests wait, nothing runs) one streamed n=8 request holds all 8
+    slots for as long as the test needs; its 200 header means it was admitted (a refused stream
+    gets its 503 before any header). While it is held, clients of every kind are refused at once
+    with a readable 503 instead of waiting in an unbounded queue; after resume it runs to the end
+    undisturbed and the server serves again.
 
-    Why not 16 clients at once: whether 16 HTTP requests overlap depends on how fast the machine
-    generates; on a CI machine the early ones finished before the late ones were admitted and all
-    16 got 200. The n=8 stream holds its slots for at least 2 x 200 decode steps (4 run at a time),
-    and the refusals are sent only after its first token arrived, so this overlap is certain.
+    Why the pause: an earlier version held the slots with a long stream instead, and on the
+    2-core CI machine the stream (0.6 s here) had finished before the other requests reached
+    vLLM's admission check, so they were served with 200. Nothing here depends on timing.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    def send(_):
-        return requests.post(server["url"] + "/completions", headers=_auth(), timeout=300,
-                             json={"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8})
+    short = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8}
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+    over = [("/completions", short), ("/completions", {**short, "stream": True}), ("/chat/completions", chat),
+            ("/chat/completions", {**chat, "stream": True}), ("/completions", {**short, "n": 2})] * 2
 
-    with requests.post(server["url"] + "/completions", headers=_auth(), stream=True, timeout=300,
-                       json={"model": "tiny", "prompt": "Once upon a time", "max_tokens": 200, "n": 8,
-                             "ignore_eos": True, "stream": True}) as hog:
-        assert hog.status_code == 200, hog.text
-        events = hog.iter_lines()
-        first = next(line for line in events if line.startswith(b"data:"))
-        assert b'"error"' not in first, first
-        with ThreadPoolExecutor(8) as pool:
-            refused = list(pool.map(send, range(8)))
-        rest = [line for line in events if line.startswith(b"data:")]
-    assert [r.status_code for r in refused] == [503] * 8, [(r.status_code, r.text[:200]) for r in refused]
-    assert all("busy" in r.json()["error"]["message"] and r.json()["error"]["code"] == 503 for r in refused)
-    # The admitted request was not disturbed: all 8 sequences ran to their 200 tokens.
-    assert rest[-1] == b"data: [DONE]" and not any(b'"error"' in line for line in rest)
-    finished = [line for line in [first, *rest[:-1]] if b'"finish_reason":"length"' in line.replace(b" ", b"")]
-    assert len(finished) == 8, f"{len(finished)} of 8 sequences finished by length"
+    def send(path_body):
+        path, body = path_body
+        return requests.post(server["url"] + path, headers=_auth(), json=body, timeout=60)
+
+    def busy(r):
+        err = r.json().get("error", {}) if r.headers.get("content-type", "").startswith("application/json") else {}
+        return r.status_code == 503 and "busy" in err.get("message", "") and err.get("code") == 503
+
     assert "max_num_queued_reqs=8" in server["log"].read_text(errors="replace")
+    # n=9 is over the bound even on an idle server.
+    idle_over = send(("/completions", {**short, "n": 9}))
+    assert busy(idle_over), (idle_over.status_code, idle_over.text[:300])
+
+    before = _rejections(server)
+    paused = requests.post(server["base"] + "/pause", params={"mode": "keep"}, headers=_auth(), timeout=60)
+    assert paused.status_code == 200, paused.text
+    try:
+        hog = requests.post(server["url"] + "/completions", headers=_auth(), stream=True, timeout=120,
+                            json={**short, "max_tokens": 16, "n": 8, "ignore_eos": True, "stream": True})
+        assert hog.status_code == 200, hog.text
+        with ThreadPoolExecutor(len(over)) as pool:
+            refused = list(pool.map(send, over))
+        assert all(busy(r) for r in refused), [(r.status_code, r.text[:200]) for r in refused]
+        assert _rejections(server) - before == len(refused)
+    finally:
+        resumed = requests.post(server["base"] + "/resume", headers=_auth(), timeout=60)
+    assert resumed.status_code == 200, resumed.text
+    with hog:
+        events = [line for line in hog.iter_lines() if line.startswith(b"data:")]
+    # The admitted request was not disturbed: all 8 sequences ran to their 16 tokens.
+    assert events[-1] == b"data: [DONE]" and not any(b'"error"' in line for line in events)
+    finished = [line for line in events if b'"finish_reason":"length"' in line.replace(b" ", b"")]
+    assert len(finished) == 8, f"{len(finished)} of 8 sequences finished by length"
     # Recovered: the in-flight count drops as the admitted sequences finish (allow it a moment).
     for _ in range(30):
-        after = send(0)
+        after = send(("/completions", short))
         if after.status_code != 503:
             break
         time.sleep(1)
