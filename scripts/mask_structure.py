@@ -10,8 +10,10 @@ rows. It needs no calibration data, so it reads only the weights and prints, per
 - how many output rows / input columns lose at least 95% (near-dead) and 100% of their weights,
 - per projection kind (q/k/v/o/gate/up/down): how unevenly the zeros fall over rows and columns.
 
-Masks come from the library's own score and selection functions, exactly as `duoserve prune`
-builds them for these data-free scores.
+Masks come from the library's own score and selection functions, as `duoserve prune` builds them
+for `ria --alpha 0` and `symwanda --variant weight`. "magnitude" here is |W| under the same
+selection, the baseline for the comparison (the `magnitude` method selects per output row, which
+`--scope row` reproduces).
 
     python scripts/mask_structure.py                      # built-in SmolLM2-135M, 50%
     python scripts/mask_structure.py --sparsity 0.6 --scope row
@@ -21,15 +23,17 @@ from __future__ import annotations
 import argparse
 import re
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
+from duoserve.errors import InputError
 from duoserve.prune.methods.symmetric_scores import ria_scores, symwanda_scores
 from duoserve.prune.models import default_model_dir
 from duoserve.prune.sparsity import SparsityTarget, select_prune_mask
 
 SCORES = {
-    "magnitude": lambda w: w.abs().double(),
+    "magnitude": lambda w: w.abs().double(),  # |W| (the method's score; its selection is per row)
     "ri": lambda w: ria_scores(w, None, alpha=0.0),  # RIA's relative importance with alpha 0
     "symwanda-weight": lambda w: symwanda_scores(w, None, None, "weight"),
 }
@@ -68,14 +72,17 @@ def main(argv=None) -> None:
                    help="select over the whole layer (RIA's code, the methods' default) or per output row")
     p.add_argument("--scores", default=",".join(SCORES), help=f"comma-separated, from {', '.join(SCORES)}")
     args = p.parse_args(argv)
-    from pathlib import Path
-
-    model_dir = Path(args.model) if args.model else default_model_dir()
-    target = SparsityTarget.parse(args.sparsity)
     scores = [s.strip() for s in args.scores.split(",") if s.strip()]
     bad = [s for s in scores if s not in SCORES]
-    if bad:
-        raise SystemExit(f"unknown score(s) {', '.join(bad)}; choose from {', '.join(SCORES)}")
+    if bad or not scores:
+        raise SystemExit(f"unknown score(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(SCORES)}")
+    try:
+        target = SparsityTarget.parse(args.sparsity)
+        model_dir = Path(args.model) if args.model else default_model_dir()
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not model_dir.is_dir():
+        raise SystemExit(f"error: {model_dir} is not a folder; pass an HF model folder with *.safetensors")
 
     totals = {s: defaultdict(float) for s in scores}
     by_kind = {s: defaultdict(lambda: defaultdict(float)) for s in scores}  # score -> q_proj... -> sums
