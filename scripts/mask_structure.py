@@ -4,7 +4,7 @@
 SymWanda's weight variant (Cor. 3.4) scored 3649.53 on SmolLM2-135M at 50%, far worse than
 magnitude (402.94) and RI (RIA with alpha 0, 146.31). This script checks the suspected cause: with
 layer-wide selection, |W_jk| (||W_j:||_2 + ||W_:k||_2) can zero whole input channels or output
-rows. It needs no calibration data, so it reads only the weights and prints, per score:
+rows. It needs no calibration data, so it loads the model's weights only and prints, per score:
 
 - the largest fraction of any output row (a row of our [out, in] tensor) that is pruned,
 - how many output rows / input columns lose at least 95% (near-dead) and 100% of their weights,
@@ -21,7 +21,6 @@ selection, the baseline for the comparison (the `magnitude` method selects per o
 from __future__ import annotations
 
 import argparse
-import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,7 +28,6 @@ import torch
 
 from duoserve.errors import InputError
 from duoserve.prune.methods.symmetric_scores import ria_scores, symwanda_scores
-from duoserve.prune.models import default_model_dir
 from duoserve.prune.sparsity import SparsityTarget, select_prune_mask
 
 SCORES = {
@@ -40,18 +38,14 @@ SCORES = {
 NEAR_DEAD = 0.95
 
 
-def linear_weights(model_dir):
-    """(name, [out, in] float32 weight) of every decoder linear, read from the safetensors."""
-    from safetensors import safe_open
+def target_weights(model: str | None):
+    """(name, [out, in] float32 weight) of every linear `duoserve prune` targets, and the model's source."""
+    from duoserve.format import DEFAULT_TARGETS
+    from duoserve.prune.architectures import model_targets
+    from duoserve.prune.models import load_model_and_tokenizer
 
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise SystemExit(f"{model_dir} has no *.safetensors")
-    for f in files:
-        with safe_open(str(f), "pt") as st:
-            for name in sorted(st.keys()):
-                if re.search(r"layers\.\d+\..*_proj\.weight$", name):
-                    yield name, st.get_tensor(name).float()
+    loaded, _, source = load_model_and_tokenizer(model)
+    return [(name, linear.weight.detach().float()) for name, linear in model_targets(loaded, DEFAULT_TARGETS).items()], source
 
 
 def structure(weight: torch.Tensor, score: str, target: SparsityTarget, scope: str) -> dict:
@@ -66,7 +60,7 @@ def structure(weight: torch.Tensor, score: str, target: SparsityTarget, scope: s
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="HF folder (default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="HF folder or id (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--sparsity", default="0.5", help="fraction (0.5) or N:M (2:4)")
     p.add_argument("--scope", choices=("layer", "row"), default="layer",
                    help="select over the whole layer (RIA's code, the methods' default) or per output row")
@@ -78,41 +72,35 @@ def main(argv=None) -> None:
         raise SystemExit(f"unknown score(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(SCORES)}")
     try:
         target = SparsityTarget.parse(args.sparsity)
-        model_dir = Path(args.model) if args.model else default_model_dir()
+        weights, source = target_weights(args.model)
     except InputError as e:
         raise SystemExit(f"error: {e}") from None
-    if not model_dir.is_dir():
-        raise SystemExit(f"error: {model_dir} is not a folder; pass an HF model folder with *.safetensors")
 
-    totals = {s: defaultdict(float) for s in scores}
-    by_kind = {s: defaultdict(lambda: defaultdict(float)) for s in scores}  # score -> q_proj... -> sums
-    n_linears = 0
-    for name, weight in linear_weights(model_dir):
-        n_linears += 1
-        kind = name.split(".")[-2]
+    # score -> projection kind (q_proj, ...) -> sums over its layers; the model totals add the kinds up.
+    by_kind = {s: defaultdict(lambda: defaultdict(float)) for s in scores}
+    for name, weight in weights:
         for s in scores:
+            t = by_kind[s][name.rsplit(".", 1)[-1]]
             st = structure(weight, s, target, args.scope)
-            for t in (totals[s], by_kind[s][kind]):
-                t["max_row"] = max(t["max_row"], st["max_row"])
-                t["n"] += 1
-                for k in ("rows", "cols", "rows_near", "rows_dead", "cols_near", "cols_dead", "row_spread",
-                          "col_spread"):
-                    t[k] += st[k]
-    print(f"model {model_dir.name}, {n_linears} linears, sparsity {target}, {args.scope}-wide selection; "
+            t["max_row"] = max(t["max_row"], st.pop("max_row"))
+            t["n"] += 1
+            for k, v in st.items():
+                t[k] += v
+    print(f"model {Path(source).name}, {len(weights)} linears, sparsity {target}, {args.scope}-wide selection; "
           f"near-dead = at least {NEAR_DEAD:.0%} of the line pruned\n")
     print("| score | max pruned share of a row | rows near-dead / dead | input columns near-dead / dead |")
     print("|---|---|---|---|")
     for s in scores:
-        t = totals[s]
-        print(f"| {s} | {t['max_row']:.1%} | {int(t['rows_near'])} / {int(t['rows_dead'])} of {int(t['rows'])} "
-              f"({t['rows_near'] / t['rows']:.1%}) | {int(t['cols_near'])} / {int(t['cols_dead'])} of "
-              f"{int(t['cols'])} ({t['cols_near'] / t['cols']:.1%}) |")
-    kinds = sorted({k for s in scores for k in by_kind[s]})
+        kinds = by_kind[s].values()
+        t = {k: sum(x[k] for x in kinds) for k in ("rows", "cols", "rows_near", "rows_dead", "cols_near", "cols_dead")}
+        print(f"| {s} | {max(x['max_row'] for x in kinds):.1%} | {int(t['rows_near'])} / {int(t['rows_dead'])} of "
+              f"{int(t['rows'])} ({t['rows_near'] / t['rows']:.1%}) | {int(t['cols_near'])} / {int(t['cols_dead'])} "
+              f"of {int(t['cols'])} ({t['cols_near'] / t['cols']:.1%}) |")
     print("\nPer projection: spread (standard deviation over the lines, averaged over layers) of the pruned "
           "share of each output row / input column, and near-dead rows / columns:\n")
     print("| projection | " + " | ".join(scores) + " |")
     print("|---|" + "---|" * len(scores))
-    for kind in kinds:
+    for kind in sorted(by_kind[scores[0]]):
         cells = []
         for s in scores:
             t = by_kind[s][kind]
