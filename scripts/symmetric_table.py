@@ -252,12 +252,17 @@ def _load(results: Path) -> dict[str, dict]:
 
 def _cell(res: dict, method: str, sp: str, opts=None, refine=None, p_x=0.0, ropts=None) -> str:
     if method == "stochria":  # mean +- sample std over the three sampling seeds
-        vals = [res[k]["ppl"] for k in (row(method, sp, 0, {**(opts or {}), "sample_seed": s}, refine, p_x)["key"]
-                                       for s in (0, 1, 2)) if k in res]
-        if not vals:
+        runs = [res[k] for k in (row(method, sp, 0, {**(opts or {}), "sample_seed": s}, refine, p_x)["key"]
+                                 for s in (0, 1, 2)) if k in res]
+        if not runs:
             return "n/r"
-        std = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-        return f"{statistics.fmean(vals):.2f} ± {std:.2f}" + ("" if len(vals) == 3 else f" (n={len(vals)})")
+        vals = [r["ppl"] for r in runs]
+        # a dagger if any seed ran on another device than the dense reference
+        mark = max((_other_device_mark(res, r) for r in runs), key=len)
+        if len(vals) == 1:
+            return f"{vals[0]:.2f} (n=1){mark}"
+        spread = f"{statistics.fmean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+        return spread + ("" if len(vals) == 3 else f" (n={len(vals)})") + mark
     r = res.get(row(method, sp, 0, opts, refine, p_x, ropts)["key"])
     return f"{r['ppl']:.2f}{_other_device_mark(res, r)}" if r else "n/r"
 
