@@ -1,23 +1,19 @@
 """scripts/mask_structure.py: the numbers behind docs/symmetric.md's SymWanda-weight note."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
+from script_module import SCRIPTS, load_script
 
 from duoserve.prune.sparsity import SparsityTarget
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "mask_structure.py"
+SCRIPT = SCRIPTS / "mask_structure.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("mask_structure", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("mask_structure")
 
 
 def test_counts_dead_rows_and_columns_of_a_known_mask():

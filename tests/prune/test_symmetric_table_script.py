@@ -1,18 +1,13 @@
 """scripts/symmetric_table.py: how cached rows become docs/symmetric.md's table (no pruning run)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "symmetric_table.py"
+from script_module import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("symmetric_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("symmetric_table")
 
 
 def _row(st, method, sparsity, ppl, device, opts=None, refine=None):
