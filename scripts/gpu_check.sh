@@ -14,12 +14,10 @@ MODE=${1:-quick}
 OUT=${OUT:-/tmp/duoserve-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 DUOSERVE_SKIP_CPU_KERNEL=1
-# Import duoserve from the working tree without installing: an overlay package whose members are
-# links to duoserve/* plus kernels/ (setup.py maps kernels/ to duoserve.kernels the same way).
+# Import duoserve from the working tree without installing it (scripts/source_overlay.sh)
+source scripts/source_overlay.sh
 PKG=$(mktemp -d)/pkg
-mkdir -p "$PKG/duoserve"
-for f in duoserve/*; do ln -s "$PWD/$f" "$PKG/duoserve/"; done
-ln -s "$PWD/kernels" "$PKG/duoserve/kernels"
+duoserve_overlay "$PKG"
 export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}"
 cd "$PKG"  # python -m puts the cwd first on sys.path: the repository's own duoserve/ would win
 PY=${PYTHON:-python3}
