@@ -252,11 +252,33 @@ def run_variants(args, device, timer, sink) -> list[dict]:
     return rows
 
 
+def cpu_model() -> str:
+    """'AMD EPYC (family 26, model 2)' from /proc/cpuinfo: the family tells Zen 4 (25) from Zen 5
+    (26), which matters here (the decoders' costs differ); the architecture name elsewhere."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break  # the first processor is enough
+    except OSError:
+        pass
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+
+
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return (f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} thread(s), kernel ISA {cpu.isa()}), torch {torch.__version__}")
+    kernel = f"kernel ISA {cpu.isa()}"
+    if cpu.available():
+        d16, d32 = cpu.decoder(torch.bfloat16), cpu.decoder(torch.float32)
+        kernel += f", decoder {d16}" if d16 == d32 else f", decoders bf16 {d16} / fp32 {d32}"
+    return (f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} thread(s), {kernel}), "
+            f"torch {torch.__version__}")
 
 
 def markdown_header(args, device, bw, load) -> str:

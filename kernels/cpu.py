@@ -3,13 +3,18 @@
 Loading it registers the CPU kernel of `duoserve::dual_sparse_linear` in C++ (TORCH_LIBRARY), so a
 CPU call goes from the dispatcher straight to C++ (a few microseconds; a Python-side custom op
 costs ~20 us a call, more than the whole 576x576 product). Behind that kernel:
-  T <= sparse_max_tokens (bf16/fp32): the spMspV walk (AVX-512 expand-loads, or a scalar loop on
-    CPUs without AVX-512 VBMI2): per row block, only the columns active for some token are read
+  T <= sparse_max_tokens (bf16/fp32): the spMspV walk (AVX-512, or a scalar loop on CPUs
+    without it): per row block, only the columns active for some token are read
     when at least walk_all_max_inactive (0.8) of them are inactive; otherwise every column is
     walked, because scattered short skips are slower than one stream from DRAM (docs/kernels.md).
   larger T, or fp16: row-block chunks are decompressed into a bounded W^T scratch [K, rows] and
     multiplied with torch.matmul (never a dense copy of the whole weight).
 The cutover is measured with `python -m duoserve.kernels.bench --cutover`.
+
+The walk has two AVX-512 decoders with bit-identical results: "expand" (vpexpandw / vexpandps,
+AVX-512 VBMI2) and "permute" (prefix popcounts + vpermw / vpermd, AVX-512 VPOPCNTDQ). Which is
+faster depends on the microarchitecture, so the first call times both on a small in-cache problem
+and keeps the faster one per dtype; `DUOSERVE_CPU_DECODER` or `set_decoder` forces one.
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ def _load():
                 _ext.set_sparse_max_tokens(int(os.environ["DUOSERVE_CPU_SPARSE_MAX_TOKENS"]))
             if "DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE" in os.environ:
                 _ext.set_walk_all_max_inactive(float(os.environ["DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE"]))
+            if os.environ.get("DUOSERVE_CPU_DECODER"):
+                _ext.set_decoder(os.environ["DUOSERVE_CPU_DECODER"])  # a bad name raises, naming the choices
         except ImportError as exc:  # not built (DUOSERVE_SKIP_CPU_KERNEL=1, no compiler)
             _error = f"{type(exc).__name__}: {exc}"
     return _ext
@@ -80,3 +87,21 @@ def set_walk_all_max_inactive(fraction: float) -> None:
 
 def walk_all_max_inactive() -> float:
     return _load().get_walk_all_max_inactive()
+
+
+def available_decoders() -> list[str]:
+    """The spMspV decoders this CPU can run: 'scalar', and 'expand' / 'permute' with AVX-512."""
+    return list(_load().available_decoders())
+
+
+def decoder(dtype: torch.dtype = torch.bfloat16) -> str:
+    """The decoder the spMspV walk uses for `dtype` (bf16 or fp32); measured on first use."""
+    if dtype not in DTYPES:
+        raise ValueError(f"the spMspV walk runs bf16 and fp32, not {dtype}")
+    return _load().decoder("bf16" if dtype == torch.bfloat16 else "fp32")
+
+
+def set_decoder(name: str | None) -> None:
+    """Force 'scalar', 'expand' or 'permute' (a CPU without its instructions is refused), or None to
+    go back to the measured choice."""
+    _load().set_decoder(name or "")

@@ -1,4 +1,4 @@
-"""CPU paths (native spMspV with AVX-512 and scalar, tiled prefill, the op) and the reference
+"""CPU paths (native spMspV with each AVX-512 decoder and scalar, tiled prefill, the op) and the reference
 against an fp32 dense computation on odd shapes, sparsities, thresholds 0 / inf, T = 1..17."""
 import pytest
 import torch
@@ -38,14 +38,71 @@ def walk_policy(request):
     cpu.set_walk_all_max_inactive(saved)
 
 
+@pytest.fixture(params=["expand", "permute"])
+def simd_decoder(request):
+    """Each AVX-512 decoder of the walk, forced (by default the faster one is measured and kept)."""
+    if not cpu.available():
+        pytest.skip(f"CPU extension: {cpu.import_error()}")
+    if request.param not in cpu.available_decoders():
+        pytest.skip(f"this CPU cannot run the {request.param} decoder")
+    cpu.set_decoder(request.param)
+    yield request.param
+    cpu.set_decoder(None)
+
+
 @needs_ext
-@pytest.mark.parametrize("name,impl", [("spmspv", _spmspv(False)), ("spmspv-scalar", _spmspv(True)),
-                                       ("tiled", _tiled), ("op", dual_sparse_linear)])
+@pytest.mark.parametrize("name,impl", [("spmspv-scalar", _spmspv(True)), ("tiled", _tiled),
+                                       ("op", dual_sparse_linear)])
 def test_cpu_paths_match_fp32_dense(name, impl, walk_policy):
     if name == "tiled" and walk_policy != 0.8:
         pytest.skip("the tiled path does not walk columns")
     failures = run_cases(impl, CASES, "cpu")
     assert not failures, f"{len(failures)} of {len(CASES)} failed:\n" + "\n".join(failures[:10])
+
+
+@needs_ext
+def test_simd_walk_matches_fp32_dense(simd_decoder, walk_policy):
+    failures = run_cases(_spmspv(False), CASES, "cpu")
+    assert not failures, f"{simd_decoder}: {len(failures)} of {len(CASES)} failed:\n" + "\n".join(failures[:10])
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_simd_decoders_are_bit_identical(dtype):
+    """Both decoders do the same fp32 operations in the same order per row, so the measured choice
+    can never change a result."""
+    names = [d for d in ("expand", "permute") if d in cpu.available_decoders()]
+    if len(names) < 2:
+        pytest.skip(f"this CPU runs only {names}")
+    from duoserve.kernels import pack_dense
+    for case in (Case(971, 300, 1, 0.5, 0.5, dtype), Case(260, 1000, 7, 0.9, 0.3, dtype)):
+        x, w, thr, bias = make_inputs(case, "cpu")
+        p = pack_dense(w)
+        outs = []
+        for name in names:
+            cpu.set_decoder(name)
+            try:
+                outs.append(_spmspv(False)(x, p, thr, bias))
+            finally:
+                cpu.set_decoder(None)
+        assert torch.equal(outs[0], outs[1]), case
+
+
+@needs_ext
+def test_decoder_choice_and_errors():
+    assert "scalar" in cpu.available_decoders()
+    for dtype in DTYPES:
+        assert cpu.decoder(dtype) in cpu.available_decoders()
+    with pytest.raises(RuntimeError, match="unknown decoder 'fast'"):
+        cpu.set_decoder("fast")
+    with pytest.raises(ValueError, match="bf16 and fp32"):
+        cpu.decoder(torch.float16)
+    cpu.set_decoder("scalar")
+    try:
+        assert cpu.decoder(torch.bfloat16) == "scalar"
+    finally:
+        cpu.set_decoder(None)
+    assert cpu.decoder() != "scalar" or cpu.isa() == "scalar"
 
 
 @needs_ext
@@ -107,3 +164,17 @@ def test_multithreaded_matches():
     torch.set_num_threads(2)  # the autouse fixture restores the count
     cases = [Case(971, 4096, t, 0.5, 0.5, dt) for t in (1, 5, 40) for dt in DTYPES]
     assert not run_cases(dual_sparse_linear, cases, "cpu")
+
+
+@needs_ext
+def test_decoder_environment_variable():
+    import subprocess
+    import sys
+    code = "from duoserve.kernels import cpu; import torch; print(cpu.decoder(), cpu.decoder(torch.float32))"
+    env = dict(__import__("os").environ, DUOSERVE_CPU_DECODER="scalar")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["scalar", "scalar"]
+    env["DUOSERVE_CPU_DECODER"] = "fastest"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "unknown decoder 'fastest'" in out.stderr

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# CPU kernel benchmarks for docs/kernels.md in one run, on an otherwise idle machine (the numbers
+# are only meaningful when nothing else runs: check the load averages each table prints).
+# Writes under $OUT (default docs/reports/cpu-<date>): machine.txt (/proc/cpuinfo model, flags the
+# kernels use, lscpu caches), and one markdown file per step:
+#   bar-<decoder>.md   the bar shapes, bf16, p_w = p_x = 0.5, batch 1, weights from DRAM, with each
+#                      SIMD decoder forced in turn (the default measures both and keeps the faster)
+#   bar-warm.md        the same with one weight reused (small matrices then sit in cache)
+#   bar-vllm.md        against vLLM's own CPU GEMM (pre-packed oneDNN), when vLLM is installed
+#   cutover.md         the spMspV walk vs the decompress + matmul path, batch 1..16
+#   decode.md          a 2-layer Llama-2-7B-shape decode step, eager, one thread
+# Usage: scripts/cpu_check.sh   (about 5 minutes on the 2-core VM)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-docs/reports/cpu-$(date -u +%Y-%m-%d)}
+PY=${PYTHON:-.venv/bin/python}
+mkdir -p "$OUT"
+{
+  grep -m1 "model name" /proc/cpuinfo; grep -m1 "cpu family" /proc/cpuinfo; grep -m1 "^model\s" /proc/cpuinfo
+  echo "AVX-512 flags: $(grep -m1 flags /proc/cpuinfo | tr ' ' '\n' | grep -E 'avx512' | sort | tr '\n' ' ')"
+  lscpu | grep -E "^(L1d|L2|L3)" || true
+  echo "decoders: $($PY -c 'from duoserve.kernels import cpu; import torch; print(cpu.available_decoders(), "chosen:", cpu.decoder(torch.bfloat16), cpu.decoder(torch.float32))')"
+  echo "date: $(date -u +%FT%TZ); commit $(git rev-parse --short HEAD)$(git diff --quiet || echo ' (with uncommitted changes)')"
+} > "$OUT/machine.txt"
+cat "$OUT/machine.txt"
+B="$PY -m duoserve.kernels.bench"
+for decoder in $($PY -c 'from duoserve.kernels import cpu; print(" ".join(d for d in cpu.available_decoders() if d != "scalar"))'); do
+  rm -f "$OUT/bar-$decoder.md"
+  DUOSERVE_CPU_DECODER=$decoder $B --bar --cold-mib 512 --markdown "$OUT/bar-$decoder.md"
+done
+rm -f "$OUT/bar-warm.md" "$OUT/bar-vllm.md" "$OUT/cutover.md" "$OUT/decode.md"
+$B --bar --markdown "$OUT/bar-warm.md"
+if $PY -c "import vllm" 2> /dev/null; then
+  $B --bar --cold-mib 512 --baseline vllm --markdown "$OUT/bar-vllm.md"
+fi
+$B --cutover --shapes 4096x11008,11008x4096,576x1536,1536x576 --batch 1,2,3,4,6,8,16 --markdown "$OUT/cutover.md"
+$PY -m duoserve.kernels.bench_decode --device cpu --layers 2 --markdown "$OUT/decode.md"
+echo "results in $OUT"
