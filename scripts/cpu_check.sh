@@ -7,9 +7,12 @@
 #                      SIMD decoder forced in turn (the default measures both and keeps the faster)
 #   bar-warm.md        the same with one weight reused (small matrices then sit in cache)
 #   bar-vllm.md        against vLLM's own CPU GEMM (pre-packed oneDNN), when vLLM is installed
+#   bar-skip.md        the Llama-7B bar shapes with inactive columns always skipped (the default
+#                      walks every column unless >= 80% are inactive)
+#   simd.txt           scripts/simd_throughput.c: the decoders' instructions against an FMA
 #   cutover.md         the spMspV walk vs the decompress + matmul path, batch 1..16
 #   decode.md          a 2-layer Llama-2-7B-shape decode step, eager, one thread
-# Usage: scripts/cpu_check.sh   (about 5 minutes on the 2-core VM)
+# Usage: scripts/cpu_check.sh   (about 2 minutes on the 2-core VM)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-docs/reports/cpu-$(date -u +%Y-%m-%d)}
@@ -28,11 +31,16 @@ for decoder in $($PY -c 'from duoserve.kernels import cpu; print(" ".join(d for 
   rm -f "$OUT/bar-$decoder.md"
   DUOSERVE_CPU_DECODER=$decoder $B --bar --cold-mib 512 --markdown "$OUT/bar-$decoder.md"
 done
-rm -f "$OUT/bar-warm.md" "$OUT/bar-vllm.md" "$OUT/cutover.md" "$OUT/decode.md"
+rm -f "$OUT/bar-warm.md" "$OUT/bar-vllm.md" "$OUT/bar-skip.md" "$OUT/cutover.md" "$OUT/decode.md"
 $B --bar --markdown "$OUT/bar-warm.md"
 if $PY -c "import vllm" 2> /dev/null; then
   $B --bar --cold-mib 512 --baseline vllm --markdown "$OUT/bar-vllm.md"
 fi
+DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=0 $B --bar --cold-mib 512 --shapes 4096x4096,11008x4096,4096x11008 \
+  --markdown "$OUT/bar-skip.md"
 $B --cutover --shapes 4096x11008,11008x4096,576x1536,1536x576 --batch 1,2,3,4,6,8,16 --markdown "$OUT/cutover.md"
 $PY -m duoserve.kernels.bench_decode --device cpu --layers 2 --markdown "$OUT/decode.md"
+if gcc -O2 -o /tmp/duoserve_simd_throughput scripts/simd_throughput.c 2> /dev/null; then
+  /tmp/duoserve_simd_throughput | tee "$OUT/simd.txt"
+fi
 echo "results in $OUT"

@@ -1,0 +1,91 @@
+// How fast does this CPU issue the instructions the CPU kernel's two decoders are built from?
+// Eight independent streams of each instruction (so latency does not bound them), 20M rounds, one
+// thread; prints nanoseconds per instruction. The FMA row is the reference: compare the others with
+// it rather than trusting a clock rate. The `expand` decoder spends one vpexpandw per 32 rows (bf16),
+// the `permute` decoder two vpermw plus two vpopcntd (docs/kernels.md, "CPU kernel").
+//
+//   gcc -O2 -o /tmp/simd_throughput scripts/simd_throughput.c && /tmp/simd_throughput
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <time.h>
+
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vpopcntdq,avx512bf16"), noinline))
+#define ROUNDS 20000000L
+
+static uint16_t buf[4096] __attribute__((aligned(64)));
+
+static double now(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+// Each function returns ns per instruction; the result is folded into `sink` so nothing is elided.
+static volatile int64_t sink;
+
+TARGET static double expandw(void) {
+  __m512i src[8], acc[8];
+  for (int i = 0; i < 8; ++i) src[i] = _mm512_loadu_si512(buf + 8 * i), acc[i] = _mm512_setzero_si512();
+  double t0 = now();
+  for (long n = 0; n < ROUNDS; ++n)
+    for (int i = 0; i < 8; ++i) acc[i] = _mm512_add_epi16(acc[i], _mm512_maskz_expand_epi16(0x5a5a5a5au ^ (uint32_t)(n + i), src[i]));
+  double t = now() - t0;
+  for (int i = 0; i < 8; ++i) sink += _mm512_reduce_add_epi32(acc[i]);
+  return t / ROUNDS / 8 * 1e9;
+}
+
+TARGET static double expandps(void) {
+  __m512 src[8], acc[8];
+  for (int i = 0; i < 8; ++i) src[i] = _mm512_loadu_ps((const float*)buf + 8 * i), acc[i] = _mm512_setzero_ps();
+  double t0 = now();
+  for (long n = 0; n < ROUNDS; ++n)
+    for (int i = 0; i < 8; ++i) acc[i] = _mm512_add_ps(acc[i], _mm512_maskz_expand_ps((__mmask16)(0x5a5a ^ (n + i)), src[i]));
+  double t = now() - t0;
+  for (int i = 0; i < 8; ++i) sink += (int64_t)_mm512_reduce_add_ps(acc[i]);
+  return t / ROUNDS / 8 * 1e9;
+}
+
+TARGET static double permw(void) {
+  __m512i src[8], idx = _mm512_loadu_si512(buf + 100);
+  for (int i = 0; i < 8; ++i) src[i] = _mm512_loadu_si512(buf + 8 * i);
+  double t0 = now();
+  for (long n = 0; n < ROUNDS; ++n)  // each stream feeds its own result back: a chain per stream
+    for (int i = 0; i < 8; ++i) src[i] = _mm512_permutexvar_epi16(idx, src[i]);
+  double t = now() - t0;
+  for (int i = 0; i < 8; ++i) sink += _mm512_reduce_add_epi32(src[i]);
+  return t / ROUNDS / 8 * 1e9;
+}
+
+TARGET static double popcntd(void) {
+  __m512i src[8];
+  for (int i = 0; i < 8; ++i) src[i] = _mm512_loadu_si512(buf + 8 * i);
+  double t0 = now();
+  for (long n = 0; n < ROUNDS; ++n)
+    for (int i = 0; i < 8; ++i) src[i] = _mm512_popcnt_epi32(src[i]);
+  double t = now() - t0;
+  for (int i = 0; i < 8; ++i) sink += _mm512_reduce_add_epi32(src[i]);
+  return t / ROUNDS / 8 * 1e9;
+}
+
+TARGET static double fmadd(void) {
+  __m512 acc[8], b = _mm512_set1_ps(0.999f);
+  for (int i = 0; i < 8; ++i) acc[i] = _mm512_set1_ps((float)i);
+  double t0 = now();
+  for (long n = 0; n < ROUNDS; ++n)
+    for (int i = 0; i < 8; ++i) acc[i] = _mm512_fmadd_ps(acc[i], b, b);
+  double t = now() - t0;
+  for (int i = 0; i < 8; ++i) sink += (int64_t)_mm512_reduce_add_ps(acc[i]);
+  return t / ROUNDS / 8 * 1e9;
+}
+
+int main(void) {
+  for (int i = 0; i < 4096; ++i) buf[i] = (uint16_t)(i * 7);
+  printf("ns per instruction (8 independent streams, one thread)\n");
+  printf("vfmadd231ps zmm          %.3f   (reference)\n", fmadd());
+  printf("vpexpandw zmm{k}{z}      %.3f   (expand decoder, bf16)\n", expandw());
+  printf("vexpandps zmm{k}{z}      %.3f   (expand decoder, fp32)\n", expandps());
+  printf("vpermw zmm               %.3f   (permute decoder)\n", permw());
+  printf("vpopcntd zmm             %.3f   (permute decoder)\n", popcntd());
+  return 0;
+}
