@@ -14,7 +14,8 @@ The cutover is measured with `python -m duoserve.kernels.bench --cutover`.
 The walk has two AVX-512 decoders with bit-identical results: "expand" (vpexpandw / vexpandps,
 AVX-512 VBMI2) and "permute" (prefix popcounts + vpermw / vpermd, AVX-512 VPOPCNTDQ). Which is
 faster depends on the microarchitecture, so the first call times both on a small in-cache problem
-and keeps the faster one per dtype; `DUOSERVE_CPU_DECODER` or `set_decoder` forces one.
+and keeps the faster one per dtype; `DUOSERVE_CPU_DECODER` or `set_decoder` forces one. With the
+permute decoder and bf16, 4-6 tokens share one pass over the weights (`set_halves_max_tokens`).
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def _load():
                 _ext.set_sparse_max_tokens(int(os.environ["DUOSERVE_CPU_SPARSE_MAX_TOKENS"]))
             if "DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE" in os.environ:
                 _ext.set_walk_all_max_inactive(float(os.environ["DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE"]))
+            if "DUOSERVE_CPU_HALVES_MAX_TOKENS" in os.environ:
+                _ext.set_halves_max_tokens(int(os.environ["DUOSERVE_CPU_HALVES_MAX_TOKENS"]))
             if os.environ.get("DUOSERVE_CPU_DECODER"):
                 _ext.set_decoder(os.environ["DUOSERVE_CPU_DECODER"])  # a bad name raises, naming the choices
         except ImportError as exc:  # not built (DUOSERVE_SKIP_CPU_KERNEL=1, no compiler)
@@ -105,3 +108,13 @@ def set_decoder(name: str | None) -> None:
     """Force 'scalar', 'expand' or 'permute' (a CPU without its instructions is refused), or None to
     go back to the measured choice."""
     _load().set_decoder(name or "")
+
+
+def set_halves_max_tokens(tokens: int) -> None:
+    """bf16 with the permute decoder: batches of 4..`tokens` (at most 6) go through the weights in
+    one pass of 64-row halves instead of passes of 3 tokens (same results); 0 turns that off."""
+    _load().set_halves_max_tokens(int(tokens))
+
+
+def halves_max_tokens() -> int:
+    return _load().get_halves_max_tokens()

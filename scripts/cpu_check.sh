@@ -10,9 +10,11 @@
 #   bar-skip.md        the Llama-7B bar shapes with inactive columns always skipped (the default
 #                      walks every column unless >= 80% are inactive)
 #   simd.txt           scripts/simd_throughput.c: the decoders' instructions against an FMA
-#   cutover.md         the spMspV walk vs the decompress + matmul path, batch 1..16
+#   cutover.md         the spMspV walk vs the decompress + matmul path, batch 1..16 (warm)
+#   batch-cold.md      the walk at batch 1..8 from DRAM; batch-cold-passes3.md the same at 4..6
+#                      tokens without the one-pass 64-row halves (DUOSERVE_CPU_HALVES_MAX_TOKENS=0)
 #   decode.md          a 2-layer Llama-2-7B-shape decode step, eager, one thread
-# Usage: scripts/cpu_check.sh   (about 2 minutes on the 2-core VM)
+# Usage: scripts/cpu_check.sh   (about 3 minutes on the 2-core VM)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-docs/reports/cpu-$(date -u +%Y-%m-%d)}
@@ -31,7 +33,8 @@ for decoder in $($PY -c 'from duoserve.kernels import cpu; print(" ".join(d for 
   rm -f "$OUT/bar-$decoder.md"
   DUOSERVE_CPU_DECODER=$decoder $B --bar --cold-mib 512 --markdown "$OUT/bar-$decoder.md"
 done
-rm -f "$OUT/bar-warm.md" "$OUT/bar-vllm.md" "$OUT/bar-skip.md" "$OUT/cutover.md" "$OUT/decode.md"
+rm -f "$OUT/bar-warm.md" "$OUT/bar-vllm.md" "$OUT/bar-skip.md" "$OUT/cutover.md" "$OUT/decode.md" \
+  "$OUT/batch-cold.md" "$OUT/batch-cold-passes3.md"
 $B --bar --markdown "$OUT/bar-warm.md"
 if $PY -c "import vllm" 2> /dev/null; then
   $B --bar --cold-mib 512 --baseline vllm --markdown "$OUT/bar-vllm.md"
@@ -39,6 +42,10 @@ fi
 DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=0 $B --bar --cold-mib 512 --shapes 4096x4096,11008x4096,4096x11008 \
   --markdown "$OUT/bar-skip.md"
 $B --cutover --shapes 4096x11008,11008x4096,576x1536,1536x576 --batch 1,2,3,4,6,8,16 --markdown "$OUT/cutover.md"
+BATCH_SHAPES=4096x11008,11008x4096,576x1536,1536x576
+$B --shapes $BATCH_SHAPES --pw 0.5 --px 0.5 --batch 1,2,3,4,5,6,8 --cold-mib 512 --markdown "$OUT/batch-cold.md"
+DUOSERVE_CPU_HALVES_MAX_TOKENS=0 $B --shapes $BATCH_SHAPES --pw 0.5 --px 0.5 --batch 4,5,6 --cold-mib 512 \
+  --markdown "$OUT/batch-cold-passes3.md"
 $PY -m duoserve.kernels.bench_decode --device cpu --layers 2 --markdown "$OUT/decode.md"
 if gcc -O2 -o /tmp/duoserve_simd_throughput scripts/simd_throughput.c 2> /dev/null; then
   /tmp/duoserve_simd_throughput | tee "$OUT/simd.txt"

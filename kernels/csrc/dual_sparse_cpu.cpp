@@ -13,12 +13,13 @@
 //   or, where the CPU has AVX-512 VPOPCNTDQ and a one-time calibration measures it faster (the
 //   "permute" decoder), per 16 rows: lane i's index = popcount(mask bits below i) (vpandd +
 //   vpopcntd on the broadcast mask), then one vpermw/vpermd gathers the values and a masked shift
-//   / move zeroes the absent rows. On the Zen 5 EPYC this project ran on 2026-11-27 vpexpandw
-//   issues about once per 4 cycles, vpermw about once per cycle, and the permute decoder walked
-//   11008x4096 (bf16, T = 1) in 2.8 ms against 4.4 ms (docs/kernels.md).
-// so an inactive column costs no weight bytes and an active one costs its non-zeros plus 20
+//   / move zeroes the absent rows. On the Zen 5 EPYC this project ran on 2026-11-27 a vpexpandw
+//   cost as much as ~3.7 FMAs and a vpermw as one (scripts/simd_throughput.c), and the permute
+//   decoder walked 11008x4096 (bf16, one token, weights from DRAM) in 2.2 ms against 6.6 ms.
+// An inactive column costs no weight bytes and an active one costs its non-zeros plus 20
 // bytes of index -- when skipping pays: below 80% inactive columns every column is walked (see
-// spmspv; scattered short skips are slower than streaming from DRAM). Tokens are processed in chunks of up to 3 (24 zmm accumulators). The AVX-512
+// spmspv; scattered short skips are slower than streaming from DRAM). Tokens are processed in chunks of up to 3 (24 zmm accumulators), or, bf16 with the permute
+// decoder, 4-6 at a time over 64-row halves (block_bf16_permute_halves). The AVX-512
 // code is compiled with per-function target attributes and chosen at run time; other x86-64
 // CPUs take a scalar loop over set bits (same results up to fp32 summation order).
 //
@@ -274,6 +275,58 @@ DS_AVX512_PERM void block_f32_permute(const Problem& p, int64_t rb, int64_t t0) 
   store_block(p, rb, t0, TB, out);
 }
 
+// Batches of 4..6 tokens with the permute decoder, in one pass over the weights: 128 rows x 4
+// tokens of fp32 accumulators would need 32 registers, so each chunk of columns is walked twice,
+// once per 64-row half (2 words x TB tokens = 4 TB <= 24 accumulators), while the chunk's packed
+// bytes (about 37 KiB for 256 columns at p_w 0.5) are still in L1/L2: every word is decoded once
+// and read from DRAM once, where passes of 3 tokens would decode and stream it twice.
+constexpr int64_t HALVES_MIN_TB = 4, HALVES_MAX_TB = 6;
+
+template <int TB>
+DS_AVX512_PERM void block_bf16_permute_halves(const Problem& p, int64_t rb, int64_t t0) {
+  constexpr int64_t CHUNK = 256;
+  alignas(64) float out[TB * R];  // [token][row], partial sums between chunks
+  std::memset(out, 0, sizeof(out));
+  const uint16_t* vals = static_cast<const uint16_t*>(p.values);
+  const __m512i below_lo = below_masks(0), below_hi = below_masks(16);
+  for (int64_t j0 = 0; j0 < p.n_active; j0 += CHUNK) {
+    const int64_t j1 = std::min(p.n_active, j0 + CHUNK);
+    for (int h = 0; h < 2; ++h) {
+      __m512 acc[TB][4];  // [token][16-row chunk of this half]
+      for (int t = 0; t < TB; ++t)
+        for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_load_ps(out + t * R + 64 * h + 16 * q);
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t col = rb * p.K + p.active[j];
+        const int32_t* words = p.bitmap + col * WORDS + 2 * h;
+        const uint16_t* v = vals + p.offsets[col];
+        if (h == 0) {
+          prefetch_column<uint16_t>(p, rb, j + g_prefetch_ahead);
+        } else {
+          v += _mm_popcnt_u32(static_cast<uint32_t>(words[-2])) + _mm_popcnt_u32(static_cast<uint32_t>(words[-1]));
+        }
+        const float* x = p.xc + j * p.T + t0;
+        for (int c = 0; c < 2; ++c) {
+          const uint32_t m = static_cast<uint32_t>(words[c]);
+          const __m512i packed = _mm512_loadu_si512(v);
+          v += _mm_popcnt_u32(m);
+          const __m512i bm = _mm512_set1_epi32(static_cast<int32_t>(m));
+          const __m512 lo = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(
+              static_cast<__mmask16>(m), _mm512_permutexvar_epi16(prefix_counts(bm, below_lo), packed), 16));
+          const __m512 hi = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(
+              static_cast<__mmask16>(m >> 16), _mm512_permutexvar_epi16(prefix_counts(bm, below_hi), packed), 16));
+          for (int t = 0; t < TB; ++t) {  // the broadcast folds into the FMA's memory operand
+            acc[t][2 * c] = _mm512_fmadd_ps(lo, _mm512_set1_ps(x[t]), acc[t][2 * c]);
+            acc[t][2 * c + 1] = _mm512_fmadd_ps(hi, _mm512_set1_ps(x[t]), acc[t][2 * c + 1]);
+          }
+        }
+      }
+      for (int t = 0; t < TB; ++t)
+        for (int q = 0; q < 4; ++q) _mm512_store_ps(out + t * R + 64 * h + 16 * q, acc[t][q]);
+    }
+  }
+  store_block(p, rb, t0, TB, out);
+}
+
 // One (row block, column) slice -> R dense values at dst (zeros where absent).
 DS_AVX512 inline const char* expand_column_avx512(const int32_t* words, const char* v, char* dst,
                                                   int64_t esize) {
@@ -326,9 +379,18 @@ bool cpu_has_vpopcntdq() {
 enum class Decoder : int64_t { kScalar = 0, kExpand = 1, kPermute = 2 };
 int64_t g_decoder_request = -1;  // -1: measure; otherwise a Decoder
 
+int64_t g_halves_max_tb = HALVES_MAX_TB;  // 0: passes of at most MAX_TB tokens only (for tests and benchmarks)
+
 void run_block(const Problem& p, int64_t rb, bool bf16, Decoder d) {
-  for (int64_t t0 = 0; t0 < p.T; t0 += MAX_TB) {
-    const int64_t tb = std::min<int64_t>(MAX_TB, p.T - t0);
+  for (int64_t t0 = 0, tb = 0; t0 < p.T; t0 += tb) {
+    const int64_t left = p.T - t0;
+    if (d == Decoder::kPermute && bf16 && g_halves_max_tb >= HALVES_MIN_TB && left >= HALVES_MIN_TB) {
+      tb = std::min<int64_t>(left, g_halves_max_tb);
+      tb == 4 ? block_bf16_permute_halves<4>(p, rb, t0)
+              : tb == 5 ? block_bf16_permute_halves<5>(p, rb, t0) : block_bf16_permute_halves<6>(p, rb, t0);
+      continue;
+    }
+    tb = std::min<int64_t>(MAX_TB, left);
     if (d == Decoder::kScalar) {
       bf16 ? block_scalar<uint16_t>(p, rb, t0, tb) : block_scalar<float>(p, rb, t0, tb);
     } else if (d == Decoder::kPermute && bf16) {
@@ -556,6 +618,12 @@ torch::Tensor linear_cpu(const torch::Tensor& x, const torch::Tensor& bitmap, co
 }
 
 void set_sparse_max_tokens(int64_t t) { g_sparse_max_tokens = t; }
+void set_halves_max_tokens(int64_t t) {
+  TORCH_CHECK(t == 0 || (HALVES_MIN_TB <= t && t <= HALVES_MAX_TB), "tokens per half-block pass: 0 (off) or ",
+              HALVES_MIN_TB, "..", HALVES_MAX_TB);
+  g_halves_max_tb = t;
+}
+int64_t get_halves_max_tokens() { return g_halves_max_tb; }
 void set_walk_all_max_inactive(double f) { g_walk_all_max_inactive = f; }
 double get_walk_all_max_inactive() { return g_walk_all_max_inactive; }
 void set_prefetch(int64_t ahead, int64_t lines) { g_prefetch_ahead = ahead; g_prefetch_lines = lines; }
@@ -608,6 +676,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tiled_linear", &tiled_linear, "the prefill path (decompressed W^T tiles + matmul)");
   m.def("set_sparse_max_tokens", &set_sparse_max_tokens, "token count up to which spmspv is used");
   m.def("get_sparse_max_tokens", &get_sparse_max_tokens);
+  m.def("set_halves_max_tokens", &set_halves_max_tokens,
+        "bf16 permute walk: up to this many tokens (4..6) in one pass of 64-row halves; 0 = passes of 3");
+  m.def("get_halves_max_tokens", &get_halves_max_tokens);
   m.def("set_walk_all_max_inactive", &set_walk_all_max_inactive,
         "walk every column when fewer than this fraction of them are inactive (0: always skip)");
   m.def("get_walk_all_max_inactive", &get_walk_all_max_inactive);

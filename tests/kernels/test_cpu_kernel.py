@@ -178,3 +178,30 @@ def test_decoder_environment_variable():
     env["DUOSERVE_CPU_DECODER"] = "fastest"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "unknown decoder 'fastest'" in out.stderr
+
+
+@needs_ext
+def test_half_block_passes_match_passes_of_three():
+    """Batches of 4-6 tokens (bf16, permute decoder) walk 64-row halves in one pass; the fp32 sums per
+    row are the same operations in the same order as passes of 3 tokens, so the results are equal."""
+    if "permute" not in cpu.available_decoders():
+        pytest.skip("this CPU cannot run the permute decoder")
+    from duoserve.kernels import pack_dense
+    assert cpu.halves_max_tokens() == 6
+    cpu.set_decoder("permute")
+    try:
+        for t in (4, 5, 6, 7, 8, 13):
+            x, w, thr, bias = make_inputs(Case(971, 700, t, 0.5, 0.5, torch.bfloat16), "cpu")  # 700: 3 chunks
+            p = pack_dense(w)
+            one_pass = _spmspv(False)(x, p, thr, bias)
+            cpu.set_halves_max_tokens(0)
+            try:
+                passes_of_three = _spmspv(False)(x, p, thr, bias)
+            finally:
+                cpu.set_halves_max_tokens(6)
+            assert torch.equal(one_pass, passes_of_three), t
+            assert compare(one_pass, x, w, thr, bias) is None
+    finally:
+        cpu.set_decoder(None)
+    with pytest.raises(RuntimeError, match="0 \\(off\\) or 4..6"):
+        cpu.set_halves_max_tokens(3)
