@@ -215,7 +215,11 @@ def main(argv=None) -> int:
               "results": results, "decode_speedup": round(speedup, 2)}
     try:
         from duoserve.kernels import cpu
+        from duoserve.kernels.bench import cpu_model
+        report["machine"]["cpu"] = cpu_model()  # the CPU family matters (docs/environment.md)
         report["machine"]["kernel_isa"] = cpu.isa()
+        if cpu.available():  # measured in this process; the server measures its own, on the same CPU
+            report["machine"]["kernel_decoder"] = cpu.decoder()
     except Exception:  # reporting only
         pass
     print(f"\n{'':14s}{'decode tok/s':>14s}{'TPOT ms':>10s}{'TTFT ms':>10s}{'linear MiB':>12s}{'other MiB':>11s}"
