@@ -10,6 +10,7 @@
 #   bar-skip.md        the Llama-7B bar shapes with inactive columns always skipped (the default
 #                      walks every column unless >= 80% are inactive)
 #   simd.txt           scripts/simd_throughput.c: the decoders' instructions against an FMA
+#   skip.txt           scripts/skip_bandwidth.c: reading a random half of contiguous spans vs all
 #   cutover.md         the spMspV walk vs the decompress + matmul path, batch 1..16 (warm)
 #   batch-cold.md      the walk at batch 1..8 from DRAM; batch-cold-passes3.md the same at 4..6
 #                      tokens without the one-pass 64-row halves (DUOSERVE_CPU_HALVES_MAX_TOKENS=0)
@@ -20,12 +21,14 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-docs/reports/cpu-$(date -u +%Y-%m-%d)}
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT"
+# before anything under $OUT is rewritten (it may be tracked): which code is measured
+STATE="commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ":(exclude)$OUT" || echo ' (with uncommitted changes)')"
 {
   grep -m1 "model name" /proc/cpuinfo; grep -m1 "cpu family" /proc/cpuinfo; grep -m1 "^model\s" /proc/cpuinfo
   echo "AVX-512 flags: $(grep -m1 flags /proc/cpuinfo | tr ' ' '\n' | grep -E 'avx512' | sort | tr '\n' ' ')"
   lscpu | grep -E "^(L1d|L2|L3)" || true
   echo "decoders: $($PY -c 'from duoserve.kernels import cpu; import torch; print(cpu.available_decoders(), "chosen:", cpu.decoder(torch.bfloat16), cpu.decoder(torch.float32))')"
-  echo "date: $(date -u +%FT%TZ); commit $(git rev-parse --short HEAD)$(git diff --quiet || echo ' (with uncommitted changes)')"
+  echo "date: $(date -u +%FT%TZ); $STATE"
 } > "$OUT/machine.txt"
 cat "$OUT/machine.txt"
 B="$PY -m duoserve.kernels.bench"
@@ -49,5 +52,8 @@ DUOSERVE_CPU_HALVES_MAX_TOKENS=0 $B --shapes $BATCH_SHAPES --pw 0.5 --px 0.5 --b
 $PY -m duoserve.kernels.bench_decode --device cpu --layers 2 --markdown "$OUT/decode.md"
 if gcc -O2 -o /tmp/duoserve_simd_throughput scripts/simd_throughput.c 2> /dev/null; then
   /tmp/duoserve_simd_throughput | tee "$OUT/simd.txt"
+fi
+if gcc -O2 -mavx512f -o /tmp/duoserve_skip_bandwidth scripts/skip_bandwidth.c 2> /dev/null; then
+  /tmp/duoserve_skip_bandwidth | tee "$OUT/skip.txt"
 fi
 echo "results in $OUT"
