@@ -16,12 +16,13 @@ API (stable; changes are written here first):
     dual_sparse_linear_reference(x, dense_weight, threshold, bias=None)   fp32 oracle
     torch.ops.duoserve.dual_sparse_linear(x [T, K], bitmap, offsets, values, threshold, bias, n, k)
                   the registered custom op (fake impl included) behind dual_sparse_linear
+    kernel_backend(device, dtype) -> str                  what runs the op there, in words
 Importing this package loads the native CPU extension when it is built (it registers the op's
 CPU kernel in C++); without it, CPU calls use the reference with one logged warning.
 Layout, dispatch and benchmarks: docs/kernels.md.
 """
 from .layout import BLOCK_ROWS, PackedWeight, pack_bitmask, pack_dense, unpack_dense
-from .ops import dual_sparse_linear, dual_sparse_linear_op
+from .ops import dual_sparse_linear, dual_sparse_linear_op, kernel_backend
 from .reference import dual_sparse_linear_packed_reference, dual_sparse_linear_reference
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "unpack_dense",
     "dual_sparse_linear",
     "dual_sparse_linear_op",
+    "kernel_backend",
     "dual_sparse_linear_reference",
     "dual_sparse_linear_packed_reference",
 ]

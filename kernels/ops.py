@@ -93,6 +93,23 @@ _register()
 dual_sparse_linear_op = torch.ops.duoserve.dual_sparse_linear
 
 
+def kernel_backend(device: torch.device | str, dtype: torch.dtype) -> str:
+    """What runs the op for weights of `dtype` on `device`, in words (for load logs and reports)."""
+    device = torch.device(device)
+    if _FORCE_REFERENCE:
+        return "pure-torch reference (DUOSERVE_KERNEL=reference)"
+    if device.type == "cuda":
+        return "Triton kernels" if gpu.available() else f"pure-torch reference (Triton unavailable: {gpu.import_error()})"
+    if device.type != "cpu":
+        return f"no duoserve kernel for {device.type}"
+    if not cpu.available():
+        return f"pure-torch reference (CPU extension not built: {cpu.import_error()})"
+    if dtype not in cpu.DTYPES:
+        return f"native CPU kernel, {dtype} through the decompress + fp32 matmul path"
+    return (f"native CPU kernel ({cpu.isa()}, {cpu.decoder(dtype)} decoder; spMspV up to "
+            f"{cpu.sparse_max_tokens()} tokens a call, decompress + matmul above)")
+
+
 def dual_sparse_linear(x: torch.Tensor, packed: PackedWeight, threshold,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] -> y [..., N] = W @ where(|x| > t, x, 0) + bias, in x.dtype.

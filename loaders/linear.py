@@ -27,7 +27,7 @@ from torch.nn import Parameter
 from duoserve.errors import CheckpointError
 from duoserve.format.bitmask import bitmask_bytes_per_row, bitmask_popcount, pad_bits_clear
 from duoserve.format.schema import BITMASK_SUFFIX, DENSE_SUFFIX, THRESHOLD_SUFFIX, VALUES_SUFFIX, ModuleInfo
-from duoserve.kernels import dual_sparse_linear_op, pack_bitmask, pack_dense
+from duoserve.kernels import dual_sparse_linear_op, kernel_backend, pack_bitmask, pack_dense
 from duoserve.loaders.vllm_compat import LinearMethodBase, set_weight_attrs, shard_index, tp_size_of
 
 log = logging.getLogger(__name__)
@@ -84,14 +84,15 @@ class LoadSummary:
     def __init__(self):
         self.expected, self.layers, self.nbytes, self.elements = 0, 0, 0, 0
 
-    def add(self, nbytes: int, elements: int) -> None:
+    def add(self, nbytes: int, elements: int, device: torch.device, dtype: torch.dtype) -> None:
         self.layers += 1
         self.nbytes += nbytes
         self.elements += elements
         if self.layers == self.expected:
             log.info("duoserve: %d linear layers repacked into the dual-sparse kernel layout "
-                     "(%.1f MiB, %.3f bytes/weight); apply() runs torch.ops.duoserve.dual_sparse_linear",
-                     self.layers, self.nbytes / 2**20, self.nbytes / max(self.elements, 1))
+                     "(%.1f MiB, %.3f bytes/weight); apply() runs torch.ops.duoserve.dual_sparse_linear: %s",
+                     self.layers, self.nbytes / 2**20, self.nbytes / max(self.elements, 1),
+                     kernel_backend(device, dtype))
 
 
 def make_shards(names: list[str], infos: list[ModuleInfo]) -> list[Shard]:
@@ -225,7 +226,8 @@ class DuoserveLinearMethod(LinearMethodBase):
         log.debug("%s: %d shard(s) in %d op call(s), %d bytes, thresholds %s", self.prefix, len(self.shards),
                   len(self.groups), layer.duoserve_nbytes, [round(float(t), 5) for t in thresholds])
         if self.summary is not None:
-            self.summary.add(layer.duoserve_nbytes, sum(s.rows * s.cols for s in self.shards))
+            self.summary.add(layer.duoserve_nbytes, sum(s.rows * s.cols for s in self.shards), device,
+                             packed[0].values.dtype)
 
     # -- forward ---------------------------------------------------------------------------
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

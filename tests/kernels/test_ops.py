@@ -74,6 +74,18 @@ def test_reference_fallback_without_extension_warns_once():
     assert proc.stderr.count("extension not built") == 1, proc.stderr[-3000:]
 
 
+def test_kernel_backend_names_what_runs():
+    from duoserve.kernels import cpu, kernel_backend
+    text = kernel_backend("cpu", torch.bfloat16)
+    if cpu.available():
+        assert text.startswith("native CPU kernel") and f"{cpu.decoder(torch.bfloat16)} decoder" in text
+        assert "decompress + fp32 matmul" in kernel_backend("cpu", torch.float16)
+    else:
+        assert "reference" in text
+    assert "Triton" in kernel_backend("cuda", torch.bfloat16)
+    assert kernel_backend(torch.device("meta"), torch.float32) == "no duoserve kernel for meta"
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

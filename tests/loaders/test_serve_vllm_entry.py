@@ -78,6 +78,7 @@ def test_the_plugin_op_runs_in_the_server(server):
     log = server.log_path.read_text(errors="replace")
     assert "quantization=duoserve" in log
     assert "8 linear layers repacked into the dual-sparse kernel layout" in log  # 2 layers x 4 vLLM linears
+    assert "apply() runs torch.ops.duoserve.dual_sparse_linear: native CPU kernel" in log  # the backend is named
     auth = {"Authorization": f"Bearer {server.api_key}"}
     assert requests.post(server.base_url + "/start_profile", headers=auth, timeout=60).status_code == 200
     _complete(server, [5, 6, 7, 8], n=4)
