@@ -67,6 +67,26 @@ def test_simd_walk_matches_fp32_dense(simd_decoder, walk_policy):
 
 
 @needs_ext
+def test_tiled_path_with_each_decoder(simd_decoder):
+    """The prefill path decompresses its tiles with the walk's decoder."""
+    cases = CASES + [Case(130, 300, 40, 0.5, 0.5, torch.float16)]
+    failures = run_cases(_tiled, cases, "cpu")
+    assert not failures, f"{simd_decoder}: {len(failures)} of {len(cases)} failed:\n" + "\n".join(failures[:10])
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_mask_input_matches_torch_where(dtype):
+    """The prefill path's branch-free masking: |x| > t kept, the rest (NaN included) exact zeros."""
+    x = torch.randn(37, 300, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0]).to(dtype)
+    for t in (0.0, 0.5, float("inf")):
+        want = torch.where(x.abs().float() > t, x, torch.zeros((), dtype=dtype))
+        got = cpu._load().mask_input(x, torch.tensor(t))
+        assert got.dtype == dtype and torch.equal(got, want), (dtype, t)
+
+
+@needs_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_simd_decoders_are_bit_identical(dtype):
     """Both decoders do the same fp32 operations in the same order per row, so the measured choice
