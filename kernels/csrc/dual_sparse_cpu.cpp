@@ -194,6 +194,10 @@ DS_AVX512 void block_f32_avx512(const Problem& p, int64_t rb, int64_t t0) {
 }
 
 // ---- AVX-512 "permute" decoder (F + BW + VPOPCNTDQ): no expand instruction ----
+// The block functions below repeat the expand ones' loop scaffolding on purpose: each decoder's
+// code is compiled for exactly the instructions it needs (its own target attribute), so a CPU with
+// one extension but not the other never meets an instruction it lacks; a shared template would
+// need the union of both targets.
 #define DS_AVX512_PERM __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,popcnt")))
 
 // Lane i (32-bit) of the result = popcount(m & ((1 << (base + i)) - 1)): the position of row
