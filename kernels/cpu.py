@@ -4,9 +4,10 @@ Loading it registers the CPU kernel of `duoserve::dual_sparse_linear` in C++ (TO
 CPU call goes from the dispatcher straight to C++ (a few microseconds; a Python-side custom op
 costs ~20 us a call, more than the whole 576x576 product). Behind that kernel:
   T <= sparse_max_tokens (bf16/fp32): the spMspV walk (AVX-512, or a scalar loop on CPUs
-    without it): per row block, only the columns active for some token are read
-    when at least walk_all_max_inactive (0.8) of them are inactive; otherwise every column is
-    walked, because scattered short skips are slower than one stream from DRAM (docs/kernels.md).
+    without it): per row block, only the columns active for some token are read, with a software
+    prefetch 48 columns ahead (the scattered spans defeat the hardware prefetchers;
+    `set_prefetch`, DUOSERVE_CPU_PREFETCH); `set_walk_all_max_inactive` can make it walk every
+    column instead (docs/kernels.md has both measured).
   larger T, or fp16: row-block chunks are decompressed into a bounded W^T scratch [K, rows] and
     multiplied with torch.matmul (never a dense copy of the whole weight).
 The cutover is measured with `python -m duoserve.kernels.bench --cutover`.
@@ -14,7 +15,8 @@ The cutover is measured with `python -m duoserve.kernels.bench --cutover`.
 The walk has two AVX-512 decoders with bit-identical results: "expand" (vpexpandw / vexpandps,
 AVX-512 VBMI2) and "permute" (prefix popcounts + vpermw / vpermd, AVX-512 VPOPCNTDQ). Which is
 faster depends on the microarchitecture, so the first call times both on a small in-cache problem
-and keeps the faster one per dtype; `DUOSERVE_CPU_DECODER` or `set_decoder` forces one. With the
+and keeps the faster one per dtype; `DUOSERVE_CPU_DECODER` or `set_decoder` forces one. The
+permute decoder also needs AVX-512 BITALG (vpopcntw: one popcount per 32-row bf16 word). With the
 permute decoder and bf16, 4-6 tokens share one pass over the weights (`set_halves_max_tokens`).
 """
 from __future__ import annotations
@@ -27,6 +29,21 @@ DTYPES = (torch.bfloat16, torch.float32)
 
 _ext = None
 _error: str | None = None
+
+
+def _parse_prefetch(text: str) -> tuple[int, int]:
+    """DUOSERVE_CPU_PREFETCH="AHEAD,LINES": prefetch distance in active columns and 64-byte lines
+    per column (0 lines: exactly the column's lines); "0,0" turns software prefetch off."""
+    try:
+        ahead, lines = (int(v) for v in text.split(","))
+        if ahead < 0 or lines < 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            f"DUOSERVE_CPU_PREFETCH must be AHEAD,LINES with two integers >= 0 (e.g. 48,3; 0,0 turns "
+            f"software prefetch off), got {text!r}"
+        ) from None
+    return ahead, lines
 
 
 def _load():
@@ -44,6 +61,8 @@ def _load():
                 _ext.set_walk_all_max_inactive(float(os.environ["DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE"]))
             if "DUOSERVE_CPU_HALVES_MAX_TOKENS" in os.environ:
                 _ext.set_halves_max_tokens(int(os.environ["DUOSERVE_CPU_HALVES_MAX_TOKENS"]))
+            if os.environ.get("DUOSERVE_CPU_PREFETCH"):
+                _ext.set_prefetch(*_parse_prefetch(os.environ["DUOSERVE_CPU_PREFETCH"]))  # bad text raises
             if os.environ.get("DUOSERVE_CPU_DECODER"):
                 _ext.set_decoder(os.environ["DUOSERVE_CPU_DECODER"])  # a bad name raises, naming the choices
         except ImportError as exc:  # not built (DUOSERVE_SKIP_CPU_KERNEL=1, no compiler)
@@ -90,6 +109,18 @@ def set_walk_all_max_inactive(fraction: float) -> None:
 
 def walk_all_max_inactive() -> float:
     return _load().get_walk_all_max_inactive()
+
+
+def set_prefetch(ahead: int, lines: int) -> None:
+    """Software prefetch of the values `ahead` active columns ahead, `lines` 64-byte lines per
+    16-bit value width (0: exactly the column's lines); ahead = 0 turns it off."""
+    _load().set_prefetch(int(ahead), int(lines))
+
+
+def prefetch() -> tuple[int, int]:
+    """(ahead, lines) of the software prefetch in use."""
+    ahead, lines = _load().get_prefetch()
+    return ahead, lines
 
 
 def available_decoders() -> list[str]:

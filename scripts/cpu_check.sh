@@ -7,8 +7,10 @@
 #                      SIMD decoder forced in turn (the default measures both and keeps the faster)
 #   bar-warm.md        the same with one weight reused (small matrices then sit in cache)
 #   bar-vllm.md        against vLLM's own CPU GEMM (pre-packed oneDNN), when vLLM is installed
-#   bar-skip.md        the Llama-7B bar shapes with inactive columns always skipped (the default
-#                      walks every column unless >= 80% are inactive)
+#   bar-walk-all.md    the bar shapes walking every column (inactive ones with zero inputs) instead
+#                      of skipping the inactive ones (the default)
+#   bar-no-prefetch.md the bar shapes without the software prefetch (DUOSERVE_CPU_PREFETCH=0,0)
+#   px-cold.md         batch 1 at p_x 0 / 0.3 / 0.5 / 0.7 (p_w 0.5), weights from DRAM
 #   simd.txt           scripts/simd_throughput.c: the decoders' instructions against an FMA
 #   skip.txt           scripts/skip_bandwidth.c: reading a random half of contiguous spans vs all
 #   cutover.md         the spMspV walk vs the decompress + matmul path, batch 1..16 (warm)
@@ -36,14 +38,16 @@ for decoder in $($PY -c 'from duoserve.kernels import cpu; print(" ".join(d for 
   rm -f "$OUT/bar-$decoder.md"
   DUOSERVE_CPU_DECODER=$decoder $B --bar --cold-mib 512 --markdown "$OUT/bar-$decoder.md"
 done
-rm -f "$OUT/bar-warm.md" "$OUT/bar-vllm.md" "$OUT/bar-skip.md" "$OUT/cutover.md" "$OUT/decode.md" \
-  "$OUT/batch-cold.md" "$OUT/batch-cold-passes3.md"
+rm -f "$OUT/bar-warm.md" "$OUT/bar-vllm.md" "$OUT/bar-walk-all.md" "$OUT/bar-no-prefetch.md" "$OUT/px-cold.md" \
+  "$OUT/cutover.md" "$OUT/decode.md" "$OUT/batch-cold.md" "$OUT/batch-cold-passes3.md"
 $B --bar --markdown "$OUT/bar-warm.md"
 if $PY -c "import vllm" 2> /dev/null; then
   $B --bar --cold-mib 512 --baseline vllm --markdown "$OUT/bar-vllm.md"
 fi
-DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=0 $B --bar --cold-mib 512 --shapes 4096x4096,11008x4096,4096x11008 \
-  --markdown "$OUT/bar-skip.md"
+DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=2 $B --bar --cold-mib 512 --markdown "$OUT/bar-walk-all.md"
+DUOSERVE_CPU_PREFETCH=0,0 $B --bar --cold-mib 512 --markdown "$OUT/bar-no-prefetch.md"
+$B --shapes 576x1536,1536x576,4096x11008,11008x4096 --pw 0.5 --px 0,0.3,0.5,0.7 --batch 1 --cold-mib 512 \
+  --markdown "$OUT/px-cold.md"
 $B --cutover --shapes 4096x11008,11008x4096,576x1536,1536x576 --batch 1,2,3,4,6,8,16 --markdown "$OUT/cutover.md"
 BATCH_SHAPES=4096x11008,11008x4096,576x1536,1536x576
 $B --shapes $BATCH_SHAPES --pw 0.5 --px 0.5 --batch 1,2,3,4,5,6,8 --cold-mib 512 --markdown "$OUT/batch-cold.md"

@@ -10,15 +10,17 @@
 // expands each column's packed values into the R-row fp32 accumulators:
 //   bf16: 4 x (64-byte unaligned load + vpexpandw under the 32-bit word) -> even/odd rows as fp32
 //   fp32: 8 x (64-byte load + vexpandps under each 16-bit half word)
-//   or, where the CPU has AVX-512 VPOPCNTDQ and a one-time calibration measures it faster (the
-//   "permute" decoder), per 16 rows: lane i's index = popcount(mask bits below i) (vpandd +
-//   vpopcntd on the broadcast mask), then one vpermw/vpermd gathers the values and a masked shift
-//   / move zeroes the absent rows. On the Zen 5 EPYC this project ran on 2026-11-27 a vpexpandw
-//   cost as much as ~3.7 FMAs and a vpermw as one (scripts/simd_throughput.c), and the permute
-//   decoder walked 11008x4096 (bf16, one token, weights from DRAM) in 2.2 ms against 6.6 ms.
+//   or, where the CPU has AVX-512 VPOPCNTDQ + BITALG and a one-time calibration measures it
+//   faster (the "permute" decoder): each value's index among the packed ones is a popcount of the
+//   mask bits below its row (vpopcntw for a bf16 word, then one vpermw gathers all 32 values;
+//   vpopcntd + vpermd per 16 fp32 rows), and a masked shift / and / move zeroes the absent rows.
+//   On the Zen 5 EPYC this project ran on 2026-11-27 a vpexpandw cost as much as ~3.7 FMAs and a
+//   vpermw as one (scripts/simd_throughput.c), and the permute decoder walked 11008x4096 (bf16,
+//   one token, weights from DRAM) in 2.2 ms against 6.6 ms.
 // An inactive column costs no weight bytes and an active one costs its non-zeros plus 20
-// bytes of index -- when skipping pays: below 80% inactive columns every column is walked (see
-// spmspv; scattered short skips are slower than streaming from DRAM). Tokens are processed in chunks of up to 3 (24 zmm accumulators), or, bf16 with the permute
+// bytes of index; the values of the column 48 active columns ahead are prefetched (the spans are
+// too short and scattered for the hardware prefetchers). Tokens are processed in chunks of up to
+// 3 (24 zmm accumulators), or, bf16 with the permute
 // decoder, 4-6 at a time over 64-row halves (block_bf16_permute_halves). The AVX-512
 // code is compiled with per-function target attributes and chosen at run time; other x86-64
 // CPUs take a scalar loop over set bits (same results up to fp32 summation order).
@@ -102,18 +104,30 @@ void block_scalar(const Problem& p, int64_t rb, int64_t t0, int64_t tb) {
 #define DS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")))
 
 // Skipped columns leave gaps in the value stream that the hardware prefetchers do not follow,
-// so the kernels prefetch the values of the column g_prefetch_ahead active columns ahead:
-// g_prefetch_lines > 0 prefetches that many 64-byte lines per 16-bit value width (branch-free:
-// 2 lines = a 50%-dense bf16 column, 4 for fp32), 0 prefetches exactly the column's lines
-// (popcount; a data-dependent loop), and g_prefetch_ahead = 0 turns it off. Measured on the
-// 2-core Zen 4 (shared, noisy): 16/2 was as good as or better than the other settings tried.
-int64_t g_prefetch_ahead = 16;
-double g_walk_all_max_inactive = 0.8;  // see spmspv: walk every column unless >= 80% are inactive
-int64_t g_prefetch_lines = 2;
+// so the kernels prefetch the values of the column g_prefetch_ahead active columns ahead (past
+// the end of a row block: the first columns of the next one): g_prefetch_lines > 0 prefetches
+// that many 64-byte lines per 16-bit value width (branch-free; a 50%-dense bf16 column is 128
+// bytes at any alignment, so 3 lines cover it), 0 prefetches exactly the column's lines (popcount;
+// a data-dependent loop), and g_prefetch_ahead = 0 turns it off. Measured on the Zen 5 host
+// (docs/kernels.md): 48/3 and skipping every inactive column, 2.4-3.1x dense at p_w = p_x = 0.5
+// against 2.3-2.6x walking all columns and 0.8-0.9x skipping without prefetch.
+//
+// prefetch_column must be always_inline: GCC 12 treats a function whose only effect is
+// __builtin_prefetch as pure, and when it is not inlined before that analysis (the early inliner
+// declines it across the decoders' target attributes) the call, returning void, is deleted as
+// dead code. Until 2026-11-27 that happened to every call here, so the kernels ran without any
+// software prefetch; tests/kernels/test_cpu_kernel.py now checks the built binary for prefetcht0.
+int64_t g_prefetch_ahead = 48;
+int64_t g_prefetch_lines = 3;
+double g_walk_all_max_inactive = 0.0;  // see spmspv: 0 = always skip inactive columns
 
 template <typename V>
-DS_AVX512 inline void prefetch_column(const Problem& p, int64_t rb, int64_t j) {
-  if (g_prefetch_ahead == 0 || j >= p.n_active) return;
+__attribute__((always_inline)) inline void prefetch_column(const Problem& p, int64_t rb, int64_t j) {
+  if (g_prefetch_ahead == 0) return;
+  if (j >= p.n_active) {  // near the end of the row block: the start of the next one (walked next)
+    j -= p.n_active;
+    if (++rb * R >= p.N || j >= p.n_active) return;
+  }
   const int64_t col = rb * p.K + p.active[j];
   const char* first = reinterpret_cast<const char*>(static_cast<const V*>(p.values) + p.offsets[col]);
   if (g_prefetch_lines > 0) {
@@ -123,7 +137,7 @@ DS_AVX512 inline void prefetch_column(const Problem& p, int64_t rb, int64_t j) {
   }
   const int32_t* words = p.bitmap + col * WORDS;
   int64_t count = 0;
-  for (int64_t w = 0; w < WORDS; ++w) count += _mm_popcnt_u32(static_cast<uint32_t>(words[w]));
+  for (int64_t w = 0; w < WORDS; ++w) count += __builtin_popcount(static_cast<uint32_t>(words[w]));
   const char* last = first + count * static_cast<int64_t>(sizeof(V));
   for (const char* line = first; line < last; line += 64) _mm_prefetch(line, _MM_HINT_T0);
 }
@@ -193,15 +207,16 @@ DS_AVX512 void block_f32_avx512(const Problem& p, int64_t rb, int64_t t0) {
   store_block(p, rb, t0, TB, out);
 }
 
-// ---- AVX-512 "permute" decoder (F + BW + VPOPCNTDQ): no expand instruction ----
+// ---- AVX-512 "permute" decoder (F + BW + VPOPCNTDQ + BITALG): no expand instruction ----
 // The block functions below repeat the expand ones' loop scaffolding on purpose: each decoder's
 // code is compiled for exactly the instructions it needs (its own target attribute), so a CPU with
 // one extension but not the other never meets an instruction it lacks; a shared template would
 // need the union of both targets.
-#define DS_AVX512_PERM __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,popcnt")))
+#define DS_AVX512_PERM \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,avx512bitalg,popcnt")))
 
 // Lane i (32-bit) of the result = popcount(m & ((1 << (base + i)) - 1)): the position of row
-// base + i among the packed values of its word, when its bit is set.
+// base + i among the packed values of its word, when its bit is set (the fp32 decoder).
 DS_AVX512_PERM inline __m512i prefix_counts(__m512i broadcast_mask, __m512i below) {
   return _mm512_popcnt_epi32(_mm512_and_si512(broadcast_mask, below));
 }
@@ -212,13 +227,43 @@ DS_AVX512_PERM inline __m512i below_masks(int base) {  // lane i: (1 << (base + 
   return _mm512_load_si512(m);
 }
 
+// 16-bit lanes 2i and 2i + 1 both (1 << i) - 1: the masks below rows i and 16 + i of a word.
+DS_AVX512_PERM inline __m512i below_pairs() {
+  alignas(64) uint16_t m[32];
+  for (int i = 0; i < 16; ++i) m[2 * i] = m[2 * i + 1] = static_cast<uint16_t>((1u << i) - 1);
+  return _mm512_load_si512(m);
+}
+
+// The bf16 values of one 32-row word gathered with a single vpermw: 32-bit lane i holds row i in
+// its low half and row 16 + i in its high half (rows whose bit is clear hold garbage; callers
+// mask them). Broadcasting the 32-bit mask puts its low 16 bits in the even 16-bit lanes and its
+// high 16 bits in the odd ones, so one vpopcntw (AVX512-BITALG) of (mask & below_pairs) gives
+// each row's rank within its half; the high rows then add the low half's count. Per word that is
+// one popcount and one permute, where 16-row halves with vpopcntd take two of each (measured on
+// the Zen 5 host: 7-12% less time for the whole walk).
+DS_AVX512_PERM inline __m512i gather_word_bf16(uint32_t m, const uint16_t* v, __m512i pairs) {
+  const __m512i rank_in_half = _mm512_popcnt_epi16(_mm512_and_si512(_mm512_set1_epi32(static_cast<int32_t>(m)), pairs));
+  const int32_t low_count = _mm_popcnt_u32(m & 0xFFFFu);
+  const __m512i idx = _mm512_add_epi16(rank_in_half, _mm512_set1_epi32(low_count << 16));
+  return _mm512_permutexvar_epi16(idx, _mm512_loadu_si512(v));  // padding covers the over-read
+}
+
+// The word's rows as fp32, rows 0-15 in lo and 16-31 in hi, absent rows zero: a bf16 in the high
+// half of a 32-bit lane is that lane's fp32.
+DS_AVX512_PERM inline void decode_word_bf16(uint32_t m, const uint16_t* v, __m512i pairs, __m512& lo, __m512& hi) {
+  const __m512i g = gather_word_bf16(m, v, pairs);
+  lo = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(static_cast<__mmask16>(m), g, 16));
+  hi = _mm512_castsi512_ps(
+      _mm512_maskz_and_epi32(static_cast<__mmask16>(m >> 16), g, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+}
+
 template <int TB>
 DS_AVX512_PERM void block_bf16_permute(const Problem& p, int64_t rb, int64_t t0) {
   __m512 acc[TB][2 * WORDS];  // [token][16-row chunk], rows in natural order
   for (int t = 0; t < TB; ++t)
     for (int c = 0; c < 2 * WORDS; ++c) acc[t][c] = _mm512_setzero_ps();
   const uint16_t* vals = static_cast<const uint16_t*>(p.values);
-  const __m512i below_lo = below_masks(0), below_hi = below_masks(16);
+  const __m512i pairs = below_pairs();
   for (int64_t j = 0; j < p.n_active; ++j) {
     const int64_t col = rb * p.K + p.active[j];
     const int32_t* words = p.bitmap + col * WORDS;
@@ -228,15 +273,9 @@ DS_AVX512_PERM void block_bf16_permute(const Problem& p, int64_t rb, int64_t t0)
     for (int t = 0; t < TB; ++t) xb[t] = _mm512_set1_ps(p.xc[j * p.T + t0 + t]);
     for (int c = 0; c < WORDS; ++c) {
       const uint32_t m = static_cast<uint32_t>(words[c]);
-      const __m512i packed = _mm512_loadu_si512(v);  // the word's <= 32 values; padding covers the over-read
+      __m512 lo, hi;
+      decode_word_bf16(m, v, pairs, lo, hi);
       v += _mm_popcnt_u32(m);
-      const __m512i bm = _mm512_set1_epi32(static_cast<int32_t>(m));
-      // vpermw puts value[idx_i] in the low half of 32-bit lane i; shifting it up makes the fp32
-      // of that bf16, and the shift's zero-mask clears the rows whose bit is not set
-      const __m512 lo = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(
-          static_cast<__mmask16>(m), _mm512_permutexvar_epi16(prefix_counts(bm, below_lo), packed), 16));
-      const __m512 hi = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(
-          static_cast<__mmask16>(m >> 16), _mm512_permutexvar_epi16(prefix_counts(bm, below_hi), packed), 16));
       for (int t = 0; t < TB; ++t) {
         acc[t][2 * c] = _mm512_fmadd_ps(lo, xb[t], acc[t][2 * c]);
         acc[t][2 * c + 1] = _mm512_fmadd_ps(hi, xb[t], acc[t][2 * c + 1]);
@@ -292,7 +331,7 @@ DS_AVX512_PERM void block_bf16_permute_halves(const Problem& p, int64_t rb, int6
   alignas(64) float out[TB * R];  // [token][row], partial sums between chunks
   std::memset(out, 0, sizeof(out));
   const uint16_t* vals = static_cast<const uint16_t*>(p.values);
-  const __m512i below_lo = below_masks(0), below_hi = below_masks(16);
+  const __m512i pairs = below_pairs();
   for (int64_t j0 = 0; j0 < p.n_active; j0 += CHUNK) {
     const int64_t j1 = std::min(p.n_active, j0 + CHUNK);
     for (int h = 0; h < 2; ++h) {
@@ -311,13 +350,9 @@ DS_AVX512_PERM void block_bf16_permute_halves(const Problem& p, int64_t rb, int6
         const float* x = p.xc + j * p.T + t0;
         for (int c = 0; c < 2; ++c) {
           const uint32_t m = static_cast<uint32_t>(words[c]);
-          const __m512i packed = _mm512_loadu_si512(v);
+          __m512 lo, hi;
+          decode_word_bf16(m, v, pairs, lo, hi);
           v += _mm_popcnt_u32(m);
-          const __m512i bm = _mm512_set1_epi32(static_cast<int32_t>(m));
-          const __m512 lo = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(
-              static_cast<__mmask16>(m), _mm512_permutexvar_epi16(prefix_counts(bm, below_lo), packed), 16));
-          const __m512 hi = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(
-              static_cast<__mmask16>(m >> 16), _mm512_permutexvar_epi16(prefix_counts(bm, below_hi), packed), 16));
           for (int t = 0; t < TB; ++t) {  // the broadcast folds into the FMA's memory operand
             acc[t][2 * c] = _mm512_fmadd_ps(lo, _mm512_set1_ps(x[t]), acc[t][2 * c]);
             acc[t][2 * c + 1] = _mm512_fmadd_ps(hi, _mm512_set1_ps(x[t]), acc[t][2 * c + 1]);
@@ -365,17 +400,14 @@ DS_AVX512 void unpack_range_avx512(const int32_t* bm, const int32_t* off, const 
 // The permute decoder's version of expand_column_avx512 (same output).
 DS_AVX512_PERM inline void permute_column(const int32_t* words, const char* v, char* dst, int64_t esize) {
   if (esize == 2) {
-    const __m512i below_lo = below_masks(0), below_hi = below_masks(16);
-    // 16-bit lanes 0, 2, ..., 30 of the low-rows result, then of the high-rows result: the values
-    const __m512i pick = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32,
+    const __m512i pairs = below_pairs();
+    // gather_word_bf16 leaves row i in 16-bit lane 2i (i < 16) or 2(i - 16) + 1: back to row order
+    const __m512i rows = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1,
                                           30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     for (int c = 0; c < WORDS; ++c) {
       const uint32_t m = static_cast<uint32_t>(words[c]);
-      const __m512i packed = _mm512_loadu_si512(v);
-      const __m512i bm = _mm512_set1_epi32(static_cast<int32_t>(m));
-      const __m512i lo = _mm512_permutexvar_epi16(prefix_counts(bm, below_lo), packed);
-      const __m512i hi = _mm512_permutexvar_epi16(prefix_counts(bm, below_hi), packed);
-      _mm512_storeu_si512(dst + 64 * c, _mm512_maskz_permutex2var_epi16(m, lo, pick, hi));
+      const __m512i g = gather_word_bf16(m, reinterpret_cast<const uint16_t*>(v), pairs);
+      _mm512_storeu_si512(dst + 64 * c, _mm512_maskz_permutexvar_epi16(m, rows, g));
       v += 2 * _mm_popcnt_u32(m);
     }
   } else {
@@ -409,10 +441,10 @@ bool cpu_has_avx512() {
   return ok;
 }
 
-bool cpu_has_vpopcntdq() {
+bool cpu_has_permute_isa() {  // what DS_AVX512_PERM enables
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vpopcntdq") &&
-                         __builtin_cpu_supports("popcnt");
+                         __builtin_cpu_supports("avx512bitalg") && __builtin_cpu_supports("popcnt");
   return ok;
 }
 
@@ -455,7 +487,7 @@ void run_block(const Problem& p, int64_t rb, bool bf16, Decoder d) {
 
 bool decoder_available(Decoder d) {
   return d == Decoder::kScalar || (d == Decoder::kExpand && cpu_has_avx512()) ||
-         (d == Decoder::kPermute && cpu_has_vpopcntdq());
+         (d == Decoder::kPermute && cpu_has_permute_isa());
 }
 
 // Times both SIMD decoders on a synthetic problem that stays in cache (8 row blocks x 512
@@ -463,7 +495,7 @@ bool decoder_available(Decoder d) {
 // is bound by decoding instructions, in cache and from DRAM alike, so the faster one here is the
 // faster one on a model's weights. Best of 7 passes each, alternating.
 Decoder calibrate_decoder(bool bf16) {
-  if (!cpu_has_vpopcntdq()) return cpu_has_avx512() ? Decoder::kExpand : Decoder::kScalar;
+  if (!cpu_has_permute_isa()) return cpu_has_avx512() ? Decoder::kExpand : Decoder::kScalar;
   if (!cpu_has_avx512()) return Decoder::kPermute;
   constexpr int64_t NB = 8, K = 512;
   std::vector<int32_t> bitmap(NB * K * WORDS), offsets(NB * K);
@@ -579,14 +611,12 @@ torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, con
     on[k] = any;
     n_on += any;
   }
-  // Which columns to walk. Skipping a column saves its bytes only if the skipped spans are long:
-  // with the weight coming from DRAM (a real model's weights do not stay in cache between
-  // tokens), walking a random 50% or 30% of the columns was slower than walking all of them, and
-  // skipping paid only from about 80% inactive (docs/kernels.md, "Walking all columns": 2-core
-  // AMD EPYC, one thread, bf16, p_w 0.5; e.g. 11008x4096: all 3.98 ms, random half 5.69 ms, random
-  // 10% 2.49 ms). The scattered 128-byte spans defeat the hardware prefetchers, and a broken
-  // stream costs more than the bytes it skips. So below g_walk_all_max_inactive (a fraction of
-  // columns) every column is walked, the masked inputs contributing exact zeros.
+  // Which columns to walk. An inactive column is skipped (no byte of it read) unless fewer than
+  // g_walk_all_max_inactive (a fraction) of the columns are inactive, in which case every column
+  // is walked, the masked inputs contributing exact zeros. Default 0: always skip. Skipping pays
+  // only with the software prefetch above: the scattered 128-byte spans of the active columns
+  // defeat the hardware prefetchers, and without it (as the kernels ran until 2026-11-27, see
+  // prefetch_column) walking a random half of the columns was slower than walking all of them.
   const bool walk_all = n_on < K && static_cast<double>(K - n_on) < g_walk_all_max_inactive * K;
   // The walked columns and their masked inputs, column-major [A, T].
   std::vector<int32_t> active;
@@ -704,10 +734,16 @@ void set_halves_max_tokens(int64_t t) {
 int64_t get_halves_max_tokens() { return g_halves_max_tb; }
 void set_walk_all_max_inactive(double f) { g_walk_all_max_inactive = f; }
 double get_walk_all_max_inactive() { return g_walk_all_max_inactive; }
-void set_prefetch(int64_t ahead, int64_t lines) { g_prefetch_ahead = ahead; g_prefetch_lines = lines; }
+void set_prefetch(int64_t ahead, int64_t lines) {
+  TORCH_CHECK(ahead >= 0 && lines >= 0, "prefetch distance and lines must be >= 0 (0 distance turns it off), got ",
+              ahead, " and ", lines);
+  g_prefetch_ahead = ahead;
+  g_prefetch_lines = lines;
+}
+std::vector<int64_t> get_prefetch() { return {g_prefetch_ahead, g_prefetch_lines}; }
 int64_t get_sparse_max_tokens() { return g_sparse_max_tokens; }
 
-std::string isa() { return cpu_has_avx512() || cpu_has_vpopcntdq() ? "avx512" : "scalar"; }
+std::string isa() { return cpu_has_avx512() || cpu_has_permute_isa() ? "avx512" : "scalar"; }
 
 const char* const kDecoderNames[] = {"scalar", "expand", "permute"};
 
@@ -761,6 +797,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "walk every column when fewer than this fraction of them are inactive (0: always skip)");
   m.def("get_walk_all_max_inactive", &get_walk_all_max_inactive);
   m.def("set_prefetch", &set_prefetch, "software prefetch distance (active columns; 0 = off) and lines");
+  m.def("get_prefetch", &get_prefetch, "[distance, lines] of the software prefetch");
   m.def("isa", &isa, "instruction set the spmspv kernel uses on this CPU");
   m.def("decoder", &decoder, "the spMspV decoder in use for a dtype ('bf16'/'fp32'), measured on first use");
   m.def("set_decoder", &set_decoder, "force a decoder (scalar, expand, permute) or '' to measure");

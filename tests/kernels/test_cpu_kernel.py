@@ -26,10 +26,10 @@ def _tiled(x, p, t, b):
     return cpu.tiled(x, p.bitmap, p.offsets, p.values, t, b, p.n)
 
 
-@pytest.fixture(params=[0.0, 0.8, 2.0], ids=["skip-inactive", "default-policy", "walk-all"])
+@pytest.fixture(params=[0.0, 0.8, 2.0], ids=["skip-inactive", "walk-all-below-80pct-inactive", "walk-all"])
 def walk_policy(request):
-    """The spMspV walk either skips inactive columns or walks them all (with zero inputs); the
-    default decides by the fraction inactive. Every policy must give the same products."""
+    """The spMspV walk either skips inactive columns (the default, 0.0) or walks them all (with
+    zero inputs), or decides by the fraction inactive. Every policy must give the same products."""
     if not cpu.available():
         pytest.skip(f"CPU extension: {cpu.import_error()}")
     saved = cpu.walk_all_max_inactive()
@@ -54,7 +54,7 @@ def simd_decoder(request):
 @pytest.mark.parametrize("name,impl", [("spmspv-scalar", _spmspv(True)), ("tiled", _tiled),
                                        ("op", dual_sparse_linear)])
 def test_cpu_paths_match_fp32_dense(name, impl, walk_policy):
-    if name == "tiled" and walk_policy != 0.8:
+    if name == "tiled" and walk_policy != 0.0:
         pytest.skip("the tiled path does not walk columns")
     failures = run_cases(impl, CASES, "cpu")
     assert not failures, f"{len(failures)} of {len(CASES)} failed:\n" + "\n".join(failures[:10])
@@ -127,12 +127,64 @@ def test_decoder_choice_and_errors():
 
 @needs_ext
 def test_walk_policy_default_and_setter():
-    assert cpu.walk_all_max_inactive() == pytest.approx(0.8)
+    assert cpu.walk_all_max_inactive() == 0.0  # always skip inactive columns
     cpu.set_walk_all_max_inactive(0.5)
     try:
         assert cpu.walk_all_max_inactive() == pytest.approx(0.5)
     finally:
-        cpu.set_walk_all_max_inactive(0.8)
+        cpu.set_walk_all_max_inactive(0.0)
+
+
+@needs_ext
+@pytest.mark.parametrize("ahead,lines", [(0, 0), (1, 0), (5, 1), (1000, 3)])
+def test_prefetch_settings_give_the_same_products(ahead, lines):
+    """Prefetch distances shorter than, around and past a row block's active columns (the prefetch
+    then reaches into the next row block, or past the last one), exact-lines mode and off."""
+    saved = cpu.prefetch()
+    assert saved == (48, 3)  # the default
+    cpu.set_prefetch(ahead, lines)
+    try:
+        cases = [Case(n, k, t, 0.5, 0.5, dt) for n, k, t in ((971, 77, 1), (300, 33, 2), (129, 300, 5))
+                 for dt in DTYPES]
+        failures = run_cases(dual_sparse_linear, cases, "cpu")
+        assert not failures, "\n".join(failures)
+    finally:
+        cpu.set_prefetch(*saved)
+    with pytest.raises(RuntimeError, match="must be >= 0"):
+        cpu.set_prefetch(-1, 3)
+
+
+@needs_ext
+def test_built_walk_functions_contain_software_prefetch():
+    """GCC 12 deleted every call of an out-of-line prefetch helper as a dead call to a pure function
+    (so the kernel ran without software prefetch until 2026-11-27, see prefetch_column): check the
+    built binary itself, every spMspV block function."""
+    import shutil
+    import subprocess
+    from duoserve.kernels import _cpu_kernels
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump (binutils) is not installed")
+    listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", _cpu_kernels.__file__],
+                             capture_output=True, text=True, check=True, timeout=120).stdout
+    functions = {}
+    name = None
+    for line in listing.splitlines():
+        if line.endswith(">:"):
+            name = line.split("<", 1)[1][:-2]
+            functions[name] = []
+        elif name is not None:
+            functions[name].append(line)
+    walks = {n: body for n, body in functions.items() if "::block_" in n and "scalar" not in n}
+    assert len(walks) >= 12, sorted(functions)[:20]
+    missing = [n for n, body in walks.items() if not any("prefetcht0" in line for line in body)]
+    assert not missing, f"no software prefetch in: {missing}"
+
+
+def test_prefetch_environment_text_is_checked():
+    assert cpu._parse_prefetch("48,3") == (48, 3)
+    for bad in ("48", "a,b", "-1,3", "1,2,3"):
+        with pytest.raises(ValueError, match="DUOSERVE_CPU_PREFETCH must be AHEAD,LINES"):
+            cpu._parse_prefetch(bad)
 
 
 def test_reference_matches_fp32_dense():
