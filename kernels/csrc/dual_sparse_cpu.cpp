@@ -46,8 +46,8 @@ constexpr int64_t MAX_TB = 3;  // tokens per pass: 3 x 8 accumulators fit 32 zmm
 // On the loops over tokens and words inside the column walk. GCC 12 unrolls them completely
 // anyway, but only after loop-invariant motion has run; until then the accumulator array is
 // indexed by a variable, so its stores are not moved out of the column loop and every
-// accumulator was written to the stack once per column (24 stores a column at 3 tokens: batches
-// of 3 ran at 0.6x the time per token of batches of 2). Unrolled early, the accumulators live in
+// accumulator was written to the stack once per column (24 stores a column at 3 tokens: a batch
+// of 3 took 1.6x as long as a batch of 2, now 1.1x). Unrolled early, the accumulators live in
 // registers for the whole walk.
 #define DS_UNROLL _Pragma("GCC unroll 8")
 
@@ -117,8 +117,9 @@ void block_scalar(const Problem& p, int64_t rb, int64_t t0, int64_t tb) {
 // that many 64-byte lines per 16-bit value width (branch-free; a 50%-dense bf16 column is 128
 // bytes at any alignment, so 3 lines cover it), 0 prefetches exactly the column's lines (popcount;
 // a data-dependent loop), and g_prefetch_ahead = 0 turns it off. Measured on the Zen 5 host
-// (docs/kernels.md): 48/3 and skipping every inactive column, 2.4-3.1x dense at p_w = p_x = 0.5
-// against 2.3-2.6x walking all columns and 0.8-0.9x skipping without prefetch.
+// (docs/kernels.md; bf16, p_w = p_x = 0.5, one token, weights from DRAM): with 48/3, 2.4-3.0x
+// dense torch.matmul at the Llama-7B shapes; without any prefetch 0.8-1.0x. Walking all columns
+// instead is about level with skipping there (2.3-2.8x).
 //
 // prefetch_column must be always_inline: GCC 12 treats a function whose only effect is
 // __builtin_prefetch as pure, and when it is not inlined before that analysis (the early inliner
@@ -500,8 +501,8 @@ bool decoder_available(Decoder d) {
 
 // Times both SIMD decoders on a synthetic problem that stays in cache (8 row blocks x 512
 // columns at about 50% weight sparsity, one token, every column active; about 0.1 ms a pass): the walk
-// is bound by decoding instructions, in cache and from DRAM alike, so the faster one here is the
-// faster one on a model's weights. Best of 7 passes each, alternating.
+// is bound by decoding instructions in cache, which is where the decoders differ (from DRAM, with
+// the prefetch, they were level on the Zen 5 host). Best of 7 passes each, alternating.
 Decoder calibrate_decoder(bool bf16) {
   if (!cpu_has_permute_isa()) return cpu_has_avx512() ? Decoder::kExpand : Decoder::kScalar;
   if (!cpu_has_avx512()) return Decoder::kPermute;
