@@ -698,7 +698,12 @@ torch::Tensor unpack_transposed(const torch::Tensor& bitmap, const torch::Tensor
 
 namespace {
 int64_t g_sparse_max_tokens = 8;  // spmspv up to this many tokens, tiled GEMM above (measured: bench --cutover)
-int64_t g_scratch_elements = 1 << 22;  // decompressed W^T tile budget of the tiled path
+// Decompressed W^T tile budget of the tiled path (bf16: 2 MiB, so a tile is still in L2/L3 when
+// matmul reads it; and at least one row block). On the Zen 5 host, cold, T = 16 / 64, against
+// 1 << 22: 11008x4096 7.4-7.7 ms instead of 10.9-11.0 (dense torch.matmul 6.8-7.1), 4096x11008
+// level or better, the SmolLM2 shapes level; 1 << 18 (one row block per matmul there) cost the
+// small shapes 50% in per-call overhead.
+int64_t g_scratch_elements = 1 << 20;
 }  // namespace
 
 // Prefill / fp16 path: decompress row-block chunks of W^T (bounded scratch) and run at::matmul.
