@@ -52,6 +52,8 @@ def _load():
         if os.environ.get("DUOSERVE_DISABLE_CPU_KERNEL") == "1":
             _error = "disabled by DUOSERVE_DISABLE_CPU_KERNEL=1"
             return None
+        prefetch = os.environ.get("DUOSERVE_CPU_PREFETCH")
+        prefetch = _parse_prefetch(prefetch) if prefetch else None  # bad text raises, on every call
         try:
             from . import _cpu_kernels  # built by setup.py from kernels/csrc
             _ext = _cpu_kernels
@@ -61,8 +63,8 @@ def _load():
                 _ext.set_walk_all_max_inactive(float(os.environ["DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE"]))
             if "DUOSERVE_CPU_HALVES_MAX_TOKENS" in os.environ:
                 _ext.set_halves_max_tokens(int(os.environ["DUOSERVE_CPU_HALVES_MAX_TOKENS"]))
-            if os.environ.get("DUOSERVE_CPU_PREFETCH"):
-                _ext.set_prefetch(*_parse_prefetch(os.environ["DUOSERVE_CPU_PREFETCH"]))  # bad text raises
+            if prefetch is not None:
+                _ext.set_prefetch(*prefetch)
             if os.environ.get("DUOSERVE_CPU_DECODER"):
                 _ext.set_decoder(os.environ["DUOSERVE_CPU_DECODER"])  # a bad name raises, naming the choices
         except ImportError as exc:  # not built (DUOSERVE_SKIP_CPU_KERNEL=1, no compiler)

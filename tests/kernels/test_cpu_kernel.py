@@ -181,7 +181,17 @@ def test_built_walk_functions_contain_software_prefetch():
 
 
 def test_prefetch_environment_text_is_checked():
+    import subprocess
+    import sys
     assert cpu._parse_prefetch("48,3") == (48, 3)
+    code = "from duoserve.kernels import cpu; print(cpu.prefetch())"
+    env = dict(__import__("os").environ, DUOSERVE_CPU_PREFETCH="0,0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if cpu.available():
+        assert out.returncode == 0 and out.stdout.strip() == "(0, 0)", out.stderr
+    env["DUOSERVE_CPU_PREFETCH"] = "48"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "DUOSERVE_CPU_PREFETCH must be AHEAD,LINES" in out.stderr
     for bad in ("48", "a,b", "-1,3", "1,2,3"):
         with pytest.raises(ValueError, match="DUOSERVE_CPU_PREFETCH must be AHEAD,LINES"):
             cpu._parse_prefetch(bad)
