@@ -224,15 +224,15 @@ DS_AVX512 void block_f32_avx512(const Problem& p, int64_t rb, int64_t t0) {
 #define DS_AVX512_PERM \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,avx512bitalg,popcnt")))
 
-// Lane i (32-bit) of the result = popcount(m & ((1 << (base + i)) - 1)): the position of row
-// base + i among the packed values of its word, when its bit is set (the fp32 decoder).
+// Lane i (32-bit) of the result = popcount(m & ((1 << i) - 1)): the position of row i among the
+// packed values of its 16-row half word, when its bit is set (the fp32 decoder).
 DS_AVX512_PERM inline __m512i prefix_counts(__m512i broadcast_mask, __m512i below) {
   return _mm512_popcnt_epi32(_mm512_and_si512(broadcast_mask, below));
 }
 
-DS_AVX512_PERM inline __m512i below_masks(int base) {  // lane i: (1 << (base + i)) - 1
+DS_AVX512_PERM inline __m512i below_masks() {  // lane i: (1 << i) - 1
   alignas(64) uint32_t m[16];
-  for (int i = 0; i < 16; ++i) m[i] = base + i >= 32 ? 0xFFFFFFFFu : (1u << (base + i)) - 1;
+  for (int i = 0; i < 16; ++i) m[i] = (1u << i) - 1;
   return _mm512_load_si512(m);
 }
 
@@ -304,7 +304,7 @@ DS_AVX512_PERM void block_f32_permute(const Problem& p, int64_t rb, int64_t t0) 
   DS_UNROLL for (int t = 0; t < TB; ++t)
     for (int c = 0; c < CH; ++c) acc[t][c] = _mm512_setzero_ps();
   const float* vals = static_cast<const float*>(p.values);
-  const __m512i below = below_masks(0);
+  const __m512i below = below_masks();
   for (int64_t j = 0; j < p.n_active; ++j) {
     const int64_t col = rb * p.K + p.active[j];
     const int32_t* words = p.bitmap + col * WORDS;
@@ -421,7 +421,7 @@ DS_AVX512_PERM inline void permute_column(const int32_t* words, const char* v, c
       v += 2 * _mm_popcnt_u32(m);
     }
   } else {
-    const __m512i below = below_masks(0);
+    const __m512i below = below_masks();
     for (int c = 0; c < 2 * WORDS; ++c) {
       const uint32_t m = (static_cast<uint32_t>(words[c / 2]) >> (16 * (c % 2))) & 0xFFFFu;
       _mm512_storeu_ps(reinterpret_cast<float*>(dst) + 16 * c,
