@@ -279,8 +279,9 @@ def machine(device: torch.device) -> str:
         kernel += f", decoder {d16}" if d16 == d32 else f", decoders bf16 {d16} / fp32 {d32}"
         ahead, lines = cpu.prefetch()
         kernel += f", prefetch {ahead}/{lines}" if ahead else ", no software prefetch"
-        walk = cpu.walk_all_max_inactive()
-        kernel += ", skips inactive columns" if walk <= 0 else f", walks all columns unless >= {walk:g} inactive"
+        max_inactive, min_span = cpu.walk_all()
+        kernel += (", skips inactive columns" if max_inactive <= 0 else
+                   f", walks all columns when < {max_inactive:g} inactive and spans > {min_span:g} B")
     return (f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} thread(s), {kernel}), "
             f"torch {torch.__version__}")
 

@@ -6,8 +6,9 @@ costs ~20 us a call, more than the whole 576x576 product). Behind that kernel:
   T <= sparse_max_tokens (bf16/fp32): the spMspV walk (AVX-512, or a scalar loop on CPUs
     without it): per row block, only the columns active for some token are read, with a software
     prefetch 48 columns ahead (the scattered spans defeat the hardware prefetchers;
-    `set_prefetch`, DUOSERVE_CPU_PREFETCH); `set_walk_all_max_inactive` can make it walk every
-    column instead (docs/kernels.md has both measured).
+    `set_prefetch`, DUOSERVE_CPU_PREFETCH), except where walking every column is faster: a
+    weight with long spans (bf16 at p_w <= 0.4) and under 60% of the columns inactive
+    (`set_walk_all`; docs/kernels.md has both measured).
   larger T, or fp16: row-block chunks are decompressed into a bounded W^T scratch [K, rows] and
     multiplied with torch.matmul (never a dense copy of the whole weight).
 The cutover is measured with `python -m duoserve.kernels.bench --cutover`.
@@ -46,6 +47,25 @@ def _parse_prefetch(text: str) -> tuple[int, int]:
     return ahead, lines
 
 
+def _parse_walk_all() -> list[float | None]:
+    """DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE (a fraction) and DUOSERVE_CPU_WALK_ALL_MIN_SPAN (bytes):
+    each one set replaces that half of the walk-all policy (see `set_walk_all`); None: unset."""
+    values: list[float | None] = []
+    for name in ("DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE", "DUOSERVE_CPU_WALK_ALL_MIN_SPAN"):
+        text = os.environ.get(name)
+        try:
+            value = None if text is None else float(text)
+            if value is not None and not value >= 0:  # also refuses nan
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"{name} must be a number >= 0 (the walk-all policy: see docs/kernels.md, 'When to "
+                f"skip inactive columns'), got {text!r}"
+            ) from None
+        values.append(value)
+    return values
+
+
 def _load():
     global _ext, _error
     if _ext is None and _error is None:
@@ -54,13 +74,14 @@ def _load():
             return None
         prefetch = os.environ.get("DUOSERVE_CPU_PREFETCH")
         prefetch = _parse_prefetch(prefetch) if prefetch else None  # bad text raises, on every call
+        walk_all = _parse_walk_all()
         try:
             from . import _cpu_kernels  # built by setup.py from kernels/csrc
             _ext = _cpu_kernels
             if "DUOSERVE_CPU_SPARSE_MAX_TOKENS" in os.environ:
                 _ext.set_sparse_max_tokens(int(os.environ["DUOSERVE_CPU_SPARSE_MAX_TOKENS"]))
-            if "DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE" in os.environ:
-                _ext.set_walk_all_max_inactive(float(os.environ["DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE"]))
+            if walk_all != [None, None]:
+                _ext.set_walk_all(*(v if v is not None else d for v, d in zip(walk_all, _ext.get_walk_all())))
             if "DUOSERVE_CPU_HALVES_MAX_TOKENS" in os.environ:
                 _ext.set_halves_max_tokens(int(os.environ["DUOSERVE_CPU_HALVES_MAX_TOKENS"]))
             if prefetch is not None:
@@ -104,13 +125,23 @@ def sparse_max_tokens() -> int:
     return _load().get_sparse_max_tokens()
 
 
-def set_walk_all_max_inactive(fraction: float) -> None:
-    """Walk every column unless at least this fraction is inactive (0: always skip, >1: never)."""
-    _load().set_walk_all_max_inactive(float(fraction))
+def set_walk_all(max_inactive: float, min_span_bytes: float) -> None:
+    """Walk every column (masked inputs as zeros) instead of skipping the inactive ones when fewer
+    than `max_inactive` (a fraction) of them are inactive and the weight's values per row block and
+    column average more than `min_span_bytes`. (0, any): always skip; (2, 0): always walk all.
+    The default (0.6, 144) was measured in docs/kernels.md ("When to skip inactive columns")."""
+    _load().set_walk_all(float(max_inactive), float(min_span_bytes))
 
 
-def walk_all_max_inactive() -> float:
-    return _load().get_walk_all_max_inactive()
+def walk_all() -> tuple[float, float]:
+    """(max_inactive, min_span_bytes) of the walk-all policy in use."""
+    max_inactive, min_span = _load().get_walk_all()
+    return max_inactive, min_span
+
+
+def walks_all_columns(inactive: int, k: int, mean_span_bytes: float) -> bool:
+    """The policy's decision for a call with `inactive` of `k` columns inactive for every token."""
+    return _load().walk_all_columns(int(inactive), int(k), float(mean_span_bytes))
 
 
 def set_prefetch(ahead: int, lines: int) -> None:

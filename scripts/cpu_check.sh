@@ -8,16 +8,19 @@
 #   bar-warm.md        the same with one weight reused (small matrices then sit in cache)
 #   bar-vllm.md        against vLLM's own CPU GEMM (pre-packed oneDNN), when vLLM is installed
 #   bar-walk-all.md    the bar shapes walking every column (inactive ones with zero inputs) instead
-#                      of skipping the inactive ones (the default)
+#                      of skipping the inactive ones (the default at p_w 0.5 in bf16)
 #   bar-no-prefetch.md the bar shapes without the software prefetch (DUOSERVE_CPU_PREFETCH=0,0)
 #   px-cold.md         batch 1 at p_x 0 / 0.3 / 0.5 / 0.7 (p_w 0.5), weights from DRAM
+#   skip-always.md, skip-walk-all.md   p_w 0..0.5 x p_x 0..0.7, batch 1, from DRAM, always skipping
+#                      inactive columns / always walking all: where each wins sets the walk-all
+#                      policy's constants (kernels/csrc: walk_all_columns)
 #   simd.txt           scripts/simd_throughput.c: the decoders' instructions against an FMA
 #   skip.txt           scripts/skip_bandwidth.c: reading a random half of contiguous spans vs all
 #   cutover.md         the spMspV walk vs the decompress + matmul path, batch 1..16 (warm)
 #   batch-cold.md      the walk at batch 1..8 from DRAM; batch-cold-passes3.md the same at 4..6
 #                      tokens without the one-pass 64-row halves (DUOSERVE_CPU_HALVES_MAX_TOKENS=0)
 #   decode.md          a 2-layer Llama-2-7B-shape decode step, eager, one thread
-# Usage: scripts/cpu_check.sh   (about 3 minutes on the 2-core VM)
+# Usage: scripts/cpu_check.sh   (about 5 minutes on the 2-core VM)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-docs/reports/cpu-$(date -u +%Y-%m-%d)}
@@ -39,15 +42,22 @@ for decoder in $($PY -c 'from duoserve.kernels import cpu; print(" ".join(d for 
   DUOSERVE_CPU_DECODER=$decoder $B --bar --cold-mib 512 --markdown "$OUT/bar-$decoder.md"
 done
 rm -f "$OUT/bar-warm.md" "$OUT/bar-vllm.md" "$OUT/bar-walk-all.md" "$OUT/bar-no-prefetch.md" "$OUT/px-cold.md" \
-  "$OUT/cutover.md" "$OUT/decode.md" "$OUT/batch-cold.md" "$OUT/batch-cold-passes3.md"
+  "$OUT/cutover.md" "$OUT/decode.md" "$OUT/batch-cold.md" "$OUT/batch-cold-passes3.md" \
+  "$OUT/skip-always.md" "$OUT/skip-walk-all.md"
 $B --bar --markdown "$OUT/bar-warm.md"
 if $PY -c "import vllm" 2> /dev/null; then
   $B --bar --cold-mib 512 --baseline vllm --markdown "$OUT/bar-vllm.md"
 fi
-DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=2 $B --bar --cold-mib 512 --markdown "$OUT/bar-walk-all.md"
+DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=2 DUOSERVE_CPU_WALK_ALL_MIN_SPAN=0 $B --bar --cold-mib 512 --markdown "$OUT/bar-walk-all.md"
 DUOSERVE_CPU_PREFETCH=0,0 $B --bar --cold-mib 512 --markdown "$OUT/bar-no-prefetch.md"
 $B --shapes 576x1536,1536x576,4096x11008,11008x4096 --pw 0.5 --px 0,0.3,0.5,0.7 --batch 1 --cold-mib 512 \
   --markdown "$OUT/px-cold.md"
+# the walk-all policy's two constants (max inactive fraction, min span bytes): both policies forced
+SKIP_SHAPES=576x1536,1536x576,4096x11008,11008x4096
+DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=0 $B --shapes $SKIP_SHAPES --pw 0,0.3,0.4,0.5 --px 0,0.3,0.5,0.7 --batch 1 \
+  --cold-mib 512 --markdown "$OUT/skip-always.md"
+DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=2 DUOSERVE_CPU_WALK_ALL_MIN_SPAN=0 $B --shapes $SKIP_SHAPES --pw 0,0.3,0.4,0.5 \
+  --px 0,0.3,0.5,0.7 --batch 1 --cold-mib 512 --markdown "$OUT/skip-walk-all.md"
 $B --cutover --shapes 4096x11008,11008x4096,576x1536,1536x576 --batch 1,2,3,4,6,8,16 --markdown "$OUT/cutover.md"
 BATCH_SHAPES=4096x11008,11008x4096,576x1536,1536x576
 $B --shapes $BATCH_SHAPES --pw 0.5 --px 0.5 --batch 1,2,3,4,5,6,8 --cold-mib 512 --markdown "$OUT/batch-cold.md"

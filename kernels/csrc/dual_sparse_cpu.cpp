@@ -128,7 +128,9 @@ void block_scalar(const Problem& p, int64_t rb, int64_t t0, int64_t tb) {
 // software prefetch; tests/kernels/test_cpu_kernel.py now checks the built binary for prefetcht0.
 int64_t g_prefetch_ahead = 48;
 int64_t g_prefetch_lines = 3;
-double g_walk_all_max_inactive = 0.0;  // see spmspv: 0 = always skip inactive columns
+// When to walk every column instead of skipping the inactive ones: see walk_all_columns.
+double g_walk_all_max_inactive = 0.6;
+double g_walk_all_min_span = 144.0;  // bytes of values per (row block, column), on average
 
 template <typename V>
 __attribute__((always_inline)) inline void prefetch_column(const Problem& p, int64_t rb, int64_t j) {
@@ -599,6 +601,22 @@ torch::Tensor mask_input(const torch::Tensor& x_in, const torch::Tensor& thresho
   return out;
 }
 
+// Which columns to walk. An inactive column is skipped (no byte of it read) unless fewer than
+// g_walk_all_max_inactive (a fraction) of the columns are inactive AND the weight's spans (values
+// per row block and column) average more than g_walk_all_min_span bytes; then every column is
+// walked, the masked inputs contributing exact zeros. Why both (Zen 5 host, one thread, weights
+// from DRAM, docs/kernels.md "When to skip inactive columns"): a dense-ish span (bf16 at p_w <= 0.4,
+// fp32 at p_w <= 0.5) streams at up to 85% of the copy bandwidth when every column is walked, and
+// skipping a random 30-50% of them breaks that stream for less than it saves (7-28% slower than
+// walking all, at 1-4 tokens); bf16 at p_w 0.5 (128-byte spans) walks at only ~60% of the copy
+// bandwidth, so skipping is level or faster from 25% inactive. From ~70% inactive skipping wins at
+// every density. Skipping pays only with the software prefetch above: without it (as the kernels
+// ran until 2026-11-27, see prefetch_column) walking a random half was slower even at p_w 0.5.
+bool walk_all_columns(int64_t n_inactive, int64_t k, double mean_span_bytes) {
+  return n_inactive > 0 && static_cast<double>(n_inactive) < g_walk_all_max_inactive * k &&
+         mean_span_bytes > g_walk_all_min_span;
+}
+
 torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, const torch::Tensor& offsets,
                      const torch::Tensor& values, const torch::Tensor& threshold,
                      const c10::optional<torch::Tensor>& bias, int64_t n, int64_t force_scalar) {
@@ -621,13 +639,10 @@ torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, con
     on[k] = any;
     n_on += any;
   }
-  // Which columns to walk. An inactive column is skipped (no byte of it read) unless fewer than
-  // g_walk_all_max_inactive (a fraction) of the columns are inactive, in which case every column
-  // is walked, the masked inputs contributing exact zeros. Default 0: always skip. Skipping pays
-  // only with the software prefetch above: the scattered 128-byte spans of the active columns
-  // defeat the hardware prefetchers, and without it (as the kernels ran until 2026-11-27, see
-  // prefetch_column) walking a random half of the columns was slower than walking all of them.
-  const bool walk_all = n_on < K && static_cast<double>(K - n_on) < g_walk_all_max_inactive * K;
+  const int64_t nb = bitmap.size(0);
+  const double mean_span =
+      nb * K > 0 ? static_cast<double>(values.numel() - R) * values.element_size() / (nb * K) : 0.0;
+  const bool walk_all = walk_all_columns(K - n_on, K, mean_span);
   // The walked columns and their masked inputs, column-major [A, T].
   std::vector<int32_t> active;
   active.reserve(walk_all ? K : n_on);
@@ -648,7 +663,6 @@ torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, con
   Problem p{bitmap.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), values.data_ptr(),
             active.data(), static_cast<int64_t>(active.size()), xc.data(), T, K, n,
             y.data_ptr<float>()};
-  const int64_t nb = bitmap.size(0);
   // at least ~256k weights per task: smaller problems are not worth waking a second thread
   const int64_t grain = std::max<int64_t>(1, (1 << 18) / (R * std::max<int64_t>(1, p.n_active)));
   if (p.n_active > 0)
@@ -747,8 +761,14 @@ void set_halves_max_tokens(int64_t t) {
   g_halves_max_tb = t;
 }
 int64_t get_halves_max_tokens() { return g_halves_max_tb; }
-void set_walk_all_max_inactive(double f) { g_walk_all_max_inactive = f; }
-double get_walk_all_max_inactive() { return g_walk_all_max_inactive; }
+void set_walk_all(double max_inactive, double min_span_bytes) {
+  TORCH_CHECK(max_inactive >= 0 && min_span_bytes >= 0,
+              "walk-all policy: the fraction inactive and the span in bytes must be >= 0, got ", max_inactive,
+              " and ", min_span_bytes);
+  g_walk_all_max_inactive = max_inactive;
+  g_walk_all_min_span = min_span_bytes;
+}
+std::vector<double> get_walk_all() { return {g_walk_all_max_inactive, g_walk_all_min_span}; }
 void set_prefetch(int64_t ahead, int64_t lines) {
   TORCH_CHECK(ahead >= 0 && lines >= 0, "prefetch distance and lines must be >= 0 (0 distance turns it off), got ",
               ahead, " and ", lines);
@@ -808,9 +828,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_halves_max_tokens", &set_halves_max_tokens,
         "bf16 permute walk: up to this many tokens (4..6) in one pass of 64-row halves; 0 = passes of 3");
   m.def("get_halves_max_tokens", &get_halves_max_tokens);
-  m.def("set_walk_all_max_inactive", &set_walk_all_max_inactive,
-        "walk every column when fewer than this fraction of them are inactive (0: always skip)");
-  m.def("get_walk_all_max_inactive", &get_walk_all_max_inactive);
+  m.def("set_walk_all", &set_walk_all,
+        "walk every column when fewer than max_inactive (a fraction) of them are inactive and the values "
+        "per row block and column average more than min_span_bytes (max_inactive 0: always skip)");
+  m.def("get_walk_all", &get_walk_all, "[max_inactive, min_span_bytes] of the walk-all policy");
+  m.def("walk_all_columns", &walk_all_columns, "the walk-all decision for (inactive columns, K, mean span bytes)");
   m.def("set_prefetch", &set_prefetch, "software prefetch distance (active columns; 0 = off) and lines");
   m.def("get_prefetch", &get_prefetch, "[distance, lines] of the software prefetch");
   m.def("isa", &isa, "instruction set the spmspv kernel uses on this CPU");

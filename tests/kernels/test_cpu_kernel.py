@@ -26,16 +26,21 @@ def _tiled(x, p, t, b):
     return cpu.tiled(x, p.bitmap, p.offsets, p.values, t, b, p.n)
 
 
-@pytest.fixture(params=[0.0, 0.8, 2.0], ids=["skip-inactive", "walk-all-below-80pct-inactive", "walk-all"])
+WALK_POLICIES = {"skip-inactive": (0.0, 0.0), "default": (0.6, 144.0), "walk-all-below-80pct-inactive": (0.8, 0.0),
+                 "walk-all": (2.0, 0.0)}
+
+
+@pytest.fixture(params=list(WALK_POLICIES))
 def walk_policy(request):
-    """The spMspV walk either skips inactive columns (the default, 0.0) or walks them all (with
-    zero inputs), or decides by the fraction inactive. Every policy must give the same products."""
+    """The spMspV walk either skips inactive columns or walks them all (with zero inputs), or
+    decides by the fraction inactive and the weight's span length (the default: the cases at p_w 0
+    walk all, those at 0.5 skip). Every policy must give the same products."""
     if not cpu.available():
         pytest.skip(f"CPU extension: {cpu.import_error()}")
-    saved = cpu.walk_all_max_inactive()
-    cpu.set_walk_all_max_inactive(request.param)
+    saved = cpu.walk_all()
+    cpu.set_walk_all(*WALK_POLICIES[request.param])
     yield request.param
-    cpu.set_walk_all_max_inactive(saved)
+    cpu.set_walk_all(*saved)
 
 
 @pytest.fixture(params=["expand", "permute"])
@@ -54,7 +59,7 @@ def simd_decoder(request):
 @pytest.mark.parametrize("name,impl", [("spmspv-scalar", _spmspv(True)), ("tiled", _tiled),
                                        ("op", dual_sparse_linear)])
 def test_cpu_paths_match_fp32_dense(name, impl, walk_policy):
-    if name == "tiled" and walk_policy != 0.0:
+    if name == "tiled" and walk_policy != "default":
         pytest.skip("the tiled path does not walk columns")
     failures = run_cases(impl, CASES, "cpu")
     assert not failures, f"{len(failures)} of {len(CASES)} failed:\n" + "\n".join(failures[:10])
@@ -127,12 +132,38 @@ def test_decoder_choice_and_errors():
 
 @needs_ext
 def test_walk_policy_default_and_setter():
-    assert cpu.walk_all_max_inactive() == 0.0  # always skip inactive columns
-    cpu.set_walk_all_max_inactive(0.5)
+    assert cpu.walk_all() == (0.6, 144.0)
+    # bf16 at p_w 0.5 packs 128 bytes of values per (row block, column): always skip; p_w 0: 256
+    assert not cpu.walks_all_columns(100, 1000, 128.0)
+    assert cpu.walks_all_columns(100, 1000, 256.0) and cpu.walks_all_columns(599, 1000, 256.0)
+    assert not cpu.walks_all_columns(600, 1000, 256.0)  # from 60% inactive skipping wins
+    assert not cpu.walks_all_columns(0, 1000, 256.0)  # nothing to skip: the walk is the same
+    cpu.set_walk_all(0.0, 0.0)
     try:
-        assert cpu.walk_all_max_inactive() == pytest.approx(0.5)
+        assert cpu.walk_all() == (0.0, 0.0) and not cpu.walks_all_columns(1, 1000, 512.0)
+        cpu.set_walk_all(2.0, 0.0)
+        assert cpu.walks_all_columns(999, 1000, 1.0)
+        with pytest.raises(RuntimeError, match="must be >= 0"):
+            cpu.set_walk_all(-1.0, 0.0)
     finally:
-        cpu.set_walk_all_max_inactive(0.0)
+        cpu.set_walk_all(0.6, 144.0)
+
+
+def test_walk_all_environment_text_is_checked():
+    import os
+    import subprocess
+    import sys
+    code = "from duoserve.kernels import cpu; print(cpu.walk_all())"
+    env = dict(os.environ, DUOSERVE_CPU_WALK_ALL_MIN_SPAN="0")
+    env.pop("DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if cpu.available():  # the unset half keeps its default
+        assert out.returncode == 0 and out.stdout.strip() == "(0.6, 0.0)", out.stderr
+    for name, bad in (("DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE", "half"), ("DUOSERVE_CPU_WALK_ALL_MIN_SPAN", "-5"),
+                      ("DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE", "nan")):
+        out = subprocess.run([sys.executable, "-c", code], env=dict(env, **{name: bad}), capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode != 0 and f"{name} must be a number >= 0" in out.stderr, out.stderr
 
 
 @needs_ext
