@@ -18,7 +18,7 @@ AVX-512 VBMI2) and "permute" (prefix popcounts + vpermw / vpermd, AVX-512 VPOPCN
 faster depends on the microarchitecture, so the first call times both on a small in-cache problem
 and keeps the faster one per dtype; `DUOSERVE_CPU_DECODER` or `set_decoder` forces one. The
 permute decoder also needs AVX-512 BITALG (vpopcntw: one popcount per 32-row bf16 word). With the
-permute decoder and bf16, 4-6 tokens share one pass over the weights (`set_halves_max_tokens`).
+permute decoder and bf16, 4-12 tokens share one pass over the weights (`set_slices_max_tokens`).
 """
 from __future__ import annotations
 
@@ -82,8 +82,8 @@ def _load():
                 _ext.set_sparse_max_tokens(int(os.environ["DUOSERVE_CPU_SPARSE_MAX_TOKENS"]))
             if walk_all != [None, None]:
                 _ext.set_walk_all(*(v if v is not None else d for v, d in zip(walk_all, _ext.get_walk_all())))
-            if "DUOSERVE_CPU_HALVES_MAX_TOKENS" in os.environ:
-                _ext.set_halves_max_tokens(int(os.environ["DUOSERVE_CPU_HALVES_MAX_TOKENS"]))
+            if "DUOSERVE_CPU_SLICES_MAX_TOKENS" in os.environ:
+                _ext.set_slices_max_tokens(int(os.environ["DUOSERVE_CPU_SLICES_MAX_TOKENS"]))
             if prefetch is not None:
                 _ext.set_prefetch(*prefetch)
             if os.environ.get("DUOSERVE_CPU_DECODER"):
@@ -174,11 +174,13 @@ def set_decoder(name: str | None) -> None:
     _load().set_decoder(name or "")
 
 
-def set_halves_max_tokens(tokens: int) -> None:
-    """bf16 with the permute decoder: batches of 4..`tokens` (at most 6) go through the weights in
-    one pass of 64-row halves instead of passes of 3 tokens (same results); 0 turns that off."""
-    _load().set_halves_max_tokens(int(tokens))
+def set_slices_max_tokens(tokens: int) -> None:
+    """bf16 with the permute decoder: batches of 4..`tokens` (at most 12; default 12) go through the
+    weights in one pass, walking each chunk of columns once per slice of rows (64-row halves for 4-6
+    tokens, 32-row quarters for 7-12) instead of in passes of 3 tokens (same results); 0 turns that
+    off."""
+    _load().set_slices_max_tokens(int(tokens))
 
 
-def halves_max_tokens() -> int:
-    return _load().get_halves_max_tokens()
+def slices_max_tokens() -> int:
+    return _load().get_slices_max_tokens()

@@ -7,6 +7,7 @@
 #                      SIMD decoder forced in turn (the default measures both and keeps the faster)
 #   bar-warm.md        the same with one weight reused (small matrices then sit in cache)
 #   bar-vllm.md        against vLLM's own CPU GEMM (pre-packed oneDNN), when vLLM is installed
+#                      (batch-cold-vllm.md: the same at 1..16 tokens)
 #   bar-walk-all.md    the bar shapes walking every column (inactive ones with zero inputs) instead
 #                      of skipping the inactive ones (the default at p_w 0.5 in bf16)
 #   bar-no-prefetch.md the bar shapes without the software prefetch (DUOSERVE_CPU_PREFETCH=0,0)
@@ -17,8 +18,9 @@
 #   simd.txt           scripts/simd_throughput.c: the decoders' instructions against an FMA
 #   skip.txt           scripts/skip_bandwidth.c: reading a random half of contiguous spans vs all
 #   cutover.md         the spMspV walk vs the decompress + matmul path, batch 1..16 (warm)
-#   batch-cold.md      the walk at batch 1..8 from DRAM; batch-cold-passes3.md the same at 4..6
-#                      tokens without the one-pass 64-row halves (DUOSERVE_CPU_HALVES_MAX_TOKENS=0)
+#   batch-cold.md      the op at batch 1..16 from DRAM (the walk up to 12 tokens);
+#                      batch-cold-passes3.md the walk at 4..12 tokens in passes of 3 instead of one
+#                      pass over row slices (DUOSERVE_CPU_SLICES_MAX_TOKENS=0)
 #   decode.md          a 2-layer Llama-2-7B-shape decode step, eager, one thread
 # Usage: scripts/cpu_check.sh   (about 5 minutes on the 2-core VM)
 set -euo pipefail
@@ -43,7 +45,7 @@ for decoder in $($PY -c 'from duoserve.kernels import cpu; print(" ".join(d for 
 done
 rm -f "$OUT/bar-warm.md" "$OUT/bar-vllm.md" "$OUT/bar-walk-all.md" "$OUT/bar-no-prefetch.md" "$OUT/px-cold.md" \
   "$OUT/cutover.md" "$OUT/decode.md" "$OUT/batch-cold.md" "$OUT/batch-cold-passes3.md" \
-  "$OUT/skip-always.md" "$OUT/skip-walk-all.md"
+  "$OUT/skip-always.md" "$OUT/skip-walk-all.md" "$OUT/batch-cold-vllm.md"
 $B --bar --markdown "$OUT/bar-warm.md"
 if $PY -c "import vllm" 2> /dev/null; then
   $B --bar --cold-mib 512 --baseline vllm --markdown "$OUT/bar-vllm.md"
@@ -58,10 +60,14 @@ DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=0 $B --shapes $SKIP_SHAPES --pw 0,0.3,0.4,0.5
   --cold-mib 512 --markdown "$OUT/skip-always.md"
 DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=2 DUOSERVE_CPU_WALK_ALL_MIN_SPAN=0 $B --shapes $SKIP_SHAPES --pw 0,0.3,0.4,0.5 \
   --px 0,0.3,0.5,0.7 --batch 1 --cold-mib 512 --markdown "$OUT/skip-walk-all.md"
-$B --cutover --shapes 4096x11008,11008x4096,576x1536,1536x576 --batch 1,2,3,4,6,8,16 --markdown "$OUT/cutover.md"
+$B --cutover --shapes 4096x11008,11008x4096,576x1536,1536x576 --batch 1,2,3,4,6,8,10,12,16 --markdown "$OUT/cutover.md"
 BATCH_SHAPES=4096x11008,11008x4096,576x1536,1536x576
-$B --shapes $BATCH_SHAPES --pw 0.5 --px 0.5 --batch 1,2,3,4,5,6,8 --cold-mib 512 --markdown "$OUT/batch-cold.md"
-DUOSERVE_CPU_HALVES_MAX_TOKENS=0 $B --shapes $BATCH_SHAPES --pw 0.5 --px 0.5 --batch 4,5,6 --cold-mib 512 \
+$B --shapes $BATCH_SHAPES --pw 0.5 --px 0.5 --batch 1,2,3,4,5,6,8,10,12,16 --cold-mib 512 --markdown "$OUT/batch-cold.md"
+if $PY -c "import vllm" 2> /dev/null; then
+  $B --shapes $BATCH_SHAPES --pw 0.5 --px 0.5 --batch 1,2,3,4,6,8,12,16 --cold-mib 512 --baseline vllm \
+    --markdown "$OUT/batch-cold-vllm.md"
+fi
+DUOSERVE_CPU_SLICES_MAX_TOKENS=0 $B --shapes $BATCH_SHAPES --pw 0.5 --px 0.5 --batch 4,6,8,12 --cold-mib 512 \
   --markdown "$OUT/batch-cold-passes3.md"
 $PY -m duoserve.kernels.bench_decode --device cpu --layers 2 --markdown "$OUT/decode.md"
 if gcc -O2 -o /tmp/duoserve_simd_throughput scripts/simd_throughput.c 2> /dev/null; then

@@ -49,7 +49,7 @@ constexpr int64_t MAX_TB = 3;  // tokens per pass: 3 x 8 accumulators fit 32 zmm
 // accumulator was written to the stack once per column (24 stores a column at 3 tokens: a batch
 // of 3 took 1.6x as long as a batch of 2, now 1.1x). Unrolled early, the accumulators live in
 // registers for the whole walk.
-#define DS_UNROLL _Pragma("GCC unroll 8")
+#define DS_UNROLL _Pragma("GCC unroll 16")  // every token loop (up to 12) unrolled in full
 
 struct Problem {
   const int32_t* bitmap;   // [NB, K, WORDS]
@@ -329,39 +329,38 @@ DS_AVX512_PERM void block_f32_permute(const Problem& p, int64_t rb, int64_t t0) 
   store_block(p, rb, t0, TB, out);
 }
 
-// Batches of 4..6 tokens with the permute decoder, in one pass over the weights: 128 rows x 4
-// tokens of fp32 accumulators would need 32 registers, so each chunk of columns is walked twice,
-// once per 64-row half (2 words x TB tokens = 4 TB <= 24 accumulators), while the chunk's packed
-// bytes (about 9 KiB for 64 columns at p_w 0.5) are still in L1: every word is decoded once and
-// read from DRAM once, where passes of 3 tokens would decode and stream it twice. Chunks of 64
+// Batches of 4..12 tokens with the permute decoder, in one pass over the weights: 128 rows x 4
+// tokens of fp32 accumulators would need 32 registers, so each chunk of columns is walked once per
+// slice of rows, SW words (32 SW rows) at a time: 64-row halves (SW = 2, 4 TB <= 24 accumulators)
+// for 4-6 tokens, 32-row quarters (SW = 1, 2 TB <= 24) for 7-12, while the chunk's packed bytes
+// (about 9 KiB for 64 columns at p_w 0.5) are still in L1: every word is decoded once and read from
+// DRAM once, where passes of 3 tokens would decode and stream it once per pass. Chunks of 64
 // columns were 5-12% faster than 256 or 128 on the Zen 5 host at 4-6 tokens (32: level with 64).
-constexpr int64_t HALVES_MIN_TB = 4, HALVES_MAX_TB = 6;
+constexpr int64_t HALVES_MIN_TB = 4, HALVES_MAX_TB = 6, QUARTERS_MAX_TB = 12;
 
-template <int TB>
-DS_AVX512_PERM void block_bf16_permute_halves(const Problem& p, int64_t rb, int64_t t0) {
+template <int TB, int SW>
+DS_AVX512_PERM void block_bf16_permute_slices(const Problem& p, int64_t rb, int64_t t0) {
   constexpr int64_t CHUNK = 64;
+  constexpr int SLICES = WORDS / SW;
   alignas(64) float out[TB * R];  // [token][row], partial sums between chunks
   std::memset(out, 0, sizeof(out));
   const uint16_t* vals = static_cast<const uint16_t*>(p.values);
   const __m512i pairs = below_pairs();
   for (int64_t j0 = 0; j0 < p.n_active; j0 += CHUNK) {
     const int64_t j1 = std::min(p.n_active, j0 + CHUNK);
-    for (int h = 0; h < 2; ++h) {
-      __m512 acc[TB][4];  // [token][16-row chunk of this half]
+    for (int h = 0; h < SLICES; ++h) {
+      __m512 acc[TB][2 * SW];  // [token][16-row chunk of this slice]
       DS_UNROLL for (int t = 0; t < TB; ++t)
-        for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_load_ps(out + t * R + 64 * h + 16 * q);
+        for (int q = 0; q < 2 * SW; ++q) acc[t][q] = _mm512_load_ps(out + t * R + 32 * SW * h + 16 * q);
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t col = rb * p.K + p.active[j];
-        const int32_t* words = p.bitmap + col * WORDS + 2 * h;
+        const int32_t* words = p.bitmap + col * WORDS;
         const uint16_t* v = vals + p.offsets[col];
-        if (h == 0) {
-          prefetch_column<uint16_t>(p, rb, j + g_prefetch_ahead);
-        } else {
-          v += _mm_popcnt_u32(static_cast<uint32_t>(words[-2])) + _mm_popcnt_u32(static_cast<uint32_t>(words[-1]));
-        }
+        if (h == 0) prefetch_column<uint16_t>(p, rb, j + g_prefetch_ahead);
+        for (int c = 0; c < SW * h; ++c) v += _mm_popcnt_u32(static_cast<uint32_t>(words[c]));
         const float* x = p.xc + j * p.T + t0;
-        for (int c = 0; c < 2; ++c) {
-          const uint32_t m = static_cast<uint32_t>(words[c]);
+        DS_UNROLL for (int c = 0; c < SW; ++c) {
+          const uint32_t m = static_cast<uint32_t>(words[SW * h + c]);
           __m512 lo, hi;
           decode_word_bf16(m, v, pairs, lo, hi);
           v += _mm_popcnt_u32(m);
@@ -372,7 +371,7 @@ DS_AVX512_PERM void block_bf16_permute_halves(const Problem& p, int64_t rb, int6
         }
       }
       DS_UNROLL for (int t = 0; t < TB; ++t)
-        for (int q = 0; q < 4; ++q) _mm512_store_ps(out + t * R + 64 * h + 16 * q, acc[t][q]);
+        for (int q = 0; q < 2 * SW; ++q) _mm512_store_ps(out + t * R + 32 * SW * h + 16 * q, acc[t][q]);
     }
   }
   store_block(p, rb, t0, TB, out);
@@ -467,15 +466,24 @@ bool cpu_has_permute_isa() {  // what DS_AVX512_PERM enables
 enum class Decoder : int64_t { kScalar = 0, kExpand = 1, kPermute = 2 };
 int64_t g_decoder_request = -1;  // -1: measure; otherwise a Decoder
 
-int64_t g_halves_max_tb = HALVES_MAX_TB;  // 0: passes of at most MAX_TB tokens only (for tests and benchmarks)
+int64_t g_slices_max_tb = QUARTERS_MAX_TB;  // 0: passes of at most MAX_TB tokens only (for tests and benchmarks)
 
 void run_block(const Problem& p, int64_t rb, bool bf16, Decoder d) {
   for (int64_t t0 = 0, tb = 0; t0 < p.T; t0 += tb) {
     const int64_t left = p.T - t0;
-    if (d == Decoder::kPermute && bf16 && g_halves_max_tb >= HALVES_MIN_TB && left >= HALVES_MIN_TB) {
-      tb = std::min<int64_t>(left, g_halves_max_tb);
-      tb == 4 ? block_bf16_permute_halves<4>(p, rb, t0)
-              : tb == 5 ? block_bf16_permute_halves<5>(p, rb, t0) : block_bf16_permute_halves<6>(p, rb, t0);
+    if (d == Decoder::kPermute && bf16 && g_slices_max_tb >= HALVES_MIN_TB && left >= HALVES_MIN_TB) {
+      tb = std::min<int64_t>(left, g_slices_max_tb);
+      switch (tb) {
+        case 4: block_bf16_permute_slices<4, 2>(p, rb, t0); break;
+        case 5: block_bf16_permute_slices<5, 2>(p, rb, t0); break;
+        case 6: block_bf16_permute_slices<6, 2>(p, rb, t0); break;
+        case 7: block_bf16_permute_slices<7, 1>(p, rb, t0); break;
+        case 8: block_bf16_permute_slices<8, 1>(p, rb, t0); break;
+        case 9: block_bf16_permute_slices<9, 1>(p, rb, t0); break;
+        case 10: block_bf16_permute_slices<10, 1>(p, rb, t0); break;
+        case 11: block_bf16_permute_slices<11, 1>(p, rb, t0); break;
+        default: block_bf16_permute_slices<12, 1>(p, rb, t0); break;
+      }
       continue;
     }
     tb = std::min<int64_t>(MAX_TB, left);
@@ -711,7 +719,7 @@ torch::Tensor unpack_transposed(const torch::Tensor& bitmap, const torch::Tensor
 }
 
 namespace {
-int64_t g_sparse_max_tokens = 8;  // spmspv up to this many tokens, tiled GEMM above (measured: bench --cutover)
+int64_t g_sparse_max_tokens = 12;  // spmspv up to this many tokens, tiled GEMM above (measured: bench --cutover)
 // Decompressed W^T tile budget of the tiled path (bf16: 2 MiB, so a tile is still in L2/L3 when
 // matmul reads it; and at least one row block). On the Zen 5 host, cold, T = 16 / 64, against
 // 1 << 22: 11008x4096 7.4-7.7 ms instead of 10.9-11.0 (dense torch.matmul 6.8-7.1), 4096x11008
@@ -755,12 +763,12 @@ torch::Tensor linear_cpu(const torch::Tensor& x, const torch::Tensor& bitmap, co
 }
 
 void set_sparse_max_tokens(int64_t t) { g_sparse_max_tokens = t; }
-void set_halves_max_tokens(int64_t t) {
-  TORCH_CHECK(t == 0 || (HALVES_MIN_TB <= t && t <= HALVES_MAX_TB), "tokens per half-block pass: 0 (off) or ",
-              HALVES_MIN_TB, "..", HALVES_MAX_TB);
-  g_halves_max_tb = t;
+void set_slices_max_tokens(int64_t t) {
+  TORCH_CHECK(t == 0 || (HALVES_MIN_TB <= t && t <= QUARTERS_MAX_TB), "tokens per one-pass slice walk: 0 (off) or ",
+              HALVES_MIN_TB, "..", QUARTERS_MAX_TB);
+  g_slices_max_tb = t;
 }
-int64_t get_halves_max_tokens() { return g_halves_max_tb; }
+int64_t get_slices_max_tokens() { return g_slices_max_tb; }
 void set_walk_all(double max_inactive, double min_span_bytes) {
   TORCH_CHECK(max_inactive >= 0 && min_span_bytes >= 0,
               "walk-all policy: the fraction inactive and the span in bytes must be >= 0, got ", max_inactive,
@@ -825,9 +833,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tiled_linear", &tiled_linear, "the prefill path (decompressed W^T tiles + matmul)");
   m.def("set_sparse_max_tokens", &set_sparse_max_tokens, "token count up to which spmspv is used");
   m.def("get_sparse_max_tokens", &get_sparse_max_tokens);
-  m.def("set_halves_max_tokens", &set_halves_max_tokens,
-        "bf16 permute walk: up to this many tokens (4..6) in one pass of 64-row halves; 0 = passes of 3");
-  m.def("get_halves_max_tokens", &get_halves_max_tokens);
+  m.def("set_slices_max_tokens", &set_slices_max_tokens,
+        "bf16 permute walk: up to this many tokens (4..12) in one pass over row slices; 0 = passes of 3");
+  m.def("get_slices_max_tokens", &get_slices_max_tokens);
   m.def("set_walk_all", &set_walk_all,
         "walk every column when fewer than max_inactive (a fraction) of them are inactive and the values "
         "per row block and column average more than min_span_bytes (max_inactive 0: always skip)");

@@ -294,27 +294,32 @@ def test_decoder_environment_variable():
 
 
 @needs_ext
-def test_half_block_passes_match_passes_of_three():
-    """Batches of 4-6 tokens (bf16, permute decoder) walk 64-row halves in one pass; the fp32 sums per
-    row are the same operations in the same order as passes of 3 tokens, so the results are equal."""
+def test_one_pass_slices_match_passes_of_three():
+    """Batches of 4-12 tokens (bf16, permute decoder) walk row slices in one pass (64-row halves up to
+    6 tokens, 32-row quarters from 7); the fp32 sums per row are the same operations in the same
+    order as passes of 3 tokens, so the results are equal, whatever the slice limit."""
     if "permute" not in cpu.available_decoders():
         pytest.skip("this CPU cannot run the permute decoder")
     from duoserve.kernels import pack_dense
-    assert cpu.halves_max_tokens() == 6
+    assert cpu.slices_max_tokens() == 12
     cpu.set_decoder("permute")
     try:
-        for t in (4, 5, 6, 7, 8, 13):
+        for t in (4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 17, 25):
             x, w, thr, bias = make_inputs(Case(971, 700, t, 0.5, 0.5, torch.bfloat16), "cpu")  # 700: 3 chunks
             p = pack_dense(w)
             one_pass = _spmspv(False)(x, p, thr, bias)
-            cpu.set_halves_max_tokens(0)
-            try:
-                passes_of_three = _spmspv(False)(x, p, thr, bias)
-            finally:
-                cpu.set_halves_max_tokens(6)
-            assert torch.equal(one_pass, passes_of_three), t
+            results = {}
+            for limit in (0, 6, 8):
+                cpu.set_slices_max_tokens(limit)
+                try:
+                    results[limit] = _spmspv(False)(x, p, thr, bias)
+                finally:
+                    cpu.set_slices_max_tokens(12)
+            for limit, other in results.items():
+                assert torch.equal(one_pass, other), (t, limit)
             assert compare(one_pass, x, w, thr, bias) is None
     finally:
         cpu.set_decoder(None)
-    with pytest.raises(RuntimeError, match="0 \\(off\\) or 4..6"):
-        cpu.set_halves_max_tokens(3)
+    for bad in (3, 13):
+        with pytest.raises(RuntimeError, match="0 \\(off\\) or 4..12"):
+            cpu.set_slices_max_tokens(bad)
