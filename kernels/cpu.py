@@ -84,6 +84,8 @@ def _load():
                 _ext.set_walk_all(*(v if v is not None else d for v, d in zip(walk_all, _ext.get_walk_all())))
             if "DUOSERVE_CPU_SLICES_MAX_TOKENS" in os.environ:
                 _ext.set_slices_max_tokens(int(os.environ["DUOSERVE_CPU_SLICES_MAX_TOKENS"]))
+            if "DUOSERVE_CPU_BF16_DOT_MIN_TOKENS" in os.environ:
+                _ext.set_bf16_dot_min_tokens(int(os.environ["DUOSERVE_CPU_BF16_DOT_MIN_TOKENS"]))
             if prefetch is not None:
                 _ext.set_prefetch(*prefetch)
             if os.environ.get("DUOSERVE_CPU_DECODER"):
@@ -184,3 +186,19 @@ def set_slices_max_tokens(tokens: int) -> None:
 
 def slices_max_tokens() -> int:
     return _load().get_slices_max_tokens()
+
+
+def set_bf16_dot_min_tokens(tokens: int) -> None:
+    """bf16, permute decoder, CPUs with AVX512-BF16: from this many tokens (7..12) the one-pass
+    quarters walk multiplies two columns at a time with vdpbf16ps instead of fp32 FMAs (rounding
+    differs slightly: two products per add, denormals flushed); 0 turns it off. Default 7."""
+    _load().set_bf16_dot_min_tokens(int(tokens))
+
+
+def bf16_dot_min_tokens() -> int:
+    """From how many tokens the vdpbf16ps walk runs (0: off); it runs only where `has_bf16_dot()`."""
+    return _load().get_bf16_dot_min_tokens()
+
+
+def has_bf16_dot() -> bool:
+    return _load().has_bf16_dot()

@@ -20,7 +20,8 @@
 #   cutover.md         the spMspV walk vs the decompress + matmul path, batch 1..16 (warm)
 #   batch-cold.md      the op at batch 1..16 from DRAM (the walk up to 12 tokens);
 #                      batch-cold-passes3.md the walk at 4..12 tokens in passes of 3 instead of one
-#                      pass over row slices (DUOSERVE_CPU_SLICES_MAX_TOKENS=0)
+#                      pass over row slices (DUOSERVE_CPU_SLICES_MAX_TOKENS=0); batch-cold-fma.md
+#                      7..12 tokens with fp32 FMAs instead of vdpbf16ps (DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=0)
 #   decode.md          a 2-layer Llama-2-7B-shape decode step, eager, one thread
 # Usage: scripts/cpu_check.sh   (about 5 minutes on the 2-core VM)
 set -euo pipefail
@@ -45,7 +46,7 @@ for decoder in $($PY -c 'from duoserve.kernels import cpu; print(" ".join(d for 
 done
 rm -f "$OUT/bar-warm.md" "$OUT/bar-vllm.md" "$OUT/bar-walk-all.md" "$OUT/bar-no-prefetch.md" "$OUT/px-cold.md" \
   "$OUT/cutover.md" "$OUT/decode.md" "$OUT/batch-cold.md" "$OUT/batch-cold-passes3.md" \
-  "$OUT/skip-always.md" "$OUT/skip-walk-all.md" "$OUT/batch-cold-vllm.md"
+  "$OUT/skip-always.md" "$OUT/skip-walk-all.md" "$OUT/batch-cold-vllm.md" "$OUT/batch-cold-fma.md"
 $B --bar --markdown "$OUT/bar-warm.md"
 if $PY -c "import vllm" 2> /dev/null; then
   $B --bar --cold-mib 512 --baseline vllm --markdown "$OUT/bar-vllm.md"
@@ -67,6 +68,8 @@ if $PY -c "import vllm" 2> /dev/null; then
   $B --shapes $BATCH_SHAPES --pw 0.5 --px 0.5 --batch 1,2,3,4,6,8,12,16 --cold-mib 512 --baseline vllm \
     --markdown "$OUT/batch-cold-vllm.md"
 fi
+DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=0 $B --shapes $BATCH_SHAPES --pw 0.5 --px 0.5 --batch 7,8,10,12 --cold-mib 512 \
+  --markdown "$OUT/batch-cold-fma.md"
 DUOSERVE_CPU_SLICES_MAX_TOKENS=0 $B --shapes $BATCH_SHAPES --pw 0.5 --px 0.5 --batch 4,6,8,12 --cold-mib 512 \
   --markdown "$OUT/batch-cold-passes3.md"
 $PY -m duoserve.kernels.bench_decode --device cpu --layers 2 --markdown "$OUT/decode.md"

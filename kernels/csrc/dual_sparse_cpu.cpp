@@ -60,6 +60,9 @@ struct Problem {
   const float* xc;         // [A, T] masked inputs of the active columns, fp32
   int64_t T, K, N;
   float* y;                // [T, N] fp32 result
+  // [ceil(A / 2), T]: the bf16 bits of active columns 2i (low half) and 2i + 1 (high half) of each
+  // token, for the dot-product walk (block_bf16_dot_quarters); null when it does not run
+  const uint32_t* xpairs = nullptr;
 };
 
 inline float bf16_to_float(uint16_t h) {
@@ -377,6 +380,73 @@ DS_AVX512_PERM void block_bf16_permute_slices(const Problem& p, int64_t rb, int6
   store_block(p, rb, t0, TB, out);
 }
 
+// 7-12 tokens with AVX512-BF16: the quarters walk of block_bf16_permute_slices, but two columns
+// at a time through vdpbf16ps, which multiplies bf16 pairs and adds both products to an fp32 lane:
+// half the arithmetic instructions of the FMA walk, which is what bounds it from ~4 tokens. Each
+// column's word is gathered as in gather_word_bf16 (lane i: rows i and 16 + i), absent rows zeroed
+// through a pdep-interleaved mask, then the two columns are interleaved per row with a shift and a
+// blend. Sums differ from the FMA walk's in rounding (two products per add; vdpbf16ps flushes
+// denormals): on by default from 7 tokens where the CPU has AVX512-BF16 (set_bf16_dot_min_tokens;
+// 0 restores the FMA walk), compared against fp32 dense in the tests.
+#define DS_AVX512_DOT \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,avx512bitalg,avx512bf16,bmi2,popcnt")))
+
+DS_AVX512_DOT inline __m512i gather_word_bf16_zeroed(uint32_t m, const uint16_t* v, __m512i pairs) {
+  const __m512i rank_in_half = _mm512_popcnt_epi16(_mm512_and_si512(_mm512_set1_epi32(static_cast<int32_t>(m)), pairs));
+  const int32_t low_count = _mm_popcnt_u32(m & 0xFFFFu);
+  const __m512i idx = _mm512_add_epi16(rank_in_half, _mm512_set1_epi32(low_count << 16));
+  const __mmask32 present = _pdep_u32(m, 0x55555555u) | _pdep_u32(m >> 16, 0xAAAAAAAAu);
+  return _mm512_maskz_permutexvar_epi16(present, idx, _mm512_loadu_si512(v));
+}
+
+template <int TB>
+DS_AVX512_DOT void block_bf16_dot_quarters(const Problem& p, int64_t rb, int64_t t0) {
+  constexpr int64_t CHUNK = 64;  // columns, even
+  alignas(64) float out[TB * R];
+  std::memset(out, 0, sizeof(out));
+  const uint16_t* vals = static_cast<const uint16_t*>(p.values);
+  const __m512i pairs = below_pairs();
+  for (int64_t j0 = 0; j0 < p.n_active; j0 += CHUNK) {
+    const int64_t j1 = std::min(p.n_active, j0 + CHUNK);
+    for (int h = 0; h < WORDS; ++h) {
+      __m512 acc[TB][2];  // [token][rows 0-15 / 16-31 of this quarter]
+      DS_UNROLL for (int t = 0; t < TB; ++t)
+        for (int q = 0; q < 2; ++q) acc[t][q] = _mm512_load_ps(out + t * R + 32 * h + 16 * q);
+      for (int64_t j = j0; j < j1; j += 2) {
+        const int64_t col0 = rb * p.K + p.active[j];
+        const bool has1 = j + 1 < j1;
+        const int64_t col1 = has1 ? rb * p.K + p.active[j + 1] : col0;
+        const int32_t* w0 = p.bitmap + col0 * WORDS;
+        const int32_t* w1 = p.bitmap + col1 * WORDS;
+        const uint16_t* v0 = vals + p.offsets[col0];
+        const uint16_t* v1 = vals + p.offsets[col1];
+        if (h == 0) {
+          prefetch_column<uint16_t>(p, rb, j + g_prefetch_ahead);
+          prefetch_column<uint16_t>(p, rb, j + 1 + g_prefetch_ahead);
+        }
+        for (int c = 0; c < h; ++c) {
+          v0 += _mm_popcnt_u32(static_cast<uint32_t>(w0[c]));
+          v1 += _mm_popcnt_u32(static_cast<uint32_t>(w1[c]));
+        }
+        const __m512i g0 = gather_word_bf16_zeroed(static_cast<uint32_t>(w0[h]), v0, pairs);
+        const __m512i g1 = gather_word_bf16_zeroed(has1 ? static_cast<uint32_t>(w1[h]) : 0u, v1, pairs);
+        // 32-bit lane i: (column 0, column 1) of row i, then of row 16 + i
+        const __m512bh a = (__m512bh)_mm512_mask_blend_epi16(0xAAAAAAAAu, g0, _mm512_slli_epi32(g1, 16));
+        const __m512bh b = (__m512bh)_mm512_mask_blend_epi16(0xAAAAAAAAu, _mm512_srli_epi32(g0, 16), g1);
+        const uint32_t* x = p.xpairs + (j / 2) * p.T + t0;
+        DS_UNROLL for (int t = 0; t < TB; ++t) {
+          const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(x[t]));
+          acc[t][0] = _mm512_dpbf16_ps(acc[t][0], a, xb);
+          acc[t][1] = _mm512_dpbf16_ps(acc[t][1], b, xb);
+        }
+      }
+      DS_UNROLL for (int t = 0; t < TB; ++t)
+        for (int q = 0; q < 2; ++q) _mm512_store_ps(out + t * R + 32 * h + 16 * q, acc[t][q]);
+    }
+  }
+  store_block(p, rb, t0, TB, out);
+}
+
 // One (row block, column) slice -> R dense values at dst (zeros where absent).
 DS_AVX512 inline const char* expand_column_avx512(const int32_t* words, const char* v, char* dst,
                                                   int64_t esize) {
@@ -459,6 +529,11 @@ bool cpu_has_permute_isa() {  // what DS_AVX512_PERM enables
   return ok;
 }
 
+bool cpu_has_bf16_dot() {  // what DS_AVX512_DOT adds to DS_AVX512_PERM
+  static const bool ok = cpu_has_permute_isa() && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("bmi2");
+  return ok;
+}
+
 // How the spMspV walk turns a column's packed values into rows. Both SIMD decoders do the same
 // fp32 operations in the same order per row, so they give bit-identical results; which one is
 // faster depends on the CPU (vpexpandw's cost differs between microarchitectures), so unless one
@@ -466,6 +541,10 @@ bool cpu_has_permute_isa() {  // what DS_AVX512_PERM enables
 enum class Decoder : int64_t { kScalar = 0, kExpand = 1, kPermute = 2 };
 int64_t g_decoder_request = -1;  // -1: measure; otherwise a Decoder
 
+// 0: off; else the dot-product quarters from this many tokens (7..12). On the Zen 5 host, from DRAM
+// at p_w = p_x = 0.5: 1-7% faster than the FMA quarters at 7 tokens, 5-8% at 8, 7-11% at 10, 12-20%
+// at 12; used for 4-6 tokens (quarters instead of halves) it was 20-40% slower, hence from 7.
+int64_t g_bf16_dot_min_tb = 7;
 int64_t g_slices_max_tb = QUARTERS_MAX_TB;  // 0: passes of at most MAX_TB tokens only (for tests and benchmarks)
 
 void run_block(const Problem& p, int64_t rb, bool bf16, Decoder d) {
@@ -473,6 +552,17 @@ void run_block(const Problem& p, int64_t rb, bool bf16, Decoder d) {
     const int64_t left = p.T - t0;
     if (d == Decoder::kPermute && bf16 && g_slices_max_tb >= HALVES_MIN_TB && left >= HALVES_MIN_TB) {
       tb = std::min<int64_t>(left, g_slices_max_tb);
+      if (p.xpairs != nullptr && tb >= g_bf16_dot_min_tb && tb >= 7) {
+        switch (tb) {
+          case 7: block_bf16_dot_quarters<7>(p, rb, t0); break;
+          case 8: block_bf16_dot_quarters<8>(p, rb, t0); break;
+          case 9: block_bf16_dot_quarters<9>(p, rb, t0); break;
+          case 10: block_bf16_dot_quarters<10>(p, rb, t0); break;
+          case 11: block_bf16_dot_quarters<11>(p, rb, t0); break;
+          default: block_bf16_dot_quarters<12>(p, rb, t0); break;
+        }
+        continue;
+      }
       switch (tb) {
         case 4: block_bf16_permute_slices<4, 2>(p, rb, t0); break;
         case 5: block_bf16_permute_slices<5, 2>(p, rb, t0); break;
@@ -671,6 +761,21 @@ torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, con
   Problem p{bitmap.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), values.data_ptr(),
             active.data(), static_cast<int64_t>(active.size()), xc.data(), T, K, n,
             y.data_ptr<float>()};
+  std::vector<uint32_t> xpairs;
+  if (bf16 && decoder == Decoder::kPermute && g_bf16_dot_min_tb > 0 && T >= g_bf16_dot_min_tb &&
+      g_slices_max_tb >= g_bf16_dot_min_tb && cpu_has_bf16_dot()) {
+    // the masked inputs came from bf16, so their fp32 bits' high halves are exact
+    const int64_t A = p.n_active, pairs = (A + 1) / 2;
+    xpairs.assign(pairs * T, 0u);
+    for (int64_t i = 0; i < pairs; ++i)
+      for (int64_t t = 0; t < T; ++t) {
+        uint32_t lo, hi = 0;
+        std::memcpy(&lo, &xc[2 * i * T + t], 4);
+        if (2 * i + 1 < A) std::memcpy(&hi, &xc[(2 * i + 1) * T + t], 4);
+        xpairs[i * T + t] = (lo >> 16) | (hi & 0xFFFF0000u);
+      }
+    p.xpairs = xpairs.data();
+  }
   // at least ~256k weights per task: smaller problems are not worth waking a second thread
   const int64_t grain = std::max<int64_t>(1, (1 << 18) / (R * std::max<int64_t>(1, p.n_active)));
   if (p.n_active > 0)
@@ -769,6 +874,12 @@ void set_slices_max_tokens(int64_t t) {
   g_slices_max_tb = t;
 }
 int64_t get_slices_max_tokens() { return g_slices_max_tb; }
+void set_bf16_dot_min_tokens(int64_t t) {
+  TORCH_CHECK(t == 0 || (7 <= t && t <= QUARTERS_MAX_TB), "bf16 dot-product walk: 0 (off) or from 7..",
+              QUARTERS_MAX_TB, " tokens, got ", t);
+  g_bf16_dot_min_tb = t;
+}
+int64_t get_bf16_dot_min_tokens() { return g_bf16_dot_min_tb; }
 void set_walk_all(double max_inactive, double min_span_bytes) {
   TORCH_CHECK(max_inactive >= 0 && min_span_bytes >= 0,
               "walk-all policy: the fraction inactive and the span in bytes must be >= 0, got ", max_inactive,
@@ -836,6 +947,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_slices_max_tokens", &set_slices_max_tokens,
         "bf16 permute walk: up to this many tokens (4..12) in one pass over row slices; 0 = passes of 3");
   m.def("get_slices_max_tokens", &get_slices_max_tokens);
+  m.def("set_bf16_dot_min_tokens", &set_bf16_dot_min_tokens,
+        "bf16 permute walk: vdpbf16ps over column pairs from this many tokens (7..12; 0 = off)");
+  m.def("get_bf16_dot_min_tokens", &get_bf16_dot_min_tokens);
+  m.def("has_bf16_dot", &cpu_has_bf16_dot, "whether this CPU can run the vdpbf16ps walk (AVX512-BF16, BMI2)");
   m.def("set_walk_all", &set_walk_all,
         "walk every column when fewer than max_inactive (a fraction) of them are inactive and the values "
         "per row block and column average more than min_span_bytes (max_inactive 0: always skip)");

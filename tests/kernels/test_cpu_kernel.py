@@ -303,6 +303,7 @@ def test_one_pass_slices_match_passes_of_three():
     from duoserve.kernels import pack_dense
     assert cpu.slices_max_tokens() == 12
     cpu.set_decoder("permute")
+    cpu.set_bf16_dot_min_tokens(0)  # the FMA walk: same operations in the same order (the dot walk: its own test)
     try:
         for t in (4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 17, 25):
             x, w, thr, bias = make_inputs(Case(971, 700, t, 0.5, 0.5, torch.bfloat16), "cpu")  # 700: 3 chunks
@@ -320,6 +321,26 @@ def test_one_pass_slices_match_passes_of_three():
             assert compare(one_pass, x, w, thr, bias) is None
     finally:
         cpu.set_decoder(None)
+        cpu.set_bf16_dot_min_tokens(7)
     for bad in (3, 13):
         with pytest.raises(RuntimeError, match="0 \\(off\\) or 4..12"):
             cpu.set_slices_max_tokens(bad)
+
+
+@needs_ext
+@pytest.mark.parametrize("min_tokens", [7, 9])
+def test_bf16_dot_walk_matches_fp32_dense(min_tokens):
+    """The vdpbf16ps quarters walk (7-12 tokens, two columns at a time, odd column counts padded with
+    a zero column) against fp32 dense on every case; a no-op on CPUs without AVX512-BF16."""
+    assert cpu.bf16_dot_min_tokens() == 7
+    saved = cpu.bf16_dot_min_tokens()
+    cpu.set_bf16_dot_min_tokens(min_tokens)
+    try:
+        cases = CASES + [Case(971, 700, t, 0.5, 0.5, torch.bfloat16) for t in (7, 8, 11, 12, 13)]
+        failures = run_cases(_spmspv(False), cases, "cpu")
+        assert not failures, f"{len(failures)} of {len(cases)} failed:\n" + "\n".join(failures[:10])
+    finally:
+        cpu.set_bf16_dot_min_tokens(saved)
+    for bad in (1, 6, 13):
+        with pytest.raises(RuntimeError, match="0 \\(off\\) or from 7..12"):
+            cpu.set_bf16_dot_min_tokens(bad)
