@@ -542,8 +542,8 @@ enum class Decoder : int64_t { kScalar = 0, kExpand = 1, kPermute = 2 };
 int64_t g_decoder_request = -1;  // -1: measure; otherwise a Decoder
 
 // 0: off; else the dot-product quarters from this many tokens (7..12). On the Zen 5 host, from DRAM
-// at p_w = p_x = 0.5: 1-7% faster than the FMA quarters at 7 tokens, 5-8% at 8, 7-11% at 10, 12-20%
-// at 12; used for 4-6 tokens (quarters instead of halves) it was 20-40% slower, hence from 7.
+// at p_w = p_x = 0.5: 1-7% faster than the FMA quarters at 7 tokens, 5-8% at 8, 7-13% at 10, 14-24%
+// at 12; used for 4-6 tokens (quarters instead of halves) it was 17-38% slower, hence from 7.
 int64_t g_bf16_dot_min_tb = 7;
 int64_t g_slices_max_tb = QUARTERS_MAX_TB;  // 0: passes of at most MAX_TB tokens only (for tests and benchmarks)
 
