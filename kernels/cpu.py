@@ -189,9 +189,10 @@ def slices_max_tokens() -> int:
 
 
 def set_bf16_dot_min_tokens(tokens: int) -> None:
-    """bf16, permute decoder, CPUs with AVX512-BF16: from this many tokens (7..12) the one-pass
-    quarters walk multiplies two columns at a time with vdpbf16ps instead of fp32 FMAs (rounding
-    differs slightly: two products per add, denormals flushed); 0 turns it off. Default 7."""
+    """bf16, permute decoder, CPUs with AVX512-BF16: from this many tokens (4..12) the one-pass
+    slices walk multiplies two columns at a time with vdpbf16ps instead of fp32 FMAs (rounding
+    differs slightly: two products per add, denormals flushed); 0 turns it off. Default 7 (4-6 were
+    level or slower on the Zen 5 host: docs/kernels.md)."""
     _load().set_bf16_dot_min_tokens(int(tokens))
 
 

@@ -61,7 +61,7 @@ struct Problem {
   int64_t T, K, N;
   float* y;                // [T, N] fp32 result
   // [ceil(A / 2), T]: the bf16 bits of active columns 2i (low half) and 2i + 1 (high half) of each
-  // token, for the dot-product walk (block_bf16_dot_quarters); null when it does not run
+  // token, for the dot-product walk (block_bf16_dot_slices); null when it does not run
   const uint32_t* xpairs = nullptr;
 };
 
@@ -380,8 +380,8 @@ DS_AVX512_PERM void block_bf16_permute_slices(const Problem& p, int64_t rb, int6
   store_block(p, rb, t0, TB, out);
 }
 
-// 7-12 tokens with AVX512-BF16: the quarters walk of block_bf16_permute_slices, but two columns
-// at a time through vdpbf16ps, which multiplies bf16 pairs and adds both products to an fp32 lane:
+// 4-12 tokens with AVX512-BF16 (by default from 7, see g_bf16_dot_min_tb): the slices walk of
+// block_bf16_permute_slices, but two columns at a time through vdpbf16ps, which multiplies bf16 pairs and adds both products to an fp32 lane:
 // half the arithmetic instructions of the FMA walk, which is what bounds it from ~4 tokens. Each
 // column's word is gathered as in gather_word_bf16 (lane i: rows i and 16 + i), absent rows zeroed
 // through a pdep-interleaved mask, then the two columns are interleaved per row with a shift and a
@@ -399,19 +399,20 @@ DS_AVX512_DOT inline __m512i gather_word_bf16_zeroed(uint32_t m, const uint16_t*
   return _mm512_maskz_permutexvar_epi16(present, idx, _mm512_loadu_si512(v));
 }
 
-template <int TB>
-DS_AVX512_DOT void block_bf16_dot_quarters(const Problem& p, int64_t rb, int64_t t0) {
+template <int TB, int SW>
+DS_AVX512_DOT void block_bf16_dot_slices(const Problem& p, int64_t rb, int64_t t0) {
   constexpr int64_t CHUNK = 64;  // columns, even
+  constexpr int SLICES = WORDS / SW;
   alignas(64) float out[TB * R];
   std::memset(out, 0, sizeof(out));
   const uint16_t* vals = static_cast<const uint16_t*>(p.values);
   const __m512i pairs = below_pairs();
   for (int64_t j0 = 0; j0 < p.n_active; j0 += CHUNK) {
     const int64_t j1 = std::min(p.n_active, j0 + CHUNK);
-    for (int h = 0; h < WORDS; ++h) {
-      __m512 acc[TB][2];  // [token][rows 0-15 / 16-31 of this quarter]
+    for (int h = 0; h < SLICES; ++h) {
+      __m512 acc[TB][2 * SW];  // [token][16-row chunk of this slice]
       DS_UNROLL for (int t = 0; t < TB; ++t)
-        for (int q = 0; q < 2; ++q) acc[t][q] = _mm512_load_ps(out + t * R + 32 * h + 16 * q);
+        for (int q = 0; q < 2 * SW; ++q) acc[t][q] = _mm512_load_ps(out + t * R + 32 * SW * h + 16 * q);
       for (int64_t j = j0; j < j1; j += 2) {
         const int64_t col0 = rb * p.K + p.active[j];
         const bool has1 = j + 1 < j1;
@@ -424,24 +425,30 @@ DS_AVX512_DOT void block_bf16_dot_quarters(const Problem& p, int64_t rb, int64_t
           prefetch_column<uint16_t>(p, rb, j + g_prefetch_ahead);
           prefetch_column<uint16_t>(p, rb, j + 1 + g_prefetch_ahead);
         }
-        for (int c = 0; c < h; ++c) {
+        for (int c = 0; c < SW * h; ++c) {
           v0 += _mm_popcnt_u32(static_cast<uint32_t>(w0[c]));
           v1 += _mm_popcnt_u32(static_cast<uint32_t>(w1[c]));
         }
-        const __m512i g0 = gather_word_bf16_zeroed(static_cast<uint32_t>(w0[h]), v0, pairs);
-        const __m512i g1 = gather_word_bf16_zeroed(has1 ? static_cast<uint32_t>(w1[h]) : 0u, v1, pairs);
-        // 32-bit lane i: (column 0, column 1) of row i, then of row 16 + i
-        const __m512bh a = (__m512bh)_mm512_mask_blend_epi16(0xAAAAAAAAu, g0, _mm512_slli_epi32(g1, 16));
-        const __m512bh b = (__m512bh)_mm512_mask_blend_epi16(0xAAAAAAAAu, _mm512_srli_epi32(g0, 16), g1);
         const uint32_t* x = p.xpairs + (j / 2) * p.T + t0;
-        DS_UNROLL for (int t = 0; t < TB; ++t) {
-          const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(x[t]));
-          acc[t][0] = _mm512_dpbf16_ps(acc[t][0], a, xb);
-          acc[t][1] = _mm512_dpbf16_ps(acc[t][1], b, xb);
+        DS_UNROLL for (int c = 0; c < SW; ++c) {
+          const uint32_t m0 = static_cast<uint32_t>(w0[SW * h + c]);
+          const uint32_t m1 = has1 ? static_cast<uint32_t>(w1[SW * h + c]) : 0u;
+          const __m512i g0 = gather_word_bf16_zeroed(m0, v0, pairs);
+          const __m512i g1 = gather_word_bf16_zeroed(m1, v1, pairs);
+          v0 += _mm_popcnt_u32(m0);
+          v1 += _mm_popcnt_u32(m1);
+          // 32-bit lane i: (column 0, column 1) of row i, then of row 16 + i
+          const __m512bh a = (__m512bh)_mm512_mask_blend_epi16(0xAAAAAAAAu, g0, _mm512_slli_epi32(g1, 16));
+          const __m512bh b = (__m512bh)_mm512_mask_blend_epi16(0xAAAAAAAAu, _mm512_srli_epi32(g0, 16), g1);
+          DS_UNROLL for (int t = 0; t < TB; ++t) {
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(x[t]));
+            acc[t][2 * c] = _mm512_dpbf16_ps(acc[t][2 * c], a, xb);
+            acc[t][2 * c + 1] = _mm512_dpbf16_ps(acc[t][2 * c + 1], b, xb);
+          }
         }
       }
       DS_UNROLL for (int t = 0; t < TB; ++t)
-        for (int q = 0; q < 2; ++q) _mm512_store_ps(out + t * R + 32 * h + 16 * q, acc[t][q]);
+        for (int q = 0; q < 2 * SW; ++q) _mm512_store_ps(out + t * R + 32 * SW * h + 16 * q, acc[t][q]);
     }
   }
   store_block(p, rb, t0, TB, out);
@@ -543,7 +550,9 @@ int64_t g_decoder_request = -1;  // -1: measure; otherwise a Decoder
 
 // 0: off; else the dot-product quarters from this many tokens (7..12). On the Zen 5 host, from DRAM
 // at p_w = p_x = 0.5: 1-7% faster than the FMA quarters at 7 tokens, 5-8% at 8, 7-13% at 10, 14-24%
-// at 12; used for 4-6 tokens (quarters instead of halves) it was 17-38% slower, hence from 7.
+// at 12. Over halves at 4-6 tokens (DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=4) it was 4-10% slower at 4-5
+// tokens and 1-4% faster at 6 (there decoding and memory bound the walk, and the dot path decodes
+// more: the pdep mask, the interleave), hence from 7.
 int64_t g_bf16_dot_min_tb = 7;
 int64_t g_slices_max_tb = QUARTERS_MAX_TB;  // 0: passes of at most MAX_TB tokens only (for tests and benchmarks)
 
@@ -552,14 +561,17 @@ void run_block(const Problem& p, int64_t rb, bool bf16, Decoder d) {
     const int64_t left = p.T - t0;
     if (d == Decoder::kPermute && bf16 && g_slices_max_tb >= HALVES_MIN_TB && left >= HALVES_MIN_TB) {
       tb = std::min<int64_t>(left, g_slices_max_tb);
-      if (p.xpairs != nullptr && tb >= g_bf16_dot_min_tb && tb >= 7) {
+      if (p.xpairs != nullptr && tb >= g_bf16_dot_min_tb) {
         switch (tb) {
-          case 7: block_bf16_dot_quarters<7>(p, rb, t0); break;
-          case 8: block_bf16_dot_quarters<8>(p, rb, t0); break;
-          case 9: block_bf16_dot_quarters<9>(p, rb, t0); break;
-          case 10: block_bf16_dot_quarters<10>(p, rb, t0); break;
-          case 11: block_bf16_dot_quarters<11>(p, rb, t0); break;
-          default: block_bf16_dot_quarters<12>(p, rb, t0); break;
+          case 4: block_bf16_dot_slices<4, 2>(p, rb, t0); break;
+          case 5: block_bf16_dot_slices<5, 2>(p, rb, t0); break;
+          case 6: block_bf16_dot_slices<6, 2>(p, rb, t0); break;
+          case 7: block_bf16_dot_slices<7, 1>(p, rb, t0); break;
+          case 8: block_bf16_dot_slices<8, 1>(p, rb, t0); break;
+          case 9: block_bf16_dot_slices<9, 1>(p, rb, t0); break;
+          case 10: block_bf16_dot_slices<10, 1>(p, rb, t0); break;
+          case 11: block_bf16_dot_slices<11, 1>(p, rb, t0); break;
+          default: block_bf16_dot_slices<12, 1>(p, rb, t0); break;
         }
         continue;
       }
@@ -875,7 +887,7 @@ void set_slices_max_tokens(int64_t t) {
 }
 int64_t get_slices_max_tokens() { return g_slices_max_tb; }
 void set_bf16_dot_min_tokens(int64_t t) {
-  TORCH_CHECK(t == 0 || (7 <= t && t <= QUARTERS_MAX_TB), "bf16 dot-product walk: 0 (off) or from 7..",
+  TORCH_CHECK(t == 0 || (HALVES_MIN_TB <= t && t <= QUARTERS_MAX_TB), "bf16 dot-product walk: 0 (off) or from 4..",
               QUARTERS_MAX_TB, " tokens, got ", t);
   g_bf16_dot_min_tb = t;
 }

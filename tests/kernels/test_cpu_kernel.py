@@ -328,19 +328,20 @@ def test_one_pass_slices_match_passes_of_three():
 
 
 @needs_ext
-@pytest.mark.parametrize("min_tokens", [7, 9])
+@pytest.mark.parametrize("min_tokens", [4, 7, 9])
 def test_bf16_dot_walk_matches_fp32_dense(min_tokens):
-    """The vdpbf16ps quarters walk (7-12 tokens, two columns at a time, odd column counts padded with
-    a zero column) against fp32 dense on every case; a no-op on CPUs without AVX512-BF16."""
+    """The vdpbf16ps walk (halves at 4-6 tokens, quarters at 7-12, two columns at a time, odd column
+    counts padded with a zero column) against fp32 dense on every case; a no-op on CPUs without
+    AVX512-BF16."""
     assert cpu.bf16_dot_min_tokens() == 7
     saved = cpu.bf16_dot_min_tokens()
     cpu.set_bf16_dot_min_tokens(min_tokens)
     try:
-        cases = CASES + [Case(971, 700, t, 0.5, 0.5, torch.bfloat16) for t in (7, 8, 11, 12, 13)]
+        cases = CASES + [Case(971, 700, t, 0.5, 0.5, torch.bfloat16) for t in (4, 5, 6, 7, 8, 11, 12, 13)]
         failures = run_cases(_spmspv(False), cases, "cpu")
         assert not failures, f"{len(failures)} of {len(cases)} failed:\n" + "\n".join(failures[:10])
     finally:
         cpu.set_bf16_dot_min_tokens(saved)
-    for bad in (1, 6, 13):
-        with pytest.raises(RuntimeError, match="0 \\(off\\) or from 7..12"):
+    for bad in (1, 3, 13):
+        with pytest.raises(RuntimeError, match="0 \\(off\\) or from 4..12"):
             cpu.set_bf16_dot_min_tokens(bad)
