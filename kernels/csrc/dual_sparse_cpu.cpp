@@ -556,36 +556,39 @@ int64_t g_decoder_request = -1;  // -1: measure; otherwise a Decoder
 int64_t g_bf16_dot_min_tb = 7;
 int64_t g_slices_max_tb = QUARTERS_MAX_TB;  // 0: passes of at most MAX_TB tokens only (for tests and benchmarks)
 
+// One pass of TB (4..12) tokens over row slices: 64-row halves up to HALVES_MAX_TB, 32-row quarters above.
+template <bool DOT, int TB>
+void slices_block(const Problem& p, int64_t rb, int64_t t0) {
+  constexpr int SW = TB <= HALVES_MAX_TB ? 2 : 1;
+  if constexpr (DOT) {
+    block_bf16_dot_slices<TB, SW>(p, rb, t0);
+  } else {
+    block_bf16_permute_slices<TB, SW>(p, rb, t0);
+  }
+}
+
+template <bool DOT>
+void run_slices(const Problem& p, int64_t rb, int64_t t0, int64_t tb) {
+  switch (tb) {
+    case 4: slices_block<DOT, 4>(p, rb, t0); break;
+    case 5: slices_block<DOT, 5>(p, rb, t0); break;
+    case 6: slices_block<DOT, 6>(p, rb, t0); break;
+    case 7: slices_block<DOT, 7>(p, rb, t0); break;
+    case 8: slices_block<DOT, 8>(p, rb, t0); break;
+    case 9: slices_block<DOT, 9>(p, rb, t0); break;
+    case 10: slices_block<DOT, 10>(p, rb, t0); break;
+    case 11: slices_block<DOT, 11>(p, rb, t0); break;
+    default: slices_block<DOT, 12>(p, rb, t0); break;
+  }
+}
+
 void run_block(const Problem& p, int64_t rb, bool bf16, Decoder d) {
   for (int64_t t0 = 0, tb = 0; t0 < p.T; t0 += tb) {
     const int64_t left = p.T - t0;
     if (d == Decoder::kPermute && bf16 && g_slices_max_tb >= HALVES_MIN_TB && left >= HALVES_MIN_TB) {
       tb = std::min<int64_t>(left, g_slices_max_tb);
-      if (p.xpairs != nullptr && tb >= g_bf16_dot_min_tb) {
-        switch (tb) {
-          case 4: block_bf16_dot_slices<4, 2>(p, rb, t0); break;
-          case 5: block_bf16_dot_slices<5, 2>(p, rb, t0); break;
-          case 6: block_bf16_dot_slices<6, 2>(p, rb, t0); break;
-          case 7: block_bf16_dot_slices<7, 1>(p, rb, t0); break;
-          case 8: block_bf16_dot_slices<8, 1>(p, rb, t0); break;
-          case 9: block_bf16_dot_slices<9, 1>(p, rb, t0); break;
-          case 10: block_bf16_dot_slices<10, 1>(p, rb, t0); break;
-          case 11: block_bf16_dot_slices<11, 1>(p, rb, t0); break;
-          default: block_bf16_dot_slices<12, 1>(p, rb, t0); break;
-        }
-        continue;
-      }
-      switch (tb) {
-        case 4: block_bf16_permute_slices<4, 2>(p, rb, t0); break;
-        case 5: block_bf16_permute_slices<5, 2>(p, rb, t0); break;
-        case 6: block_bf16_permute_slices<6, 2>(p, rb, t0); break;
-        case 7: block_bf16_permute_slices<7, 1>(p, rb, t0); break;
-        case 8: block_bf16_permute_slices<8, 1>(p, rb, t0); break;
-        case 9: block_bf16_permute_slices<9, 1>(p, rb, t0); break;
-        case 10: block_bf16_permute_slices<10, 1>(p, rb, t0); break;
-        case 11: block_bf16_permute_slices<11, 1>(p, rb, t0); break;
-        default: block_bf16_permute_slices<12, 1>(p, rb, t0); break;
-      }
+      const bool dot = p.xpairs != nullptr && tb >= g_bf16_dot_min_tb;
+      dot ? run_slices<true>(p, rb, t0, tb) : run_slices<false>(p, rb, t0, tb);
       continue;
     }
     tb = std::min<int64_t>(MAX_TB, left);
