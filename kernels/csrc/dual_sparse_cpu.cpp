@@ -381,8 +381,9 @@ DS_AVX512_PERM void block_bf16_permute_slices(const Problem& p, int64_t rb, int6
 }
 
 // 4-12 tokens with AVX512-BF16 (by default from 7, see g_bf16_dot_min_tb): the slices walk of
-// block_bf16_permute_slices, but two columns at a time through vdpbf16ps, which multiplies bf16 pairs and adds both products to an fp32 lane:
-// half the arithmetic instructions of the FMA walk, which is what bounds it from ~4 tokens. Each
+// block_bf16_permute_slices, but two columns at a time through vdpbf16ps, which multiplies bf16
+// pairs and adds both products to an fp32 lane: half the arithmetic instructions of the FMA walk,
+// which is what bounds it from ~7 tokens (below, decoding and memory do). Each
 // column's word is gathered as in gather_word_bf16 (lane i: rows i and 16 + i), absent rows zeroed
 // through a pdep-interleaved mask, then the two columns are interleaved per row with a shift and a
 // blend. Sums differ from the FMA walk's in rounding (two products per add; vdpbf16ps flushes
@@ -548,7 +549,7 @@ bool cpu_has_bf16_dot() {  // what DS_AVX512_DOT adds to DS_AVX512_PERM
 enum class Decoder : int64_t { kScalar = 0, kExpand = 1, kPermute = 2 };
 int64_t g_decoder_request = -1;  // -1: measure; otherwise a Decoder
 
-// 0: off; else the dot-product quarters from this many tokens (7..12). On the Zen 5 host, from DRAM
+// 0: off; else the dot-product walk from this many tokens (4..12). On the Zen 5 host, from DRAM
 // at p_w = p_x = 0.5: 1-7% faster than the FMA quarters at 7 tokens, 5-8% at 8, 7-13% at 10, 14-24%
 // at 12. Over halves at 4-6 tokens (DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=4) it was 4-10% slower at 4-5
 // tokens and 1-4% faster at 6 (there decoding and memory bound the walk, and the dot path decodes
