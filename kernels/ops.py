@@ -106,8 +106,10 @@ def kernel_backend(device: torch.device | str, dtype: torch.dtype) -> str:
         return f"pure-torch reference (CPU extension not built: {cpu.import_error()})"
     if dtype not in cpu.DTYPES:
         return f"native CPU kernel, {dtype} through the decompress + fp32 matmul path"
+    dot = cpu.bf16_dot_min_tokens() if dtype == torch.bfloat16 and cpu.has_bf16_dot() else 0
     return (f"native CPU kernel ({cpu.isa()}, {cpu.decoder(dtype)} decoder; spMspV up to "
-            f"{cpu.sparse_max_tokens()} tokens a call, decompress + matmul above)")
+            f"{cpu.sparse_max_tokens()} tokens a call{f', bf16 dot products from {dot} tokens' if dot else ''}, "
+            f"decompress + matmul above)")
 
 
 def dual_sparse_linear(x: torch.Tensor, packed: PackedWeight, threshold,

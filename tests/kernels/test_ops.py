@@ -79,6 +79,9 @@ def test_kernel_backend_names_what_runs():
     text = kernel_backend("cpu", torch.bfloat16)
     if cpu.available():
         assert text.startswith("native CPU kernel") and f"{cpu.decoder(torch.bfloat16)} decoder" in text
+        assert f"up to {cpu.sparse_max_tokens()} tokens" in text
+        assert ("bf16 dot products from 7 tokens" in text) == cpu.has_bf16_dot()
+        assert "dot products" not in kernel_backend("cpu", torch.float32)
         assert "decompress + fp32 matmul" in kernel_backend("cpu", torch.float16)
     else:
         assert "reference" in text
