@@ -388,7 +388,8 @@ DS_AVX512_PERM void block_bf16_permute_slices(const Problem& p, int64_t rb, int6
 // through a pdep-interleaved mask, then the two columns are interleaved per row with a shift and a
 // blend. Sums differ from the FMA walk's in rounding (two products per add; vdpbf16ps flushes
 // denormals): on by default from 7 tokens where the CPU has AVX512-BF16 (set_bf16_dot_min_tokens;
-// 0 restores the FMA walk), compared against fp32 dense in the tests.
+// 0 restores the FMA walk), compared against fp32 dense in the tests. Its chunk and slice loops
+// repeat block_bf16_permute_slices' on purpose: its own target attribute (see DS_AVX512_PERM).
 #define DS_AVX512_DOT \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,avx512bitalg,avx512bf16,bmi2,popcnt")))
 
