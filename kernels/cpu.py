@@ -66,6 +66,22 @@ def _parse_walk_all() -> list[float | None]:
     return values
 
 
+def _int_settings() -> dict[str, int]:
+    """The integer settings given in the environment, by extension setter; bad text raises, naming
+    the variable (the extension's setters then check the ranges)."""
+    settings = {}
+    for name, setter in (("DUOSERVE_CPU_SPARSE_MAX_TOKENS", "set_sparse_max_tokens"),
+                         ("DUOSERVE_CPU_SLICES_MAX_TOKENS", "set_slices_max_tokens"),
+                         ("DUOSERVE_CPU_BF16_DOT_MIN_TOKENS", "set_bf16_dot_min_tokens")):
+        if name in os.environ:
+            try:
+                settings[setter] = int(os.environ[name])
+            except ValueError:
+                raise ValueError(f"{name} must be an integer (see docs/kernels.md, 'Dispatch'), "
+                                 f"got {os.environ[name]!r}") from None
+    return settings
+
+
 def _load():
     global _ext, _error
     if _ext is None and _error is None:
@@ -75,23 +91,23 @@ def _load():
         prefetch = os.environ.get("DUOSERVE_CPU_PREFETCH")
         prefetch = _parse_prefetch(prefetch) if prefetch else None  # bad text raises, on every call
         walk_all = _parse_walk_all()
+        int_settings = _int_settings()
         try:
-            from . import _cpu_kernels  # built by setup.py from kernels/csrc
-            _ext = _cpu_kernels
-            if "DUOSERVE_CPU_SPARSE_MAX_TOKENS" in os.environ:
-                _ext.set_sparse_max_tokens(int(os.environ["DUOSERVE_CPU_SPARSE_MAX_TOKENS"]))
-            if walk_all != [None, None]:
-                _ext.set_walk_all(*(v if v is not None else d for v, d in zip(walk_all, _ext.get_walk_all())))
-            if "DUOSERVE_CPU_SLICES_MAX_TOKENS" in os.environ:
-                _ext.set_slices_max_tokens(int(os.environ["DUOSERVE_CPU_SLICES_MAX_TOKENS"]))
-            if "DUOSERVE_CPU_BF16_DOT_MIN_TOKENS" in os.environ:
-                _ext.set_bf16_dot_min_tokens(int(os.environ["DUOSERVE_CPU_BF16_DOT_MIN_TOKENS"]))
-            if prefetch is not None:
-                _ext.set_prefetch(*prefetch)
-            if os.environ.get("DUOSERVE_CPU_DECODER"):
-                _ext.set_decoder(os.environ["DUOSERVE_CPU_DECODER"])  # a bad name raises, naming the choices
+            from . import _cpu_kernels as ext  # built by setup.py from kernels/csrc
         except ImportError as exc:  # not built (DUOSERVE_SKIP_CPU_KERNEL=1, no compiler)
             _error = f"{type(exc).__name__}: {exc}"
+            return None
+        # Published only once every setting is applied: a setter that refuses its value (a range,
+        # a decoder this CPU lacks) raises here, and raises again on the next call.
+        for setter, value in int_settings.items():
+            getattr(ext, setter)(value)
+        if walk_all != [None, None]:
+            ext.set_walk_all(*(v if v is not None else d for v, d in zip(walk_all, ext.get_walk_all())))
+        if prefetch is not None:
+            ext.set_prefetch(*prefetch)
+        if os.environ.get("DUOSERVE_CPU_DECODER"):
+            ext.set_decoder(os.environ["DUOSERVE_CPU_DECODER"])  # a bad name raises, naming the choices
+        _ext = ext
     return _ext
 
 

@@ -40,6 +40,7 @@ STATE="commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ":(exclu
 } > "$OUT/machine.txt"
 cat "$OUT/machine.txt"
 B="$PY -m duoserve.kernels.bench"
+SHAPES4=576x1536,1536x576,4096x11008,11008x4096  # the SmolLM2 MLP and Llama-7B MLP shapes
 for decoder in $($PY -c 'from duoserve.kernels import cpu; print(" ".join(d for d in cpu.available_decoders() if d != "scalar"))'); do
   rm -f "$OUT/bar-$decoder.md"
   DUOSERVE_CPU_DECODER=$decoder $B --bar --cold-mib 512 --markdown "$OUT/bar-$decoder.md"
@@ -53,24 +54,22 @@ if $PY -c "import vllm" 2> /dev/null; then
 fi
 DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=2 DUOSERVE_CPU_WALK_ALL_MIN_SPAN=0 $B --bar --cold-mib 512 --markdown "$OUT/bar-walk-all.md"
 DUOSERVE_CPU_PREFETCH=0,0 $B --bar --cold-mib 512 --markdown "$OUT/bar-no-prefetch.md"
-$B --shapes 576x1536,1536x576,4096x11008,11008x4096 --pw 0.5 --px 0,0.3,0.5,0.7 --batch 1 --cold-mib 512 \
+$B --shapes $SHAPES4 --pw 0.5 --px 0,0.3,0.5,0.7 --batch 1 --cold-mib 512 \
   --markdown "$OUT/px-cold.md"
 # the walk-all policy's two constants (max inactive fraction, min span bytes): both policies forced
-SKIP_SHAPES=576x1536,1536x576,4096x11008,11008x4096
-DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=0 $B --shapes $SKIP_SHAPES --pw 0,0.3,0.4,0.5 --px 0,0.3,0.5,0.7 --batch 1 \
+DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=0 $B --shapes $SHAPES4 --pw 0,0.3,0.4,0.5 --px 0,0.3,0.5,0.7 --batch 1 \
   --cold-mib 512 --markdown "$OUT/skip-always.md"
-DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=2 DUOSERVE_CPU_WALK_ALL_MIN_SPAN=0 $B --shapes $SKIP_SHAPES --pw 0,0.3,0.4,0.5 \
+DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=2 DUOSERVE_CPU_WALK_ALL_MIN_SPAN=0 $B --shapes $SHAPES4 --pw 0,0.3,0.4,0.5 \
   --px 0,0.3,0.5,0.7 --batch 1 --cold-mib 512 --markdown "$OUT/skip-walk-all.md"
-$B --cutover --shapes 4096x11008,11008x4096,576x1536,1536x576 --batch 1,2,3,4,6,8,10,12,16 --markdown "$OUT/cutover.md"
-BATCH_SHAPES=4096x11008,11008x4096,576x1536,1536x576
-$B --shapes $BATCH_SHAPES --pw 0.5 --px 0.5 --batch 1,2,3,4,5,6,8,10,12,16 --cold-mib 512 --markdown "$OUT/batch-cold.md"
+$B --cutover --shapes $SHAPES4 --batch 1,2,3,4,6,8,10,12,16 --markdown "$OUT/cutover.md"
+$B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 1,2,3,4,5,6,8,10,12,16 --cold-mib 512 --markdown "$OUT/batch-cold.md"
 if $PY -c "import vllm" 2> /dev/null; then
-  $B --shapes $BATCH_SHAPES --pw 0.5 --px 0.5 --batch 1,2,3,4,6,8,12,16 --cold-mib 512 --baseline vllm \
+  $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 1,2,3,4,6,8,12,16 --cold-mib 512 --baseline vllm \
     --markdown "$OUT/batch-cold-vllm.md"
 fi
-DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=0 $B --shapes $BATCH_SHAPES --pw 0.5 --px 0.5 --batch 7,8,10,12 --cold-mib 512 \
+DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=0 $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 7,8,10,12 --cold-mib 512 \
   --markdown "$OUT/batch-cold-fma.md"
-DUOSERVE_CPU_SLICES_MAX_TOKENS=0 $B --shapes $BATCH_SHAPES --pw 0.5 --px 0.5 --batch 4,6,8,12 --cold-mib 512 \
+DUOSERVE_CPU_SLICES_MAX_TOKENS=0 $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 4,6,8,12 --cold-mib 512 \
   --markdown "$OUT/batch-cold-passes3.md"
 $PY -m duoserve.kernels.bench_decode --device cpu --layers 2 --markdown "$OUT/decode.md"
 if gcc -O2 -o /tmp/duoserve_simd_throughput scripts/simd_throughput.c 2> /dev/null; then

@@ -19,9 +19,10 @@
 //   one token, weights from DRAM) in 2.2 ms against 6.6 ms.
 // An inactive column costs no weight bytes and an active one costs its non-zeros plus 20
 // bytes of index; the values of the column 48 active columns ahead are prefetched (the spans are
-// too short and scattered for the hardware prefetchers). Tokens are processed in chunks of up to
-// 3 (24 zmm accumulators), or, bf16 with the permute
-// decoder, 4-6 at a time over 64-row halves (block_bf16_permute_halves). The AVX-512
+// too short and scattered for the hardware prefetchers), except that every column is walked when
+// few are inactive and the spans are long (walk_all_columns). Tokens are processed in chunks of up
+// to 3 (24 zmm accumulators), or, bf16 with the permute decoder, 4-12 in one pass over row slices
+// (block_bf16_permute_slices; from 7 tokens with vdpbf16ps, block_bf16_dot_slices). The AVX-512
 // code is compiled with per-function target attributes and chosen at run time; other x86-64
 // CPUs take a scalar loop over set bits (same results up to fp32 summation order).
 //

@@ -345,3 +345,26 @@ def test_bf16_dot_walk_matches_fp32_dense(min_tokens):
     for bad in (1, 3, 13):
         with pytest.raises(RuntimeError, match="0 \\(off\\) or from 4..12"):
             cpu.set_bf16_dot_min_tokens(bad)
+
+
+def test_integer_settings_in_the_environment_are_checked():
+    """Bad text names its variable, an out-of-range value is refused by the extension's setter: both
+    stop the import (duoserve.kernels loads the extension) with a clear message."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUOSERVE_CPU_")}
+    code = "from duoserve.kernels import cpu; print(cpu.available() and cpu.slices_max_tokens())"
+
+    def run(**settings):
+        return subprocess.run([sys.executable, "-c", code], env=dict(env, **settings), capture_output=True,
+                              text=True, timeout=120)
+
+    out = run(DUOSERVE_CPU_SLICES_MAX_TOKENS="seven")
+    assert out.returncode != 0 and "DUOSERVE_CPU_SLICES_MAX_TOKENS must be an integer" in out.stderr, out.stderr
+    if not cpu.available():
+        return
+    out = run(DUOSERVE_CPU_BF16_DOT_MIN_TOKENS="3")
+    assert out.returncode != 0 and "0 (off) or from 4..12" in out.stderr, out.stderr
+    out = run(DUOSERVE_CPU_SLICES_MAX_TOKENS="6")
+    assert out.returncode == 0 and out.stdout.strip() == "6", out.stderr
