@@ -9,6 +9,8 @@ costs ~20 us a call, more than the whole 576x576 product). Behind that kernel:
     `set_prefetch`, DUOSERVE_CPU_PREFETCH), except where walking every column is faster: a
     weight with long spans (bf16 at p_w <= 0.4) and under 60% of the columns inactive
     (`set_walk_all`; docs/kernels.md has both measured).
+  bf16 on CPUs with AVX512-BF16, T up to 64 (`set_bf16_dot_tokens`): the same walk from 7 tokens
+    as the panel walk (every word decoded once into an L1 panel, multiplied like a dense GEMM).
   larger T, or fp16: row-block chunks are decompressed into a bounded W^T scratch [K, rows] and
     multiplied with torch.matmul (never a dense copy of the whole weight).
 The cutover is measured with `python -m duoserve.kernels.bench --cutover`.
@@ -18,7 +20,9 @@ AVX-512 VBMI2) and "permute" (prefix popcounts + vpermw / vpermd, AVX-512 VPOPCN
 faster depends on the microarchitecture, so the first call times both on a small in-cache problem
 and keeps the faster one per dtype; `DUOSERVE_CPU_DECODER` or `set_decoder` forces one. The
 permute decoder also needs AVX-512 BITALG (vpopcntw: one popcount per 32-row bf16 word). With the
-permute decoder and bf16, 4-12 tokens share one pass over the weights (`set_slices_max_tokens`).
+permute decoder and bf16, 4-6 tokens share one pass over the weights (`set_slices_max_tokens`), and
+on CPUs with AVX512-BF16 batches of 7-64 tokens take the panel walk (`set_bf16_dot_tokens`), which
+also moves the tiled cutover for bf16 to 64 tokens.
 """
 from __future__ import annotations
 
@@ -67,19 +71,30 @@ def _parse_walk_all() -> list[float | None]:
 
 
 def _int_settings() -> dict[str, int]:
-    """The integer settings given in the environment, by extension setter; bad text raises, naming
-    the variable (the extension's setters then check the ranges)."""
+    """The integer settings given in the environment, by variable; bad text raises, naming the
+    variable (the extension's setters then check the ranges)."""
     settings = {}
-    for name, setter in (("DUOSERVE_CPU_SPARSE_MAX_TOKENS", "set_sparse_max_tokens"),
-                         ("DUOSERVE_CPU_SLICES_MAX_TOKENS", "set_slices_max_tokens"),
-                         ("DUOSERVE_CPU_BF16_DOT_MIN_TOKENS", "set_bf16_dot_min_tokens")):
+    for name in ("DUOSERVE_CPU_SPARSE_MAX_TOKENS", "DUOSERVE_CPU_SLICES_MAX_TOKENS",
+                 "DUOSERVE_CPU_BF16_DOT_MIN_TOKENS", "DUOSERVE_CPU_BF16_DOT_MAX_TOKENS"):
         if name in os.environ:
             try:
-                settings[setter] = int(os.environ[name])
+                settings[name] = int(os.environ[name])
             except ValueError:
                 raise ValueError(f"{name} must be an integer (see docs/kernels.md, 'Dispatch'), "
                                  f"got {os.environ[name]!r}") from None
     return settings
+
+
+def _apply_int_settings(ext, settings: dict[str, int]) -> None:
+    if "DUOSERVE_CPU_SPARSE_MAX_TOKENS" in settings:
+        ext.set_sparse_max_tokens(settings["DUOSERVE_CPU_SPARSE_MAX_TOKENS"])
+    if "DUOSERVE_CPU_SLICES_MAX_TOKENS" in settings:
+        ext.set_slices_max_tokens(settings["DUOSERVE_CPU_SLICES_MAX_TOKENS"])
+    lo, hi = ext.get_bf16_dot_tokens()
+    lo = settings.get("DUOSERVE_CPU_BF16_DOT_MIN_TOKENS", lo)
+    hi = settings.get("DUOSERVE_CPU_BF16_DOT_MAX_TOKENS", hi)
+    if (lo, hi) != tuple(ext.get_bf16_dot_tokens()):
+        ext.set_bf16_dot_tokens(lo, hi)
 
 
 def _load():
@@ -99,8 +114,7 @@ def _load():
             return None
         # Published only once every setting is applied: a setter that refuses its value (a range,
         # a decoder this CPU lacks) raises here, and raises again on the next call.
-        for setter, value in int_settings.items():
-            getattr(ext, setter)(value)
+        _apply_int_settings(ext, int_settings)
         if walk_all != [None, None]:
             ext.set_walk_all(*(v if v is not None else d for v, d in zip(walk_all, ext.get_walk_all())))
         if prefetch is not None:
@@ -204,17 +218,23 @@ def slices_max_tokens() -> int:
     return _load().get_slices_max_tokens()
 
 
-def set_bf16_dot_min_tokens(tokens: int) -> None:
-    """bf16, permute decoder, CPUs with AVX512-BF16: from this many tokens (4..12) the one-pass
-    slices walk multiplies two columns at a time with vdpbf16ps instead of fp32 FMAs (rounding
-    differs slightly: two products per add, denormals flushed); 0 turns it off. Default 7 (4-6 were
-    level or slower on the Zen 5 host: docs/kernels.md)."""
-    _load().set_bf16_dot_min_tokens(int(tokens))
+def set_bf16_dot_tokens(min_tokens: int, max_tokens: int | None = None) -> None:
+    """bf16, permute decoder, CPUs with AVX512-BF16: batches of `min_tokens`..`max_tokens` take the
+    panel walk (each chunk of columns decoded once into an L1 panel, then multiplied with vdpbf16ps
+    like a dense GEMM micro-kernel; rounding differs slightly from the FMA walks: two products per
+    add, denormals flushed); larger batches take the tiled path. min 0 turns it off (the FMA walks
+    up to `sparse_max_tokens`). Default 7..64, measured in docs/kernels.md; max None keeps the
+    current one."""
+    if max_tokens is None:
+        max_tokens = bf16_dot_tokens()[1]
+    _load().set_bf16_dot_tokens(int(min_tokens), int(max_tokens))
 
 
-def bf16_dot_min_tokens() -> int:
-    """From how many tokens the vdpbf16ps walk runs (0: off); it runs only where `has_bf16_dot()`."""
-    return _load().get_bf16_dot_min_tokens()
+def bf16_dot_tokens() -> tuple[int, int]:
+    """(min_tokens, max_tokens) of the vdpbf16ps panel walk (min 0: off); it runs only where
+    `has_bf16_dot()`."""
+    lo, hi = _load().get_bf16_dot_tokens()
+    return lo, hi
 
 
 def has_bf16_dot() -> bool:

@@ -106,10 +106,12 @@ def kernel_backend(device: torch.device | str, dtype: torch.dtype) -> str:
         return f"pure-torch reference (CPU extension not built: {cpu.import_error()})"
     if dtype not in cpu.DTYPES:
         return f"native CPU kernel, {dtype} through the decompress + fp32 matmul path"
-    dot = cpu.bf16_dot_min_tokens() if dtype == torch.bfloat16 and cpu.has_bf16_dot() else 0
+    panel_runs = dtype == torch.bfloat16 and cpu.has_bf16_dot() and cpu.decoder(dtype) == "permute"
+    lo, hi = cpu.bf16_dot_tokens() if panel_runs else (0, 0)
+    panel = f", the bf16 panel walk (vdpbf16ps) at {lo}-{hi} tokens" if lo else ""
+    most = max(cpu.sparse_max_tokens(), hi if lo else 0)
     return (f"native CPU kernel ({cpu.isa()}, {cpu.decoder(dtype)} decoder; spMspV up to "
-            f"{cpu.sparse_max_tokens()} tokens a call{f', bf16 dot products from {dot} tokens' if dot else ''}, "
-            f"decompress + matmul above)")
+            f"{most} tokens a call{panel}, decompress + matmul above)")
 
 
 def dual_sparse_linear(x: torch.Tensor, packed: PackedWeight, threshold,

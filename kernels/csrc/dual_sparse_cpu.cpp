@@ -22,7 +22,8 @@
 // too short and scattered for the hardware prefetchers), except that every column is walked when
 // few are inactive and the spans are long (walk_all_columns). Tokens are processed in chunks of up
 // to 3 (24 zmm accumulators), or, bf16 with the permute decoder, 4-12 in one pass over row slices
-// (block_bf16_permute_slices; from 7 tokens with vdpbf16ps, block_bf16_dot_slices). The AVX-512
+// (block_bf16_permute_slices); on CPUs with AVX512-BF16, batches of 7-64 tokens decode each chunk of
+// columns once into an L1 panel and multiply it with vdpbf16ps (block_bf16_dot_panel). The AVX-512
 // code is compiled with per-function target attributes and chosen at run time; other x86-64
 // CPUs take a scalar loop over set bits (same results up to fp32 summation order).
 //
@@ -61,9 +62,10 @@ struct Problem {
   const float* xc;         // [A, T] masked inputs of the active columns, fp32
   int64_t T, K, N;
   float* y;                // [T, N] fp32 result
-  // [ceil(A / 2), T]: the bf16 bits of active columns 2i (low half) and 2i + 1 (high half) of each
-  // token, for the dot-product walk (block_bf16_dot_slices); null when it does not run
+  // [T, pairs]: per token, the bf16 bits of active columns 2i (low half) and 2i + 1 (high half),
+  // pairs = ceil(A / 2), for the panel walk (block_bf16_dot_panel); null when it does not run
   const uint32_t* xpairs = nullptr;
+  int64_t pairs = 0;
 };
 
 inline float bf16_to_float(uint16_t h) {
@@ -381,16 +383,8 @@ DS_AVX512_PERM void block_bf16_permute_slices(const Problem& p, int64_t rb, int6
   store_block(p, rb, t0, TB, out);
 }
 
-// 4-12 tokens with AVX512-BF16 (by default from 7, see g_bf16_dot_min_tb): the slices walk of
-// block_bf16_permute_slices, but two columns at a time through vdpbf16ps, which multiplies bf16
-// pairs and adds both products to an fp32 lane: half the arithmetic instructions of the FMA walk,
-// which is what bounds it from ~7 tokens (below, decoding and memory do). Each
-// column's word is gathered as in gather_word_bf16 (lane i: rows i and 16 + i), absent rows zeroed
-// through a pdep-interleaved mask, then the two columns are interleaved per row with a shift and a
-// blend. Sums differ from the FMA walk's in rounding (two products per add; vdpbf16ps flushes
-// denormals): on by default from 7 tokens where the CPU has AVX512-BF16 (set_bf16_dot_min_tokens;
-// 0 restores the FMA walk), compared against fp32 dense in the tests. Its chunk and slice loops
-// repeat block_bf16_permute_slices' on purpose: its own target attribute (see DS_AVX512_PERM).
+// The vdpbf16ps panel walk (block_bf16_dot_panel) needs AVX512-BF16, and BMI2 for the pdep of
+// gather_word_bf16_zeroed; its own target attribute (see DS_AVX512_PERM).
 #define DS_AVX512_DOT \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,avx512bitalg,avx512bf16,bmi2,popcnt")))
 
@@ -402,59 +396,87 @@ DS_AVX512_DOT inline __m512i gather_word_bf16_zeroed(uint32_t m, const uint16_t*
   return _mm512_maskz_permutexvar_epi16(present, idx, _mm512_loadu_si512(v));
 }
 
-template <int TB, int SW>
-DS_AVX512_DOT void block_bf16_dot_slices(const Problem& p, int64_t rb, int64_t t0) {
-  constexpr int64_t CHUNK = 64;  // columns, even
-  constexpr int SLICES = WORDS / SW;
-  alignas(64) float out[TB * R];
-  std::memset(out, 0, sizeof(out));
-  const uint16_t* vals = static_cast<const uint16_t*>(p.values);
-  const __m512i pairs = below_pairs();
-  for (int64_t j0 = 0; j0 < p.n_active; j0 += CHUNK) {
-    const int64_t j1 = std::min(p.n_active, j0 + CHUNK);
-    for (int h = 0; h < SLICES; ++h) {
-      __m512 acc[TB][2 * SW];  // [token][16-row chunk of this slice]
-      DS_UNROLL for (int t = 0; t < TB; ++t)
-        for (int q = 0; q < 2 * SW; ++q) acc[t][q] = _mm512_load_ps(out + t * R + 32 * SW * h + 16 * q);
-      for (int64_t j = j0; j < j1; j += 2) {
-        const int64_t col0 = rb * p.K + p.active[j];
-        const bool has1 = j + 1 < j1;
-        const int64_t col1 = has1 ? rb * p.K + p.active[j + 1] : col0;
-        const int32_t* w0 = p.bitmap + col0 * WORDS;
-        const int32_t* w1 = p.bitmap + col1 * WORDS;
-        const uint16_t* v0 = vals + p.offsets[col0];
-        const uint16_t* v1 = vals + p.offsets[col1];
-        if (h == 0) {
-          prefetch_column<uint16_t>(p, rb, j + g_prefetch_ahead);
-          prefetch_column<uint16_t>(p, rb, j + 1 + g_prefetch_ahead);
-        }
-        for (int c = 0; c < SW * h; ++c) {
-          v0 += _mm_popcnt_u32(static_cast<uint32_t>(w0[c]));
-          v1 += _mm_popcnt_u32(static_cast<uint32_t>(w1[c]));
-        }
-        const uint32_t* x = p.xpairs + (j / 2) * p.T + t0;
-        DS_UNROLL for (int c = 0; c < SW; ++c) {
-          const uint32_t m0 = static_cast<uint32_t>(w0[SW * h + c]);
-          const uint32_t m1 = has1 ? static_cast<uint32_t>(w1[SW * h + c]) : 0u;
-          const __m512i g0 = gather_word_bf16_zeroed(m0, v0, pairs);
-          const __m512i g1 = gather_word_bf16_zeroed(m1, v1, pairs);
-          v0 += _mm_popcnt_u32(m0);
-          v1 += _mm_popcnt_u32(m1);
-          // 32-bit lane i: (column 0, column 1) of row i, then of row 16 + i
-          const __m512bh a = (__m512bh)_mm512_mask_blend_epi16(0xAAAAAAAAu, g0, _mm512_slli_epi32(g1, 16));
-          const __m512bh b = (__m512bh)_mm512_mask_blend_epi16(0xAAAAAAAAu, _mm512_srli_epi32(g0, 16), g1);
-          DS_UNROLL for (int t = 0; t < TB; ++t) {
-            const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(x[t]));
-            acc[t][2 * c] = _mm512_dpbf16_ps(acc[t][2 * c], a, xb);
-            acc[t][2 * c + 1] = _mm512_dpbf16_ps(acc[t][2 * c + 1], b, xb);
-          }
-        }
-      }
-      DS_UNROLL for (int t = 0; t < TB; ++t)
-        for (int q = 0; q < 2 * SW; ++q) _mm512_store_ps(out + t * R + 32 * SW * h + 16 * q, acc[t][q]);
+// From 7 tokens, on CPUs with AVX512-BF16 (vdpbf16ps: two bf16 products added to each fp32 lane),
+// the panel walk: each chunk of PANEL_COLUMNS active columns is decoded once, the whole row block,
+// into an L1 panel of column pairs (32 KiB): each column's word gathered as in gather_word_bf16
+// (lane i: rows i and 16 + i) with the absent rows zeroed through a pdep-interleaved mask, the two
+// columns of a pair interleaved per row with a shift and a blend. The panel is then multiplied
+// with the tokens like a dense GEMM micro-kernel: 64 rows (4 zmm of the panel) x up to PANEL_NR
+// tokens of fp32 accumulators, so each vdpbf16ps costs a quarter of an input broadcast and a sixth
+// of a panel load. Every word is read from DRAM once and decoded once whatever the batch (the
+// slices walk decodes a word once per pass; the tiled path writes every weight to a scratch and
+// torch.matmul re-reads it). On the Zen 5 host at p_w = p_x = 0.5, from DRAM, against the FMA slices
+// walk: 3-9% slower at 6 tokens, 5-11% faster at 7-12, 1.4-1.9x at 16-64 (docs/kernels.md).
+// Sums differ from the FMA walks' in rounding (two products per add; vdpbf16ps flushes denormals):
+// tested against fp32 dense. set_bf16_dot_tokens(0, ...) restores the FMA walks.
+constexpr int64_t PANEL_COLUMNS = 128;  // even
+constexpr int PANEL_NR = 6;            // tokens per micro-kernel: 6 x 4 = 24 accumulators
+int64_t g_bf16_dot_min_tb = 7;         // the panel walk from this many tokens (0: off)
+int64_t g_bf16_dot_max_tb = 64;        // ... up to this many; bf16 batches above take the tiled path
+
+// out[t][64 rows] += sum over pairs i of panel[8 i + 0..3] . x[t P + i] (bf16 pairs), t < TB.
+template <int TB>
+DS_AVX512_DOT void panel_tokens(const __m512i* panel, int64_t n_pairs, const uint32_t* x, int64_t P, float* out) {
+  __m512 acc[TB][4];
+  DS_UNROLL for (int t = 0; t < TB; ++t)
+    for (int r = 0; r < 4; ++r) acc[t][r] = _mm512_load_ps(out + t * R + 16 * r);
+  for (int64_t i = 0; i < n_pairs; ++i) {
+    __m512bh w[4];
+    DS_UNROLL for (int r = 0; r < 4; ++r) w[r] = (__m512bh)_mm512_load_si512(panel + 8 * i + r);
+    DS_UNROLL for (int t = 0; t < TB; ++t) {
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(x[t * P + i]));
+      for (int r = 0; r < 4; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], w[r], b);
     }
   }
-  store_block(p, rb, t0, TB, out);
+  DS_UNROLL for (int t = 0; t < TB; ++t)
+    for (int r = 0; r < 4; ++r) _mm512_store_ps(out + t * R + 16 * r, acc[t][r]);
+}
+
+DS_AVX512_DOT void block_bf16_dot_panel(const Problem& p, int64_t rb, float* out /* [T, R], zeroed */) {
+  alignas(64) __m512i panel[PANEL_COLUMNS / 2 * 2 * WORDS];  // [pair][16-row group of the block]
+  const uint16_t* vals = static_cast<const uint16_t*>(p.values);
+  const __m512i pairs = below_pairs();
+  for (int64_t j0 = 0; j0 < p.n_active; j0 += PANEL_COLUMNS) {
+    const int64_t j1 = std::min(p.n_active, j0 + PANEL_COLUMNS);
+    for (int64_t j = j0; j < j1; j += 2) {
+      const int64_t col0 = rb * p.K + p.active[j];
+      const bool has1 = j + 1 < j1;
+      const int64_t col1 = has1 ? rb * p.K + p.active[j + 1] : col0;
+      const int32_t* w0 = p.bitmap + col0 * WORDS;
+      const int32_t* w1 = p.bitmap + col1 * WORDS;
+      const uint16_t* v0 = vals + p.offsets[col0];
+      const uint16_t* v1 = vals + p.offsets[col1];
+      prefetch_column<uint16_t>(p, rb, j + g_prefetch_ahead);
+      prefetch_column<uint16_t>(p, rb, j + 1 + g_prefetch_ahead);
+      __m512i* dst = panel + 4 * (j - j0);  // pair (j - j0) / 2
+      DS_UNROLL for (int c = 0; c < WORDS; ++c) {
+        const uint32_t m0 = static_cast<uint32_t>(w0[c]);
+        const uint32_t m1 = has1 ? static_cast<uint32_t>(w1[c]) : 0u;
+        const __m512i g0 = gather_word_bf16_zeroed(m0, v0, pairs);
+        const __m512i g1 = gather_word_bf16_zeroed(m1, v1, pairs);
+        v0 += _mm_popcnt_u32(m0);
+        v1 += _mm_popcnt_u32(m1);
+        // rows 32c + i and 32c + 16 + i, (column 0, column 1) in 32-bit lane i
+        _mm512_store_si512(dst + 2 * c, _mm512_mask_blend_epi16(0xAAAAAAAAu, g0, _mm512_slli_epi32(g1, 16)));
+        _mm512_store_si512(dst + 2 * c + 1, _mm512_mask_blend_epi16(0xAAAAAAAAu, _mm512_srli_epi32(g0, 16), g1));
+      }
+    }
+    const int64_t n_pairs = (j1 - j0 + 1) / 2;
+    const uint32_t* x = p.xpairs + j0 / 2;
+    for (int half = 0; half < 2; ++half)
+      for (int64_t t0 = 0; t0 < p.T; t0 += PANEL_NR) {
+        const __m512i* rows = panel + 4 * half;
+        float* o = out + t0 * R + 64 * half;
+        switch (std::min<int64_t>(PANEL_NR, p.T - t0)) {
+          case 1: panel_tokens<1>(rows, n_pairs, x + t0 * p.pairs, p.pairs, o); break;
+          case 2: panel_tokens<2>(rows, n_pairs, x + t0 * p.pairs, p.pairs, o); break;
+          case 3: panel_tokens<3>(rows, n_pairs, x + t0 * p.pairs, p.pairs, o); break;
+          case 4: panel_tokens<4>(rows, n_pairs, x + t0 * p.pairs, p.pairs, o); break;
+          case 5: panel_tokens<5>(rows, n_pairs, x + t0 * p.pairs, p.pairs, o); break;
+          default: panel_tokens<6>(rows, n_pairs, x + t0 * p.pairs, p.pairs, o); break;
+        }
+      }
+  }
 }
 
 // One (row block, column) slice -> R dense values at dst (zeros where absent).
@@ -551,47 +573,42 @@ bool cpu_has_bf16_dot() {  // what DS_AVX512_DOT adds to DS_AVX512_PERM
 enum class Decoder : int64_t { kScalar = 0, kExpand = 1, kPermute = 2 };
 int64_t g_decoder_request = -1;  // -1: measure; otherwise a Decoder
 
-// 0: off; else the dot-product walk from this many tokens (4..12). On the Zen 5 host, from DRAM
-// at p_w = p_x = 0.5: 1-7% faster than the FMA quarters at 7 tokens, 5-8% at 8, 7-13% at 10, 14-24%
-// at 12. Over halves at 4-6 tokens (DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=4) it was 4-10% slower at 4-5
-// tokens and 1-4% faster at 6 (there decoding and memory bound the walk, and the dot path decodes
-// more: the pdep mask, the interleave), hence from 7.
-int64_t g_bf16_dot_min_tb = 7;
 int64_t g_slices_max_tb = QUARTERS_MAX_TB;  // 0: passes of at most MAX_TB tokens only (for tests and benchmarks)
 
 // One pass of TB (4..12) tokens over row slices: 64-row halves up to HALVES_MAX_TB, 32-row quarters above.
-template <bool DOT, int TB>
+template <int TB>
 void slices_block(const Problem& p, int64_t rb, int64_t t0) {
-  constexpr int SW = TB <= HALVES_MAX_TB ? 2 : 1;
-  if constexpr (DOT) {
-    block_bf16_dot_slices<TB, SW>(p, rb, t0);
-  } else {
-    block_bf16_permute_slices<TB, SW>(p, rb, t0);
-  }
+  block_bf16_permute_slices<TB, TB <= HALVES_MAX_TB ? 2 : 1>(p, rb, t0);
 }
 
-template <bool DOT>
 void run_slices(const Problem& p, int64_t rb, int64_t t0, int64_t tb) {
   switch (tb) {
-    case 4: slices_block<DOT, 4>(p, rb, t0); break;
-    case 5: slices_block<DOT, 5>(p, rb, t0); break;
-    case 6: slices_block<DOT, 6>(p, rb, t0); break;
-    case 7: slices_block<DOT, 7>(p, rb, t0); break;
-    case 8: slices_block<DOT, 8>(p, rb, t0); break;
-    case 9: slices_block<DOT, 9>(p, rb, t0); break;
-    case 10: slices_block<DOT, 10>(p, rb, t0); break;
-    case 11: slices_block<DOT, 11>(p, rb, t0); break;
-    default: slices_block<DOT, 12>(p, rb, t0); break;
+    case 4: slices_block<4>(p, rb, t0); break;
+    case 5: slices_block<5>(p, rb, t0); break;
+    case 6: slices_block<6>(p, rb, t0); break;
+    case 7: slices_block<7>(p, rb, t0); break;
+    case 8: slices_block<8>(p, rb, t0); break;
+    case 9: slices_block<9>(p, rb, t0); break;
+    case 10: slices_block<10>(p, rb, t0); break;
+    case 11: slices_block<11>(p, rb, t0); break;
+    default: slices_block<12>(p, rb, t0); break;
   }
 }
 
 void run_block(const Problem& p, int64_t rb, bool bf16, Decoder d) {
+  if (p.xpairs != nullptr) {  // spmspv set up the panel walk
+    thread_local std::vector<float> scratch;
+    scratch.assign(p.T * R + 16, 0.f);
+    float* out = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
+    block_bf16_dot_panel(p, rb, out);
+    store_block(p, rb, 0, p.T, out);
+    return;
+  }
   for (int64_t t0 = 0, tb = 0; t0 < p.T; t0 += tb) {
     const int64_t left = p.T - t0;
     if (d == Decoder::kPermute && bf16 && g_slices_max_tb >= HALVES_MIN_TB && left >= HALVES_MIN_TB) {
       tb = std::min<int64_t>(left, g_slices_max_tb);
-      const bool dot = p.xpairs != nullptr && tb >= g_bf16_dot_min_tb;
-      dot ? run_slices<true>(p, rb, t0, tb) : run_slices<false>(p, rb, t0, tb);
+      run_slices(p, rb, t0, tb);
       continue;
     }
     tb = std::min<int64_t>(MAX_TB, left);
@@ -733,6 +750,13 @@ bool walk_all_columns(int64_t n_inactive, int64_t k, double mean_span_bytes) {
          mean_span_bytes > g_walk_all_min_span;
 }
 
+// Whether spmspv runs a bf16 call of T tokens with the panel walk (any T from the minimum: linear_cpu
+// sends calls there only up to g_bf16_dot_max_tb).
+bool panel_enabled(int64_t T) {
+  return g_bf16_dot_min_tb > 0 && T >= g_bf16_dot_min_tb && cpu_has_bf16_dot() &&
+         active_decoder(true) == Decoder::kPermute;
+}
+
 torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, const torch::Tensor& offsets,
                      const torch::Tensor& values, const torch::Tensor& threshold,
                      const c10::optional<torch::Tensor>& bias, int64_t n, int64_t force_scalar) {
@@ -745,54 +769,55 @@ torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, con
   const float thr = threshold.item<float>();
   const torch::Tensor x = x_in.contiguous().to(torch::kFloat);  // [T, K] fp32
 
-  // Active columns (any token over the threshold).
+  // Active columns (any token over the threshold); token-major, so the loop reads x in order.
   const float* xp = x.data_ptr<float>();
-  std::vector<uint8_t> on(K);
+  std::vector<uint8_t> on(K, 0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k) on[k] |= std::fabs(xp[t * K + k]) > thr;  // NaN is never over
   int64_t n_on = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    bool any = false;
-    for (int64_t t = 0; t < T; ++t) any |= std::fabs(xp[t * K + k]) > thr;
-    on[k] = any;
-    n_on += any;
-  }
+  for (int64_t k = 0; k < K; ++k) n_on += on[k];
   const int64_t nb = bitmap.size(0);
   const double mean_span =
       nb * K > 0 ? static_cast<double>(values.numel() - R) * values.element_size() / (nb * K) : 0.0;
   const bool walk_all = walk_all_columns(K - n_on, K, mean_span);
-  // The walked columns and their masked inputs, column-major [A, T].
-  std::vector<int32_t> active;
+  std::vector<int32_t> active;  // the walked columns
   active.reserve(walk_all ? K : n_on);
-  std::vector<float> xc;
-  xc.reserve((walk_all ? K : n_on) * T);
-  for (int64_t k = 0; k < K; ++k) {
-    if (!on[k] && !walk_all) continue;
-    active.push_back(static_cast<int32_t>(k));
-    for (int64_t t = 0; t < T; ++t) {
-      const float v = xp[t * K + k];
-      xc.push_back(std::fabs(v) > thr ? v : 0.f);
-    }
-  }
+  for (int64_t k = 0; k < K; ++k)
+    if (on[k] || walk_all) active.push_back(static_cast<int32_t>(k));
+  const int64_t A = static_cast<int64_t>(active.size());
 
   torch::Tensor y = torch::zeros({T, n}, x.options());  // [T, N] fp32
   const bool bf16 = values.scalar_type() == torch::kBFloat16;
   const Decoder decoder = force_scalar ? Decoder::kScalar : active_decoder(bf16);
   Problem p{bitmap.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), values.data_ptr(),
-            active.data(), static_cast<int64_t>(active.size()), xc.data(), T, K, n,
-            y.data_ptr<float>()};
-  std::vector<uint32_t> xpairs;
-  if (bf16 && decoder == Decoder::kPermute && g_bf16_dot_min_tb > 0 && T >= g_bf16_dot_min_tb &&
-      g_slices_max_tb >= g_bf16_dot_min_tb && cpu_has_bf16_dot()) {
-    // the masked inputs came from bf16, so their fp32 bits' high halves are exact
-    const int64_t A = p.n_active, pairs = (A + 1) / 2;
-    xpairs.assign(pairs * T, 0u);
-    for (int64_t i = 0; i < pairs; ++i)
-      for (int64_t t = 0; t < T; ++t) {
-        uint32_t lo, hi = 0;
-        std::memcpy(&lo, &xc[2 * i * T + t], 4);
-        if (2 * i + 1 < A) std::memcpy(&hi, &xc[(2 * i + 1) * T + t], 4);
-        xpairs[i * T + t] = (lo >> 16) | (hi & 0xFFFF0000u);
+            active.data(), A, nullptr, T, K, n, y.data_ptr<float>()};
+  std::vector<float> xc;          // the walks' inputs, column-major [A, T]
+  std::vector<uint32_t> xpairs;   // the panel's, token-major [T, ceil(A / 2)]
+  if (bf16 && decoder == Decoder::kPermute && panel_enabled(T)) {
+    // per token, the masked bf16 inputs of the active columns in order (exact: they came from
+    // bf16), two to a 32-bit word, a zero column after an odd count
+    const int64_t P = (A + 1) / 2;
+    xpairs.assign(T * P, 0u);
+    for (int64_t t = 0; t < T; ++t) {
+      const float* row = xp + t * K;
+      uint16_t* dst = reinterpret_cast<uint16_t*>(xpairs.data() + t * P);
+      for (int64_t j = 0; j < A; ++j) {
+        const float v = row[active[j]];
+        uint32_t bits;
+        std::memcpy(&bits, &v, 4);
+        dst[j] = std::fabs(v) > thr ? static_cast<uint16_t>(bits >> 16) : 0;
       }
+    }
     p.xpairs = xpairs.data();
+    p.pairs = P;
+  } else {
+    xc.resize(A * T);
+    for (int64_t j = 0; j < A; ++j)
+      for (int64_t t = 0; t < T; ++t) {
+        const float v = xp[t * K + active[j]];
+        xc[j * T + t] = std::fabs(v) > thr ? v : 0.f;
+      }
+    p.xc = xc.data();
   }
   // at least ~256k weights per task: smaller problems are not worth waking a second thread
   const int64_t grain = std::max<int64_t>(1, (1 << 18) / (R * std::max<int64_t>(1, p.n_active)));
@@ -882,6 +907,8 @@ torch::Tensor linear_cpu(const torch::Tensor& x, const torch::Tensor& bitmap, co
   const bool sparse_dtype = x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat;
   if (sparse_dtype && x.size(0) <= g_sparse_max_tokens)
     return spmspv(x, bitmap, offsets, values, threshold, bias, n, 0);
+  if (x.scalar_type() == torch::kBFloat16 && x.size(0) <= g_bf16_dot_max_tb && panel_enabled(x.size(0)))
+    return spmspv(x, bitmap, offsets, values, threshold, bias, n, 0);
   return tiled_linear(x.contiguous(), bitmap, offsets, values, threshold, bias, n);
 }
 
@@ -892,12 +919,14 @@ void set_slices_max_tokens(int64_t t) {
   g_slices_max_tb = t;
 }
 int64_t get_slices_max_tokens() { return g_slices_max_tb; }
-void set_bf16_dot_min_tokens(int64_t t) {
-  TORCH_CHECK(t == 0 || (HALVES_MIN_TB <= t && t <= QUARTERS_MAX_TB), "bf16 dot-product walk: 0 (off) or from 4..",
-              QUARTERS_MAX_TB, " tokens, got ", t);
-  g_bf16_dot_min_tb = t;
+void set_bf16_dot_tokens(int64_t min_tb, int64_t max_tb) {
+  TORCH_CHECK(min_tb == 0 || (1 <= min_tb && min_tb <= max_tb && max_tb <= 4096),
+              "bf16 dot-product (panel) walk: min_tokens 0 (off) or 1 <= min_tokens <= max_tokens <= 4096, got ",
+              min_tb, " and ", max_tb);
+  g_bf16_dot_min_tb = min_tb;
+  g_bf16_dot_max_tb = max_tb;
 }
-int64_t get_bf16_dot_min_tokens() { return g_bf16_dot_min_tb; }
+std::vector<int64_t> get_bf16_dot_tokens() { return {g_bf16_dot_min_tb, g_bf16_dot_max_tb}; }
 void set_walk_all(double max_inactive, double min_span_bytes) {
   TORCH_CHECK(max_inactive >= 0 && min_span_bytes >= 0,
               "walk-all policy: the fraction inactive and the span in bytes must be >= 0, got ", max_inactive,
@@ -965,10 +994,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_slices_max_tokens", &set_slices_max_tokens,
         "bf16 permute walk: up to this many tokens (4..12) in one pass over row slices; 0 = passes of 3");
   m.def("get_slices_max_tokens", &get_slices_max_tokens);
-  m.def("set_bf16_dot_min_tokens", &set_bf16_dot_min_tokens,
-        "bf16 permute walk: vdpbf16ps over column pairs from this many tokens (7..12; 0 = off)");
-  m.def("get_bf16_dot_min_tokens", &get_bf16_dot_min_tokens);
-  m.def("has_bf16_dot", &cpu_has_bf16_dot, "whether this CPU can run the vdpbf16ps walk (AVX512-BF16, BMI2)");
+  m.def("set_bf16_dot_tokens", &set_bf16_dot_tokens,
+        "bf16 with AVX512-BF16: batches of min..max tokens take the vdpbf16ps panel walk (min 0 = off); "
+        "larger batches the tiled path");
+  m.def("get_bf16_dot_tokens", &get_bf16_dot_tokens, "[min_tokens, max_tokens] of the panel walk");
+  m.def("has_bf16_dot", &cpu_has_bf16_dot, "whether this CPU can run the vdpbf16ps panel walk (AVX512-BF16, BMI2)");
   m.def("set_walk_all", &set_walk_all,
         "walk every column when fewer than max_inactive (a fraction) of them are inactive and the values "
         "per row block and column average more than min_span_bytes (max_inactive 0: always skip)");

@@ -303,7 +303,7 @@ def test_one_pass_slices_match_passes_of_three():
     from duoserve.kernels import pack_dense
     assert cpu.slices_max_tokens() == 12
     cpu.set_decoder("permute")
-    cpu.set_bf16_dot_min_tokens(0)  # the FMA walk: same operations in the same order (the dot walk: its own test)
+    cpu.set_bf16_dot_tokens(0)  # the FMA walks: same operations in the same order (the panel walk: its own test)
     try:
         for t in (4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 17, 25):
             x, w, thr, bias = make_inputs(Case(971, 700, t, 0.5, 0.5, torch.bfloat16), "cpu")  # 700: 3 chunks
@@ -321,30 +321,50 @@ def test_one_pass_slices_match_passes_of_three():
             assert compare(one_pass, x, w, thr, bias) is None
     finally:
         cpu.set_decoder(None)
-        cpu.set_bf16_dot_min_tokens(7)
+        cpu.set_bf16_dot_tokens(7, 64)
     for bad in (3, 13):
         with pytest.raises(RuntimeError, match="0 \\(off\\) or 4..12"):
             cpu.set_slices_max_tokens(bad)
 
 
 @needs_ext
-@pytest.mark.parametrize("min_tokens", [4, 7, 9])
-def test_bf16_dot_walk_matches_fp32_dense(min_tokens):
-    """The vdpbf16ps walk (halves at 4-6 tokens, quarters at 7-12, two columns at a time, odd column
-    counts padded with a zero column) against fp32 dense on every case; a no-op on CPUs without
-    AVX512-BF16."""
-    assert cpu.bf16_dot_min_tokens() == 7
-    saved = cpu.bf16_dot_min_tokens()
-    cpu.set_bf16_dot_min_tokens(min_tokens)
+@pytest.mark.parametrize("min_tokens", [1, 7, 9])
+def test_bf16_panel_walk_matches_fp32_dense(min_tokens):
+    """The vdpbf16ps panel walk (two columns a pair, odd column counts padded with a zero column,
+    chunks of 128 columns, 64-row halves, token groups of up to 6) against fp32 dense on every case;
+    a no-op on CPUs without AVX512-BF16."""
+    assert cpu.bf16_dot_tokens() == (7, 64)
+    cpu.set_bf16_dot_tokens(min_tokens)
     try:
-        cases = CASES + [Case(971, 700, t, 0.5, 0.5, torch.bfloat16) for t in (4, 5, 6, 7, 8, 11, 12, 13)]
+        cases = CASES + [Case(971, 700, t, 0.5, 0.5, torch.bfloat16) for t in (1, 2, 6, 7, 8, 12, 13, 19, 40, 64)]
+        cases += [Case(n, 301, 7, pw, px, torch.bfloat16, thr_zero=False) for n in (1, 33, 130)
+                  for pw in (0.0, 0.9) for px in (0.0, 0.5, 1.0)]
         failures = run_cases(_spmspv(False), cases, "cpu")
         assert not failures, f"{len(failures)} of {len(cases)} failed:\n" + "\n".join(failures[:10])
     finally:
-        cpu.set_bf16_dot_min_tokens(saved)
-    for bad in (1, 3, 13):
-        with pytest.raises(RuntimeError, match="0 \\(off\\) or from 4..12"):
-            cpu.set_bf16_dot_min_tokens(bad)
+        cpu.set_bf16_dot_tokens(7, 64)
+    for lo, hi in ((-1, 64), (8, 7), (7, 5000)):
+        with pytest.raises(RuntimeError, match="min_tokens 0 \\(off\\) or 1 <= min_tokens <= max_tokens <= 4096"):
+            cpu.set_bf16_dot_tokens(lo, hi)
+
+
+@needs_ext
+def test_bf16_cutover_follows_the_panel_walk():
+    """The public op sends bf16 batches up to the panel's maximum to the walk (tiled above), fp32
+    batches above sparse_max_tokens to the tiled path; both agree with fp32 dense."""
+    from duoserve.kernels import dual_sparse_linear, pack_dense
+    x, w, thr, bias = make_inputs(Case(200, 300, 20, 0.5, 0.5, torch.bfloat16), "cpu")
+    p = pack_dense(w)
+    walk = _spmspv(False)(x, p, thr, bias)
+    tiled = _tiled(x, p, thr, bias)
+    out = dual_sparse_linear(x, p, thr, bias)
+    panel = cpu.has_bf16_dot() and cpu.decoder(torch.bfloat16) == "permute"
+    assert torch.equal(out, walk if panel else tiled)
+    cpu.set_bf16_dot_tokens(7, 16)
+    try:
+        assert torch.equal(dual_sparse_linear(x, p, thr, bias), tiled)
+    finally:
+        cpu.set_bf16_dot_tokens(7, 64)
 
 
 def test_integer_settings_in_the_environment_are_checked():
@@ -364,7 +384,9 @@ def test_integer_settings_in_the_environment_are_checked():
     assert out.returncode != 0 and "DUOSERVE_CPU_SLICES_MAX_TOKENS must be an integer" in out.stderr, out.stderr
     if not cpu.available():
         return
-    out = run(DUOSERVE_CPU_BF16_DOT_MIN_TOKENS="3")
-    assert out.returncode != 0 and "0 (off) or from 4..12" in out.stderr, out.stderr
+    out = run(DUOSERVE_CPU_BF16_DOT_MAX_TOKENS="5")  # below the default minimum, 7
+    assert out.returncode != 0 and "1 <= min_tokens <= max_tokens" in out.stderr, out.stderr
+    out = run(DUOSERVE_CPU_BF16_DOT_MAX_TOKENS="x")
+    assert out.returncode != 0 and "DUOSERVE_CPU_BF16_DOT_MAX_TOKENS must be an integer" in out.stderr, out.stderr
     out = run(DUOSERVE_CPU_SLICES_MAX_TOKENS="6")
     assert out.returncode == 0 and out.stdout.strip() == "6", out.stderr

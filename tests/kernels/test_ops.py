@@ -79,9 +79,11 @@ def test_kernel_backend_names_what_runs():
     text = kernel_backend("cpu", torch.bfloat16)
     if cpu.available():
         assert text.startswith("native CPU kernel") and f"{cpu.decoder(torch.bfloat16)} decoder" in text
-        assert f"up to {cpu.sparse_max_tokens()} tokens" in text
-        assert ("bf16 dot products from 7 tokens" in text) == cpu.has_bf16_dot()
-        assert "dot products" not in kernel_backend("cpu", torch.float32)
+        panel = cpu.has_bf16_dot() and cpu.decoder(torch.bfloat16) == "permute"
+        assert f"up to {64 if panel else cpu.sparse_max_tokens()} tokens" in text
+        assert ("the bf16 panel walk (vdpbf16ps) at 7-64 tokens" in text) == panel
+        assert "panel" not in kernel_backend("cpu", torch.float32)
+        assert f"up to {cpu.sparse_max_tokens()} tokens" in kernel_backend("cpu", torch.float32)
         assert "decompress + fp32 matmul" in kernel_backend("cpu", torch.float16)
     else:
         assert "reference" in text
