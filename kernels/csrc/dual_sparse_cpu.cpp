@@ -405,8 +405,10 @@ DS_AVX512_DOT inline __m512i gather_word_bf16_zeroed(uint32_t m, const uint16_t*
 // tokens of fp32 accumulators, so each vdpbf16ps costs a quarter of an input broadcast and a sixth
 // of a panel load. Every word is read from DRAM once and decoded once whatever the batch (the
 // slices walk decodes a word once per pass; the tiled path writes every weight to a scratch and
-// torch.matmul re-reads it). On the Zen 5 host at p_w = p_x = 0.5, from DRAM, against the FMA slices
-// walk: 3-9% slower at 6 tokens, 5-11% faster at 7-12, 1.4-1.9x at 16-64 (docs/kernels.md).
+// torch.matmul re-reads it). On the Zen 5 host at p_w = p_x = 0.5, from DRAM, one thread: 0.73-0.96x
+// of vLLM's pre-packed oneDNN GEMM at 7-64 tokens where the FMA slices walk (to 12) and the tiled
+// path (above) gave 0.51-0.84x (docs/reports/cpu-2026-11-27-panel); at 6 tokens it was level with
+// the FMA halves walk in development runs, hence from 7.
 // Sums differ from the FMA walks' in rounding (two products per add; vdpbf16ps flushes denormals):
 // tested against fp32 dense. set_bf16_dot_tokens(0, ...) restores the FMA walks.
 constexpr int64_t PANEL_COLUMNS = 128;  // even
