@@ -219,7 +219,7 @@ def slices_max_tokens() -> int:
 
 
 def set_bf16_dot_tokens(min_tokens: int, max_tokens: int | None = None) -> None:
-    """bf16, permute decoder, CPUs with AVX512-BF16: batches of `min_tokens`..`max_tokens` take the
+    """bf16 on CPUs with AVX512-BF16 (any SIMD decoder): batches of `min_tokens`..`max_tokens` take the
     panel walk (each chunk of columns decoded once into an L1 panel, then multiplied with vdpbf16ps
     like a dense GEMM micro-kernel; rounding differs slightly from the FMA walks: two products per
     add, denormals flushed); larger batches take the tiled path. min 0 turns it off (the FMA walks

@@ -753,10 +753,11 @@ bool walk_all_columns(int64_t n_inactive, int64_t k, double mean_span_bytes) {
 }
 
 // Whether spmspv runs a bf16 call of T tokens with the panel walk (any T from the minimum: linear_cpu
-// sends calls there only up to g_bf16_dot_max_tb).
+// sends calls there only up to g_bf16_dot_max_tb). The panel has its own gather, so it runs whichever
+// SIMD decoder the walk measured faster; a forced scalar decoder turns it off.
 bool panel_enabled(int64_t T) {
   return g_bf16_dot_min_tb > 0 && T >= g_bf16_dot_min_tb && cpu_has_bf16_dot() &&
-         active_decoder(true) == Decoder::kPermute;
+         active_decoder(true) != Decoder::kScalar;
 }
 
 torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, const torch::Tensor& offsets,
@@ -795,7 +796,7 @@ torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, con
             active.data(), A, nullptr, T, K, n, y.data_ptr<float>()};
   std::vector<float> xc;          // the walks' inputs, column-major [A, T]
   std::vector<uint32_t> xpairs;   // the panel's, token-major [T, ceil(A / 2)]
-  if (bf16 && decoder == Decoder::kPermute && panel_enabled(T)) {
+  if (bf16 && decoder != Decoder::kScalar && panel_enabled(T)) {
     // per token, the masked bf16 inputs of the active columns in order (exact: they came from
     // bf16), two to a 32-bit word, a zero column after an odd count
     const int64_t P = (A + 1) / 2;
