@@ -277,9 +277,8 @@ def machine(device: torch.device) -> str:
     if cpu.available():
         d16, d32 = cpu.decoder(torch.bfloat16), cpu.decoder(torch.float32)
         kernel += f", decoder {d16}" if d16 == d32 else f", decoders bf16 {d16} / fp32 {d32}"
-        lo, hi = cpu.bf16_dot_tokens()
-        if cpu.has_bf16_dot() and lo:
-            kernel += f", bf16 panel walk at {lo}-{hi} tokens"
+        if cpu.panel_walk_tokens():
+            kernel += ", bf16 panel walk at {}-{} tokens".format(*cpu.panel_walk_tokens())
         ahead, lines = cpu.prefetch()
         kernel += f", prefetch {ahead}/{lines}" if ahead else ", no software prefetch"
         max_inactive, min_span = cpu.walk_all()

@@ -9,8 +9,8 @@ costs ~20 us a call, more than the whole 576x576 product). Behind that kernel:
     `set_prefetch`, DUOSERVE_CPU_PREFETCH), except where walking every column is faster: a
     weight with long spans (bf16 at p_w <= 0.4) and under 60% of the columns inactive
     (`set_walk_all`; docs/kernels.md has both measured).
-  bf16 on CPUs with AVX512-BF16, T up to 64 (`set_bf16_dot_tokens`): the same walk from 7 tokens
-    as the panel walk (every word decoded once into an L1 panel, multiplied like a dense GEMM).
+  bf16 on CPUs with AVX512-BF16, 7 to 64 tokens (`set_bf16_dot_tokens`): the panel walk (every
+    word decoded once into an L1 panel, multiplied like a dense GEMM).
   larger T, or fp16: row-block chunks are decompressed into a bounded W^T scratch [K, rows] and
     multiplied with torch.matmul (never a dense copy of the whole weight).
 The cutover is measured with `python -m duoserve.kernels.bench --cutover`.
@@ -235,6 +235,13 @@ def bf16_dot_tokens() -> tuple[int, int]:
     `has_bf16_dot()`."""
     lo, hi = _load().get_bf16_dot_tokens()
     return lo, hi
+
+
+def panel_walk_tokens() -> tuple[int, int] | None:
+    """(min, max) tokens of the bf16 calls that take the panel walk here, or None where it does not
+    run (no AVX512-BF16, the scalar decoder forced, or turned off)."""
+    lo, hi = bf16_dot_tokens()
+    return (lo, hi) if lo and has_bf16_dot() and decoder(torch.bfloat16) != "scalar" else None
 
 
 def has_bf16_dot() -> bool:

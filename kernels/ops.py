@@ -106,10 +106,9 @@ def kernel_backend(device: torch.device | str, dtype: torch.dtype) -> str:
         return f"pure-torch reference (CPU extension not built: {cpu.import_error()})"
     if dtype not in cpu.DTYPES:
         return f"native CPU kernel, {dtype} through the decompress + fp32 matmul path"
-    panel_runs = dtype == torch.bfloat16 and cpu.has_bf16_dot() and cpu.decoder(dtype) != "scalar"
-    lo, hi = cpu.bf16_dot_tokens() if panel_runs else (0, 0)
-    panel = f", the bf16 panel walk (vdpbf16ps) at {lo}-{hi} tokens" if lo else ""
-    most = max(cpu.sparse_max_tokens(), hi if lo else 0)
+    tokens = cpu.panel_walk_tokens() if dtype == torch.bfloat16 else None
+    panel = f", the bf16 panel walk (vdpbf16ps) at {tokens[0]}-{tokens[1]} tokens" if tokens else ""
+    most = max(cpu.sparse_max_tokens(), tokens[1] if tokens else 0)
     return (f"native CPU kernel ({cpu.isa()}, {cpu.decoder(dtype)} decoder; spMspV up to "
             f"{most} tokens a call{panel}, decompress + matmul above)")
 

@@ -362,11 +362,14 @@ def test_bf16_cutover_follows_the_panel_walk():
     walk = _spmspv(False)(x, p, thr, bias)
     tiled = _tiled(x, p, thr, bias)
     out = dual_sparse_linear(x, p, thr, bias)
-    panel = cpu.has_bf16_dot() and cpu.decoder(torch.bfloat16) != "scalar"
+    panel = cpu.panel_walk_tokens() is not None
     assert torch.equal(out, walk if panel else tiled)
     cpu.set_bf16_dot_tokens(7, 16)
     try:
         assert torch.equal(dual_sparse_linear(x, p, thr, bias), tiled)
+        assert cpu.panel_walk_tokens() == ((7, 16) if panel else None)
+        cpu.set_bf16_dot_tokens(0)
+        assert cpu.panel_walk_tokens() is None
     finally:
         cpu.set_bf16_dot_tokens(7, 64)
 

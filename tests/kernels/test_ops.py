@@ -79,7 +79,7 @@ def test_kernel_backend_names_what_runs():
     text = kernel_backend("cpu", torch.bfloat16)
     if cpu.available():
         assert text.startswith("native CPU kernel") and f"{cpu.decoder(torch.bfloat16)} decoder" in text
-        panel = cpu.has_bf16_dot() and cpu.decoder(torch.bfloat16) != "scalar"
+        panel = cpu.panel_walk_tokens() is not None
         assert f"up to {64 if panel else cpu.sparse_max_tokens()} tokens" in text
         assert ("the bf16 panel walk (vdpbf16ps) at 7-64 tokens" in text) == panel
         assert "panel" not in kernel_backend("cpu", torch.float32)
