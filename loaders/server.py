@@ -193,7 +193,11 @@ def launch(ckpt, host: str = DEFAULT_HOST, port: int | None = 0, api_key: str | 
     if duo and validate:
         validate_checkpoint(ckpt, json.loads((ckpt / "config.json").read_text()))
     port = port or free_port(host if host not in ("0.0.0.0", "::", "") else DEFAULT_HOST)
-    api_key = api_key or secrets.token_urlsafe(24)
+    if _has_flag(extra, "--api-key"):
+        raise InputError("pass the API key as launch(api_key=...) (`duoserve serve --api-key KEY`), not among "
+                         "vLLM's arguments: the launcher must know the key to check the server is up")
+    # Hex, so a printed key never starts with '-' (which argparse-based clients take for an option).
+    api_key = api_key or secrets.token_hex(24)
     model = served_model_name or ckpt.resolve().name
 
     child_env = dict(os.environ)
@@ -218,6 +222,10 @@ def launch(ckpt, host: str = DEFAULT_HOST, port: int | None = 0, api_key: str | 
             log.warning("the default queue limit applies only to `duoserve serve` with one API server: "
                         "pass --max-num-queued-reqs N to bound the queue here")
     child_env.update(env or {})
+    # The key goes to vLLM through its environment, not argv: a key that starts with '-' (1 in 64 of
+    # the generated ones) made vLLM's argparse reject `--api-key KEY` as a missing value, and argv is
+    # readable by every user of the machine in `ps`.
+    child_env["VLLM_API_KEY"] = api_key
 
     if entrypoint == "duoserve":
         cmd = [sys.executable, "-m", "duoserve.loaders.vllm_main", "serve", str(ckpt)]
@@ -225,7 +233,7 @@ def launch(ckpt, host: str = DEFAULT_HOST, port: int | None = 0, api_key: str | 
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt)]
     else:
         raise InputError(f"entrypoint {entrypoint!r} is not 'duoserve' or 'vllm'")
-    cmd += ["--host", host, "--port", str(port), "--api-key", api_key, "--served-model-name", model]
+    cmd += ["--host", host, "--port", str(port), "--served-model-name", model]
     if enforce_eager and not _has_flag(extra, "--enforce-eager"):
         cmd.append("--enforce-eager")
     if max_model_len and not _has_flag(extra, "--max-model-len"):
@@ -239,8 +247,7 @@ def launch(ckpt, host: str = DEFAULT_HOST, port: int | None = 0, api_key: str | 
         log_file = open(path, "ab")
     log.info("starting vLLM (%s build) for %s on %s:%d%s", "CPU" if cpu else "GPU", ckpt, host, port,
              f", log {path}" if path else "")
-    shown = [("***" if i and cmd[i - 1] == "--api-key" else c) for i, c in enumerate(cmd)]
-    log.debug("command: %s", " ".join(shown))
+    log.debug("command: %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, env=child_env, stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     log.info("vLLM pid %d (own process group)", proc.pid)

@@ -110,6 +110,35 @@ def test_launcher_refuses_before_starting_vllm(bitmask_ckpt, tmp_path):
         launch(tmp_path)
 
 
+def test_the_api_key_reaches_vllm_through_its_environment(dense_ckpt, monkeypatch):
+    """Not argv: vLLM's argparse read `--api-key -x...` as a missing value (a CI failure, 1 generated
+    key in 64 started with '-'), and argv shows in `ps`."""
+    from duoserve.loaders import server
+
+    started = []
+
+    class FakePopen:
+        pid = 4242
+
+        def __init__(self, cmd, env, **kwargs):
+            started.append((cmd, env))
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(server.subprocess, "Popen", FakePopen)
+    handle = server.launch(dense_ckpt, api_key="-starts-with-a-dash", log_path="-")
+    cmd, env = started[-1]
+    assert env["VLLM_API_KEY"] == handle.api_key == "-starts-with-a-dash"
+    assert "--api-key" not in cmd and handle.api_key not in cmd
+    generated = server.launch(dense_ckpt, log_path="-")
+    assert started[-1][1]["VLLM_API_KEY"] == generated.api_key and len(generated.api_key) == 48
+    assert not generated.api_key.startswith("-")
+    with pytest.raises(InputError, match=r"launch\(api_key=...\)"):
+        server.launch(dense_ckpt, extra_vllm_args=["--api-key=k"])
+    server._live.clear()
+
+
 def test_serve_arguments_split_between_duoserve_and_vllm():
     from duoserve.loaders import cli
 
