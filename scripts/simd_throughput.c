@@ -12,6 +12,10 @@
 
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vpopcntdq,avx512bitalg,avx512bf16"), noinline))
 #define ROUNDS 20000000L
+// The stream loop must be unrolled, or GCC keeps the accumulators in memory and every round waits
+// on a store and a reload (the version before 2026-11-28 measured that: its FMA "reference" was
+// 0.44 ns, the unrolled loop 0.12 ns, on the Zen 5 host).
+#define UNROLL _Pragma("GCC unroll 32")
 
 static uint16_t buf[4096] __attribute__((aligned(64)));
 
@@ -29,7 +33,7 @@ TARGET static double expandw(void) {
   for (int i = 0; i < 8; ++i) src[i] = _mm512_loadu_si512(buf + 8 * i), acc[i] = _mm512_setzero_si512();
   double t0 = now();
   for (long n = 0; n < ROUNDS; ++n)
-    for (int i = 0; i < 8; ++i) acc[i] = _mm512_add_epi16(acc[i], _mm512_maskz_expand_epi16(0x5a5a5a5au ^ (uint32_t)(n + i), src[i]));
+    UNROLL for (int i = 0; i < 8; ++i) acc[i] = _mm512_add_epi16(acc[i], _mm512_maskz_expand_epi16(0x5a5a5a5au ^ (uint32_t)(n + i), src[i]));
   double t = now() - t0;
   for (int i = 0; i < 8; ++i) sink += _mm512_reduce_add_epi32(acc[i]);
   return t / ROUNDS / 8 * 1e9;
@@ -40,7 +44,7 @@ TARGET static double expandps(void) {
   for (int i = 0; i < 8; ++i) src[i] = _mm512_loadu_ps((const float*)buf + 8 * i), acc[i] = _mm512_setzero_ps();
   double t0 = now();
   for (long n = 0; n < ROUNDS; ++n)
-    for (int i = 0; i < 8; ++i) acc[i] = _mm512_add_ps(acc[i], _mm512_maskz_expand_ps((__mmask16)(0x5a5a ^ (n + i)), src[i]));
+    UNROLL for (int i = 0; i < 8; ++i) acc[i] = _mm512_add_ps(acc[i], _mm512_maskz_expand_ps((__mmask16)(0x5a5a ^ (n + i)), src[i]));
   double t = now() - t0;
   for (int i = 0; i < 8; ++i) sink += (int64_t)_mm512_reduce_add_ps(acc[i]);
   return t / ROUNDS / 8 * 1e9;
@@ -55,7 +59,7 @@ TARGET static double expandps(void) {
     for (int i = 0; i < 8; ++i) src[i] = _mm512_loadu_si512(buf + 8 * i);               \
     double t0 = now();                                                                  \
     for (long n = 0; n < ROUNDS; ++n)                                                   \
-      for (int i = 0; i < 8; ++i) src[i] = op;                                          \
+      UNROLL for (int i = 0; i < 8; ++i) src[i] = op;                                   \
     double t = now() - t0;                                                              \
     for (int i = 0; i < 8; ++i) sink += _mm512_reduce_add_epi32(src[i]);                \
     return t / ROUNDS / 8 * 1e9;                                                        \
@@ -70,10 +74,26 @@ TARGET static double fmadd(void) {
   for (int i = 0; i < 8; ++i) acc[i] = _mm512_set1_ps((float)i);
   double t0 = now();
   for (long n = 0; n < ROUNDS; ++n)
-    for (int i = 0; i < 8; ++i) acc[i] = _mm512_fmadd_ps(acc[i], b, b);
+    UNROLL for (int i = 0; i < 8; ++i) acc[i] = _mm512_fmadd_ps(acc[i], b, b);
   double t = now() - t0;
   for (int i = 0; i < 8; ++i) sink += (int64_t)_mm512_reduce_add_ps(acc[i]);
   return t / ROUNDS / 8 * 1e9;
+}
+
+// The panel walk's micro-kernel instruction; 24 streams, as many as its accumulators, since its
+// latency is longer than an FMA's.
+TARGET static double dpbf16(void) {
+  __m512 acc[24];
+  for (int i = 0; i < 24; ++i) acc[i] = _mm512_setzero_ps();
+  const __m512bh a = (__m512bh)_mm512_set1_epi32(0x3F803F80), b = (__m512bh)_mm512_set1_epi32(0x00010001);
+  double t0 = now();
+  for (long r = 0; r < ROUNDS; ++r)
+    UNROLL for (int i = 0; i < 24; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+  double t = now() - t0;
+  __m512 s = acc[0];
+  for (int i = 1; i < 24; ++i) s = _mm512_add_ps(s, acc[i]);
+  sink = (int64_t)_mm512_reduce_add_ps(s);
+  return t / (ROUNDS * 24.0) * 1e9;
 }
 
 int main(void) {
@@ -85,5 +105,6 @@ int main(void) {
   printf("vpermw zmm               %.3f   (permute decoder)\n", permw());
   printf("vpopcntd zmm             %.3f   (permute decoder, fp32)\n", popcntd());
   printf("vpopcntw zmm             %.3f   (permute decoder, bf16)\n", popcntw());
+  printf("vdpbf16ps zmm            %.3f   (panel walk micro-kernel; 24 streams)\n", dpbf16());
   return 0;
 }
