@@ -335,13 +335,14 @@ def test_one_pass_slices_match_passes_of_three():
 @pytest.mark.parametrize("min_tokens", [1, 7, 9])
 def test_bf16_panel_walk_matches_fp32_dense(min_tokens):
     """The vdpbf16ps panel walk (two columns a pair, odd column counts padded with a zero column,
-    chunks of 128 columns, 64-row halves, token groups of up to 6) against fp32 dense on every case;
-    a no-op on CPUs without AVX512-BF16."""
+    chunks of 128 columns, 64-row halves, token groups of up to 6; a last row block of at most 64
+    rows skips its second half: 130 and 192 outputs, 193 does not) against fp32 dense on every
+    case; a no-op on CPUs without AVX512-BF16."""
     assert cpu.bf16_dot_tokens() == (7, 64)
     cpu.set_bf16_dot_tokens(min_tokens)
     try:
         cases = CASES + [Case(971, 700, t, 0.5, 0.5, torch.bfloat16) for t in (1, 2, 6, 7, 8, 12, 13, 19, 40, 64)]
-        cases += [Case(n, 301, 7, pw, px, torch.bfloat16, thr_zero=False) for n in (1, 33, 130)
+        cases += [Case(n, 301, 7, pw, px, torch.bfloat16, thr_zero=False) for n in (1, 33, 130, 192, 193)
                   for pw in (0.0, 0.9) for px in (0.0, 0.5, 1.0)]
         failures = run_cases(_spmspv(False), cases, "cpu")
         assert not failures, f"{len(failures)} of {len(cases)} failed:\n" + "\n".join(failures[:10])
