@@ -274,11 +274,12 @@ DS_AVX512_PERM inline void decode_word_bf16(uint32_t m, const uint16_t* v, __m51
       _mm512_maskz_and_epi32(static_cast<__mmask16>(m >> 16), g, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
 }
 
-template <int TB>
+// W: the words of the block that hold rows (2 in a last block of at most 64 rows, 4 otherwise)
+template <int TB, int W>
 DS_AVX512_PERM void block_bf16_permute(const Problem& p, int64_t rb, int64_t t0) {
-  __m512 acc[TB][2 * WORDS];  // [token][16-row chunk], rows in natural order
+  __m512 acc[TB][2 * W];  // [token][16-row chunk], rows in natural order
   DS_UNROLL for (int t = 0; t < TB; ++t)
-    for (int c = 0; c < 2 * WORDS; ++c) acc[t][c] = _mm512_setzero_ps();
+    for (int c = 0; c < 2 * W; ++c) acc[t][c] = _mm512_setzero_ps();
   const uint16_t* vals = static_cast<const uint16_t*>(p.values);
   const __m512i pairs = below_pairs();
   for (int64_t j = 0; j < p.n_active; ++j) {
@@ -288,7 +289,7 @@ DS_AVX512_PERM void block_bf16_permute(const Problem& p, int64_t rb, int64_t t0)
     prefetch_column<uint16_t>(p, rb, j + g_prefetch_ahead);
     __m512 xb[TB];
     DS_UNROLL for (int t = 0; t < TB; ++t) xb[t] = _mm512_set1_ps(p.xc[j * p.T + t0 + t]);
-    DS_UNROLL for (int c = 0; c < WORDS; ++c) {
+    DS_UNROLL for (int c = 0; c < W; ++c) {
       const uint32_t m = static_cast<uint32_t>(words[c]);
       __m512 lo, hi;
       decode_word_bf16(m, v, pairs, lo, hi);
@@ -299,10 +300,16 @@ DS_AVX512_PERM void block_bf16_permute(const Problem& p, int64_t rb, int64_t t0)
       }
     }
   }
-  alignas(64) float out[TB * R];
+  alignas(64) float out[TB * R];  // rows past 32 W are not stored (store_block stops at N)
   DS_UNROLL for (int t = 0; t < TB; ++t)
-    for (int c = 0; c < 2 * WORDS; ++c) _mm512_store_ps(out + t * R + 16 * c, acc[t][c]);
+    for (int c = 0; c < 2 * W; ++c) _mm512_store_ps(out + t * R + 16 * c, acc[t][c]);
   store_block(p, rb, t0, TB, out);
+}
+
+template <int W>
+void permute_bf16_tokens(const Problem& p, int64_t rb, int64_t t0, int64_t tb) {
+  tb == 1 ? block_bf16_permute<1, W>(p, rb, t0)
+          : tb == 2 ? block_bf16_permute<2, W>(p, rb, t0) : block_bf16_permute<3, W>(p, rb, t0);
 }
 
 template <int TB>
@@ -352,9 +359,11 @@ DS_AVX512_PERM void block_bf16_permute_slices(const Problem& p, int64_t rb, int6
   std::memset(out, 0, sizeof(out));
   const uint16_t* vals = static_cast<const uint16_t*>(p.values);
   const __m512i pairs = below_pairs();
+  // slices past the block's last row (N = 576 or 192: a last block of 64 rows) are skipped
+  const int64_t slices = std::min<int64_t>(SLICES, (std::min<int64_t>(R, p.N - rb * R) + 32 * SW - 1) / (32 * SW));
   for (int64_t j0 = 0; j0 < p.n_active; j0 += CHUNK) {
     const int64_t j1 = std::min(p.n_active, j0 + CHUNK);
-    for (int h = 0; h < SLICES; ++h) {
+    for (int h = 0; h < slices; ++h) {
       __m512 acc[TB][2 * SW];  // [token][16-row chunk of this slice]
       DS_UNROLL for (int t = 0; t < TB; ++t)
         for (int q = 0; q < 2 * SW; ++q) acc[t][q] = _mm512_load_ps(out + t * R + 32 * SW * h + 16 * q);
@@ -620,8 +629,9 @@ void run_block(const Problem& p, int64_t rb, bool bf16, Decoder d) {
     if (d == Decoder::kScalar) {
       bf16 ? block_scalar<uint16_t>(p, rb, t0, tb) : block_scalar<float>(p, rb, t0, tb);
     } else if (d == Decoder::kPermute && bf16) {
-      tb == 1 ? block_bf16_permute<1>(p, rb, t0)
-              : tb == 2 ? block_bf16_permute<2>(p, rb, t0) : block_bf16_permute<3>(p, rb, t0);
+      // a last row block of at most 64 rows (N = 576: SmolLM2's q/o/down; 192: its k/v) decodes
+      // and multiplies only its first two words
+      rb * R + 64 < p.N ? permute_bf16_tokens<WORDS>(p, rb, t0, tb) : permute_bf16_tokens<2>(p, rb, t0, tb);
     } else if (d == Decoder::kPermute) {
       tb == 1 ? block_f32_permute<1>(p, rb, t0)
               : tb == 2 ? block_f32_permute<2>(p, rb, t0) : block_f32_permute<3>(p, rb, t0);

@@ -16,6 +16,8 @@ CASES += grid([971], [300], [3], SPARSITIES, SPARSITIES, DTYPES, thr_zero=False)
 CASES += grid([33], [77], [1], SPARSITIES, SPARSITIES, DTYPES, thr_zero=False)
 CASES += [Case(33, 300, t, 0.5, 0.5, dt) for t in range(1, 18) for dt in DTYPES]
 CASES += [Case(971, 77, 5, 0.5, 0.5, dt, bias=False) for dt in DTYPES]
+# a last row block of exactly 64 rows (the walks then skip its second half) and of 65
+CASES += [Case(n, 300, t, 0.5, 0.5, dt) for n in (192, 193) for t in (1, 2, 3, 5, 6) for dt in DTYPES]
 
 
 def _spmspv(force_scalar):
