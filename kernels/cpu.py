@@ -21,7 +21,7 @@ faster depends on the microarchitecture, so the first call times both on a small
 and keeps the faster one per dtype; `DUOSERVE_CPU_DECODER` or `set_decoder` forces one. The
 permute decoder also needs AVX-512 BITALG (vpopcntw: one popcount per 32-row bf16 word). With the
 permute decoder and bf16, 4-6 tokens share one pass over the weights (`set_slices_max_tokens`), and
-on CPUs with AVX512-BF16 batches of 7-64 tokens take the panel walk (`set_bf16_dot_tokens`), which
+on CPUs with AVX512-BF16 batches of 6-64 tokens take the panel walk (`set_bf16_dot_tokens`), which
 also moves the tiled cutover for bf16 to 64 tokens.
 """
 from __future__ import annotations
@@ -223,7 +223,7 @@ def set_bf16_dot_tokens(min_tokens: int, max_tokens: int | None = None) -> None:
     panel walk (each chunk of columns decoded once into an L1 panel, then multiplied with vdpbf16ps
     like a dense GEMM micro-kernel; rounding differs slightly from the FMA walks: two products per
     add, denormals flushed); larger batches take the tiled path. min 0 turns it off (the FMA walks
-    up to `sparse_max_tokens`). Default 7..64, measured in docs/kernels.md; max None keeps the
+    up to `sparse_max_tokens`). Default 6..64, measured in docs/kernels.md; max None keeps the
     current one."""
     if max_tokens is None:
         max_tokens = bf16_dot_tokens()[1]

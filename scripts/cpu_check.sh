@@ -17,12 +17,12 @@
 #                      policy's constants (kernels/csrc: walk_all_columns)
 #   simd.txt           scripts/simd_throughput.c: the decoders' instructions against an FMA
 #   skip.txt           scripts/skip_bandwidth.c: reading a random half of contiguous spans vs all
-#   cutover.md         the spMspV walk (the panel walk from 7 tokens) vs the decompress + matmul
+#   cutover.md         the spMspV walk (the panel walk from 6 tokens) vs the decompress + matmul
 #                      path, batch 1..96 (warm)
 #   batch-cold.md      the op at batch 1..64 from DRAM (the walk up to 6 tokens, the panel walk at
-#                      7..64 where the CPU has AVX512-BF16); batch-cold-passes3.md the walk at 4..6
+#                      6..64 where the CPU has AVX512-BF16); batch-cold-passes3.md the walk at 4..5
 #                      tokens in passes of 3 instead of one pass over row slices
-#                      (DUOSERVE_CPU_SLICES_MAX_TOKENS=0); batch-cold-fma.md 7..64 tokens without the
+#                      (DUOSERVE_CPU_SLICES_MAX_TOKENS=0); batch-cold-fma.md 6..64 tokens without the
 #                      panel walk (DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=0: the fp32 FMA walk up to 12, tiled above)
 #   decode.md          a 2-layer Llama-2-7B-shape decode step, eager, one thread
 # Usage: scripts/cpu_check.sh   (about 7 minutes on the 2-core VM)
@@ -69,9 +69,9 @@ if $PY -c "import vllm" 2> /dev/null; then
   $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 1,2,3,4,6,7,8,12,16,24,32,64 --cold-mib 512 --baseline vllm \
     --markdown "$OUT/batch-cold-vllm.md"
 fi
-DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=0 $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 7,8,12,16,32,64 --cold-mib 512 \
+DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=0 $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 6,7,8,12,16,32,64 --cold-mib 512 \
   --markdown "$OUT/batch-cold-fma.md"
-DUOSERVE_CPU_SLICES_MAX_TOKENS=0 $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 4,5,6 --cold-mib 512 \
+DUOSERVE_CPU_SLICES_MAX_TOKENS=0 $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 4,5 --cold-mib 512 \
   --markdown "$OUT/batch-cold-passes3.md"
 $PY -m duoserve.kernels.bench_decode --device cpu --layers 2 --markdown "$OUT/decode.md"
 if gcc -O2 -o /tmp/duoserve_simd_throughput scripts/simd_throughput.c 2> /dev/null; then

@@ -22,7 +22,7 @@
 // too short and scattered for the hardware prefetchers), except that every column is walked when
 // few are inactive and the spans are long (walk_all_columns). Tokens are processed in chunks of up
 // to 3 (24 zmm accumulators), or, bf16 with the permute decoder, 4-12 in one pass over row slices
-// (block_bf16_permute_slices); on CPUs with AVX512-BF16, batches of 7-64 tokens decode each chunk of
+// (block_bf16_permute_slices); on CPUs with AVX512-BF16, batches of 6-64 tokens decode each chunk of
 // columns once into an L1 panel and multiply it with vdpbf16ps (block_bf16_dot_panel). The AVX-512
 // code is compiled with per-function target attributes and chosen at run time; other x86-64
 // CPUs take a scalar loop over set bits (same results up to fp32 summation order).
@@ -398,10 +398,12 @@ DS_AVX512_PERM void block_bf16_permute_slices(const Problem& p, int64_t rb, int6
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,avx512bitalg,avx512bf16,bmi2,popcnt")))
 
 DS_AVX512_DOT inline __m512i gather_word_bf16_zeroed(uint32_t m, const uint16_t* v, __m512i pairs) {
-  const __m512i rank_in_half = _mm512_popcnt_epi16(_mm512_and_si512(_mm512_set1_epi32(static_cast<int32_t>(m)), pairs));
+  const __m512i bm = _mm512_set1_epi32(static_cast<int32_t>(m));
+  const __m512i rank_in_half = _mm512_popcnt_epi16(_mm512_and_si512(bm, pairs));
   const int32_t low_count = _mm_popcnt_u32(m & 0xFFFFu);
   const __m512i idx = _mm512_add_epi16(rank_in_half, _mm512_set1_epi32(low_count << 16));
-  const __mmask32 present = _pdep_u32(m, 0x55555555u) | _pdep_u32(m >> 16, 0xAAAAAAAAu);
+  // row i's bit in 16-bit lane 2i (low half of m) and 2i + 1 (high half): pairs + 1 = 1 << i
+  const __mmask32 present = _mm512_test_epi16_mask(bm, _mm512_add_epi16(pairs, _mm512_set1_epi16(1)));
   return _mm512_maskz_permutexvar_epi16(present, idx, _mm512_loadu_si512(v));
 }
 
@@ -416,13 +418,14 @@ DS_AVX512_DOT inline __m512i gather_word_bf16_zeroed(uint32_t m, const uint16_t*
 // slices walk decodes a word once per pass; the tiled path writes every weight to a scratch and
 // torch.matmul re-reads it). On the Zen 5 host at p_w = p_x = 0.5, from DRAM, one thread: 0.73-0.96x
 // of vLLM's pre-packed oneDNN GEMM at 7-64 tokens where the FMA slices walk (to 12) and the tiled
-// path (above) gave 0.51-0.84x (docs/reports/cpu-2026-11-27-panel); at 6 tokens it was level with
-// the FMA halves walk in development runs, hence from 7.
+// path (above) gave 0.51-0.84x (docs/reports/cpu-2026-11-27-panel). From 6 tokens since the
+// vptestmw zeroing mask (2026-11-28: 5-17% faster than the FMA halves walk at 6 tokens, 2-6% slower
+// at 5; docs/kernels.md).
 // Sums differ from the FMA walks' in rounding (two products per add; vdpbf16ps flushes denormals):
 // tested against fp32 dense. set_bf16_dot_tokens(0, ...) restores the FMA walks.
 constexpr int64_t PANEL_COLUMNS = 128;  // even
 constexpr int PANEL_NR = 6;            // tokens per micro-kernel: 6 x 4 = 24 accumulators
-int64_t g_bf16_dot_min_tb = 7;         // the panel walk from this many tokens (0: off)
+int64_t g_bf16_dot_min_tb = 6;         // the panel walk from this many tokens (0: off)
 int64_t g_bf16_dot_max_tb = 64;        // ... up to this many; bf16 batches above take the tiled path
 
 // out[t][64 rows] += sum over pairs i of panel[8 i + 0..3] . x[t P + i] (bf16 pairs), t < TB.
