@@ -9,7 +9,7 @@ costs ~20 us a call, more than the whole 576x576 product). Behind that kernel:
     `set_prefetch`, DUOSERVE_CPU_PREFETCH), except where walking every column is faster: a
     weight with long spans (bf16 at p_w <= 0.4) and under 60% of the columns inactive
     (`set_walk_all`; docs/kernels.md has both measured).
-  bf16 on CPUs with AVX512-BF16, 7 to 64 tokens (`set_bf16_dot_tokens`): the panel walk (every
+  bf16 on CPUs with AVX512-BF16, 6 to 256 tokens (`set_bf16_dot_tokens`): the panel walk (every
     word decoded once into an L1 panel, multiplied like a dense GEMM).
   larger T, or fp16: row-block chunks are decompressed into a bounded W^T scratch [K, rows] and
     multiplied with torch.matmul (never a dense copy of the whole weight).
@@ -21,8 +21,8 @@ faster depends on the microarchitecture, so the first call times both on a small
 and keeps the faster one per dtype; `DUOSERVE_CPU_DECODER` or `set_decoder` forces one. The
 permute decoder also needs AVX-512 BITALG (vpopcntw: one popcount per 32-row bf16 word). With the
 permute decoder and bf16, 4-6 tokens share one pass over the weights (`set_slices_max_tokens`), and
-on CPUs with AVX512-BF16 batches of 6-64 tokens take the panel walk (`set_bf16_dot_tokens`), which
-also moves the tiled cutover for bf16 to 64 tokens.
+on CPUs with AVX512-BF16 batches of 6-256 tokens take the panel walk (`set_bf16_dot_tokens`), which
+also moves the tiled cutover for bf16 to 256 tokens.
 """
 from __future__ import annotations
 
@@ -223,7 +223,7 @@ def set_bf16_dot_tokens(min_tokens: int, max_tokens: int | None = None) -> None:
     panel walk (each chunk of columns decoded once into an L1 panel, then multiplied with vdpbf16ps
     like a dense GEMM micro-kernel; rounding differs slightly from the FMA walks: two products per
     add, denormals flushed); larger batches take the tiled path. min 0 turns it off (the FMA walks
-    up to `sparse_max_tokens`). Default 6..64, measured in docs/kernels.md; max None keeps the
+    up to `sparse_max_tokens`). Default 6..256, measured in docs/kernels.md; max None keeps the
     current one."""
     if max_tokens is None:
         max_tokens = bf16_dot_tokens()[1]

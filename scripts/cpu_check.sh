@@ -20,7 +20,7 @@
 #   cutover.md         the spMspV walk (the panel walk from 6 tokens) vs the decompress + matmul
 #                      path, batch 1..96 (warm)
 #   batch-cold.md      the op at batch 1..64 from DRAM (the walk up to 6 tokens, the panel walk at
-#                      6..64 where the CPU has AVX512-BF16); batch-cold-passes3.md the walk at 4..5
+#                      6..64 here; to 256 where the CPU has AVX512-BF16); batch-cold-passes3.md the walk at 4..5
 #                      tokens in passes of 3 instead of one pass over row slices
 #                      (DUOSERVE_CPU_SLICES_MAX_TOKENS=0); batch-cold-fma.md 6..64 tokens without the
 #                      panel walk (DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=0: the fp32 FMA walk up to 12, tiled above)

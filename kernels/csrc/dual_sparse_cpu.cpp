@@ -22,7 +22,7 @@
 // too short and scattered for the hardware prefetchers), except that every column is walked when
 // few are inactive and the spans are long (walk_all_columns). Tokens are processed in chunks of up
 // to 3 (24 zmm accumulators), or, bf16 with the permute decoder, 4-12 in one pass over row slices
-// (block_bf16_permute_slices); on CPUs with AVX512-BF16, batches of 6-64 tokens decode each chunk of
+// (block_bf16_permute_slices); on CPUs with AVX512-BF16, batches of 6-256 tokens decode each chunk of
 // columns once into an L1 panel and multiply it with vdpbf16ps (block_bf16_dot_panel). The AVX-512
 // code is compiled with per-function target attributes and chosen at run time; other x86-64
 // CPUs take a scalar loop over set bits (same results up to fp32 summation order).
@@ -392,10 +392,10 @@ DS_AVX512_PERM void block_bf16_permute_slices(const Problem& p, int64_t rb, int6
   store_block(p, rb, t0, TB, out);
 }
 
-// The vdpbf16ps panel walk (block_bf16_dot_panel) needs AVX512-BF16, and BMI2 for the pdep of
-// gather_word_bf16_zeroed; its own target attribute (see DS_AVX512_PERM).
+// The vdpbf16ps panel walk (block_bf16_dot_panel) needs AVX512-BF16; its own target attribute (see
+// DS_AVX512_PERM).
 #define DS_AVX512_DOT \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,avx512bitalg,avx512bf16,bmi2,popcnt")))
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,avx512bitalg,avx512bf16,popcnt")))
 
 DS_AVX512_DOT inline __m512i gather_word_bf16_zeroed(uint32_t m, const uint16_t* v, __m512i pairs) {
   const __m512i bm = _mm512_set1_epi32(static_cast<int32_t>(m));
@@ -407,10 +407,10 @@ DS_AVX512_DOT inline __m512i gather_word_bf16_zeroed(uint32_t m, const uint16_t*
   return _mm512_maskz_permutexvar_epi16(present, idx, _mm512_loadu_si512(v));
 }
 
-// From 7 tokens, on CPUs with AVX512-BF16 (vdpbf16ps: two bf16 products added to each fp32 lane),
+// From 6 tokens, on CPUs with AVX512-BF16 (vdpbf16ps: two bf16 products added to each fp32 lane),
 // the panel walk: each chunk of PANEL_COLUMNS active columns is decoded once, the whole row block,
 // into an L1 panel of column pairs (32 KiB): each column's word gathered as in gather_word_bf16
-// (lane i: rows i and 16 + i) with the absent rows zeroed through a pdep-interleaved mask, the two
+// (lane i: rows i and 16 + i) with the absent rows zeroed (a vptestmw of the broadcast word), the two
 // columns of a pair interleaved per row with a shift and a blend. The panel is then multiplied
 // with the tokens like a dense GEMM micro-kernel: 64 rows (4 zmm of the panel) x up to PANEL_NR
 // tokens of fp32 accumulators, so each vdpbf16ps costs a quarter of an input broadcast and a sixth
@@ -426,7 +426,10 @@ DS_AVX512_DOT inline __m512i gather_word_bf16_zeroed(uint32_t m, const uint16_t*
 constexpr int64_t PANEL_COLUMNS = 128;  // even
 constexpr int PANEL_NR = 6;            // tokens per micro-kernel: 6 x 4 = 24 accumulators
 int64_t g_bf16_dot_min_tb = 6;         // the panel walk from this many tokens (0: off)
-int64_t g_bf16_dot_max_tb = 64;        // ... up to this many; bf16 batches above take the tiled path
+// ... up to this many; bf16 batches above take the tiled path. 256: with the AVX-512 input passes
+// (2026-11-28) the panel walk beat the tiled path at 96-192 tokens (2-30% less time, most at small
+// shapes) and was level at 256 (docs/kernels.md).
+int64_t g_bf16_dot_max_tb = 256;
 
 // out[t][64 rows] += sum over pairs i of panel[8 i + 0..3] . x[t P + i] (bf16 pairs), t < TB.
 template <int TB>
@@ -579,7 +582,7 @@ bool cpu_has_permute_isa() {  // what DS_AVX512_PERM enables
 }
 
 bool cpu_has_bf16_dot() {  // what DS_AVX512_DOT adds to DS_AVX512_PERM
-  static const bool ok = cpu_has_permute_isa() && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("bmi2");
+  static const bool ok = cpu_has_permute_isa() && __builtin_cpu_supports("avx512bf16");
   return ok;
 }
 
@@ -768,6 +771,39 @@ bool walk_all_columns(int64_t n_inactive, int64_t k, double mean_span_bytes) {
          mean_span_bytes > g_walk_all_min_span;
 }
 
+// spmspv's per-call passes over x, in AVX-512 where the CPU has it: spmspv itself is compiled for
+// baseline x86-64, and its SSE2 loops over [T, K] cost half as much as the panel walk's products at
+// 116 tokens of a 192x576 projection (perf, 2026-11-28; prefill is most of the token work under load).
+// on[k] = whether any token's |x| is over the threshold (NaN never is); a chunk of 16 columns stops
+// reading tokens once all 16 are on, which at 50% activation sparsity is after a few tokens.
+DS_AVX512_PERM void active_columns_avx512(const float* x, int64_t T, int64_t K, float thr, uint8_t* on) {
+  const __m512 limit = _mm512_set1_ps(thr);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 lanes = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
+    __mmask16 any = 0;
+    for (int64_t t = 0; t < T && any != lanes; ++t)
+      any |= _mm512_mask_cmp_ps_mask(lanes, _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes, x + t * K + k)), limit, _CMP_GT_OQ);
+    _mm_mask_storeu_epi8(on + k, lanes, _mm_maskz_mov_epi8(any, _mm_set1_epi8(1)));
+  }
+}
+
+// The panel walk's inputs when every column is walked: per token, the masked bf16 bits of x's row
+// (exact: x came from bf16), which, two to a 32-bit word, are the row's column pairs; a row of P
+// words (out zeroed beforehand: the pad after an odd K stays 0).
+DS_AVX512_PERM void masked_bf16_rows_avx512(const float* x, int64_t T, int64_t K, float thr, uint32_t* out, int64_t P) {
+  const __m512 limit = _mm512_set1_ps(thr);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = x + t * K;
+    uint16_t* dst = reinterpret_cast<uint16_t*>(out + t * P);
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 lanes = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(lanes, row + k);
+      const __mmask16 keep = _mm512_mask_cmp_ps_mask(lanes, _mm512_abs_ps(v), limit, _CMP_GT_OQ);
+      _mm256_mask_storeu_epi16(dst + k, lanes, _mm512_cvtepi32_epi16(_mm512_maskz_srli_epi32(keep, _mm512_castps_si512(v), 16)));
+    }
+  }
+}
+
 // Whether spmspv runs a bf16 call of T tokens with the panel walk (any T from the minimum: linear_cpu
 // sends calls there only up to g_bf16_dot_max_tb). The panel has its own gather, so it runs whichever
 // SIMD decoder the walk measured faster; a forced scalar decoder turns it off.
@@ -791,8 +827,12 @@ torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, con
   // Active columns (any token over the threshold); token-major, so the loop reads x in order.
   const float* xp = x.data_ptr<float>();
   std::vector<uint8_t> on(K, 0);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t k = 0; k < K; ++k) on[k] |= std::fabs(xp[t * K + k]) > thr;  // NaN is never over
+  if (cpu_has_permute_isa() && !force_scalar) {
+    active_columns_avx512(xp, T, K, thr, on.data());
+  } else {
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = 0; k < K; ++k) on[k] |= std::fabs(xp[t * K + k]) > thr;  // NaN is never over
+  }
   int64_t n_on = 0;
   for (int64_t k = 0; k < K; ++k) n_on += on[k];
   const int64_t nb = bitmap.size(0);
@@ -817,14 +857,18 @@ torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, con
     // bf16), two to a 32-bit word, a zero column after an odd count
     const int64_t P = (A + 1) / 2;
     xpairs.assign(T * P, 0u);
-    for (int64_t t = 0; t < T; ++t) {
-      const float* row = xp + t * K;
-      uint16_t* dst = reinterpret_cast<uint16_t*>(xpairs.data() + t * P);
-      for (int64_t j = 0; j < A; ++j) {
-        const float v = row[active[j]];
-        uint32_t bits;
-        std::memcpy(&bits, &v, 4);
-        dst[j] = std::fabs(v) > thr ? static_cast<uint16_t>(bits >> 16) : 0;
+    if (A == K) {  // every column walked (the rule past a few tokens): no gather
+      masked_bf16_rows_avx512(xp, T, K, thr, xpairs.data(), P);
+    } else {
+      for (int64_t t = 0; t < T; ++t) {
+        const float* row = xp + t * K;
+        uint16_t* dst = reinterpret_cast<uint16_t*>(xpairs.data() + t * P);
+        for (int64_t j = 0; j < A; ++j) {
+          const float v = row[active[j]];
+          uint32_t bits;
+          std::memcpy(&bits, &v, 4);
+          dst[j] = std::fabs(v) > thr ? static_cast<uint16_t>(bits >> 16) : 0;
+        }
       }
     }
     p.xpairs = xpairs.data();

@@ -116,7 +116,7 @@ def test_simd_decoders_are_bit_identical(dtype):
                     cpu.set_decoder(None)
             assert torch.equal(outs[0], outs[1]), case
     finally:
-        cpu.set_bf16_dot_tokens(6, 64)
+        cpu.set_bf16_dot_tokens(6, 256)
 
 
 @needs_ext
@@ -327,7 +327,7 @@ def test_one_pass_slices_match_passes_of_three():
             assert compare(one_pass, x, w, thr, bias) is None
     finally:
         cpu.set_decoder(None)
-        cpu.set_bf16_dot_tokens(6, 64)
+        cpu.set_bf16_dot_tokens(6, 256)
     for bad in (3, 13):
         with pytest.raises(RuntimeError, match="0 \\(off\\) or 4..12"):
             cpu.set_slices_max_tokens(bad)
@@ -340,16 +340,16 @@ def test_bf16_panel_walk_matches_fp32_dense(min_tokens):
     chunks of 128 columns, 64-row halves, token groups of up to 6; a last row block of at most 64
     rows skips its second half: 130 and 192 outputs, 193 does not) against fp32 dense on every
     case; a no-op on CPUs without AVX512-BF16."""
-    assert cpu.bf16_dot_tokens() == (6, 64)
+    assert cpu.bf16_dot_tokens() == (6, 256)
     cpu.set_bf16_dot_tokens(min_tokens)
     try:
-        cases = CASES + [Case(971, 700, t, 0.5, 0.5, torch.bfloat16) for t in (1, 2, 6, 7, 8, 12, 13, 19, 40, 64)]
+        cases = CASES + [Case(971, 700, t, 0.5, 0.5, torch.bfloat16) for t in (1, 2, 6, 7, 8, 12, 13, 19, 40, 64, 129, 256)]
         cases += [Case(n, 301, 7, pw, px, torch.bfloat16, thr_zero=False) for n in (1, 33, 130, 192, 193)
                   for pw in (0.0, 0.9) for px in (0.0, 0.5, 1.0)]
         failures = run_cases(_spmspv(False), cases, "cpu")
         assert not failures, f"{len(failures)} of {len(cases)} failed:\n" + "\n".join(failures[:10])
     finally:
-        cpu.set_bf16_dot_tokens(6, 64)
+        cpu.set_bf16_dot_tokens(6, 256)
     for lo, hi in ((-1, 64), (8, 7), (7, 5000)):
         with pytest.raises(RuntimeError, match="min_tokens 0 \\(off\\) or 1 <= min_tokens <= max_tokens <= 4096"):
             cpu.set_bf16_dot_tokens(lo, hi)
@@ -374,7 +374,7 @@ def test_bf16_cutover_follows_the_panel_walk():
         cpu.set_bf16_dot_tokens(0)
         assert cpu.panel_walk_tokens() is None
     finally:
-        cpu.set_bf16_dot_tokens(6, 64)
+        cpu.set_bf16_dot_tokens(6, 256)
 
 
 def test_integer_settings_in_the_environment_are_checked():
