@@ -776,10 +776,14 @@ bool walk_all_columns(int64_t n_inactive, int64_t k, double mean_span_bytes) {
 // 116 tokens of a 192x576 projection (perf, 2026-11-28; prefill is most of the token work under load).
 // on[k] = whether any token's |x| is over the threshold (NaN never is); a chunk of 16 columns stops
 // reading tokens once all 16 are on, which at 50% activation sparsity is after a few tokens.
+inline __mmask16 first_lanes(int64_t n) {  // the first min(n, 16) of 16 lanes
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
 DS_AVX512_PERM void active_columns_avx512(const float* x, int64_t T, int64_t K, float thr, uint8_t* on) {
   const __m512 limit = _mm512_set1_ps(thr);
   for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 lanes = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __mmask16 lanes = first_lanes(K - k);
     __mmask16 any = 0;
     for (int64_t t = 0; t < T && any != lanes; ++t)
       any |= _mm512_mask_cmp_ps_mask(lanes, _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes, x + t * K + k)), limit, _CMP_GT_OQ);
@@ -796,7 +800,7 @@ DS_AVX512_PERM void masked_bf16_rows_avx512(const float* x, int64_t T, int64_t K
     const float* row = x + t * K;
     uint16_t* dst = reinterpret_cast<uint16_t*>(out + t * P);
     for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 lanes = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
+      const __mmask16 lanes = first_lanes(K - k);
       const __m512 v = _mm512_maskz_loadu_ps(lanes, row + k);
       const __mmask16 keep = _mm512_mask_cmp_ps_mask(lanes, _mm512_abs_ps(v), limit, _CMP_GT_OQ);
       _mm256_mask_storeu_epi16(dst + k, lanes, _mm512_cvtepi32_epi16(_mm512_maskz_srli_epi32(keep, _mm512_castps_si512(v), 16)));
