@@ -84,8 +84,13 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept qui
 }
 
 // Writes the fp32 accumulators of tokens [t0, t0 + tb) of row block rb: acc[t][row].
+// Rows of row block rb that exist (R except in a last, partial block). Rows past them are never
+// stored, so the walks skip the words / halves / slices that hold none (SmolLM2: N = 576 and 192
+// leave a last block of 64 rows).
+inline int64_t block_rows(const Problem& p, int64_t rb) { return std::min<int64_t>(R, p.N - rb * R); }
+
 inline void store_block(const Problem& p, int64_t rb, int64_t t0, int64_t tb, const float* acc) {
-  const int64_t rows = std::min<int64_t>(R, p.N - rb * R);
+  const int64_t rows = block_rows(p, rb);
   for (int64_t t = 0; t < tb; ++t)
     std::memcpy(p.y + (t0 + t) * p.N + rb * R, acc + t * R, rows * sizeof(float));
 }
@@ -359,8 +364,7 @@ DS_AVX512_PERM void block_bf16_permute_slices(const Problem& p, int64_t rb, int6
   std::memset(out, 0, sizeof(out));
   const uint16_t* vals = static_cast<const uint16_t*>(p.values);
   const __m512i pairs = below_pairs();
-  // slices past the block's last row (N = 576 or 192: a last block of 64 rows) are skipped
-  const int64_t slices = std::min<int64_t>(SLICES, (std::min<int64_t>(R, p.N - rb * R) + 32 * SW - 1) / (32 * SW));
+  const int64_t slices = (block_rows(p, rb) + 32 * SW - 1) / (32 * SW);  // those holding rows
   for (int64_t j0 = 0; j0 < p.n_active; j0 += CHUNK) {
     const int64_t j1 = std::min(p.n_active, j0 + CHUNK);
     for (int h = 0; h < slices; ++h) {
@@ -453,9 +457,7 @@ DS_AVX512_DOT void block_bf16_dot_panel(const Problem& p, int64_t rb, float* out
   alignas(64) __m512i panel[PANEL_COLUMNS / 2 * 2 * WORDS];  // [pair][16-row group of the block]
   const uint16_t* vals = static_cast<const uint16_t*>(p.values);
   const __m512i pairs = below_pairs();
-  // A last row block of at most 64 rows (N = 576 = 4.5 blocks: SmolLM2's q/o/down projections)
-  // skips the products of its empty half: 10% of those shapes' time at 64 tokens and more.
-  const int halves = rb * R + 64 < p.N ? 2 : 1;
+  const int halves = block_rows(p, rb) > 64 ? 2 : 1;  // those holding rows
   for (int64_t j0 = 0; j0 < p.n_active; j0 += PANEL_COLUMNS) {
     const int64_t j1 = std::min(p.n_active, j0 + PANEL_COLUMNS);
     for (int64_t j = j0; j < j1; j += 2) {
@@ -635,9 +637,8 @@ void run_block(const Problem& p, int64_t rb, bool bf16, Decoder d) {
     if (d == Decoder::kScalar) {
       bf16 ? block_scalar<uint16_t>(p, rb, t0, tb) : block_scalar<float>(p, rb, t0, tb);
     } else if (d == Decoder::kPermute && bf16) {
-      // a last row block of at most 64 rows (N = 576: SmolLM2's q/o/down; 192: its k/v) decodes
-      // and multiplies only its first two words
-      rb * R + 64 < p.N ? permute_bf16_tokens<WORDS>(p, rb, t0, tb) : permute_bf16_tokens<2>(p, rb, t0, tb);
+      // a block of at most 64 rows decodes and multiplies only its first two words
+      block_rows(p, rb) > 64 ? permute_bf16_tokens<WORDS>(p, rb, t0, tb) : permute_bf16_tokens<2>(p, rb, t0, tb);
     } else if (d == Decoder::kPermute) {
       tb == 1 ? block_f32_permute<1>(p, rb, t0)
               : tb == 2 ? block_f32_permute<2>(p, rb, t0) : block_f32_permute<3>(p, rb, t0);
