@@ -3,7 +3,7 @@
     python -m duoserve.kernels.bench                         # CPU, 1 thread, full sweep, bf16
     python -m duoserve.kernels.bench --bar                   # only the issue's bar points
     python -m duoserve.kernels.bench --device cuda --markdown docs/out.md
-    python -m duoserve.kernels.bench --cutover               # decode/sparse path vs GEMM/tiled path
+    python -m duoserve.kernels.bench --cutover               # every path per batch size (spMspV/decode, GEMM, tiled)
     python -m duoserve.kernels.bench --bar --cold-mib 512    # weights from DRAM, as in a real model
     python -m duoserve.kernels.bench --device cuda --variants --shapes 11008x4096 --batch 1
                                                              # every decode kernel configuration
@@ -203,22 +203,23 @@ def half_sparse_points(args, device):
 
 
 def run_cutover(args, device, timer, sink) -> list[dict]:
-    """Per batch size: the sparse path vs the GEMM path at p_w = p_x = 0.5 (picks the cutover)."""
+    """Per batch size, at p_w = p_x = 0.5: every path against dense (picks the cutovers).
+    CPU: spMspV vs the tiled path. CUDA: decode (T <= 8) vs GEMM vs tiled."""
     rows = []
     for n, k, w, p, b, x, thr in half_sparse_points(args, device):
+        args_ = (x, p.bitmap, p.offsets, p.values, thr, None, n)
         dense = timer(lambda: torch.matmul(x, w.t()))
         if device.type == "cuda":
-            sparse = timer(lambda: gpu.decode(x, p.bitmap, p.offsets, p.values, thr, None, n)) \
-                if b <= 8 else float("nan")
-            dense_path = timer(lambda: gpu.gemm(x, p.bitmap, p.offsets, p.values, thr, None, n))
+            paths = {"decode": timer(lambda: gpu.decode(*args_)) if b <= gpu.DECODE_MAX_TOKENS else float("nan"),
+                     "gemm": timer(lambda: gpu.gemm(*args_)),
+                     "tiled": timer(lambda: gpu.tiled(*args_))}
         else:
-            sparse = timer(lambda: cpu.spmspv(x, p.bitmap, p.offsets, p.values, thr, None, n))
-            dense_path = timer(lambda: cpu.tiled(x, p.bitmap, p.offsets, p.values, thr, None, n))
-        rows.append(dict(n=n, k=k, batch=b, dense_us=dense * 1e6, sparse_us=sparse * 1e6,
-                         gemm_us=dense_path * 1e6))
-        sink(f"| {n}x{k} | {b} | {dense * 1e6:.1f} | {sparse * 1e6:.1f} | {dense_path * 1e6:.1f} |")
-        print(f"{n:>6}x{k:<6} B={b:<4} dense {dense * 1e6:9.1f} us  sparse-path {sparse * 1e6:9.1f} us"
-              f"  gemm/tiled-path {dense_path * 1e6:9.1f} us", flush=True)
+            paths = {"spmspv": timer(lambda: cpu.spmspv(*args_)), "tiled": timer(lambda: cpu.tiled(*args_))}
+        us = {name: t * 1e6 for name, t in paths.items()}
+        rows.append(dict(n=n, k=k, batch=b, dense_us=dense * 1e6, **{f"{p_}_us": v for p_, v in us.items()}))
+        sink(f"| {n}x{k} | {b} | {dense * 1e6:.1f} | " + " | ".join(f"{v:.1f}" for v in us.values()) + " |")
+        print(f"{n:>6}x{k:<6} B={b:<4} dense {dense * 1e6:9.1f} us  "
+              + "  ".join(f"{name} {v:9.1f} us" for name, v in us.items()), flush=True)
     return rows
 
 
@@ -299,8 +300,11 @@ def markdown_header(args, device, bw, load) -> str:
 
 SWEEP_HEADER = ("| N x K | p_w | p_x | batch | dense us | dual us | speedup | dense bw | dual bw |\n"
                 "|---|---|---|---|---|---|---|---|---|")
-CUTOVER_HEADER = ("| N x K | batch | dense us | sparse path us | GEMM/tiled path us |\n"
-                  "|---|---|---|---|---|")
+CUTOVER_HEADERS = {  # run_cutover's columns per device type
+    "cpu": "| N x K | batch | dense us | spMspV us | tiled path us |\n|---|---|---|---|---|",
+    "cuda": ("| N x K | batch | cuBLAS us | decode path us | GEMM path us | tiled path us |\n"
+             "|---|---|---|---|---|---|"),
+}
 
 
 VARIANTS_HEADER = ("| N x K | batch | decode configuration | cuBLAS us | GEMM path us | decode us | speedup |\n"
@@ -350,7 +354,7 @@ def main(argv=None) -> None:
             md.flush()
 
     sink(markdown_header(args, device, bw, os.getloadavg()[0]))
-    sink(CUTOVER_HEADER if args.cutover else VARIANTS_HEADER if args.variants else SWEEP_HEADER)
+    sink(CUTOVER_HEADERS[device.type] if args.cutover else VARIANTS_HEADER if args.variants else SWEEP_HEADER)
     if args.cutover:
         run_cutover(args, device, timer, sink)
     elif args.variants:

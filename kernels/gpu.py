@@ -3,10 +3,13 @@
     linear(x [T, K], bitmap, offsets, values, threshold, bias, n, k) -> y [T, N] in x.dtype
         decode path: spMspV that skips inactive input columns (T <= DECODE_MAX_TOKENS = 8)
         GEMM path:   decompress-on-the-fly tl.dot (all columns, tensor cores), any T
+        tiled path:  W^T of a bounded chunk of rows decompressed into a scratch, then cuBLAS
+                     (T > 8; the weight is decompressed once per call, not per token block)
 
-The cutover is measured, not guessed: for T <= 8 the first call per (shape, dtype, token bucket)
-times both paths and keeps the faster (`python -m duoserve.kernels.bench --device cuda --cutover`
-prints both; docs/kernels.md has the run). Kernel configurations are tuned the same way. Timings
+The cutover is measured, not guessed: the first call per (shape, dtype, token bucket) times the
+candidate paths (decode and GEMM for T <= 8, GEMM and tiled above) and keeps the faster
+(`python -m duoserve.kernels.bench --device cuda --cutover` prints them; docs/kernels.md has the
+runs). Untimed, T <= 1 takes the decode path and larger T the GEMM path. Kernel configurations are tuned the same way. Timings
 are CUDA-graph replays (time_call), as vLLM runs decode. Nothing is timed while a CUDA graph is
 being captured (defaults are used then), so vLLM's warm-up runs do the measuring before capture.
 DUOSERVE_GPU_TUNE=0 turns both off. Works on CPU tensors under TRITON_INTERPRET=1 (tests).
@@ -19,8 +22,30 @@ import os
 import torch
 
 log = logging.getLogger(__name__)
-DECODE_MAX_TOKENS = int(os.environ.get("DUOSERVE_GPU_DECODE_MAX_TOKENS", "8"))
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    """An integer setting from the environment; bad text or a value below `minimum` raises,
+    naming the variable."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum} (see docs/kernels.md, 'Dispatch'), "
+                         f"got {text!r}")
+    return value
+
+
+DECODE_MAX_TOKENS = _env_int("DUOSERVE_GPU_DECODE_MAX_TOKENS", 8, 0)
 DEFAULT_DECODE_TOKENS = 1  # path when nothing was measured (first call inside a graph capture)
+# the tiled path's scratch (W^T of a chunk of rows) holds at most this many bytes (at least one
+# row block): 64 MiB is a 4096-column weight in chunks of 8192 rows
+SCRATCH_BYTES = _env_int("DUOSERVE_GPU_SCRATCH_MIB", 64, 1) << 20
+UNPACK_BK = 32  # columns per _unpack_kernel program
 _TUNE = os.environ.get("DUOSERVE_GPU_TUNE", "1") == "1"
 _error: str | None = None
 _tk = None
@@ -165,33 +190,71 @@ def _finalize(acc, bias, dtype):
     return y
 
 
+def tiled(x, bitmap, offsets, values, threshold, bias, n):
+    """x [T, K] -> y [T, N]: per chunk of rows, W^T decompressed into a scratch of at most
+    SCRATCH_BYTES (triton_kernels._unpack_kernel), then a dense matmul (cuBLAS on CUDA) of the
+    masked input. The scratch is a transient of one chunk, never a dense copy of the weights."""
+    tk = _kernels()
+    t_tokens, k = x.shape
+    nb = bitmap.shape[0]
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    xm = torch.where(x.float().abs() > threshold, x, zero)  # NaN compares False: dropped
+    block_bytes = k * 128 * values.element_size()
+    chunk_blocks = max(1, SCRATCH_BYTES // block_bytes)
+    parts = []
+    for rb0 in range(0, nb, chunk_blocks):
+        blocks = min(chunk_blocks, nb - rb0)
+        r0 = rb0 * 128
+        rows = min(n, r0 + blocks * 128) - r0
+        wt = torch.empty(k, rows, dtype=values.dtype, device=x.device)  # [K, rows] = W[r0:, :]^T
+        tk._unpack_kernel[(blocks, triton_cdiv(k, UNPACK_BK))](
+            bitmap, offsets, values, wt, rb0, n, k, rows, BK=UNPACK_BK, HW=tk.HW_POPC)
+        parts.append(torch.matmul(xm, wt) if bias is None else torch.addmm(bias[r0:r0 + rows], xm, wt))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 def linear(x, bitmap, offsets, values, threshold, bias, n, k):
     """The CUDA kernel of duoserve::dual_sparse_linear (see ops.py).
 
-    T <= DECODE_MAX_TOKENS: the faster of the decode and GEMM paths, timed once per (shape,
-    dtype, token bucket) on first use (the measured cutover); larger T: the GEMM path."""
+    The faster of two paths, timed once per (shape, dtype, token bucket) on first use (the
+    measured cutover): decode or GEMM for T <= DECODE_MAX_TOKENS, GEMM or tiled above."""
     t_tokens = x.shape[0]
     if t_tokens == 0:
         return x.new_empty((0, n))
-    if t_tokens <= DECODE_MAX_TOKENS:
-        key = ("path", n, k, _pow2(t_tokens), x.dtype)
-        path = _path.get(key)
-        if path is None:
-            path = _measure_path(key, x, bitmap, offsets, values, threshold, bias, n)
-        if path == "decode":
-            return decode(x, bitmap, offsets, values, threshold, bias, n)
-    return gemm(x, bitmap, offsets, values, threshold, bias, n)
-
-
-def _measure_path(key, x, bitmap, offsets, values, threshold, bias, n) -> str:
-    default = "decode" if x.shape[0] <= DEFAULT_DECODE_TOKENS else "gemm"
-    if not _TUNE or x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return default
     args = (x, bitmap, offsets, values, threshold, bias, n)
-    t_decode = _tune_time(lambda: decode(*args))
-    t_gemm = _tune_time(lambda: gemm(*args))
-    _path[key] = "decode" if t_decode <= t_gemm else "gemm"
-    log.info("path %s: decode %.1f us, gemm %.1f us -> %s", key, 1e6 * t_decode, 1e6 * t_gemm,
+    if t_tokens <= DECODE_MAX_TOKENS:
+        candidates = {"decode": lambda: decode(*args), "gemm": lambda: gemm(*args)}
+        default = "decode" if t_tokens <= DEFAULT_DECODE_TOKENS else "gemm"
+    else:
+        candidates = {"gemm": lambda: gemm(*args), "tiled": lambda: tiled(*args)}
+        default = "gemm"
+    path = _choose_path(("path", n, k, _pow2(t_tokens), x.dtype), x.device, candidates, default)
+    return candidates[path]()
+
+
+def _can_time(device) -> bool:
+    """Whether a call here may be timed: tuning on, a CUDA device, no graph being captured."""
+    return _TUNE and device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+
+
+def _choose_path(key, device, candidates: dict, default: str) -> str:
+    """The fastest of `candidates` (name -> call) for `key`, timed once per process; `default`
+    while nothing can be timed (then nothing is remembered, so a later call still measures)."""
+    path = _path.get(key)
+    if path is not None:
+        return path
+    if not _can_time(device):
+        return default
+    times = {}
+    for name, call in candidates.items():
+        try:
+            times[name] = _tune_time(call)
+        except Exception as exc:  # e.g. a kernel that does not compile on this GPU
+            log.warning("duoserve path %s for %s failed: %s", name, key, exc)
+    if not times:
+        raise RuntimeError(f"no kernel path runs for {key}")
+    _path[key] = min(times, key=times.get)
+    log.info("path %s: %s -> %s", key, ", ".join(f"{p} {1e6 * t:.1f} us" for p, t in times.items()),
              _path[key])
     return _path[key]
 

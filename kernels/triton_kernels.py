@@ -25,6 +25,9 @@ the variants per shape (gpu._decode_configs):
 Prefill / larger T: _gemm_kernel decompresses [BK, 128] tiles on the fly into registers and runs
 tl.dot (tensor cores for fp16/bf16; IEEE fp32 for fp32) with fp32 accumulation; no dense copy of
 the weight exists. For few token blocks it also splits K (atomics) to fill the GPU.
+Tiled path (gpu.tiled, a candidate for T > 8): _unpack_kernel writes W^T of a bounded chunk of
+rows into a scratch and cuBLAS multiplies it; the weight is decompressed once per call, not once
+per token block as in _gemm_kernel.
 Under TRITON_INTERPRET=1 popcounts use a SWAR sequence (libdevice is not interpreted) and
 autotuning is off.
 """
@@ -314,6 +317,23 @@ def _decode_pipe_kernel(idx_ptr, xc_ptr, count_ptr, bitmap_ptr, offsets_ptr, val
         xv_a = tl.load(xc_ptr + b[:, None] * K + slot[None, :], mask=tok & ok_a[None, :], other=0.0)
     acc = tl.sum(acc4, axis=1)  # [BLOCK_B, 4, 32]
     _add_row_block(out_ptr, acc, rb, T, N, BLOCK_B)
+
+
+@triton.jit
+def _unpack_kernel(bitmap_ptr, offsets_ptr, values_ptr, wt_ptr, RB0, N, K, ROWS,
+                   BK: tl.constexpr, HW: tl.constexpr):
+    """wt [K, ROWS] = W^T of the rows [RB0*128, RB0*128 + ROWS) (zeros where pruned), for the tiled
+    path's dense matmul. Program (i, c): row block RB0 + i x columns [c*BK, c*BK + BK). W^T, not W:
+    a tile's lanes run along rows, so its stores to W^T are contiguous (to W they would be
+    K elements apart)."""
+    i = tl.program_id(0)
+    c = tl.program_id(1)
+    cols = c * BK + tl.arange(0, BK)
+    col_ok = cols < K
+    w = _load_tile(bitmap_ptr, offsets_ptr, values_ptr, RB0 + i, K, cols, col_ok, HW)  # [BK, 4, 32]
+    rows = i * 128 + tl.arange(0, 4)[:, None] * 32 + tl.arange(0, 32)[None, :]  # [4, 32] chunk-local
+    ok = col_ok[:, None, None] & (rows[None, :, :] < ROWS)
+    tl.store(wt_ptr + cols[:, None, None] * ROWS + rows[None, :, :], w, mask=ok)
 
 
 @triton.jit

@@ -2,10 +2,11 @@
 # GPU checks for duoserve.kernels in one session (the device machine has torch + triton, no vLLM,
 # no internet). Writes everything under $OUT (default /tmp/duoserve-gpu-out):
 #   steps.log (nvidia-smi, versions, every step's output), bar.md (bf16 bar shapes, batch 1),
-#   decode.md (CUDA-graph Llama-2-7B-shape decode step), variants.md, cutover.md, sweep-*.md.
+#   decode.md (CUDA-graph Llama-2-7B-shape decode step), variants.md, cutover.md, prefill.md,
+#   sweep-*.md.
 # Usage: scripts/gpu_check.sh [quick|short|sweep|all]   (quick: bar + decode + cutover + check;
 #   short: what fits one ~7-minute call: every decode variant at the Llama MLP shapes, bar bf16,
-#   decode step, quick check, cutover, bar fp16)
+#   prefill paths, decode step, quick check, cutover, bar fp16)
 # Steps run in order of importance, each under its own time limit; results are written as they
 # are measured, so a session cut short still returns what it finished.
 set -uo pipefail
@@ -40,13 +41,16 @@ B="$PY -m duoserve.kernels.bench --device cuda"
 if [ "$MODE" = quick ] || [ "$MODE" = all ]; then
   step bar 70 $B --bar --markdown "$OUT/bar.md"
   step decode 40 $PY -m duoserve.kernels.bench_decode --device cuda --markdown "$OUT/decode.md"
-  step cutover 50 $B --cutover --shapes 4096x4096,11008x4096 --batch 1,2,4,8,16 --markdown "$OUT/cutover.md"
+  step cutover 50 $B --cutover --shapes 4096x4096,11008x4096 --batch 1,2,4,8,16,256 --markdown "$OUT/cutover.md"
   step check 70 $PY -m duoserve.kernels.check --device cuda
 fi
 if [ "$MODE" = short ]; then
   # the device tool returns at most 8 files: keep to the .md tables and the step log
   step variants 90 $B --variants --shapes 11008x4096,4096x11008 --batch 1 --markdown "$OUT/variants.md"
   step bar 60 $B --bar --markdown "$OUT/bar.md"
+  # prefill sizes: the GEMM path (tiles decompressed per token block) against the tiled path
+  # (W^T chunks decompressed once, then cuBLAS); neither has been timed above 32 tokens
+  step prefill 60 $B --cutover --shapes 11008x4096,4096x11008 --batch 16,64,256,1024 --markdown "$OUT/prefill.md"
   step decode 45 $PY -m duoserve.kernels.bench_decode --device cuda --markdown "$OUT/decode.md"
   step check-quick 90 $PY -m duoserve.kernels.check --device cuda --quick
   step cutover 60 $B --cutover --shapes 4096x4096,11008x4096 --batch 1,2,4,8 --markdown "$OUT/cutover.md"

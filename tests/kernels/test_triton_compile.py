@@ -17,6 +17,7 @@ FUSED = {"x_ptr": "*bf16", "thr_ptr": "*fp32", **LAYOUT, "bias_ptr": "*bf16", "y
          "ws_ptr": "*fp32", "arrived_ptr": "*i32", "T": "i32", "N": "i32", "K": "i32", "NUM_CHUNKS": "i32"}
 GEMM = {"x_ptr": "*bf16", "thr_ptr": "*fp32", **LAYOUT, "bias_ptr": "*bf16", "y_ptr": "*bf16",
         "T": "i32", "N": "i32", "K": "i32", "K_PER_SPLIT": "i32"}
+UNPACK = {**LAYOUT, "wt_ptr": "*bf16", "RB0": "i32", "N": "i32", "K": "i32", "ROWS": "i32"}
 COMPACT = {"x_ptr": "*bf16", "thr_ptr": "*fp32", "idx_ptr": "*i32", "xc_ptr": "*fp32",
            "count_ptr": "*i32", "out_ptr": "*fp32", "T": "i32", "K": "i32", "OUT_NUMEL": "i32"}
 
@@ -27,6 +28,7 @@ CASES = [  # kernel name, runtime signature, constexprs, warps (the default deco
     ("_decode_kernel", TILE, {"BLOCK_B": 1, "BK": 16, "CHUNK": 256, "HW": True}, 2),
     ("_decode_kernel", TILE, {"BLOCK_B": 2, "BK": 16, "CHUNK": 256, "HW": True}, 4),
     ("_decode_fused_kernel", FUSED, {"BLOCK_B": 1, "C": 128, "BK": 32, "HAS_BIAS": True, "HW": True}, 4),
+    ("_unpack_kernel", UNPACK, {"BK": 32, "HW": True}, 4),
     ("_compact_kernel", COMPACT, {"BLOCK_B": 1, "CHUNK": 256, "ZERO_BLOCK": 256}, 4),
     ("_gemm_kernel", GEMM, {"BT": 16, "BK": 32, "HAS_BIAS": True, "ATOMIC": False, "DOT_F32": False,
                             "HW": True}, 4),

@@ -22,6 +22,10 @@ def gemm(cfg):
     return lambda x, p, t, b: gpu.gemm(x, p.bitmap, p.offsets, p.values, t, b, p.n, cfg=cfg)
 
 
+def tiled(x, p, t, b):
+    return gpu.tiled(x, p.bitmap, p.offsets, p.values, t, b, p.n)
+
+
 def main() -> int:
     assert gpu._kernels().INTERPRET
     torch.set_num_threads(1)
@@ -51,9 +55,17 @@ def main() -> int:
         failures += run_cases(decode(cfg), decode_cases, "cpu") + run_cases(decode(cfg), decode_cases, "cpu")
     failures += run_cases(gemm({"BK": 32, "SPLIT": 1, "num_warps": 4}), gemm_cases, "cpu")
     failures += run_cases(gemm({"BK": 32, "SPLIT": 3, "num_warps": 4}), gemm_cases[:2], "cpu")
+    # the tiled path: one chunk, then a scratch of one row block (N = 300: three chunks, the last
+    # one partial; the bias sliced per chunk)
+    failures += run_cases(tiled, gemm_cases, "cpu")
+    scratch, gpu.SCRATCH_BYTES = gpu.SCRATCH_BYTES, 77 * 128 * 2
+    chunked = [Case(300, 77, 9, 0.5, 0.5, torch.bfloat16), Case(300, 77, 17, 0.5, 0.5, torch.float32),
+               Case(130, 77, 12, 0.9, 0.5, torch.float16, bias=False)]
+    failures += run_cases(tiled, chunked, "cpu")
+    gpu.SCRATCH_BYTES = scratch
     for f in failures:
         print("FAIL", f)
-    runs = (4 + 2 * len(fused_cfgs)) * len(decode_cases) + len(gemm_cases) + 6
+    runs = (4 + 2 * len(fused_cfgs)) * len(decode_cases) + 2 * len(gemm_cases) + 2 + len(chunked)
     print(f"{runs} cases, {len(failures)} failures")
     return 1 if failures else 0
 
