@@ -7,7 +7,7 @@
 #                      SIMD decoder forced in turn (the default measures both and keeps the faster)
 #   bar-warm.md        the same with one weight reused (small matrices then sit in cache)
 #   bar-vllm.md        against vLLM's own CPU GEMM (pre-packed oneDNN), when vLLM is installed
-#                      (batch-cold-vllm.md: the same at 1..16 tokens)
+#                      (batch-cold-vllm.md: the same at 1..384 tokens)
 #   bar-walk-all.md    the bar shapes walking every column (inactive ones with zero inputs) instead
 #                      of skipping the inactive ones (the default at p_w 0.5 in bf16)
 #   bar-no-prefetch.md the bar shapes without the software prefetch (DUOSERVE_CPU_PREFETCH=0,0)
@@ -18,7 +18,7 @@
 #   simd.txt           scripts/simd_throughput.c: the decoders' instructions against an FMA
 #   skip.txt           scripts/skip_bandwidth.c: reading a random half of contiguous spans vs all
 #   cutover.md         the spMspV walk (the panel walk from 6 tokens) vs the decompress + matmul
-#                      path, batch 1..96 (warm)
+#                      path, batch 1..384 (warm)
 #   batch-cold.md      the op at batch 1..64 from DRAM (the walk up to 6 tokens, the panel walk at
 #                      6..64 here; to 256 where the CPU has AVX512-BF16); batch-cold-passes3.md the walk at 4..5
 #                      tokens in passes of 3 instead of one pass over row slices
@@ -63,10 +63,10 @@ DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=0 $B --shapes $SHAPES4 --pw 0,0.3,0.4,0.5 --p
   --cold-mib 512 --markdown "$OUT/skip-always.md"
 DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=2 DUOSERVE_CPU_WALK_ALL_MIN_SPAN=0 $B --shapes $SHAPES4 --pw 0,0.3,0.4,0.5 \
   --px 0,0.3,0.5,0.7 --batch 1 --cold-mib 512 --markdown "$OUT/skip-walk-all.md"
-$B --cutover --shapes $SHAPES4 --batch 1,2,3,4,6,7,8,12,16,24,32,48,64,96 --markdown "$OUT/cutover.md"
+$B --cutover --shapes $SHAPES4 --batch 1,2,3,4,6,7,8,12,16,24,32,48,64,96,128,192,256,384 --markdown "$OUT/cutover.md"
 $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 1,2,3,4,5,6,7,8,10,12,16,24,32,64 --cold-mib 512 --markdown "$OUT/batch-cold.md"
 if $PY -c "import vllm" 2> /dev/null; then
-  $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 1,2,3,4,6,7,8,12,16,24,32,64 --cold-mib 512 --baseline vllm \
+  $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 1,2,3,4,6,7,8,12,16,24,32,64,128,256,384 --cold-mib 512 --baseline vllm \
     --markdown "$OUT/batch-cold-vllm.md"
 fi
 DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=0 $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 6,7,8,12,16,32,64 --cold-mib 512 \
