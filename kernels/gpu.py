@@ -200,7 +200,8 @@ def tiled(x, bitmap, offsets, values, threshold, bias, n):
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     xm = torch.where(x.float().abs() > threshold, x, zero)  # NaN compares False: dropped
     block_bytes = k * 128 * values.element_size()
-    chunk_blocks = max(1, SCRATCH_BYTES // block_bytes)
+    # _unpack_kernel indexes the scratch with int32: at most 2^31 - 1 elements whatever the budget
+    chunk_blocks = max(1, min(SCRATCH_BYTES // block_bytes, (2**31 - 1) // (k * 128)))
     parts = []
     for rb0 in range(0, nb, chunk_blocks):
         blocks = min(chunk_blocks, nb - rb0)

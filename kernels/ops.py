@@ -99,7 +99,12 @@ def kernel_backend(device: torch.device | str, dtype: torch.dtype) -> str:
     if _FORCE_REFERENCE:
         return "pure-torch reference (DUOSERVE_KERNEL=reference)"
     if device.type == "cuda":
-        return "Triton kernels" if gpu.available() else f"pure-torch reference (Triton unavailable: {gpu.import_error()})"
+        if not gpu.available():
+            return f"pure-torch reference (Triton unavailable: {gpu.import_error()})"
+        choice = ("the faster measured per shape and token bucket" if gpu._TUNE else
+                  "timing off (DUOSERVE_GPU_TUNE=0): decode at 1 token, GEMM above")
+        return (f"Triton kernels (decode spMspV or GEMM up to {gpu.DECODE_MAX_TOKENS} tokens a call, "
+                f"GEMM or tiled + cuBLAS above; {choice})")
     if device.type != "cpu":
         return f"no duoserve kernel for {device.type}"
     if not cpu.available():
