@@ -26,7 +26,7 @@ import os
 import torch
 
 from . import cpu, gpu
-from .layout import PackedWeight
+from .layout import BLOCK_ROWS, PackedWeight
 from .reference import as_threshold, dual_sparse_linear_packed_reference
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,9 @@ def _check(x, values, k):
         raise ValueError(f"x must be [T, {k}], got {tuple(x.shape)}")
     if values.dtype != x.dtype:
         raise ValueError(f"x is {x.dtype} but the packed weight is {values.dtype}")
+    if values.dim() != 1 or values.numel() < BLOCK_ROWS:  # the kernels read up to R past a column
+        raise ValueError(f"values must be 1-D with {BLOCK_ROWS} elements of trailing padding "
+                         f"(kernels/layout.py), got shape {tuple(values.shape)}")
 
 
 def _cpu_impl(x, bitmap, offsets, values, threshold, bias, n, k):

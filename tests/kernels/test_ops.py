@@ -58,6 +58,15 @@ def test_dtype_mismatch_is_an_error():
         dual_sparse_linear(x.bfloat16(), packed, thr)
 
 
+def test_values_without_their_padding_are_refused_before_any_kernel_reads_past_them():
+    from duoserve.kernels import ops
+
+    _, (x, _, _, _, packed) = _args()
+    ops._check(x, packed.values, packed.k)  # the packed form carries it
+    with pytest.raises(ValueError, match="128 elements of trailing padding"):
+        ops._check(x, packed.values[:100], packed.k)
+
+
 def test_reference_fallback_without_extension_warns_once():
     code = (
         "import logging, torch; logging.basicConfig(level=logging.WARNING)\n"
