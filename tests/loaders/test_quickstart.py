@@ -1,0 +1,46 @@
+"""`duoserve quickstart` (README command 1) end to end, on the tiny Llama instead of SmolLM2-135M:
+DuoGPT prune -> vLLM with the plugin -> one chat request through the openai client -> answer and
+tokens/s printed. The built-in model takes minutes to prune on this CPU; every step after the
+model choice is the same code."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import LineReader, kill_group
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
+
+
+def test_quickstart_prunes_serves_and_reports_decode_speed(tiny_llama_dir, tmp_path):
+    ckpt = tmp_path / "quickstart-ckpt"
+    cmd = [sys.executable, "-m", "duoserve.cli", "quickstart", "--model", str(tiny_llama_dir),
+           "--nsamples", "4", "--seqlen", "64", "--output", str(ckpt), "--max-tokens", "24", "--min-tokens", "12"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out = LineReader(proc)
+    vllm_pid = None
+    try:
+        vllm_pid = int(re.search(r"vLLM pid (\d+)", out.wait_for("vLLM pid", 300)).group(1))
+        report = out.wait_for("tokens/s decode", 600)
+        assert proc.wait(timeout=120) == 0, "".join(out.lines[-40:])
+    finally:
+        kill_group(proc.pid)
+        if vllm_pid:
+            kill_group(vllm_pid, grace=5)
+    text = "".join(out.lines)
+    assert "[1/3] pruning" in text and "with duogpt" in text
+    assert (ckpt / "config.json").is_file()  # the checkpoint is where --output said
+    tokens, decode = re.search(r"(\d+) tokens in [\d.]+ s: .* ([\d.]+|nan) tokens/s decode", report).groups()
+    assert 12 <= int(tokens) <= 24, report  # --min-tokens held the answer to 12 tokens at least
+    assert decode != "nan", report
+
+
+def test_quickstart_refuses_min_tokens_above_max_tokens(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "duoserve.cli", "quickstart", "--output", str(tmp_path / "c"),
+                           "--max-tokens", "8", "--min-tokens", "9"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--min-tokens between 0 and --max-tokens" in proc.stderr
+    assert not (tmp_path / "c").exists()  # refused before pruning anything
