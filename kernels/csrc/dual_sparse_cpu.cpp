@@ -317,9 +317,10 @@ void permute_bf16_tokens(const Problem& p, int64_t rb, int64_t t0, int64_t tb) {
           : tb == 2 ? block_bf16_permute<2, W>(p, rb, t0) : block_bf16_permute<3, W>(p, rb, t0);
 }
 
-template <int TB>
+// W as in block_bf16_permute: the words of the block that hold rows
+template <int TB, int W>
 DS_AVX512_PERM void block_f32_permute(const Problem& p, int64_t rb, int64_t t0) {
-  constexpr int CH = R / 16;
+  constexpr int CH = 2 * W;  // 16-row chunks
   __m512 acc[TB][CH];
   DS_UNROLL for (int t = 0; t < TB; ++t)
     for (int c = 0; c < CH; ++c) acc[t][c] = _mm512_setzero_ps();
@@ -341,10 +342,16 @@ DS_AVX512_PERM void block_f32_permute(const Problem& p, int64_t rb, int64_t t0) 
       DS_UNROLL for (int t = 0; t < TB; ++t) acc[t][c] = _mm512_fmadd_ps(e, xb[t], acc[t][c]);
     }
   }
-  alignas(64) float out[TB * R];
+  alignas(64) float out[TB * R];  // rows past 32 W are not stored (store_block stops at N)
   DS_UNROLL for (int t = 0; t < TB; ++t)
     for (int c = 0; c < CH; ++c) _mm512_store_ps(out + t * R + 16 * c, acc[t][c]);
   store_block(p, rb, t0, TB, out);
+}
+
+template <int W>
+void permute_f32_tokens(const Problem& p, int64_t rb, int64_t t0, int64_t tb) {
+  tb == 1 ? block_f32_permute<1, W>(p, rb, t0)
+          : tb == 2 ? block_f32_permute<2, W>(p, rb, t0) : block_f32_permute<3, W>(p, rb, t0);
 }
 
 // Batches of 4..12 tokens with the permute decoder, in one pass over the weights: 128 rows x 4
@@ -640,8 +647,7 @@ void run_block(const Problem& p, int64_t rb, bool bf16, Decoder d) {
       // a block of at most 64 rows decodes and multiplies only its first two words
       block_rows(p, rb) > 64 ? permute_bf16_tokens<WORDS>(p, rb, t0, tb) : permute_bf16_tokens<2>(p, rb, t0, tb);
     } else if (d == Decoder::kPermute) {
-      tb == 1 ? block_f32_permute<1>(p, rb, t0)
-              : tb == 2 ? block_f32_permute<2>(p, rb, t0) : block_f32_permute<3>(p, rb, t0);
+      block_rows(p, rb) > 64 ? permute_f32_tokens<WORDS>(p, rb, t0, tb) : permute_f32_tokens<2>(p, rb, t0, tb);
     } else if (bf16) {
       tb == 1 ? block_bf16_avx512<1>(p, rb, t0)
               : tb == 2 ? block_bf16_avx512<2>(p, rb, t0) : block_bf16_avx512<3>(p, rb, t0);
