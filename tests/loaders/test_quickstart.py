@@ -4,6 +4,7 @@ tokens/s printed. The built-in model takes minutes to prune on this CPU; every s
 model choice is the same code."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -19,7 +20,9 @@ def test_quickstart_prunes_serves_and_reports_decode_speed(tiny_llama_dir, tmp_p
     ckpt = tmp_path / "quickstart-ckpt"
     cmd = [sys.executable, "-m", "duoserve.cli", "quickstart", "--model", str(tiny_llama_dir),
            "--nsamples", "4", "--seqlen", "64", "--output", str(ckpt), "--max-tokens", "24", "--min-tokens", "12"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # its prints arrive as they happen, not at exit
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=env)
     out = LineReader(proc)
     vllm_pid = None
     try:
