@@ -164,11 +164,12 @@ __attribute__((always_inline)) inline void prefetch_column(const Problem& p, int
   for (const char* line = first; line < last; line += 64) _mm_prefetch(line, _MM_HINT_T0);
 }
 
-template <int TB>
+// W: the words of the block that hold rows (2 in a last block of at most 64 rows, 4 otherwise)
+template <int TB, int W>
 DS_AVX512 void block_bf16_avx512(const Problem& p, int64_t rb, int64_t t0) {
-  __m512 acc[TB][WORDS][2];  // [token][32-row chunk][even rows, odd rows]
+  __m512 acc[TB][W][2];  // [token][32-row chunk][even rows, odd rows]
   DS_UNROLL for (int t = 0; t < TB; ++t)
-    for (int c = 0; c < WORDS; ++c) acc[t][c][0] = acc[t][c][1] = _mm512_setzero_ps();
+    for (int c = 0; c < W; ++c) acc[t][c][0] = acc[t][c][1] = _mm512_setzero_ps();
   const uint16_t* vals = static_cast<const uint16_t*>(p.values);
   const __m512i high_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   for (int64_t j = 0; j < p.n_active; ++j) {
@@ -178,7 +179,7 @@ DS_AVX512 void block_bf16_avx512(const Problem& p, int64_t rb, int64_t t0) {
     prefetch_column<uint16_t>(p, rb, j + g_prefetch_ahead);
     __m512 xb[TB];
     DS_UNROLL for (int t = 0; t < TB; ++t) xb[t] = _mm512_set1_ps(p.xc[j * p.T + t0 + t]);
-    DS_UNROLL for (int c = 0; c < WORDS; ++c) {
+    DS_UNROLL for (int c = 0; c < W; ++c) {
       const uint32_t m = static_cast<uint32_t>(words[c]);
       // 32 packed bf16 -> their rows (zeros elsewhere); the padding makes the over-read safe
       const __m512i e = _mm512_maskz_expand_epi16(m, _mm512_loadu_si512(v));
@@ -191,20 +192,20 @@ DS_AVX512 void block_bf16_avx512(const Problem& p, int64_t rb, int64_t t0) {
       }
     }
   }
-  alignas(64) float out[TB * R];
+  alignas(64) float out[TB * R];  // rows past 32 W are not stored (store_block stops at N)
   const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
   DS_UNROLL for (int t = 0; t < TB; ++t)
-    for (int c = 0; c < WORDS; ++c) {  // interleave even/odd lanes back into row order
+    for (int c = 0; c < W; ++c) {  // interleave even/odd lanes back into row order
       _mm512_store_ps(out + t * R + 32 * c, _mm512_permutex2var_ps(acc[t][c][0], lo_idx, acc[t][c][1]));
       _mm512_store_ps(out + t * R + 32 * c + 16, _mm512_permutex2var_ps(acc[t][c][0], hi_idx, acc[t][c][1]));
     }
   store_block(p, rb, t0, TB, out);
 }
 
-template <int TB>
+template <int TB, int W>
 DS_AVX512 void block_f32_avx512(const Problem& p, int64_t rb, int64_t t0) {
-  constexpr int CH = R / 16;
+  constexpr int CH = 2 * W;  // 16-row chunks
   __m512 acc[TB][CH];
   DS_UNROLL for (int t = 0; t < TB; ++t)
     for (int c = 0; c < CH; ++c) acc[t][c] = _mm512_setzero_ps();
@@ -223,10 +224,20 @@ DS_AVX512 void block_f32_avx512(const Problem& p, int64_t rb, int64_t t0) {
       DS_UNROLL for (int t = 0; t < TB; ++t) acc[t][c] = _mm512_fmadd_ps(e, xb[t], acc[t][c]);
     }
   }
-  alignas(64) float out[TB * R];
+  alignas(64) float out[TB * R];  // rows past 32 W are not stored (store_block stops at N)
   DS_UNROLL for (int t = 0; t < TB; ++t)
     for (int c = 0; c < CH; ++c) _mm512_store_ps(out + t * R + 16 * c, acc[t][c]);
   store_block(p, rb, t0, TB, out);
+}
+
+template <int W>
+void expand_tokens(const Problem& p, int64_t rb, int64_t t0, int64_t tb, bool bf16) {
+  if (bf16)
+    tb == 1 ? block_bf16_avx512<1, W>(p, rb, t0)
+            : tb == 2 ? block_bf16_avx512<2, W>(p, rb, t0) : block_bf16_avx512<3, W>(p, rb, t0);
+  else
+    tb == 1 ? block_f32_avx512<1, W>(p, rb, t0)
+            : tb == 2 ? block_f32_avx512<2, W>(p, rb, t0) : block_f32_avx512<3, W>(p, rb, t0);
 }
 
 // ---- AVX-512 "permute" decoder (F + BW + VPOPCNTDQ + BITALG): no expand instruction ----
@@ -648,12 +659,8 @@ void run_block(const Problem& p, int64_t rb, bool bf16, Decoder d) {
       block_rows(p, rb) > 64 ? permute_bf16_tokens<WORDS>(p, rb, t0, tb) : permute_bf16_tokens<2>(p, rb, t0, tb);
     } else if (d == Decoder::kPermute) {
       block_rows(p, rb) > 64 ? permute_f32_tokens<WORDS>(p, rb, t0, tb) : permute_f32_tokens<2>(p, rb, t0, tb);
-    } else if (bf16) {
-      tb == 1 ? block_bf16_avx512<1>(p, rb, t0)
-              : tb == 2 ? block_bf16_avx512<2>(p, rb, t0) : block_bf16_avx512<3>(p, rb, t0);
-    } else {
-      tb == 1 ? block_f32_avx512<1>(p, rb, t0)
-              : tb == 2 ? block_f32_avx512<2>(p, rb, t0) : block_f32_avx512<3>(p, rb, t0);
+    } else {  // the expand decoder
+      block_rows(p, rb) > 64 ? expand_tokens<WORDS>(p, rb, t0, tb, bf16) : expand_tokens<2>(p, rb, t0, tb, bf16);
     }
   }
 }
