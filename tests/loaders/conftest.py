@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -91,3 +92,25 @@ class LineReader:
             time.sleep(0.5)
         tail = "".join(self.lines[-40:])
         raise AssertionError(f"{needle!r} not seen within {timeout:.0f} s (exit code {self.proc.poll()}):\n{tail}")
+
+
+@contextlib.contextmanager
+def duoserve_cli(args: list[str], env: dict[str, str] | None = None):
+    """`python -m duoserve.cli ARGS` in its own process group, stdout and stderr collected
+    (unbuffered) by a LineReader: yields (proc, reader). On exit the command's group is killed, and
+    the group of the vLLM server it started (the launcher logs "vLLM pid N" first), whatever state
+    the command is in: tests never leave servers behind."""
+    proc = subprocess.Popen([sys.executable, "-m", "duoserve.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    out = LineReader(proc)
+    try:
+        yield proc, out
+    finally:
+        kill_group(proc.pid)
+        started = [re.search(r"vLLM pid (\d+)", line) for line in list(out.lines)]
+        for m in filter(None, started):
+            kill_group(int(m.group(1)), grace=5)
+        if proc.stdout:
+            proc.stdout.close()
+

@@ -4,35 +4,25 @@ tokens/s printed. The built-in model takes minutes to prune on this CPU; every s
 model choice is the same code."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-from conftest import LineReader, kill_group
+from conftest import duoserve_cli
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
 
 def test_quickstart_prunes_serves_and_reports_decode_speed(tiny_llama_dir, tmp_path):
     ckpt = tmp_path / "quickstart-ckpt"
-    cmd = [sys.executable, "-m", "duoserve.cli", "quickstart", "--model", str(tiny_llama_dir),
-           "--nsamples", "4", "--seqlen", "64", "--output", str(ckpt), "--max-tokens", "24", "--min-tokens", "12"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # its prints arrive as they happen, not at exit
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env=env)
-    out = LineReader(proc)
-    vllm_pid = None
-    try:
-        vllm_pid = int(re.search(r"vLLM pid (\d+)", out.wait_for("vLLM pid", 300)).group(1))
+    args = ["quickstart", "--model", str(tiny_llama_dir), "--nsamples", "4", "--seqlen", "64", "--output", str(ckpt),
+            "--max-tokens", "24", "--min-tokens", "12"]
+    with duoserve_cli(args) as (proc, out):
+        out.wait_for("vLLM pid", 300)
         report = out.wait_for("tokens/s decode", 600)
         assert proc.wait(timeout=120) == 0, "".join(out.lines[-40:])
-    finally:
-        kill_group(proc.pid)
-        if vllm_pid:
-            kill_group(vllm_pid, grace=5)
     text = "".join(out.lines)
     assert "[1/3] pruning" in text and "with duogpt" in text
     assert (ckpt / "config.json").is_file()  # the checkpoint is where --output said

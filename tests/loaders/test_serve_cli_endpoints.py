@@ -7,17 +7,14 @@ queue limit, survival of a client that hangs up mid-stream, and agreement of the
 """
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import time
 
 import pytest
 import requests
 import torch
 
-from conftest import LineReader, kill_group
+from conftest import duoserve_cli
 from serving_helpers import PROMPTS, ReferenceModel
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
@@ -27,28 +24,16 @@ API_KEY = "test-key-123"
 @pytest.fixture(scope="module")
 def server(dense_ckpt, tmp_path_factory):
     log = tmp_path_factory.mktemp("cli") / "vllm.log"
-    cmd = [sys.executable, "-m", "duoserve.cli", "serve", str(dense_ckpt), "--port", "0", "--api-key", API_KEY,
-           "--served-model-name", "tiny", "--enforce-eager", "--max-model-len", "256", "--log-file", str(log),
-           "--max-num-seqs", "4"]  # the last one is vLLM's: passed through
+    args = ["serve", str(dense_ckpt), "--port", "0", "--api-key", API_KEY,
+            "--served-model-name", "tiny", "--enforce-eager", "--max-model-len", "256", "--log-file", str(log),
+            "--max-num-seqs", "4"]  # the last one is vLLM's: passed through
     # vLLM's dev-mode routes add /pause and /resume (and nothing to the routes checked here): the
     # overload test freezes the scheduler with them so that admitted requests hold their slots
     # for as long as it needs, on any machine speed.
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env=env)
-    out = LineReader(proc)
-    vllm_pid = None
-    try:
-        # The launcher logs vLLM's pid first: kill its group too, whatever happens to the CLI.
-        vllm_pid = int(re.search(r"vLLM pid (\d+)", out.wait_for("vLLM pid", 120)).group(1))
+    with duoserve_cli(args, env={"VLLM_SERVER_DEV_MODE": "1"}) as (proc, out):
+        out.wait_for("vLLM pid", 120)
         url = re.search(r"ready at (\S+)", out.wait_for("duoserve serve: ready at", 420)).group(1)
         yield {"url": url, "base": url.removesuffix("/v1"), "proc": proc, "log": log, "out": out}
-    finally:
-        kill_group(proc.pid)
-        if vllm_pid:
-            kill_group(vllm_pid, grace=5)
-        if proc.stdout:
-            proc.stdout.close()
 
 
 def _auth(key=API_KEY):
