@@ -209,7 +209,7 @@ def tiled(x, bitmap, offsets, values, threshold, bias, n):
         rows = min(n, r0 + blocks * 128) - r0
         wt = torch.empty(k, rows, dtype=values.dtype, device=x.device)  # [K, rows] = W[r0:, :]^T
         tk._unpack_kernel[(blocks, triton_cdiv(k, UNPACK_BK))](
-            bitmap, offsets, values, wt, rb0, n, k, rows, BK=UNPACK_BK, HW=tk.HW_POPC)
+            bitmap, offsets, values, wt, rb0, k, rows, BK=UNPACK_BK, HW=tk.HW_POPC)
         parts.append(torch.matmul(xm, wt) if bias is None else torch.addmm(bias[r0:r0 + rows], xm, wt))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 

@@ -326,7 +326,7 @@ def _decode_pipe_kernel(idx_ptr, xc_ptr, count_ptr, bitmap_ptr, offsets_ptr, val
 
 
 @triton.jit
-def _unpack_kernel(bitmap_ptr, offsets_ptr, values_ptr, wt_ptr, RB0, N, K, ROWS,
+def _unpack_kernel(bitmap_ptr, offsets_ptr, values_ptr, wt_ptr, RB0, K, ROWS,
                    BK: tl.constexpr, HW: tl.constexpr):
     """wt [K, ROWS] = W^T of the rows [RB0*128, RB0*128 + ROWS) (zeros where pruned), for the tiled
     path's dense matmul. Program (i, c): row block RB0 + i x columns [c*BK, c*BK + BK). W^T, not W:

@@ -17,7 +17,7 @@ FUSED = {"x_ptr": "*bf16", "thr_ptr": "*fp32", **LAYOUT, "bias_ptr": "*bf16", "y
          "ws_ptr": "*fp32", "arrived_ptr": "*i32", "T": "i32", "N": "i32", "K": "i32", "NUM_CHUNKS": "i32"}
 GEMM = {"x_ptr": "*bf16", "thr_ptr": "*fp32", **LAYOUT, "bias_ptr": "*bf16", "y_ptr": "*bf16",
         "T": "i32", "N": "i32", "K": "i32", "K_PER_SPLIT": "i32"}
-UNPACK = {**LAYOUT, "wt_ptr": "*bf16", "RB0": "i32", "N": "i32", "K": "i32", "ROWS": "i32"}
+UNPACK = {**LAYOUT, "wt_ptr": "*bf16", "RB0": "i32", "K": "i32", "ROWS": "i32"}
 COMPACT = {"x_ptr": "*bf16", "thr_ptr": "*fp32", "idx_ptr": "*i32", "xc_ptr": "*fp32",
            "count_ptr": "*i32", "out_ptr": "*fp32", "T": "i32", "K": "i32", "OUT_NUMEL": "i32"}
 
