@@ -207,14 +207,14 @@ def run_cutover(args, device, timer, sink) -> list[dict]:
     CPU: spMspV vs the tiled path. CUDA: decode (T <= 8) vs GEMM vs tiled."""
     rows = []
     for n, k, w, p, b, x, thr in half_sparse_points(args, device):
-        args_ = (x, p.bitmap, p.offsets, p.values, thr, None, n)
+        op_args = (x, p.bitmap, p.offsets, p.values, thr, None, n)
         dense = timer(lambda: torch.matmul(x, w.t()))
         if device.type == "cuda":
-            paths = {"decode": timer(lambda: gpu.decode(*args_)) if b <= gpu.DECODE_MAX_TOKENS else float("nan"),
-                     "gemm": timer(lambda: gpu.gemm(*args_)),
-                     "tiled": timer(lambda: gpu.tiled(*args_))}
+            paths = {"decode": timer(lambda: gpu.decode(*op_args)) if b <= gpu.DECODE_MAX_TOKENS else float("nan"),
+                     "gemm": timer(lambda: gpu.gemm(*op_args)),
+                     "tiled": timer(lambda: gpu.tiled(*op_args))}
         else:
-            paths = {"spmspv": timer(lambda: cpu.spmspv(*args_)), "tiled": timer(lambda: cpu.tiled(*args_))}
+            paths = {"spmspv": timer(lambda: cpu.spmspv(*op_args)), "tiled": timer(lambda: cpu.tiled(*op_args))}
         us = {name: t * 1e6 for name, t in paths.items()}
         rows.append(dict(n=n, k=k, batch=b, dense_us=dense * 1e6, **{f"{p_}_us": v for p_, v in us.items()}))
         sink(f"| {n}x{k} | {b} | {dense * 1e6:.1f} | " + " | ".join(f"{v:.1f}" for v in us.values()) + " |")

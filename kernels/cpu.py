@@ -30,6 +30,8 @@ import os
 
 import torch
 
+from .settings import env_int
+
 DTYPES = (torch.bfloat16, torch.float32)
 
 _ext = None
@@ -73,16 +75,9 @@ def _parse_walk_all() -> list[float | None]:
 def _int_settings() -> dict[str, int]:
     """The integer settings given in the environment, by variable; bad text raises, naming the
     variable (the extension's setters then check the ranges)."""
-    settings = {}
-    for name in ("DUOSERVE_CPU_SPARSE_MAX_TOKENS", "DUOSERVE_CPU_SLICES_MAX_TOKENS",
-                 "DUOSERVE_CPU_BF16_DOT_MIN_TOKENS", "DUOSERVE_CPU_BF16_DOT_MAX_TOKENS"):
-        if name in os.environ:
-            try:
-                settings[name] = int(os.environ[name])
-            except ValueError:
-                raise ValueError(f"{name} must be an integer (see docs/kernels.md, 'Dispatch'), "
-                                 f"got {os.environ[name]!r}") from None
-    return settings
+    names = ("DUOSERVE_CPU_SPARSE_MAX_TOKENS", "DUOSERVE_CPU_SLICES_MAX_TOKENS",
+             "DUOSERVE_CPU_BF16_DOT_MIN_TOKENS", "DUOSERVE_CPU_BF16_DOT_MAX_TOKENS")
+    return {name: env_int(name) for name in names if name in os.environ}
 
 
 def _apply_int_settings(ext, settings: dict[str, int]) -> None:

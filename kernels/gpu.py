@@ -21,30 +21,15 @@ import os
 
 import torch
 
+from .reference import mask_activations
+from .settings import env_int
+
 log = logging.getLogger(__name__)
-
-
-def _env_int(name: str, default: int, minimum: int) -> int:
-    """An integer setting from the environment; bad text or a value below `minimum` raises,
-    naming the variable."""
-    text = os.environ.get(name)
-    if text is None:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum} (see docs/kernels.md, 'Dispatch'), "
-                         f"got {text!r}")
-    return value
-
-
-DECODE_MAX_TOKENS = _env_int("DUOSERVE_GPU_DECODE_MAX_TOKENS", 8, 0)
+DECODE_MAX_TOKENS = env_int("DUOSERVE_GPU_DECODE_MAX_TOKENS", 8, minimum=0)
 DEFAULT_DECODE_TOKENS = 1  # path when nothing was measured (first call inside a graph capture)
 # the tiled path's scratch (W^T of a chunk of rows) holds at most this many bytes (at least one
 # row block): 64 MiB is a 4096-column weight in chunks of 8192 rows
-SCRATCH_BYTES = _env_int("DUOSERVE_GPU_SCRATCH_MIB", 64, 1) << 20
+SCRATCH_BYTES = env_int("DUOSERVE_GPU_SCRATCH_MIB", 64, minimum=1) << 20
 UNPACK_BK = 32  # columns per _unpack_kernel program
 _TUNE = os.environ.get("DUOSERVE_GPU_TUNE", "1") == "1"
 _error: str | None = None
@@ -197,8 +182,7 @@ def tiled(x, bitmap, offsets, values, threshold, bias, n):
     tk = _kernels()
     t_tokens, k = x.shape
     nb = bitmap.shape[0]
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    xm = torch.where(x.float().abs() > threshold, x, zero)  # NaN compares False: dropped
+    xm = mask_activations(x, threshold)  # in x's dtype, compared in fp32; a NaN input is dropped
     block_bytes = k * 128 * values.element_size()
     # _unpack_kernel indexes the scratch with int32: at most 2^31 - 1 elements whatever the budget
     chunk_blocks = max(1, min(SCRATCH_BYTES // block_bytes, (2**31 - 1) // (k * 128)))

@@ -17,47 +17,22 @@ import argparse
 import collections
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
-LISTS = {"idx_ptr": "*i32", "xc_ptr": "*fp32", "count_ptr": "*i32"}
-LAYOUT = {"bitmap_ptr": "*i32", "offsets_ptr": "*i32", "values_ptr": "*bf16"}
-SIGNATURES = {
-    "pipe": ("_decode_pipe_kernel", {**LISTS, **LAYOUT, "out_ptr": "*fp32", "T": "i32", "N": "i32",
-                                     "K": "i32", "NUM_CHUNKS": "i32"}),
-    "loop": ("_decode_loop_kernel", {**LISTS, **LAYOUT, "out_ptr": "*fp32", "T": "i32", "N": "i32",
-                                     "K": "i32", "NUM_CHUNKS": "i32"}),
-    "compact": ("_decode_kernel", {**LISTS, **LAYOUT, "out_ptr": "*fp32", "T": "i32", "N": "i32",
-                                   "K": "i32"}),
-}
+KERNELS = {"pipe": "_decode_pipe_kernel", "loop": "_decode_loop_kernel", "compact": "_decode_kernel"}
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 BRANCH = re.compile(r"BRA\s+`\((\.L_x_\d+)\)")
 
 
 def compile_sass(kind: str, cfg: dict, block_b: int) -> str:
-    import triton
-    from triton.backends.compiler import GPUTarget
-
+    from duoserve.kernels import sm90
     from duoserve.kernels import triton_kernels as tk
 
-    name, runtime = SIGNATURES[kind]
-    fn = getattr(tk, name)
     constexprs = {"BLOCK_B": block_b, "BK": cfg["BK"], "CHUNK": tk.CHUNK, "HW": True}
     if kind != "compact":
         constexprs["CPS"] = cfg["CPS"]
-    signature = {**runtime, **{k: "constexpr" for k in constexprs}}
-    src = triton.compiler.ASTSource(
-        fn=fn, signature={a: signature[a] for a in fn.arg_names},
-        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"]})
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        return subprocess.run([nvdisasm, "-c", path], check=True, capture_output=True, text=True).stdout
+    return sm90.sass(sm90.compile_kernel(KERNELS[kind], constexprs, cfg["num_warps"]))
 
 
 def instructions(sass: str) -> tuple[list[str], dict[str, int]]:
@@ -107,7 +82,7 @@ def main(argv=None) -> int:
     print(f"sm_90 SASS, batch {args.batch} (BLOCK_B {block_b}), bf16 values; per slot = per weight "
           f"slot (present or not) of an active column, per thread")
     for cfg in _decode_configs(block_b):
-        if cfg["kind"] not in SIGNATURES:
+        if cfg["kind"] not in KERNELS:
             continue  # fused: its loop is unrolled (static_range), no single body to count
         sass = compile_sass(cfg["kind"], cfg, block_b)
         label = ", ".join(f"{k} {v}" for k, v in cfg.items() if k != "kind")

@@ -37,6 +37,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -230,16 +231,6 @@ DS_AVX512 void block_f32_avx512(const Problem& p, int64_t rb, int64_t t0) {
   store_block(p, rb, t0, TB, out);
 }
 
-template <int W>
-void expand_tokens(const Problem& p, int64_t rb, int64_t t0, int64_t tb, bool bf16) {
-  if (bf16)
-    tb == 1 ? block_bf16_avx512<1, W>(p, rb, t0)
-            : tb == 2 ? block_bf16_avx512<2, W>(p, rb, t0) : block_bf16_avx512<3, W>(p, rb, t0);
-  else
-    tb == 1 ? block_f32_avx512<1, W>(p, rb, t0)
-            : tb == 2 ? block_f32_avx512<2, W>(p, rb, t0) : block_f32_avx512<3, W>(p, rb, t0);
-}
-
 // ---- AVX-512 "permute" decoder (F + BW + VPOPCNTDQ + BITALG): no expand instruction ----
 // The block functions below repeat the expand ones' loop scaffolding on purpose: each decoder's
 // code is compiled for exactly the instructions it needs (its own target attribute), so a CPU with
@@ -322,12 +313,6 @@ DS_AVX512_PERM void block_bf16_permute(const Problem& p, int64_t rb, int64_t t0)
   store_block(p, rb, t0, TB, out);
 }
 
-template <int W>
-void permute_bf16_tokens(const Problem& p, int64_t rb, int64_t t0, int64_t tb) {
-  tb == 1 ? block_bf16_permute<1, W>(p, rb, t0)
-          : tb == 2 ? block_bf16_permute<2, W>(p, rb, t0) : block_bf16_permute<3, W>(p, rb, t0);
-}
-
 // W as in block_bf16_permute: the words of the block that hold rows
 template <int TB, int W>
 DS_AVX512_PERM void block_f32_permute(const Problem& p, int64_t rb, int64_t t0) {
@@ -357,12 +342,6 @@ DS_AVX512_PERM void block_f32_permute(const Problem& p, int64_t rb, int64_t t0) 
   DS_UNROLL for (int t = 0; t < TB; ++t)
     for (int c = 0; c < CH; ++c) _mm512_store_ps(out + t * R + 16 * c, acc[t][c]);
   store_block(p, rb, t0, TB, out);
-}
-
-template <int W>
-void permute_f32_tokens(const Problem& p, int64_t rb, int64_t t0, int64_t tb) {
-  tb == 1 ? block_f32_permute<1, W>(p, rb, t0)
-          : tb == 2 ? block_f32_permute<2, W>(p, rb, t0) : block_f32_permute<3, W>(p, rb, t0);
 }
 
 // Batches of 4..12 tokens with the permute decoder, in one pass over the weights: 128 rows x 4
@@ -635,6 +614,24 @@ void run_slices(const Problem& p, int64_t rb, int64_t t0, int64_t tb) {
   }
 }
 
+// Calls walk(TB, W) with TB = tb (1..3) and W = the words of block rb that hold rows (2 in a last
+// block of at most 64 rows, 4 otherwise) as std::integral_constant: the walks' template arguments.
+template <typename Walk>
+void with_tokens_and_words(const Problem& p, int64_t rb, int64_t tb, Walk walk) {
+  auto words = [&](auto t) {
+    if (block_rows(p, rb) > 64)
+      walk(t, std::integral_constant<int, WORDS>{});
+    else
+      walk(t, std::integral_constant<int, 2>{});
+  };
+  if (tb == 1)
+    words(std::integral_constant<int, 1>{});
+  else if (tb == 2)
+    words(std::integral_constant<int, 2>{});
+  else
+    words(std::integral_constant<int, 3>{});
+}
+
 void run_block(const Problem& p, int64_t rb, bool bf16, Decoder d) {
   if (p.xpairs != nullptr) {  // spmspv set up the panel walk
     thread_local std::vector<float> scratch;
@@ -654,13 +651,16 @@ void run_block(const Problem& p, int64_t rb, bool bf16, Decoder d) {
     tb = std::min<int64_t>(MAX_TB, left);
     if (d == Decoder::kScalar) {
       bf16 ? block_scalar<uint16_t>(p, rb, t0, tb) : block_scalar<float>(p, rb, t0, tb);
-    } else if (d == Decoder::kPermute && bf16) {
-      // a block of at most 64 rows decodes and multiplies only its first two words
-      block_rows(p, rb) > 64 ? permute_bf16_tokens<WORDS>(p, rb, t0, tb) : permute_bf16_tokens<2>(p, rb, t0, tb);
-    } else if (d == Decoder::kPermute) {
-      block_rows(p, rb) > 64 ? permute_f32_tokens<WORDS>(p, rb, t0, tb) : permute_f32_tokens<2>(p, rb, t0, tb);
+    } else if (d == Decoder::kPermute) {  // a block of at most 64 rows walks only its first two words
+      with_tokens_and_words(p, rb, tb, [&](auto t, auto w) {
+        constexpr int TB = decltype(t)::value, W = decltype(w)::value;
+        bf16 ? block_bf16_permute<TB, W>(p, rb, t0) : block_f32_permute<TB, W>(p, rb, t0);
+      });
     } else {  // the expand decoder
-      block_rows(p, rb) > 64 ? expand_tokens<WORDS>(p, rb, t0, tb, bf16) : expand_tokens<2>(p, rb, t0, tb, bf16);
+      with_tokens_and_words(p, rb, tb, [&](auto t, auto w) {
+        constexpr int TB = decltype(t)::value, W = decltype(w)::value;
+        bf16 ? block_bf16_avx512<TB, W>(p, rb, t0) : block_f32_avx512<TB, W>(p, rb, t0);
+      });
     }
   }
 }

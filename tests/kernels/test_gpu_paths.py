@@ -1,5 +1,5 @@
 """How the CUDA backend picks a path per (shape, dtype, token bucket): the measured fastest, once;
-and how it reads its integer settings.
+and how the kernels read their integer settings (settings.env_int).
 
 No GPU here: the timer is replaced by fixed times, and `_can_time` by True, so what is tested is
 the choice and its caching, not the kernels (test_triton_interpret.py runs those)."""
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from duoserve.kernels import gpu
+from duoserve.kernels.settings import env_int
 
 
 @pytest.fixture
@@ -67,11 +68,11 @@ def test_cpu_tensors_are_never_timed():
 def test_a_bad_integer_setting_names_the_variable(monkeypatch, text):
     monkeypatch.setenv("DUOSERVE_GPU_SCRATCH_MIB", text)
     with pytest.raises(ValueError, match=r"DUOSERVE_GPU_SCRATCH_MIB must be an integer >= 1 .*got"):
-        gpu._env_int("DUOSERVE_GPU_SCRATCH_MIB", 64, 1)
+        env_int("DUOSERVE_GPU_SCRATCH_MIB", 64, minimum=1)
 
 
 def test_integer_settings_default_and_parse(monkeypatch):
     monkeypatch.delenv("DUOSERVE_GPU_SCRATCH_MIB", raising=False)
-    assert gpu._env_int("DUOSERVE_GPU_SCRATCH_MIB", 64, 1) == 64
+    assert env_int("DUOSERVE_GPU_SCRATCH_MIB", 64, minimum=1) == 64
     monkeypatch.setenv("DUOSERVE_GPU_SCRATCH_MIB", "16")
-    assert gpu._env_int("DUOSERVE_GPU_SCRATCH_MIB", 64, 1) == 16
+    assert env_int("DUOSERVE_GPU_SCRATCH_MIB", 64, minimum=1) == 16

@@ -1,0 +1,22 @@
+"""Integer settings of the kernels read from the environment (DUOSERVE_CPU_*, DUOSERVE_GPU_*): one
+parser, so every bad value is refused the same way, naming the variable (docs/kernels.md,
+'Dispatch', lists them)."""
+from __future__ import annotations
+
+import os
+
+
+def env_int(name: str, default: int | None = None, minimum: int | None = None) -> int | None:
+    """The integer in $name, or `default` when it is unset; text that is not an integer, or one
+    below `minimum`, raises ValueError naming the variable."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{name} must be an integer{bound} (see docs/kernels.md, 'Dispatch'), got {text!r}")
+    return value
