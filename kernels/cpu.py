@@ -7,8 +7,10 @@ costs ~20 us a call, more than the whole 576x576 product). Behind that kernel:
     without it): per row block, only the columns active for some token are read, with a software
     prefetch 48 columns ahead (the scattered spans defeat the hardware prefetchers;
     `set_prefetch`, DUOSERVE_CPU_PREFETCH), except where walking every column is faster: a
-    weight with long spans (bf16 at p_w <= 0.4) and under 60% of the columns inactive
-    (`set_walk_all`; docs/kernels.md has both measured).
+    weight with long spans and not too many columns inactive (`set_walk_all`). How long is long
+    depends on the memory system (skipping a random half of bf16 p_w 0.5 spans is level with
+    walking them all on a Zen 5 host, 1.3x slower on a Zen 4 host), so it is measured once per
+    process (`walk_all_calibration`; docs/kernels.md).
   bf16 on CPUs with AVX512-BF16, 6 to 256 tokens (`set_bf16_dot_tokens`): the panel walk (every
     word decoded once into an L1 panel, multiplied like a dense GEMM).
   larger T, or fp16: row-block chunks are decompressed into a bounded W^T scratch [K, rows] and
@@ -55,7 +57,7 @@ def _parse_prefetch(text: str) -> tuple[int, int]:
 
 def _parse_walk_all() -> list[float | None]:
     """DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE (a fraction) and DUOSERVE_CPU_WALK_ALL_MIN_SPAN (bytes):
-    each one set replaces that half of the walk-all policy (see `set_walk_all`); None: unset."""
+    each one set replaces that half of the measured walk-all policy (see `set_walk_all`); None: unset."""
     values: list[float | None] = []
     for name in ("DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE", "DUOSERVE_CPU_WALK_ALL_MIN_SPAN"):
         text = os.environ.get(name)
@@ -110,8 +112,9 @@ def _load():
         # Published only once every setting is applied: a setter that refuses its value (a range,
         # a decoder this CPU lacks) raises here, and raises again on the next call.
         _apply_int_settings(ext, int_settings)
-        if walk_all != [None, None]:
-            ext.set_walk_all(*(v if v is not None else d for v, d in zip(walk_all, ext.get_walk_all())))
+        if walk_all != [None, None]:  # an unset half keeps the measured value (measured only then)
+            measured = ext.get_walk_all() if None in walk_all else walk_all
+            ext.set_walk_all(*(v if v is not None else m for v, m in zip(walk_all, measured)))
         if prefetch is not None:
             ext.set_prefetch(*prefetch)
         if os.environ.get("DUOSERVE_CPU_DECODER"):
@@ -152,18 +155,41 @@ def sparse_max_tokens() -> int:
     return _load().get_sparse_max_tokens()
 
 
-def set_walk_all(max_inactive: float, min_span_bytes: float) -> None:
+def set_walk_all(max_inactive: float | None, min_span_bytes: float | None = None) -> None:
     """Walk every column (masked inputs as zeros) instead of skipping the inactive ones when fewer
     than `max_inactive` (a fraction) of them are inactive and the weight's values per row block and
-    column average more than `min_span_bytes`. (0, any): always skip; (2, 0): always walk all.
-    The default (0.6, 144) was measured in docs/kernels.md ("When to skip inactive columns")."""
+    column average more than `min_span_bytes`. (0, any): always skip; (2, 0): always walk all;
+    None: back to the measured policy (`walk_all_calibration`)."""
+    if max_inactive is None:
+        _load().reset_walk_all()
+        return
+    if min_span_bytes is None:
+        raise ValueError("set_walk_all needs both max_inactive and min_span_bytes (or None alone)")
     _load().set_walk_all(float(max_inactive), float(min_span_bytes))
 
 
 def walk_all() -> tuple[float, float]:
-    """(max_inactive, min_span_bytes) of the walk-all policy in use."""
+    """(max_inactive, min_span_bytes) of the walk-all policy in use (measured on first use unless set)."""
     max_inactive, min_span = _load().get_walk_all()
     return max_inactive, min_span
+
+
+# The two policies the measurement chooses between (kernels/csrc: kSkipShortSpans, kWalkShortSpans).
+SKIP_SHORT_SPANS = (0.6, 144.0)  # skipping 128-byte spans pays or is level (the Zen 5 host)
+WALK_SHORT_SPANS = (0.75, 112.0)  # it does not (the Zen 4 host): bf16 at p_w 0.5 walks every column
+
+
+def walk_all_calibration() -> dict | None:
+    """The one-time measurement behind the walk-all policy (run on first use, ~0.2 s): the
+    one-token bf16 walk over a synthetic p_w 0.5 weight of 4x the L3 (64-512 MiB), skipping a
+    random half of the columns against walking them all; best of 5 each. If skipping takes over
+    1.1x the walk, the policy is WALK_SHORT_SPANS, else SKIP_SHORT_SPANS. None where nothing is
+    measured (the scalar decoder: bound by decoding, it keeps SKIP_SHORT_SPANS)."""
+    skip_s, walk_s, probe_bytes, max_inactive, min_span = _load().get_walk_all_calibration()
+    if skip_s == 0.0:
+        return None
+    return {"skip_ms": skip_s * 1e3, "walk_all_ms": walk_s * 1e3, "skip_over_walk_all": skip_s / walk_s,
+            "probe_mib": probe_bytes / 2**20, "policy": (max_inactive, min_span)}
 
 
 def walks_all_columns(inactive: int, k: int, mean_span_bytes: float) -> bool:

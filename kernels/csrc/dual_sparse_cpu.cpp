@@ -33,10 +33,13 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <fstream>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -140,9 +143,14 @@ void block_scalar(const Problem& p, int64_t rb, int64_t t0, int64_t tb) {
 // software prefetch; tests/kernels/test_cpu_kernel.py now checks the built binary for prefetcht0.
 int64_t g_prefetch_ahead = 48;
 int64_t g_prefetch_lines = 3;
-// When to walk every column instead of skipping the inactive ones: see walk_all_columns.
-double g_walk_all_max_inactive = 0.6;
-double g_walk_all_min_span = 144.0;  // bytes of values per (row block, column), on average
+// When to walk every column instead of skipping the inactive ones: see walk_all_columns. Measured
+// once per process (calibrate_walk_all) unless set (set_walk_all / DUOSERVE_CPU_WALK_ALL_*).
+struct WalkAllPolicy {
+  double max_inactive;  // a fraction of the columns
+  double min_span;      // bytes of values per (row block, column), on average
+};
+bool g_walk_all_requested = false;
+WalkAllPolicy g_walk_all_request{0.0, 0.0};
 
 template <typename V>
 __attribute__((always_inline)) inline void prefetch_column(const Problem& p, int64_t rb, int64_t j) {
@@ -770,9 +778,9 @@ torch::Tensor mask_input(const torch::Tensor& x_in, const torch::Tensor& thresho
 }
 
 // Which columns to walk. An inactive column is skipped (no byte of it read) unless fewer than
-// g_walk_all_max_inactive (a fraction) of the columns are inactive AND the weight's spans (values
-// per row block and column) average more than g_walk_all_min_span bytes; then every column is
-// walked, the masked inputs contributing exact zeros. Why both (Zen 5 host, one thread, weights
+// max_inactive (a fraction) of the columns are inactive AND the weight's spans (values per row
+// block and column) average more than min_span bytes; then every column is walked, the masked
+// inputs contributing exact zeros. Why both (the skip-short-spans policy, Zen 5 host, one thread, weights
 // from DRAM, docs/kernels.md "When to skip inactive columns"): a dense-ish span (bf16 at p_w <= 0.4,
 // fp32 at p_w <= 0.5) streams at up to 85% of the copy bandwidth when every column is walked, and
 // skipping a random 30-50% of them breaks that stream for less than it saves (7-28% slower than
@@ -780,9 +788,114 @@ torch::Tensor mask_input(const torch::Tensor& x_in, const torch::Tensor& thresho
 // bandwidth, so skipping is level or faster from 25% inactive. From ~70% inactive skipping wins at
 // every density. Skipping pays only with the software prefetch above: without it (as the kernels
 // ran until 2026-11-27, see prefetch_column) walking a random half was slower even at p_w 0.5.
+//
+// Which rule holds is a property of the memory system, so it is measured (calibrate_walk_all): on
+// the Zen 4 host (2026-11-28, docs/kernels.md) skipping a random half of 128-byte spans took 1.3x as
+// long as walking them all (the walk read 2x the bytes at 2.7x the rate), skipping 40-70% of the
+// columns was slower than skipping 30% at p_w 0.6 (102-byte spans), and only at p_w 0.7 (77 bytes)
+// did skipping win; so there the bf16 p_w 0.5 spans are walked, up to 75% inactive.
+constexpr WalkAllPolicy kSkipShortSpans{0.6, 144.0};     // the Zen 5 host
+constexpr WalkAllPolicy kWalkShortSpans{0.75, 112.0};    // the Zen 4 host
+constexpr double kWalkAllMargin = 1.1;  // the walk must win by 10% to change the policy
+
+struct WalkAllCalibration {
+  double skip_s = 0.0, walk_s = 0.0;  // best pass of each, seconds (0: not measured)
+  int64_t probe_bytes = 0;
+  WalkAllPolicy policy = kSkipShortSpans;
+};
+
+// The L3 size this CPU reports in sysfs (one instance: what one core can fill), or 0. Not
+// sysconf(_SC_LEVEL3_CACHE_SIZE): glibc gave 320 MiB on the project's VM, whose L3 is 32 MiB.
+int64_t last_level_cache_bytes() {
+  for (int index = 0; index < 8; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+    std::ifstream level_file(dir + "level"), size_file(dir + "size");
+    int level = 0;
+    std::string size;
+    if (!(level_file >> level) || level != 3 || !(size_file >> size) || size.empty()) continue;
+    const char unit = size.back();
+    const int64_t scale = unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : unit == 'G' ? int64_t{1} << 30 : 1;
+    try {
+      return std::stoll(scale == 1 ? size : size.substr(0, size.size() - 1)) * scale;
+    } catch (const std::exception&) {
+      return 0;
+    }
+  }
+  return 0;
+}
+
+// Times the one-token bf16 walk over a synthetic weight at p_w 0.5 (128-byte spans, the case the
+// two rules disagree on) larger than the last-level cache, skipping a random half of the columns
+// against walking them all (the skipped half as zero inputs); best of 5 passes each, alternating,
+// each pass with a new random half. About 0.2 s and a transient of 4x the L3 (64 MiB to 1 GiB).
+WalkAllCalibration calibrate_walk_all() {
+  WalkAllCalibration c;
+  const Decoder d = active_decoder(true);
+  if (d == Decoder::kScalar) return c;  // the scalar walk is bound by decoding, not by DRAM
+  const int64_t llc = last_level_cache_bytes();
+  const int64_t target = std::clamp<int64_t>(4 * (llc > 0 ? llc : int64_t{32} << 20), int64_t{64} << 20,
+                                             int64_t{512} << 20);
+  constexpr int64_t K = 4096;
+  const int64_t per_block = K * (WORDS * 4 + 4 + R);  // bitmap, offsets, ~64 bf16 values per column
+  const int64_t NB = (target + per_block - 1) / per_block;
+  std::vector<int32_t> bitmap(NB * K * WORDS), offsets(NB * K);
+  uint64_t state = 0x2545F4914F6CDD1Dull;
+  auto next = [&state] { state ^= state << 13; state ^= state >> 7; state ^= state << 17; return state; };
+  int64_t nnz = 0;
+  for (int64_t col = 0; col < NB * K; ++col) {
+    offsets[col] = static_cast<int32_t>(nnz);
+    const uint64_t r0 = next(), r1 = next();
+    const uint32_t words[WORDS] = {static_cast<uint32_t>(r0), static_cast<uint32_t>(r0 >> 32),
+                                   static_cast<uint32_t>(r1), static_cast<uint32_t>(r1 >> 32)};
+    for (int64_t w = 0; w < WORDS; ++w) {
+      bitmap[col * WORDS + w] = static_cast<int32_t>(words[w]);
+      nnz += __builtin_popcount(words[w]);
+    }
+  }
+  const std::vector<uint16_t> values(nnz + R, 0x3F80);  // 1.0
+  c.probe_bytes = static_cast<int64_t>(bitmap.size() + offsets.size()) * 4 + static_cast<int64_t>(values.size()) * 2;
+  std::vector<int32_t> all(K), on;
+  for (int64_t k = 0; k < K; ++k) all[k] = static_cast<int32_t>(k);
+  std::vector<float> x_all(K), x_on, y(NB * R);
+  double best[2] = {1e30, 1e30};  // skip, walk
+  for (int pass = 0; pass < 5; ++pass) {
+    on.clear();
+    for (int64_t k = 0; k < K; ++k) {
+      const bool active = next() & 1;
+      x_all[k] = active ? 1.f : 0.f;
+      if (active) on.push_back(static_cast<int32_t>(k));
+    }
+    x_on.assign(on.size(), 1.f);
+    for (int i = 0; i < 2; ++i) {
+      const int which = (pass + i) % 2;  // alternate which policy goes first
+      const Problem p{bitmap.data(), offsets.data(), values.data(), which ? all.data() : on.data(),
+                      which ? K : static_cast<int64_t>(on.size()), which ? x_all.data() : x_on.data(),
+                      1, K, NB * R, y.data()};
+      const auto start = std::chrono::steady_clock::now();
+      for (int64_t rb = 0; rb < NB; ++rb) run_block(p, rb, true, d);
+      const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+      best[which] = std::min(best[which], took.count());
+    }
+  }
+  c.skip_s = best[0];
+  c.walk_s = best[1];
+  c.policy = best[0] > kWalkAllMargin * best[1] ? kWalkShortSpans : kSkipShortSpans;
+  return c;
+}
+
+const WalkAllCalibration& walk_all_calibration() {
+  static const WalkAllCalibration measured = calibrate_walk_all();  // thread-safe, once per process
+  return measured;
+}
+
+WalkAllPolicy active_walk_all() {
+  return g_walk_all_requested ? g_walk_all_request : walk_all_calibration().policy;
+}
+
 bool walk_all_columns(int64_t n_inactive, int64_t k, double mean_span_bytes) {
-  return n_inactive > 0 && static_cast<double>(n_inactive) < g_walk_all_max_inactive * k &&
-         mean_span_bytes > g_walk_all_min_span;
+  if (n_inactive <= 0) return false;  // nothing to skip: both walks are the same (and nothing is measured)
+  const WalkAllPolicy policy = active_walk_all();
+  return static_cast<double>(n_inactive) < policy.max_inactive * k && mean_span_bytes > policy.min_span;
 }
 
 // spmspv's per-call passes over x, in AVX-512 where the CPU has it: spmspv itself is compiled for
@@ -1012,10 +1125,20 @@ void set_walk_all(double max_inactive, double min_span_bytes) {
   TORCH_CHECK(max_inactive >= 0 && min_span_bytes >= 0,
               "walk-all policy: the fraction inactive and the span in bytes must be >= 0, got ", max_inactive,
               " and ", min_span_bytes);
-  g_walk_all_max_inactive = max_inactive;
-  g_walk_all_min_span = min_span_bytes;
+  g_walk_all_request = {max_inactive, min_span_bytes};
+  g_walk_all_requested = true;
 }
-std::vector<double> get_walk_all() { return {g_walk_all_max_inactive, g_walk_all_min_span}; }
+void reset_walk_all() { g_walk_all_requested = false; }
+std::vector<double> get_walk_all() {
+  const WalkAllPolicy policy = active_walk_all();
+  return {policy.max_inactive, policy.min_span};
+}
+// [skip seconds, walk-all seconds, probe bytes, max_inactive, min_span] of the measurement (seconds 0
+// where nothing was measured: the scalar decoder).
+std::vector<double> get_walk_all_calibration() {
+  const WalkAllCalibration& c = walk_all_calibration();
+  return {c.skip_s, c.walk_s, static_cast<double>(c.probe_bytes), c.policy.max_inactive, c.policy.min_span};
+}
 void set_prefetch(int64_t ahead, int64_t lines) {
   TORCH_CHECK(ahead >= 0 && lines >= 0, "prefetch distance and lines must be >= 0 (0 distance turns it off), got ",
               ahead, " and ", lines);
@@ -1083,7 +1206,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_walk_all", &set_walk_all,
         "walk every column when fewer than max_inactive (a fraction) of them are inactive and the values "
         "per row block and column average more than min_span_bytes (max_inactive 0: always skip)");
-  m.def("get_walk_all", &get_walk_all, "[max_inactive, min_span_bytes] of the walk-all policy");
+  m.def("get_walk_all", &get_walk_all, "[max_inactive, min_span_bytes] of the walk-all policy in use");
+  m.def("reset_walk_all", &reset_walk_all, "go back to the measured walk-all policy");
+  m.def("get_walk_all_calibration", &get_walk_all_calibration,
+        "[skip s, walk-all s, probe bytes, max_inactive, min_span_bytes] of the one-time measurement");
   m.def("walk_all_columns", &walk_all_columns, "the walk-all decision for (inactive columns, K, mean span bytes)");
   m.def("set_prefetch", &set_prefetch, "software prefetch distance (active columns; 0 = off) and lines");
   m.def("get_prefetch", &get_prefetch, "[distance, lines] of the software prefetch");

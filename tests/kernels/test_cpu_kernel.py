@@ -28,21 +28,20 @@ def _tiled(x, p, t, b):
     return cpu.tiled(x, p.bitmap, p.offsets, p.values, t, b, p.n)
 
 
-WALK_POLICIES = {"skip-inactive": (0.0, 0.0), "default": (0.6, 144.0), "walk-all-below-80pct-inactive": (0.8, 0.0),
-                 "walk-all": (2.0, 0.0)}
+WALK_POLICIES = {"skip-inactive": (0.0, 0.0), "skip-short-spans": cpu.SKIP_SHORT_SPANS,
+                 "walk-all-below-80pct-inactive": (0.8, 0.0), "walk-all": (2.0, 0.0)}
 
 
 @pytest.fixture(params=list(WALK_POLICIES))
 def walk_policy(request):
     """The spMspV walk either skips inactive columns or walks them all (with zero inputs), or
-    decides by the fraction inactive and the weight's span length (the default: the cases at p_w 0
-    walk all, those at 0.5 skip). Every policy must give the same products."""
+    decides by the fraction inactive and the weight's span length (skip-short-spans: the cases at
+    p_w 0 walk all, those at 0.5 skip). Every policy must give the same products."""
     if not cpu.available():
         pytest.skip(f"CPU extension: {cpu.import_error()}")
-    saved = cpu.walk_all()
     cpu.set_walk_all(*WALK_POLICIES[request.param])
     yield request.param
-    cpu.set_walk_all(*saved)
+    cpu.set_walk_all(None)
 
 
 @pytest.fixture(params=["expand", "permute"])
@@ -137,34 +136,52 @@ def test_decoder_choice_and_errors():
 
 
 @needs_ext
-def test_walk_policy_default_and_setter():
-    assert cpu.walk_all() == (0.6, 144.0)
-    # bf16 at p_w 0.5 packs 128 bytes of values per (row block, column): always skip; p_w 0: 256
-    assert not cpu.walks_all_columns(100, 1000, 128.0)
-    assert cpu.walks_all_columns(100, 1000, 256.0) and cpu.walks_all_columns(599, 1000, 256.0)
-    assert not cpu.walks_all_columns(600, 1000, 256.0)  # from 60% inactive skipping wins
-    assert not cpu.walks_all_columns(0, 1000, 256.0)  # nothing to skip: the walk is the same
-    cpu.set_walk_all(0.0, 0.0)
+def test_walk_policy_is_measured_and_settable():
+    measured = cpu.walk_all_calibration()
+    if cpu.decoder() == "scalar":
+        assert measured is None and cpu.walk_all() == cpu.SKIP_SHORT_SPANS
+    else:
+        # the decision follows the measurement: walk 128-byte spans when skipping half costs > 1.1x
+        assert measured["probe_mib"] >= 64 and measured["skip_ms"] > 0 and measured["walk_all_ms"] > 0
+        expected = cpu.WALK_SHORT_SPANS if measured["skip_over_walk_all"] > 1.1 else cpu.SKIP_SHORT_SPANS
+        assert measured["policy"] == expected and cpu.walk_all() == expected
+        assert cpu.walk_all_calibration() == measured  # once per process
+    cpu.set_walk_all(*cpu.SKIP_SHORT_SPANS)
     try:
+        # bf16 at p_w 0.5 packs 128 bytes of values per (row block, column): skip; p_w 0: 256
+        assert not cpu.walks_all_columns(100, 1000, 128.0)
+        assert cpu.walks_all_columns(100, 1000, 256.0) and cpu.walks_all_columns(599, 1000, 256.0)
+        assert not cpu.walks_all_columns(600, 1000, 256.0)  # from 60% inactive skipping wins
+        assert not cpu.walks_all_columns(0, 1000, 256.0)  # nothing to skip: the walk is the same
+        cpu.set_walk_all(*cpu.WALK_SHORT_SPANS)
+        assert cpu.walks_all_columns(500, 1000, 128.0) and cpu.walks_all_columns(700, 1000, 128.0)
+        assert not cpu.walks_all_columns(500, 1000, 77.0) and not cpu.walks_all_columns(750, 1000, 128.0)
+        cpu.set_walk_all(0.0, 0.0)
         assert cpu.walk_all() == (0.0, 0.0) and not cpu.walks_all_columns(1, 1000, 512.0)
         cpu.set_walk_all(2.0, 0.0)
         assert cpu.walks_all_columns(999, 1000, 1.0)
         with pytest.raises(RuntimeError, match="must be >= 0"):
             cpu.set_walk_all(-1.0, 0.0)
+        with pytest.raises(ValueError, match="needs both"):
+            cpu.set_walk_all(0.5)
     finally:
-        cpu.set_walk_all(0.6, 144.0)
+        cpu.set_walk_all(None)
+    assert cpu.walk_all() == (measured["policy"] if measured else cpu.SKIP_SHORT_SPANS)
 
 
 def test_walk_all_environment_text_is_checked():
     import os
     import subprocess
     import sys
-    code = "from duoserve.kernels import cpu; print(cpu.walk_all())"
+    code = ("from duoserve.kernels import cpu; cpu.walk_all(); m = cpu.walk_all_calibration(); "
+            "print(cpu.walk_all(), (m['policy'] if m else cpu.SKIP_SHORT_SPANS)[0])")
     env = dict(os.environ, DUOSERVE_CPU_WALK_ALL_MIN_SPAN="0")
     env.pop("DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    if cpu.available():  # the unset half keeps its default
-        assert out.returncode == 0 and out.stdout.strip() == "(0.6, 0.0)", out.stderr
+    if cpu.available():  # the unset half keeps the measured value
+        assert out.returncode == 0, out.stderr
+        policy, measured_max_inactive = out.stdout.strip().rsplit(" ", 1)
+        assert policy == f"({measured_max_inactive}, 0.0)", out.stdout
     for name, bad in (("DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE", "half"), ("DUOSERVE_CPU_WALK_ALL_MIN_SPAN", "-5"),
                       ("DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE", "nan")):
         out = subprocess.run([sys.executable, "-c", code], env=dict(env, **{name: bad}), capture_output=True,
