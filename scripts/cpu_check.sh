@@ -38,6 +38,7 @@ STATE="commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ":(exclu
   echo "AVX-512 flags: $(grep -m1 flags /proc/cpuinfo | tr ' ' '\n' | grep -E 'avx512' | sort | tr '\n' ' ')"
   lscpu | grep -E "^(L1d|L2|L3)" || true
   echo "decoders: $($PY -c 'from duoserve.kernels import cpu; import torch; print(cpu.available_decoders(), "chosen:", cpu.decoder(torch.bfloat16), cpu.decoder(torch.float32))')"
+  echo "walk-all policy: $($PY -c 'from duoserve.kernels import cpu; print(cpu.walk_all(), "measured:", cpu.walk_all_calibration())')"
   echo "date: $(date -u +%FT%TZ); $STATE"
 } > "$OUT/machine.txt"
 cat "$OUT/machine.txt"

@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <cstring>
 #include <fstream>
+#include <new>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -827,8 +828,9 @@ int64_t last_level_cache_bytes() {
 // Times the one-token bf16 walk over a synthetic weight at p_w 0.5 (128-byte spans, the case the
 // two rules disagree on) larger than the last-level cache, skipping a random half of the columns
 // against walking them all (the skipped half as zero inputs); best of 5 passes each, alternating,
-// each pass with a new random half. About 0.2 s and a transient of 4x the L3 (64 MiB to 1 GiB).
-WalkAllCalibration calibrate_walk_all() {
+// each pass with a new random half. About 0.2 s and a transient of 4x the L3 (64-512 MiB); where
+// that cannot be allocated nothing is measured.
+WalkAllCalibration measure_walk_all() {
   WalkAllCalibration c;
   const Decoder d = active_decoder(true);
   if (d == Decoder::kScalar) return c;  // the scalar walk is bound by decoding, not by DRAM
@@ -881,6 +883,14 @@ WalkAllCalibration calibrate_walk_all() {
   c.walk_s = best[1];
   c.policy = best[0] > kWalkAllMargin * best[1] ? kWalkShortSpans : kSkipShortSpans;
   return c;
+}
+
+WalkAllCalibration calibrate_walk_all() {
+  try {
+    return measure_walk_all();
+  } catch (const std::bad_alloc&) {
+    return WalkAllCalibration{};  // the Zen 5 constants, unmeasured
+  }
 }
 
 const WalkAllCalibration& walk_all_calibration() {
