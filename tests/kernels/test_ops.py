@@ -94,6 +94,8 @@ def test_kernel_backend_names_what_runs():
         assert "panel" not in kernel_backend("cpu", torch.float32)
         assert f"up to {cpu.sparse_max_tokens()} tokens" in kernel_backend("cpu", torch.float32)
         assert "decompress + fp32 matmul" in kernel_backend("cpu", torch.float16)
+        max_inactive, min_span = cpu.walk_all()  # the walk-all policy in use (measured here)
+        assert f"under {max_inactive:g} of them are inactive and a weight's spans average over {min_span:g} B" in text
     else:
         assert "reference" in text
     assert "Triton" in kernel_backend("cuda", torch.bfloat16)
