@@ -9,12 +9,13 @@
 #   bar-vllm.md        against vLLM's own CPU GEMM (pre-packed oneDNN), when vLLM is installed
 #                      (batch-cold-vllm.md: the same at 1..384 tokens)
 #   bar-walk-all.md    the bar shapes walking every column (inactive ones with zero inputs) instead
-#                      of skipping the inactive ones (the default at p_w 0.5 in bf16)
+#                      of skipping the inactive ones (which one the default does at p_w 0.5 in bf16
+#                      is measured per machine: machine.txt's walk-all line)
 #   bar-no-prefetch.md the bar shapes without the software prefetch (DUOSERVE_CPU_PREFETCH=0,0)
 #   px-cold.md         batch 1 at p_x 0 / 0.3 / 0.5 / 0.7 (p_w 0.5), weights from DRAM
 #   skip-always.md, skip-walk-all.md   p_w 0..0.5 x p_x 0..0.7, batch 1, from DRAM, always skipping
-#                      inactive columns / always walking all: where each wins sets the walk-all
-#                      policy's constants (kernels/csrc: walk_all_columns)
+#                      inactive columns / always walking all: where each wins set the walk-all
+#                      policies' constants (kernels/csrc: walk_all_columns, calibrate_walk_all)
 #   simd.txt           scripts/simd_throughput.c: the decoders' instructions against an FMA
 #   skip.txt           scripts/skip_bandwidth.c: reading a random half of contiguous spans vs all
 #   cutover.md         the spMspV walk (the panel walk from 6 tokens) vs the decompress + matmul
