@@ -683,27 +683,51 @@ bool decoder_available(Decoder d) {
 // columns at about 50% weight sparsity, one token, every column active; about 0.1 ms a pass): the walk
 // is bound by decoding instructions in cache, which is where the decoders differ (from DRAM, with
 // the prefetch, they were level on the Zen 5 host). Best of 7 passes each, alternating.
+// A fixed xorshift stream: the calibrations measure the same problem every time.
+struct Xorshift {
+  uint64_t state;
+  uint64_t next() {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    return state;
+  }
+};
+
+// The index of a synthetic weight for the calibrations: NB row blocks x K columns, about half of
+// the bits set (p_w ~0.5: 64 values, 128 bytes of bf16, per row block and column).
+struct SyntheticIndex {
+  std::vector<int32_t> bitmap, offsets;
+  int64_t nnz = 0;
+};
+
+SyntheticIndex synthetic_index(int64_t NB, int64_t K, Xorshift& rng) {
+  SyntheticIndex s;
+  s.bitmap.resize(NB * K * WORDS);
+  s.offsets.resize(NB * K);
+  for (int64_t c = 0; c < NB * K; ++c) {
+    s.offsets[c] = static_cast<int32_t>(s.nnz);
+    for (int64_t w = 0; w < WORDS; ++w) {
+      const uint32_t word = static_cast<uint32_t>(rng.next() >> 16);
+      s.bitmap[c * WORDS + w] = static_cast<int32_t>(word);
+      s.nnz += __builtin_popcount(word);
+    }
+  }
+  return s;
+}
+
 Decoder calibrate_decoder(bool bf16) {
   if (!cpu_has_permute_isa()) return cpu_has_avx512() ? Decoder::kExpand : Decoder::kScalar;
   if (!cpu_has_avx512()) return Decoder::kPermute;
   constexpr int64_t NB = 8, K = 512;
-  std::vector<int32_t> bitmap(NB * K * WORDS), offsets(NB * K);
-  uint64_t state = 0x9E3779B97F4A7C15ull;  // fixed xorshift stream: the same problem every time
-  auto next = [&state] { state ^= state << 13; state ^= state >> 7; state ^= state << 17; return state; };
-  int64_t nnz = 0;
-  for (int64_t c = 0; c < NB * K; ++c) {
-    offsets[c] = static_cast<int32_t>(nnz);
-    for (int64_t w = 0; w < WORDS; ++w) {
-      bitmap[c * WORDS + w] = static_cast<int32_t>(static_cast<uint32_t>(next() >> 16));  // ~50% set
-      nnz += __builtin_popcount(static_cast<uint32_t>(bitmap[c * WORDS + w]));
-    }
-  }
-  std::vector<uint16_t> v16(bf16 ? nnz + R : 0, 0x3F80);  // 1.0
-  std::vector<float> v32(bf16 ? 0 : nnz + R, 1.f);
+  Xorshift rng{0x9E3779B97F4A7C15ull};
+  const SyntheticIndex index = synthetic_index(NB, K, rng);
+  std::vector<uint16_t> v16(bf16 ? index.nnz + R : 0, 0x3F80);  // 1.0
+  std::vector<float> v32(bf16 ? 0 : index.nnz + R, 1.f);
   std::vector<int32_t> active(K);
   for (int64_t k = 0; k < K; ++k) active[k] = static_cast<int32_t>(k);
   std::vector<float> xc(K, 0.5f), y(NB * R);
-  const Problem p{bitmap.data(), offsets.data(), bf16 ? static_cast<const void*>(v16.data()) : v32.data(),
+  const Problem p{index.bitmap.data(), index.offsets.data(), bf16 ? static_cast<const void*>(v16.data()) : v32.data(),
                   active.data(), K, xc.data(), 1, K, NB * R, y.data()};
   double best[2] = {1e30, 1e30};
   const Decoder candidates[2] = {Decoder::kExpand, Decoder::kPermute};
@@ -840,22 +864,11 @@ WalkAllCalibration measure_walk_all() {
   constexpr int64_t K = 4096;
   const int64_t per_block = K * (WORDS * 4 + 4 + R);  // bitmap, offsets, ~64 bf16 values per column
   const int64_t NB = (target + per_block - 1) / per_block;
-  std::vector<int32_t> bitmap(NB * K * WORDS), offsets(NB * K);
-  uint64_t state = 0x2545F4914F6CDD1Dull;
-  auto next = [&state] { state ^= state << 13; state ^= state >> 7; state ^= state << 17; return state; };
-  int64_t nnz = 0;
-  for (int64_t col = 0; col < NB * K; ++col) {
-    offsets[col] = static_cast<int32_t>(nnz);
-    const uint64_t r0 = next(), r1 = next();
-    const uint32_t words[WORDS] = {static_cast<uint32_t>(r0), static_cast<uint32_t>(r0 >> 32),
-                                   static_cast<uint32_t>(r1), static_cast<uint32_t>(r1 >> 32)};
-    for (int64_t w = 0; w < WORDS; ++w) {
-      bitmap[col * WORDS + w] = static_cast<int32_t>(words[w]);
-      nnz += __builtin_popcount(words[w]);
-    }
-  }
-  const std::vector<uint16_t> values(nnz + R, 0x3F80);  // 1.0
-  c.probe_bytes = static_cast<int64_t>(bitmap.size() + offsets.size()) * 4 + static_cast<int64_t>(values.size()) * 2;
+  Xorshift rng{0x2545F4914F6CDD1Dull};
+  const SyntheticIndex index = synthetic_index(NB, K, rng);
+  const std::vector<uint16_t> values(index.nnz + R, 0x3F80);  // 1.0
+  c.probe_bytes = static_cast<int64_t>(index.bitmap.size() + index.offsets.size()) * 4 +
+                  static_cast<int64_t>(values.size()) * 2;
   std::vector<int32_t> all(K), on;
   for (int64_t k = 0; k < K; ++k) all[k] = static_cast<int32_t>(k);
   std::vector<float> x_all(K), x_on, y(NB * R);
@@ -863,14 +876,14 @@ WalkAllCalibration measure_walk_all() {
   for (int pass = 0; pass < 5; ++pass) {
     on.clear();
     for (int64_t k = 0; k < K; ++k) {
-      const bool active = next() & 1;
+      const bool active = rng.next() & 1;
       x_all[k] = active ? 1.f : 0.f;
       if (active) on.push_back(static_cast<int32_t>(k));
     }
     x_on.assign(on.size(), 1.f);
     for (int i = 0; i < 2; ++i) {
       const int which = (pass + i) % 2;  // alternate which policy goes first
-      const Problem p{bitmap.data(), offsets.data(), values.data(), which ? all.data() : on.data(),
+      const Problem p{index.bitmap.data(), index.offsets.data(), values.data(), which ? all.data() : on.data(),
                       which ? K : static_cast<int64_t>(on.size()), which ? x_all.data() : x_on.data(),
                       1, K, NB * R, y.data()};
       const auto start = std::chrono::steady_clock::now();
