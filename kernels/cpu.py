@@ -3,8 +3,8 @@
 Loading it registers the CPU kernel of `duoserve::dual_sparse_linear` in C++ (TORCH_LIBRARY), so a
 CPU call goes from the dispatcher straight to C++ (a few microseconds; a Python-side custom op
 costs ~20 us a call, more than the whole 576x576 product). Behind that kernel:
-  T <= sparse_max_tokens (bf16/fp32): the spMspV walk (AVX-512, or a scalar loop on CPUs
-    without it): per row block, only the columns active for some token are read, with a software
+  T <= sparse_max_tokens (bf16/fp32): the spMspV walk (AVX-512; bf16 with AVX2 on CPUs without
+    AVX-512; a scalar loop otherwise): per row block, only the columns active for some token are read, with a software
     prefetch 48 columns ahead (the scattered spans defeat the hardware prefetchers;
     `set_prefetch`, DUOSERVE_CPU_PREFETCH), except where walking every column is faster: a
     weight with long spans and not too many columns inactive (`set_walk_all`). How long is long
@@ -147,12 +147,18 @@ def tiled(x, bitmap, offsets, values, threshold, bias, n: int):
     return _load().tiled_linear(x, bitmap, offsets, values, threshold, bias, n)
 
 
-def set_sparse_max_tokens(t: int) -> None:
-    _load().set_sparse_max_tokens(int(t))
+def set_sparse_max_tokens(t: int | None) -> None:
+    """Calls of up to `t` tokens take the spMspV walk, larger ones the tiled path (bf16 batches in
+    the panel walk's range excepted); None: back to the default, 12 with the AVX-512 decoders and 3
+    with the AVX2 decoder or the scalar loop."""
+    _load().set_sparse_max_tokens(-1 if t is None else int(t))
 
 
-def sparse_max_tokens() -> int:
-    return _load().get_sparse_max_tokens()
+def sparse_max_tokens(dtype: torch.dtype = torch.bfloat16) -> int:
+    """The walk/tiled cutover in use for `dtype` (it follows that dtype's decoder unless set)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"the spMspV walk runs bf16 and fp32, not {dtype}")
+    return _load().get_sparse_max_tokens("bf16" if dtype == torch.bfloat16 else "fp32")
 
 
 def set_walk_all(max_inactive: float | None, min_span_bytes: float | None = None) -> None:

@@ -116,7 +116,7 @@ def kernel_backend(device: torch.device | str, dtype: torch.dtype) -> str:
         return f"native CPU kernel, {dtype} through the decompress + fp32 matmul path"
     tokens = cpu.panel_walk_tokens() if dtype == torch.bfloat16 else None
     panel = f", the bf16 panel walk (vdpbf16ps) at {tokens[0]}-{tokens[1]} tokens" if tokens else ""
-    most = max(cpu.sparse_max_tokens(), tokens[1] if tokens else 0)
+    most = max(cpu.sparse_max_tokens(dtype), tokens[1] if tokens else 0)
     max_inactive, min_span = cpu.walk_all()
     walk = ("inactive columns always skipped" if max_inactive <= 0 else
             f"every column walked when under {max_inactive:g} of them are inactive and a weight's spans "

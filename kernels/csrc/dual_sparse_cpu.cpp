@@ -240,6 +240,95 @@ DS_AVX512 void block_f32_avx512(const Problem& p, int64_t rb, int64_t t0) {
   store_block(p, rb, t0, TB, out);
 }
 
+// ---- AVX2 path (AVX2 + FMA, no AVX-512: e.g. AMD Zen 2/3, Intel client CPUs), bf16 only ----
+// One byte of a word's mask (8 rows) selects a pshufb pattern that moves its packed bf16 values to
+// their rows and zeroes the absent ones: one 16-byte load, one shuffle, a widen and a shift give 8
+// fp32 rows. Without it such CPUs ran the scalar loop over set bits at 0.1-0.5x dense.
+#define DS_AVX2 __attribute__((target("avx2,fma,popcnt")))
+
+struct Bf16ByteShuffles {
+  alignas(16) uint8_t pattern[256][16];
+  Bf16ByteShuffles() {
+    for (int m = 0; m < 256; ++m)
+      for (int i = 0, k = 0; i < 8; ++i) {
+        const bool present = (m >> i) & 1;
+        pattern[m][2 * i] = present ? static_cast<uint8_t>(2 * k) : 0x80;      // 0x80: pshufb writes 0
+        pattern[m][2 * i + 1] = present ? static_cast<uint8_t>(2 * k + 1) : 0x80;
+        k += present;
+      }
+  }
+};
+const Bf16ByteShuffles& bf16_byte_shuffles() {
+  static const Bf16ByteShuffles table;
+  return table;
+}
+
+// 8 rows of one mask byte -> 8 bf16 in row order (zeros where absent), 16 bytes.
+DS_AVX2 inline __m128i expand_byte_bf16(uint32_t byte, const uint16_t* v, const Bf16ByteShuffles& shuffles) {
+  return _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)),
+                          _mm_load_si128(reinterpret_cast<const __m128i*>(shuffles.pattern[byte])));
+}
+
+// TB (1..3) tokens, W words (2 in a last block of at most 64 rows, 4 otherwise), one pass over the
+// active columns: 4 W TB ymm accumulators, more than the 16 registers from one token on, but the
+// spills (L1 round trips) cost less than walking the columns once per 64- or 32-row slice (which
+// re-reads each column's values from L2 or further): Zen 4, forced, 11008x4096 from DRAM at one
+// token 6.1-6.4 ms in 64-row halves, 4.5-4.9 ms in one pass (docs/kernels.md).
+template <int TB, int W>
+DS_AVX2 void block_bf16_avx2(const Problem& p, int64_t rb, int64_t t0) {
+  const Bf16ByteShuffles& shuffles = bf16_byte_shuffles();
+  const uint16_t* vals = static_cast<const uint16_t*>(p.values);
+  __m256 acc[TB][W][4];  // [token][32-row word][8-row group]
+  DS_UNROLL for (int t = 0; t < TB; ++t)
+    for (int c = 0; c < W; ++c)
+      for (int g = 0; g < 4; ++g) acc[t][c][g] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < p.n_active; ++j) {
+    const int64_t col = rb * p.K + p.active[j];
+    const int32_t* words = p.bitmap + col * WORDS;
+    const uint16_t* v = vals + p.offsets[col];
+    prefetch_column<uint16_t>(p, rb, j + g_prefetch_ahead);
+    __m256 xb[TB];
+    DS_UNROLL for (int t = 0; t < TB; ++t) xb[t] = _mm256_set1_ps(p.xc[j * p.T + t0 + t]);
+    DS_UNROLL for (int c = 0; c < W; ++c) {
+      const uint32_t m = static_cast<uint32_t>(words[c]);
+      DS_UNROLL for (int g = 0; g < 4; ++g) {
+        // each group's start from the word's (independent popcounts rather than a chain through v)
+        const uint32_t below = g == 0 ? 0u : _mm_popcnt_u32(m & ((1u << (8 * g)) - 1u));
+        const __m256 f = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(expand_byte_bf16((m >> (8 * g)) & 0xFFu, v + below, shuffles)), 16));
+        DS_UNROLL for (int t = 0; t < TB; ++t) acc[t][c][g] = _mm256_fmadd_ps(f, xb[t], acc[t][c][g]);
+      }
+      v += _mm_popcnt_u32(m);
+    }
+  }
+  alignas(32) float out[TB * R];  // rows past 32 W are not stored (store_block stops at N)
+  DS_UNROLL for (int t = 0; t < TB; ++t)
+    for (int c = 0; c < W; ++c)
+      for (int g = 0; g < 4; ++g) _mm256_store_ps(out + t * R + 32 * c + 8 * g, acc[t][c][g]);
+  store_block(p, rb, t0, TB, out);
+}
+
+// The AVX2 version of expand_column_avx512 for 16-bit values (fp32 takes the scalar loop).
+DS_AVX2 void unpack_range_avx2_16bit(const int32_t* bm, const int32_t* off, const char* vals, char* o,
+                                     int64_t K, int64_t cols, int64_t rb0, int64_t rb1, int64_t k0, int64_t k1) {
+  const Bf16ByteShuffles& shuffles = bf16_byte_shuffles();
+  for (int64_t k = k0; k < k1; ++k)
+    for (int64_t rb = rb0; rb < rb1; ++rb) {
+      const int64_t col = rb * K + k;
+      const uint16_t* v = reinterpret_cast<const uint16_t*>(vals) + off[col];
+      char* dst = o + (k * cols + (rb - rb0) * R) * 2;
+      for (int c = 0; c < WORDS; ++c) {
+        const uint32_t m = static_cast<uint32_t>(bm[col * WORDS + c]);
+        for (int g = 0; g < 4; ++g) {
+          const uint32_t below = g == 0 ? 0u : _mm_popcnt_u32(m & ((1u << (8 * g)) - 1u));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16 * (4 * c + g)),
+                           expand_byte_bf16((m >> (8 * g)) & 0xFFu, v + below, shuffles));
+        }
+        v += _mm_popcnt_u32(m);
+      }
+    }
+}
+
 // ---- AVX-512 "permute" decoder (F + BW + VPOPCNTDQ + BITALG): no expand instruction ----
 // The block functions below repeat the expand ones' loop scaffolding on purpose: each decoder's
 // code is compiled for exactly the instructions it needs (its own target attribute), so a CPU with
@@ -575,6 +664,12 @@ DS_AVX512_PERM void unpack_range_permute(const int32_t* bm, const int32_t* off, 
     }
 }
 
+bool cpu_has_avx2() {  // what DS_AVX2 enables
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("popcnt");
+  return ok;
+}
+
 bool cpu_has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
@@ -598,7 +693,7 @@ bool cpu_has_bf16_dot() {  // what DS_AVX512_DOT adds to DS_AVX512_PERM
 // fp32 operations in the same order per row, so they give bit-identical results; which one is
 // faster depends on the CPU (vpexpandw's cost differs between microarchitectures), so unless one
 // is requested the first call measures both (calibrate_decoder).
-enum class Decoder : int64_t { kScalar = 0, kExpand = 1, kPermute = 2 };
+enum class Decoder : int64_t { kScalar = 0, kExpand = 1, kPermute = 2, kAvx2 = 3 };
 int64_t g_decoder_request = -1;  // -1: measure; otherwise a Decoder
 
 int64_t g_slices_max_tb = QUARTERS_MAX_TB;  // 0: passes of at most MAX_TB tokens only (for tests and benchmarks)
@@ -665,6 +760,14 @@ void run_block(const Problem& p, int64_t rb, bool bf16, Decoder d) {
         constexpr int TB = decltype(t)::value, W = decltype(w)::value;
         bf16 ? block_bf16_permute<TB, W>(p, rb, t0) : block_f32_permute<TB, W>(p, rb, t0);
       });
+    } else if (d == Decoder::kAvx2) {  // bf16 only; fp32 takes the scalar loop
+      if (!bf16) {
+        block_scalar<float>(p, rb, t0, tb);
+        continue;
+      }
+      with_tokens_and_words(p, rb, tb, [&](auto t, auto w) {
+        block_bf16_avx2<decltype(t)::value, decltype(w)::value>(p, rb, t0);
+      });
     } else {  // the expand decoder
       with_tokens_and_words(p, rb, tb, [&](auto t, auto w) {
         constexpr int TB = decltype(t)::value, W = decltype(w)::value;
@@ -676,7 +779,7 @@ void run_block(const Problem& p, int64_t rb, bool bf16, Decoder d) {
 
 bool decoder_available(Decoder d) {
   return d == Decoder::kScalar || (d == Decoder::kExpand && cpu_has_avx512()) ||
-         (d == Decoder::kPermute && cpu_has_permute_isa());
+         (d == Decoder::kPermute && cpu_has_permute_isa()) || (d == Decoder::kAvx2 && cpu_has_avx2());
 }
 
 // Times both SIMD decoders on a synthetic problem that stays in cache (8 row blocks x 512
@@ -717,7 +820,8 @@ SyntheticIndex synthetic_index(int64_t NB, int64_t K, Xorshift& rng) {
 }
 
 Decoder calibrate_decoder(bool bf16) {
-  if (!cpu_has_permute_isa()) return cpu_has_avx512() ? Decoder::kExpand : Decoder::kScalar;
+  if (!cpu_has_permute_isa())
+    return cpu_has_avx512() ? Decoder::kExpand : cpu_has_avx2() ? Decoder::kAvx2 : Decoder::kScalar;
   if (!cpu_has_avx512()) return Decoder::kPermute;
   constexpr int64_t NB = 8, K = 512;
   Xorshift rng{0x9E3779B97F4A7C15ull};
@@ -1064,6 +1168,7 @@ torch::Tensor unpack_transposed(const torch::Tensor& bitmap, const torch::Tensor
   at::parallel_for(0, K, std::max<int64_t>(64, (1 << 18) / cols), [&](int64_t k0, int64_t k1) {
     if (decoder == Decoder::kPermute) return unpack_range_permute(bm, off, vals, o, K, cols, rb0, rb1, esize, k0, k1);
     if (decoder == Decoder::kExpand) return unpack_range_avx512(bm, off, vals, o, K, cols, rb0, rb1, esize, k0, k1);
+    if (decoder == Decoder::kAvx2 && esize == 2) return unpack_range_avx2_16bit(bm, off, vals, o, K, cols, rb0, rb1, k0, k1);
     for (int64_t k = k0; k < k1; ++k)
       for (int64_t rb = rb0; rb < rb1; ++rb) {
         const int64_t col = rb * K + k;
@@ -1084,7 +1189,16 @@ torch::Tensor unpack_transposed(const torch::Tensor& bitmap, const torch::Tensor
 }
 
 namespace {
-int64_t g_sparse_max_tokens = 12;  // spmspv up to this many tokens, tiled GEMM above (measured: bench --cutover)
+// spmspv up to this many tokens, tiled GEMM above (measured: bench --cutover); -1: by decoder
+// (sparse_max_tokens_for): 12 with the AVX-512 decoders, 3 with the AVX2 one and the scalar loop,
+// whose walks pay for each pass of 3 tokens in full (Zen 4, AVX2 forced, no panel walk: the tiled
+// path was 5-8% faster at 4 tokens, 1.6-2.6x at 8-32; docs/kernels.md).
+int64_t g_sparse_max_tokens = -1;
+int64_t sparse_max_tokens_for(bool bf16) {
+  if (g_sparse_max_tokens >= 0) return g_sparse_max_tokens;
+  const Decoder d = active_decoder(bf16);
+  return d == Decoder::kExpand || d == Decoder::kPermute ? 12 : 3;
+}
 // Decompressed W^T tile budget of the tiled path (bf16: 2 MiB, so a tile is still in L2/L3 when
 // matmul reads it; and at least one row block). On the Zen 5 host, cold, T = 16 / 64, against
 // 1 << 22: 11008x4096 7.4-7.7 ms instead of 10.9-11.0 (dense torch.matmul 6.8-7.1), 4096x11008
@@ -1122,14 +1236,17 @@ torch::Tensor linear_cpu(const torch::Tensor& x, const torch::Tensor& bitmap, co
               values.scalar_type());
   check_layout(bitmap, offsets, values, n, k);
   const bool sparse_dtype = x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat;
-  if (sparse_dtype && x.size(0) <= g_sparse_max_tokens)
+  if (sparse_dtype && x.size(0) <= sparse_max_tokens_for(x.scalar_type() == torch::kBFloat16))
     return spmspv(x, bitmap, offsets, values, threshold, bias, n, 0);
   if (x.scalar_type() == torch::kBFloat16 && x.size(0) <= g_bf16_dot_max_tb && panel_enabled(x.size(0)))
     return spmspv(x, bitmap, offsets, values, threshold, bias, n, 0);
   return tiled_linear(x.contiguous(), bitmap, offsets, values, threshold, bias, n);
 }
 
-void set_sparse_max_tokens(int64_t t) { g_sparse_max_tokens = t; }
+void set_sparse_max_tokens(int64_t t) {  // -1: back to the decoder's default
+  TORCH_CHECK(t >= -1, "sparse_max_tokens must be >= 0 (or -1 for the decoder's default), got ", t);
+  g_sparse_max_tokens = t;
+}
 void set_slices_max_tokens(int64_t t) {
   TORCH_CHECK(t == 0 || (HALVES_MIN_TB <= t && t <= QUARTERS_MAX_TB), "tokens per one-pass slice walk: 0 (off) or ",
               HALVES_MIN_TB, "..", QUARTERS_MAX_TB);
@@ -1169,11 +1286,12 @@ void set_prefetch(int64_t ahead, int64_t lines) {
   g_prefetch_lines = lines;
 }
 std::vector<int64_t> get_prefetch() { return {g_prefetch_ahead, g_prefetch_lines}; }
-int64_t get_sparse_max_tokens() { return g_sparse_max_tokens; }
+int64_t get_sparse_max_tokens(const std::string& dtype) { return sparse_max_tokens_for(dtype == "bf16"); }
 
-std::string isa() { return cpu_has_avx512() || cpu_has_permute_isa() ? "avx512" : "scalar"; }
+std::string isa() { return cpu_has_avx512() || cpu_has_permute_isa() ? "avx512" : cpu_has_avx2() ? "avx2" : "scalar"; }
 
-const char* const kDecoderNames[] = {"scalar", "expand", "permute"};
+const char* const kDecoderNames[] = {"scalar", "expand", "permute", "avx2"};
+constexpr int64_t kDecoders = 4;
 
 // "bf16" or "fp32" -> the decoder the spMspV walk uses for that dtype (measured on first use).
 std::string decoder(const std::string& dtype) {
@@ -1184,19 +1302,19 @@ std::string decoder(const std::string& dtype) {
 // "" (measure, the default), "scalar", "expand" or "permute"; refuses one this CPU cannot run.
 void set_decoder(const std::string& name) {
   if (name.empty()) { g_decoder_request = -1; return; }
-  for (int64_t d = 0; d < 3; ++d)
+  for (int64_t d = 0; d < kDecoders; ++d)
     if (name == kDecoderNames[d]) {
-      TORCH_CHECK(decoder_available(static_cast<Decoder>(d)), "decoder '", name,
-                  "' needs AVX-512 instructions this CPU lacks (", name == "expand" ? "VBMI2" : "VPOPCNTDQ", ")");
+      TORCH_CHECK(decoder_available(static_cast<Decoder>(d)), "decoder '", name, "' needs instructions this CPU lacks (",
+                  name == "expand" ? "AVX-512 VBMI2" : name == "permute" ? "AVX-512 VPOPCNTDQ" : "AVX2 + FMA", ")");
       g_decoder_request = d;
       return;
     }
-  TORCH_CHECK(false, "unknown decoder '", name, "': use scalar, expand, permute or an empty string");
+  TORCH_CHECK(false, "unknown decoder '", name, "': use scalar, expand, permute, avx2 or an empty string");
 }
 
 std::vector<std::string> available_decoders() {
   std::vector<std::string> out;
-  for (int64_t d = 0; d < 3; ++d)
+  for (int64_t d = 0; d < kDecoders; ++d)
     if (decoder_available(static_cast<Decoder>(d))) out.push_back(kDecoderNames[d]);
   return out;
 }
@@ -1217,7 +1335,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mask_input", &mask_input, "where(|x| > t, x, 0)");
   m.def("tiled_linear", &tiled_linear, "the prefill path (decompressed W^T tiles + matmul)");
   m.def("set_sparse_max_tokens", &set_sparse_max_tokens, "token count up to which spmspv is used");
-  m.def("get_sparse_max_tokens", &get_sparse_max_tokens);
+  m.def("get_sparse_max_tokens", &get_sparse_max_tokens, "the cutover in use for 'bf16' or 'fp32'");
   m.def("set_slices_max_tokens", &set_slices_max_tokens,
         "bf16 permute walk: up to this many tokens (4..12) in one pass over row slices; 0 = passes of 3");
   m.def("get_slices_max_tokens", &get_slices_max_tokens);

@@ -44,9 +44,10 @@ def walk_policy(request):
     cpu.set_walk_all(None)
 
 
-@pytest.fixture(params=["expand", "permute"])
+@pytest.fixture(params=["expand", "permute", "avx2"])
 def simd_decoder(request):
-    """Each AVX-512 decoder of the walk, forced (by default the faster one is measured and kept)."""
+    """Each SIMD decoder of the walk, forced (by default the faster one is measured and kept; avx2
+    is the choice only on CPUs without AVX-512, and walks bf16 only: fp32 takes the scalar loop)."""
     if not cpu.available():
         pytest.skip(f"CPU extension: {cpu.import_error()}")
     if request.param not in cpu.available_decoders():
@@ -95,9 +96,10 @@ def test_mask_input_matches_torch_where(dtype):
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_simd_decoders_are_bit_identical(dtype):
-    """Both decoders do the same fp32 operations in the same order per row, so the measured choice
-    can never change a result."""
-    names = [d for d in ("expand", "permute") if d in cpu.available_decoders()]
+    """The SIMD decoders do the same fp32 operations in the same order per row, so the measured
+    choice can never change a result (avx2 walks bf16 only)."""
+    candidates = ("expand", "permute", "avx2") if dtype == torch.bfloat16 else ("expand", "permute")
+    names = [d for d in candidates if d in cpu.available_decoders()]
     if len(names) < 2:
         pytest.skip(f"this CPU runs only {names}")
     from duoserve.kernels import pack_dense
@@ -113,9 +115,29 @@ def test_simd_decoders_are_bit_identical(dtype):
                     outs.append(_spmspv(False)(x, p, thr, bias))
                 finally:
                     cpu.set_decoder(None)
-            assert torch.equal(outs[0], outs[1]), case
+            assert all(torch.equal(outs[0], out) for out in outs[1:]), (case, names)
     finally:
         cpu.set_bf16_dot_tokens(6, 256)
+
+
+@needs_ext
+def test_cutover_follows_the_decoder():
+    """Without the AVX-512 decoders each pass of 3 tokens costs a full walk, so 4+ tokens go tiled."""
+    simd512 = cpu.decoder(torch.bfloat16) in ("expand", "permute")
+    assert cpu.sparse_max_tokens() == (12 if simd512 else 3)
+    try:
+        for name, most in (("avx2", 3), ("scalar", 3), ("permute", 12), ("expand", 12)):
+            if name in cpu.available_decoders():
+                cpu.set_decoder(name)
+                assert cpu.sparse_max_tokens(torch.bfloat16) == most, name
+        cpu.set_sparse_max_tokens(5)
+        assert cpu.sparse_max_tokens(torch.bfloat16) == cpu.sparse_max_tokens(torch.float32) == 5
+        with pytest.raises(RuntimeError, match="must be >= 0"):
+            cpu.set_sparse_max_tokens(-2)
+    finally:
+        cpu.set_decoder(None)
+        cpu.set_sparse_max_tokens(None)
+    assert cpu.sparse_max_tokens() == (12 if simd512 else 3)
 
 
 @needs_ext

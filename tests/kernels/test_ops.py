@@ -92,7 +92,7 @@ def test_kernel_backend_names_what_runs():
         assert f"up to {256 if panel else cpu.sparse_max_tokens()} tokens" in text
         assert ("the bf16 panel walk (vdpbf16ps) at 6-256 tokens" in text) == panel
         assert "panel" not in kernel_backend("cpu", torch.float32)
-        assert f"up to {cpu.sparse_max_tokens()} tokens" in kernel_backend("cpu", torch.float32)
+        assert f"up to {cpu.sparse_max_tokens(torch.float32)} tokens" in kernel_backend("cpu", torch.float32)
         assert "decompress + fp32 matmul" in kernel_backend("cpu", torch.float16)
         max_inactive, min_span = cpu.walk_all()  # the walk-all policy in use (measured here)
         assert f"under {max_inactive:g} of them are inactive and a weight's spans average over {min_span:g} B" in text
