@@ -133,7 +133,7 @@ def import_error() -> str | None:
 
 
 def isa() -> str:
-    """The instruction set the native spMspV kernel uses here ('avx512' or 'scalar')."""
+    """The instruction set the native spMspV kernel uses here ('avx512', 'avx2' or 'scalar')."""
     return _load().isa() if available() else "none"
 
 
@@ -216,7 +216,8 @@ def prefetch() -> tuple[int, int]:
 
 
 def available_decoders() -> list[str]:
-    """The spMspV decoders this CPU can run: 'scalar', and 'expand' / 'permute' with AVX-512."""
+    """The spMspV decoders this CPU can run: 'scalar', 'expand' / 'permute' with AVX-512, 'avx2'
+    with AVX2 + FMA (measured choices: expand or permute where AVX-512 is there, else avx2)."""
     return list(_load().available_decoders())
 
 
@@ -228,8 +229,8 @@ def decoder(dtype: torch.dtype = torch.bfloat16) -> str:
 
 
 def set_decoder(name: str | None) -> None:
-    """Force 'scalar', 'expand' or 'permute' (a CPU without its instructions is refused), or None to
-    go back to the measured choice."""
+    """Force 'scalar', 'expand', 'permute' or 'avx2' (a CPU without its instructions is refused), or
+    None to go back to the measured choice."""
     _load().set_decoder(name or "")
 
 
