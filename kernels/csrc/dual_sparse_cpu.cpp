@@ -24,8 +24,9 @@
 // to 3 (24 zmm accumulators), or, bf16 with the permute decoder, 4-12 in one pass over row slices
 // (block_bf16_permute_slices); on CPUs with AVX512-BF16, batches of 6-256 tokens decode each chunk of
 // columns once into an L1 panel and multiply it with vdpbf16ps (block_bf16_dot_panel). The AVX-512
-// code is compiled with per-function target attributes and chosen at run time; other x86-64
-// CPUs take a scalar loop over set bits (same results up to fp32 summation order).
+// code is compiled with per-function target attributes and chosen at run time; x86-64 CPUs without
+// AVX-512 take an AVX2 decoder for bf16 (block_bf16_avx2: a pshufb pattern per mask byte) and a
+// scalar loop over set bits otherwise (same results up to fp32 summation order).
 //
 // unpack_transposed (prefill): decompresses row blocks [rb0, rb1), with the walk's decoder, into a dense W^T tile
 // [K, rows] so torch.matmul can run the large-batch product without a full dense copy.
