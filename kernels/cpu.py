@@ -4,10 +4,10 @@ Loading it registers the CPU kernel of `duoserve::dual_sparse_linear` in C++ (TO
 CPU call goes from the dispatcher straight to C++ (a few microseconds; a Python-side custom op
 costs ~20 us a call, more than the whole 576x576 product). Behind that kernel:
   T <= sparse_max_tokens (bf16/fp32): the spMspV walk (AVX-512; bf16 with AVX2 on CPUs without
-    AVX-512; a scalar loop otherwise): per row block, only the columns active for some token are read, with a software
-    prefetch 48 columns ahead (the scattered spans defeat the hardware prefetchers;
-    `set_prefetch`, DUOSERVE_CPU_PREFETCH), except where walking every column is faster: a
-    weight with long spans and not too many columns inactive (`set_walk_all`). How long is long
+    AVX-512; a scalar loop otherwise): per row block, only the columns active for some token are
+    read, with a software prefetch 48 columns ahead (the scattered spans defeat the hardware
+    prefetchers; `set_prefetch`, DUOSERVE_CPU_PREFETCH), except where walking every column is
+    faster: a weight with long spans and not too many columns inactive (`set_walk_all`). How long is long
     depends on the memory system (skipping a random half of bf16 p_w 0.5 spans is level with
     walking them all on a Zen 5 host, 1.3x slower on a Zen 4 host), so it is measured once per
     process (`walk_all_calibration`; docs/kernels.md).
