@@ -180,17 +180,20 @@ def walk_all() -> tuple[float, float]:
     return max_inactive, min_span
 
 
-# The two policies the measurement chooses between (kernels/csrc: kSkipShortSpans, kWalkShortSpans).
-SKIP_SHORT_SPANS = (0.6, 144.0)  # skipping 128-byte spans pays or is level (the Zen 5 host)
-WALK_SHORT_SPANS = (0.75, 112.0)  # it does not (the Zen 4 host): bf16 at p_w 0.5 walks every column
+def walk_all_policies() -> dict[str, tuple[float, float]]:
+    """The two (max_inactive, min_span_bytes) policies the measurement chooses between:
+    "skip_short_spans" where skipping 128-byte spans pays or is level (the Zen 5 host), and
+    "walk_short_spans" where it does not (the Zen 4 host: bf16 at p_w 0.5 walks every column)."""
+    skip, walk = _load().get_walk_all_policies()
+    return {"skip_short_spans": tuple(skip), "walk_short_spans": tuple(walk)}
 
 
 def walk_all_calibration() -> dict | None:
     """The one-time measurement behind the walk-all policy (run on first use, ~0.2 s): the
     one-token bf16 walk over a synthetic p_w 0.5 weight of 4x the L3 (64-512 MiB), skipping a
     random half of the columns against walking them all; best of 5 each. If skipping takes over
-    1.1x the walk, the policy is WALK_SHORT_SPANS, else SKIP_SHORT_SPANS. None where nothing is
-    measured (the scalar decoder: bound by decoding, it keeps SKIP_SHORT_SPANS)."""
+    1.1x the walk, the policy is walk_short_spans, else skip_short_spans (`walk_all_policies`). None
+    where nothing is measured (the scalar decoder, bound by decoding, keeps skip_short_spans)."""
     skip_s, walk_s, probe_bytes, max_inactive, min_span = _load().get_walk_all_calibration()
     if skip_s == 0.0:
         return None

@@ -244,7 +244,8 @@ DS_AVX512 void block_f32_avx512(const Problem& p, int64_t rb, int64_t t0) {
 // ---- AVX2 path (AVX2 + FMA, no AVX-512: e.g. AMD Zen 2/3, Intel client CPUs), bf16 only ----
 // One byte of a word's mask (8 rows) selects a pshufb pattern that moves its packed bf16 values to
 // their rows and zeroes the absent ones: one 16-byte load, one shuffle, a widen and a shift give 8
-// fp32 rows. Without it such CPUs ran the scalar loop over set bits at 0.1-0.5x dense.
+// fp32 rows. Without it such CPUs ran the scalar loop over set bits (0.5-0.8x dense at one token,
+// forced on the Zen 4 host; 0.1x at four).
 #define DS_AVX2 __attribute__((target("avx2,fma,popcnt")))
 
 struct Bf16ByteShuffles {
@@ -264,10 +265,16 @@ const Bf16ByteShuffles& bf16_byte_shuffles() {
   return table;
 }
 
-// 8 rows of one mask byte -> 8 bf16 in row order (zeros where absent), 16 bytes.
-DS_AVX2 inline __m128i expand_byte_bf16(uint32_t byte, const uint16_t* v, const Bf16ByteShuffles& shuffles) {
-  return _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)),
-                          _mm_load_si128(reinterpret_cast<const __m128i*>(shuffles.pattern[byte])));
+// The 32 rows of one mask word -> 4 x 8 bf16 in row order (zeros where absent); each group's start
+// comes from the word's (independent popcounts rather than a chain through the pointer). The
+// padding after the last value makes the 16-byte over-reads safe.
+DS_AVX2 inline void expand_word_bf16(uint32_t m, const uint16_t* v, const Bf16ByteShuffles& shuffles,
+                                     __m128i rows[4]) {
+  DS_UNROLL for (int g = 0; g < 4; ++g) {
+    const uint32_t below = g == 0 ? 0u : _mm_popcnt_u32(m & ((1u << (8 * g)) - 1u));
+    rows[g] = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + below)),
+                               _mm_load_si128(reinterpret_cast<const __m128i*>(shuffles.pattern[(m >> (8 * g)) & 0xFFu])));
+  }
 }
 
 // TB (1..3) tokens, W words (2 in a last block of at most 64 rows, 4 otherwise), one pass over the
@@ -292,14 +299,13 @@ DS_AVX2 void block_bf16_avx2(const Problem& p, int64_t rb, int64_t t0) {
     DS_UNROLL for (int t = 0; t < TB; ++t) xb[t] = _mm256_set1_ps(p.xc[j * p.T + t0 + t]);
     DS_UNROLL for (int c = 0; c < W; ++c) {
       const uint32_t m = static_cast<uint32_t>(words[c]);
+      __m128i rows[4];
+      expand_word_bf16(m, v, shuffles, rows);
+      v += _mm_popcnt_u32(m);
       DS_UNROLL for (int g = 0; g < 4; ++g) {
-        // each group's start from the word's (independent popcounts rather than a chain through v)
-        const uint32_t below = g == 0 ? 0u : _mm_popcnt_u32(m & ((1u << (8 * g)) - 1u));
-        const __m256 f = _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(expand_byte_bf16((m >> (8 * g)) & 0xFFu, v + below, shuffles)), 16));
+        const __m256 f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(rows[g]), 16));
         DS_UNROLL for (int t = 0; t < TB; ++t) acc[t][c][g] = _mm256_fmadd_ps(f, xb[t], acc[t][c][g]);
       }
-      v += _mm_popcnt_u32(m);
     }
   }
   alignas(32) float out[TB * R];  // rows past 32 W are not stored (store_block stops at N)
@@ -320,12 +326,10 @@ DS_AVX2 void unpack_range_avx2_16bit(const int32_t* bm, const int32_t* off, cons
       char* dst = o + (k * cols + (rb - rb0) * R) * 2;
       for (int c = 0; c < WORDS; ++c) {
         const uint32_t m = static_cast<uint32_t>(bm[col * WORDS + c]);
-        for (int g = 0; g < 4; ++g) {
-          const uint32_t below = g == 0 ? 0u : _mm_popcnt_u32(m & ((1u << (8 * g)) - 1u));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16 * (4 * c + g)),
-                           expand_byte_bf16((m >> (8 * g)) & 0xFFu, v + below, shuffles));
-        }
+        __m128i rows[4];
+        expand_word_bf16(m, v, shuffles, rows);
         v += _mm_popcnt_u32(m);
+        for (int g = 0; g < 4; ++g) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16 * (4 * c + g)), rows[g]);
       }
     }
 }
@@ -1276,6 +1280,11 @@ std::vector<double> get_walk_all() {
 }
 // [skip seconds, walk-all seconds, probe bytes, max_inactive, min_span] of the measurement (seconds 0
 // where nothing was measured: the scalar decoder).
+// [[max_inactive, min_span] of the skip-short-spans policy, the same of the walk-short-spans one]
+std::vector<std::vector<double>> get_walk_all_policies() {
+  return {{kSkipShortSpans.max_inactive, kSkipShortSpans.min_span},
+          {kWalkShortSpans.max_inactive, kWalkShortSpans.min_span}};
+}
 std::vector<double> get_walk_all_calibration() {
   const WalkAllCalibration& c = walk_all_calibration();
   return {c.skip_s, c.walk_s, static_cast<double>(c.probe_bytes), c.policy.max_inactive, c.policy.min_span};
@@ -1350,6 +1359,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "per row block and column average more than min_span_bytes (max_inactive 0: always skip)");
   m.def("get_walk_all", &get_walk_all, "[max_inactive, min_span_bytes] of the walk-all policy in use");
   m.def("reset_walk_all", &reset_walk_all, "go back to the measured walk-all policy");
+  m.def("get_walk_all_policies", &get_walk_all_policies,
+        "the two policies the measurement chooses between: [skip short spans, walk short spans]");
   m.def("get_walk_all_calibration", &get_walk_all_calibration,
         "[skip s, walk-all s, probe bytes, max_inactive, min_span_bytes] of the one-time measurement");
   m.def("walk_all_columns", &walk_all_columns, "the walk-all decision for (inactive columns, K, mean span bytes)");

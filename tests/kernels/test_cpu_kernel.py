@@ -28,7 +28,7 @@ def _tiled(x, p, t, b):
     return cpu.tiled(x, p.bitmap, p.offsets, p.values, t, b, p.n)
 
 
-WALK_POLICIES = {"skip-inactive": (0.0, 0.0), "skip-short-spans": cpu.SKIP_SHORT_SPANS,
+WALK_POLICIES = {"skip-inactive": (0.0, 0.0), "skip-short-spans": (0.6, 144.0),
                  "walk-all-below-80pct-inactive": (0.8, 0.0), "walk-all": (2.0, 0.0)}
 
 
@@ -159,23 +159,26 @@ def test_decoder_choice_and_errors():
 
 @needs_ext
 def test_walk_policy_is_measured_and_settable():
+    policies = cpu.walk_all_policies()
+    skip_short, walk_short = policies["skip_short_spans"], policies["walk_short_spans"]
+    assert skip_short == (0.6, 144.0) and walk_short == (0.75, 112.0)  # what the docs describe
     measured = cpu.walk_all_calibration()
     if cpu.decoder() == "scalar":
-        assert measured is None and cpu.walk_all() == cpu.SKIP_SHORT_SPANS
+        assert measured is None and cpu.walk_all() == skip_short
     else:
         # the decision follows the measurement: walk 128-byte spans when skipping half costs > 1.1x
         assert measured["probe_mib"] >= 64 and measured["skip_ms"] > 0 and measured["walk_all_ms"] > 0
-        expected = cpu.WALK_SHORT_SPANS if measured["skip_over_walk_all"] > 1.1 else cpu.SKIP_SHORT_SPANS
+        expected = walk_short if measured["skip_over_walk_all"] > 1.1 else skip_short
         assert measured["policy"] == expected and cpu.walk_all() == expected
         assert cpu.walk_all_calibration() == measured  # once per process
-    cpu.set_walk_all(*cpu.SKIP_SHORT_SPANS)
+    cpu.set_walk_all(*skip_short)
     try:
         # bf16 at p_w 0.5 packs 128 bytes of values per (row block, column): skip; p_w 0: 256
         assert not cpu.walks_all_columns(100, 1000, 128.0)
         assert cpu.walks_all_columns(100, 1000, 256.0) and cpu.walks_all_columns(599, 1000, 256.0)
         assert not cpu.walks_all_columns(600, 1000, 256.0)  # from 60% inactive skipping wins
         assert not cpu.walks_all_columns(0, 1000, 256.0)  # nothing to skip: the walk is the same
-        cpu.set_walk_all(*cpu.WALK_SHORT_SPANS)
+        cpu.set_walk_all(*walk_short)
         assert cpu.walks_all_columns(500, 1000, 128.0) and cpu.walks_all_columns(700, 1000, 128.0)
         assert not cpu.walks_all_columns(500, 1000, 77.0) and not cpu.walks_all_columns(750, 1000, 128.0)
         cpu.set_walk_all(0.0, 0.0)
@@ -188,7 +191,7 @@ def test_walk_policy_is_measured_and_settable():
             cpu.set_walk_all(0.5)
     finally:
         cpu.set_walk_all(None)
-    assert cpu.walk_all() == (measured["policy"] if measured else cpu.SKIP_SHORT_SPANS)
+    assert cpu.walk_all() == (measured["policy"] if measured else skip_short)
 
 
 def test_walk_all_environment_text_is_checked():
@@ -196,7 +199,7 @@ def test_walk_all_environment_text_is_checked():
     import subprocess
     import sys
     code = ("from duoserve.kernels import cpu; cpu.walk_all(); m = cpu.walk_all_calibration(); "
-            "print(cpu.walk_all(), (m['policy'] if m else cpu.SKIP_SHORT_SPANS)[0])")
+            "print(cpu.walk_all(), (m['policy'] if m else cpu.walk_all_policies()['skip_short_spans'])[0])")
     env = dict(os.environ, DUOSERVE_CPU_WALK_ALL_MIN_SPAN="0")
     env.pop("DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
