@@ -11,7 +11,7 @@ costs ~20 us a call, more than the whole 576x576 product). Behind that kernel:
     depends on the memory system (skipping a random half of bf16 p_w 0.5 spans is level with
     walking them all on a Zen 5 host, 1.3x slower on a Zen 4 host), so it is measured once per
     process (`walk_all_calibration`; docs/kernels.md).
-  bf16 on CPUs with AVX512-BF16, 6 to 256 tokens (`set_bf16_dot_tokens`): the panel walk (every
+  bf16 on CPUs with AVX512-BF16, 5 to 256 tokens (`set_bf16_dot_tokens`): the panel walk (every
     word decoded once into an L1 panel, multiplied like a dense GEMM).
   larger T, or fp16: row-block chunks are decompressed into a bounded W^T scratch [K, rows] and
     multiplied with torch.matmul (never a dense copy of the whole weight).
@@ -23,7 +23,7 @@ faster depends on the microarchitecture, so the first call times both on a small
 and keeps the faster one per dtype; `DUOSERVE_CPU_DECODER` or `set_decoder` forces one. The
 permute decoder also needs AVX-512 BITALG (vpopcntw: one popcount per 32-row bf16 word). With the
 permute decoder and bf16, 4-6 tokens share one pass over the weights (`set_slices_max_tokens`), and
-on CPUs with AVX512-BF16 batches of 6-256 tokens take the panel walk (`set_bf16_dot_tokens`), which
+on CPUs with AVX512-BF16 batches of 5-256 tokens take the panel walk (`set_bf16_dot_tokens`), which
 also moves the tiled cutover for bf16 to 256 tokens.
 """
 from __future__ import annotations
@@ -254,7 +254,7 @@ def set_bf16_dot_tokens(min_tokens: int, max_tokens: int | None = None) -> None:
     panel walk (each chunk of columns decoded once into an L1 panel, then multiplied with vdpbf16ps
     like a dense GEMM micro-kernel; rounding differs slightly from the FMA walks: two products per
     add, denormals flushed); larger batches take the tiled path. min 0 turns it off (the FMA walks
-    up to `sparse_max_tokens`). Default 6..256, measured in docs/kernels.md; max None keeps the
+    up to `sparse_max_tokens`). Default 5..256, measured in docs/kernels.md; max None keeps the
     current one."""
     if max_tokens is None:
         max_tokens = bf16_dot_tokens()[1]

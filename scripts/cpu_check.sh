@@ -18,13 +18,15 @@
 #                      policies' constants (kernels/csrc: walk_all_columns, calibrate_walk_all)
 #   simd.txt           scripts/simd_throughput.c: the decoders' instructions against an FMA
 #   skip.txt           scripts/skip_bandwidth.c: reading a random half of contiguous spans vs all
-#   cutover.md         the spMspV walk (the panel walk from 6 tokens) vs the decompress + matmul
+#   cutover.md         the spMspV walk (the panel walk from 5 tokens) vs the decompress + matmul
 #                      path, batch 1..384 (warm)
-#   batch-cold.md      the op at batch 1..64 from DRAM (the walk up to 6 tokens, the panel walk at
-#                      6..64 here; to 256 where the CPU has AVX512-BF16); batch-cold-passes3.md the walk at 4..5
+#   batch-cold.md      the op at batch 1..64 from DRAM (the walk up to 4 tokens, the panel walk at
+#                      5..64 here; to 256 where the CPU has AVX512-BF16); batch-cold-passes3.md the walk at 4..5
 #                      tokens in passes of 3 instead of one pass over row slices
-#                      (DUOSERVE_CPU_SLICES_MAX_TOKENS=0); batch-cold-fma.md 6..64 tokens without the
-#                      panel walk (DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=0: the fp32 FMA walk up to 12, tiled above)
+#                      (DUOSERVE_CPU_SLICES_MAX_TOKENS=0, panel off); batch-cold-fma.md 4..64 tokens without the
+#                      panel walk (DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=0: the fp32 FMA walk up to 12, tiled above);
+#                      batch-cold-panel4.md the panel walk at 4 tokens (against the FMA walk in
+#                      batch-cold.md: whether the panel's start, 5, should be 4 on this CPU)
 #   decode.md          a 2-layer Llama-2-7B-shape decode step, eager, one thread
 # Usage: scripts/cpu_check.sh   (about 7 minutes on the 2-core VM)
 set -euo pipefail
@@ -51,7 +53,8 @@ for decoder in $($PY -c 'from duoserve.kernels import cpu; print(" ".join(d for 
 done
 rm -f "$OUT/bar-warm.md" "$OUT/bar-vllm.md" "$OUT/bar-walk-all.md" "$OUT/bar-no-prefetch.md" "$OUT/px-cold.md" \
   "$OUT/cutover.md" "$OUT/decode.md" "$OUT/batch-cold.md" "$OUT/batch-cold-passes3.md" \
-  "$OUT/skip-always.md" "$OUT/skip-walk-all.md" "$OUT/batch-cold-vllm.md" "$OUT/batch-cold-fma.md"
+  "$OUT/skip-always.md" "$OUT/skip-walk-all.md" "$OUT/batch-cold-vllm.md" "$OUT/batch-cold-fma.md" \
+  "$OUT/batch-cold-panel4.md"
 $B --bar --markdown "$OUT/bar-warm.md"
 if $PY -c "import vllm" 2> /dev/null; then
   $B --bar --cold-mib 512 --baseline vllm --markdown "$OUT/bar-vllm.md"
@@ -68,12 +71,14 @@ DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=2 DUOSERVE_CPU_WALK_ALL_MIN_SPAN=0 $B --shape
 $B --cutover --shapes $SHAPES4 --batch 1,2,3,4,6,7,8,12,16,24,32,48,64,96,128,192,256,384 --markdown "$OUT/cutover.md"
 $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 1,2,3,4,5,6,7,8,10,12,16,24,32,64 --cold-mib 512 --markdown "$OUT/batch-cold.md"
 if $PY -c "import vllm" 2> /dev/null; then
-  $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 1,2,3,4,6,7,8,12,16,24,32,64,128,256,384 --cold-mib 512 --baseline vllm \
+  $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 1,2,3,4,5,6,7,8,12,16,24,32,64,128,256,384 --cold-mib 512 --baseline vllm \
     --markdown "$OUT/batch-cold-vllm.md"
 fi
-DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=0 $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 6,7,8,12,16,32,64 --cold-mib 512 \
+DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=0 $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 4,5,6,7,8,12,16,32,64 --cold-mib 512 \
   --markdown "$OUT/batch-cold-fma.md"
-DUOSERVE_CPU_SLICES_MAX_TOKENS=0 $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 4,5 --cold-mib 512 \
+DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=4 $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 4 --cold-mib 512 \
+  --markdown "$OUT/batch-cold-panel4.md"
+DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=0 DUOSERVE_CPU_SLICES_MAX_TOKENS=0 $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 4,5 --cold-mib 512 \
   --markdown "$OUT/batch-cold-passes3.md"
 $PY -m duoserve.kernels.bench_decode --device cpu --layers 2 --markdown "$OUT/decode.md"
 if gcc -O2 -o /tmp/duoserve_simd_throughput scripts/simd_throughput.c 2> /dev/null; then

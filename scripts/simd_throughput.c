@@ -66,6 +66,7 @@ TARGET static double expandps(void) {
   }
 
 INT_CHAIN(permw, _mm512_permutexvar_epi16(idx, src[i]))
+INT_CHAIN(permt2w, _mm512_permutex2var_epi16(src[i], idx, idx))
 INT_CHAIN(popcntd, _mm512_popcnt_epi32(src[i]))
 INT_CHAIN(popcntw, _mm512_popcnt_epi16(src[i]))
 
@@ -103,6 +104,7 @@ int main(void) {
   printf("vpexpandw zmm{k}{z}      %.3f   (expand decoder, bf16)\n", expandw());
   printf("vexpandps zmm{k}{z}      %.3f   (expand decoder, fp32)\n", expandps());
   printf("vpermw zmm               %.3f   (permute decoder)\n", permw());
+  printf("vpermt2w zmm             %.3f   (panel walk decoder: two columns' words in one permute)\n", permt2w());
   printf("vpopcntd zmm             %.3f   (permute decoder, fp32)\n", popcntd());
   printf("vpopcntw zmm             %.3f   (permute decoder, bf16)\n", popcntw());
   printf("vdpbf16ps zmm            %.3f   (panel walk micro-kernel; 24 streams)\n", dpbf16());

@@ -22,7 +22,7 @@
 // too short and scattered for the hardware prefetchers), except that every column is walked when
 // few are inactive and the spans are long (walk_all_columns). Tokens are processed in chunks of up
 // to 3 (24 zmm accumulators), or, bf16 with the permute decoder, 4-12 in one pass over row slices
-// (block_bf16_permute_slices); on CPUs with AVX512-BF16, batches of 6-256 tokens decode each chunk of
+// (block_bf16_permute_slices); on CPUs with AVX512-BF16, batches of 5-256 tokens decode each chunk of
 // columns once into an L1 panel and multiply it with vdpbf16ps (block_bf16_dot_panel). The AVX-512
 // code is compiled with per-function target attributes and chosen at run time; x86-64 CPUs without
 // AVX-512 take an AVX2 decoder for bf16 (block_bf16_avx2: a pshufb pattern per mask byte) and a
@@ -154,7 +154,8 @@ struct WalkAllPolicy {
 bool g_walk_all_requested = false;
 WalkAllPolicy g_walk_all_request{0.0, 0.0};
 
-template <typename V>
+// HINT: _MM_HINT_T0 (into L1) for the walks; the panel walk fetches a chunk ahead into L2 (T1).
+template <typename V, int HINT = _MM_HINT_T0>
 __attribute__((always_inline)) inline void prefetch_column(const Problem& p, int64_t rb, int64_t j) {
   if (g_prefetch_ahead == 0) return;
   if (j >= p.n_active) {  // near the end of the row block: the start of the next one (walked next)
@@ -165,14 +166,14 @@ __attribute__((always_inline)) inline void prefetch_column(const Problem& p, int
   const char* first = reinterpret_cast<const char*>(static_cast<const V*>(p.values) + p.offsets[col]);
   if (g_prefetch_lines > 0) {
     const int64_t lines = g_prefetch_lines * static_cast<int64_t>(sizeof(V)) / 2;
-    for (int64_t i = 0; i < lines; ++i) _mm_prefetch(first + 64 * i, _MM_HINT_T0);
+    for (int64_t i = 0; i < lines; ++i) _mm_prefetch(first + 64 * i, static_cast<_mm_hint>(HINT));
     return;
   }
   const int32_t* words = p.bitmap + col * WORDS;
   int64_t count = 0;
   for (int64_t w = 0; w < WORDS; ++w) count += __builtin_popcount(static_cast<uint32_t>(words[w]));
   const char* last = first + count * static_cast<int64_t>(sizeof(V));
-  for (const char* line = first; line < last; line += 64) _mm_prefetch(line, _MM_HINT_T0);
+  for (const char* line = first; line < last; line += 64) _mm_prefetch(line, static_cast<_mm_hint>(HINT));
 }
 
 // W: the words of the block that hold rows (2 in a last block of at most 64 rows, 4 otherwise)
@@ -501,47 +502,76 @@ DS_AVX512_PERM void block_bf16_permute_slices(const Problem& p, int64_t rb, int6
 #define DS_AVX512_DOT \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,avx512bitalg,avx512bf16,popcnt")))
 
-DS_AVX512_DOT inline __m512i gather_word_bf16_zeroed(uint32_t m, const uint16_t* v, __m512i pairs) {
-  const __m512i bm = _mm512_set1_epi32(static_cast<int32_t>(m));
-  const __m512i rank_in_half = _mm512_popcnt_epi16(_mm512_and_si512(bm, pairs));
-  const int32_t low_count = _mm_popcnt_u32(m & 0xFFFFu);
-  const __m512i idx = _mm512_add_epi16(rank_in_half, _mm512_set1_epi32(low_count << 16));
-  // row i's bit in 16-bit lane 2i (low half of m) and 2i + 1 (high half): pairs + 1 = 1 << i
-  const __mmask32 present = _mm512_test_epi16_mask(bm, _mm512_add_epi16(pairs, _mm512_set1_epi16(1)));
-  return _mm512_maskz_permutexvar_epi16(present, idx, _mm512_loadu_si512(v));
+// The same word (32 rows) of two columns, decoded straight into the panel's pair order: 32-bit lane
+// i of lo holds (column 0, column 1) of row i, of hi those of row 16 + i; absent rows are zero. As in
+// gather_word_bf16, one vpopcntw of a broadcast gives every row's rank, but the broadcast word
+// joins the two columns' halves (column 0's 16 bits in the even 16-bit lanes, column 1's in the
+// odd ones), so each output is one vpermt2w over both columns' values (index + 32 selects the
+// second source) with a vptestmw of the same word zeroing the absent rows. Per pair of words that
+// is 2 permutes where gathering each column and interleaving them took 2 permutes, 2 shifts and
+// 2 blends (and twice the rank arithmetic): 0-8% less time at 4-8 tokens on the Zen 4 host, with the
+// L2 prefetch below (level without it: the decoding then waited on memory, not on instructions).
+DS_AVX512_DOT inline void gather_word_pair_bf16(uint32_t m0, const uint16_t* v0, uint32_t m1, const uint16_t* v1,
+                                                __m512i pairs, __m512i& lo, __m512i& hi) {
+  const __m512i row_bits = _mm512_add_epi16(pairs, _mm512_set1_epi16(1));  // lanes 2i, 2i + 1: 1 << i
+  const __m512i src0 = _mm512_loadu_si512(v0), src1 = _mm512_loadu_si512(v1);
+  const __m512i low = _mm512_set1_epi32(static_cast<int32_t>((m0 & 0xFFFFu) | (m1 << 16)));
+  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>((m0 >> 16) | (m1 & 0xFFFF0000u)));
+  const uint32_t low0 = _mm_popcnt_u32(m0 & 0xFFFFu), low1 = _mm_popcnt_u32(m1 & 0xFFFFu);
+  const __m512i idx_lo = _mm512_add_epi16(_mm512_popcnt_epi16(_mm512_and_si512(low, pairs)),
+                                          _mm512_set1_epi32(32 << 16));
+  const __m512i idx_hi = _mm512_add_epi16(_mm512_popcnt_epi16(_mm512_and_si512(high, pairs)),
+                                          _mm512_set1_epi32(static_cast<int32_t>(((32 + low1) << 16) | low0)));
+  lo = _mm512_maskz_permutex2var_epi16(_mm512_test_epi16_mask(low, row_bits), src0, idx_lo, src1);
+  hi = _mm512_maskz_permutex2var_epi16(_mm512_test_epi16_mask(high, row_bits), src0, idx_hi, src1);
 }
 
-// From 6 tokens, on CPUs with AVX512-BF16 (vdpbf16ps: two bf16 products added to each fp32 lane),
+// From 5 tokens, on CPUs with AVX512-BF16 (vdpbf16ps: two bf16 products added to each fp32 lane),
 // the panel walk: each chunk of PANEL_COLUMNS active columns is decoded once, the whole row block,
-// into an L1 panel of column pairs (32 KiB): each column's word gathered as in gather_word_bf16
-// (lane i: rows i and 16 + i) with the absent rows zeroed (a vptestmw of the broadcast word), the two
-// columns of a pair interleaved per row with a shift and a blend. The panel is then multiplied
-// with the tokens like a dense GEMM micro-kernel: 64 rows (4 zmm of the panel) x up to PANEL_NR
+// into an L1 panel of column pairs (16 KiB): each word of a pair of columns permuted straight into
+// (column 0, column 1) order per row, absent rows zero (gather_word_pair_bf16). The panel is then
+// multiplied with the tokens like a dense GEMM micro-kernel: 64 rows (4 zmm of the panel) x up to PANEL_NR
 // tokens of fp32 accumulators, so each vdpbf16ps costs a quarter of an input broadcast and a sixth
 // of a panel load. Every word is read from DRAM once and decoded once whatever the batch (the
 // slices walk decodes a word once per pass; the tiled path writes every weight to a scratch and
 // torch.matmul re-reads it). On the Zen 5 host at p_w = p_x = 0.5, from DRAM, one thread: 0.73-0.96x
 // of vLLM's pre-packed oneDNN GEMM at 7-64 tokens where the FMA slices walk (to 12) and the tiled
 // path (above) gave 0.51-0.84x (docs/reports/cpu-2026-11-27-panel). From 6 tokens since the
-// vptestmw zeroing mask (2026-11-28: 5-17% faster than the FMA halves walk at 6 tokens, 2-6% slower
-// at 5; docs/kernels.md).
+// vptestmw zeroing mask (2026-11-28, Zen 5: 5-17% faster than the FMA halves walk at 6 tokens, 2-6%
+// slower at 5); from 5 since the L2 prefetch below (Zen 4: 4-10% faster than the halves walk at 5
+// tokens, 3-8% at 4; 4 waits for a measurement on Zen 5, where the halves walk is near oneDNN's
+// GEMM at 4 tokens; docs/kernels.md).
+// Memory: the decoding of a chunk waits on its loads and the multiplying loads nothing, so the
+// first pass of the multiply prefetches the next chunk's columns into L2 (two per pair of the
+// panel; past the row block's end, the next block's first chunk), and only a row block's first
+// chunk prefetches ahead while decoding. With that and chunks of 64 columns (a 16 KiB panel; 128
+// filled the 32 KiB L1 of a Zen 4 with the panel alone) and the pair gather, the Zen 4 host took
+// 14-18% less time at 6-8 tokens from DRAM, 7-9% at 16, the same at 64 (2026-11-28 evening,
+// docs/reports/cpu-2026-11-28-zen4-panel).
 // Sums differ from the FMA walks' in rounding (two products per add; vdpbf16ps flushes denormals):
 // tested against fp32 dense. set_bf16_dot_tokens(0, ...) restores the FMA walks.
-constexpr int64_t PANEL_COLUMNS = 128;  // even
+constexpr int64_t PANEL_COLUMNS = 64;  // even
 constexpr int PANEL_NR = 6;            // tokens per micro-kernel: 6 x 4 = 24 accumulators
-int64_t g_bf16_dot_min_tb = 6;         // the panel walk from this many tokens (0: off)
+int64_t g_bf16_dot_min_tb = 5;         // the panel walk from this many tokens (0: off)
 // ... up to this many; bf16 batches above take the tiled path. 256: with the AVX-512 input passes
 // (2026-11-28) the panel walk beat the tiled path at 96-192 tokens (2-30% less time, most at small
 // shapes) and was level at 256 (docs/kernels.md).
 int64_t g_bf16_dot_max_tb = 256;
 
 // out[t][64 rows] += sum over pairs i of panel[8 i + 0..3] . x[t P + i] (bf16 pairs), t < TB.
+// next >= 0: while multiplying, prefetch the active columns from `next` on (two per pair; see
+// block_bf16_dot_panel) into L2.
 template <int TB>
-DS_AVX512_DOT void panel_tokens(const __m512i* panel, int64_t n_pairs, const uint32_t* x, int64_t P, float* out) {
+DS_AVX512_DOT void panel_tokens(const __m512i* panel, int64_t n_pairs, const uint32_t* x, int64_t P, float* out,
+                                const Problem& p, int64_t rb, int64_t next) {
   __m512 acc[TB][4];
   DS_UNROLL for (int t = 0; t < TB; ++t)
     for (int r = 0; r < 4; ++r) acc[t][r] = _mm512_load_ps(out + t * R + 16 * r);
   for (int64_t i = 0; i < n_pairs; ++i) {
+    if (next >= 0) {
+      prefetch_column<uint16_t, _MM_HINT_T1>(p, rb, next + 2 * i);
+      prefetch_column<uint16_t, _MM_HINT_T1>(p, rb, next + 2 * i + 1);
+    }
     __m512bh w[4];
     DS_UNROLL for (int r = 0; r < 4; ++r) w[r] = (__m512bh)_mm512_load_si512(panel + 8 * i + r);
     DS_UNROLL for (int t = 0; t < TB; ++t) {
@@ -568,34 +598,36 @@ DS_AVX512_DOT void block_bf16_dot_panel(const Problem& p, int64_t rb, float* out
       const int32_t* w1 = p.bitmap + col1 * WORDS;
       const uint16_t* v0 = vals + p.offsets[col0];
       const uint16_t* v1 = vals + p.offsets[col1];
-      prefetch_column<uint16_t>(p, rb, j + g_prefetch_ahead);
-      prefetch_column<uint16_t>(p, rb, j + 1 + g_prefetch_ahead);
+      if (j0 == 0) {  // later chunks were fetched while the one before was multiplied
+        prefetch_column<uint16_t>(p, rb, j + g_prefetch_ahead);
+        prefetch_column<uint16_t>(p, rb, j + 1 + g_prefetch_ahead);
+      }
       __m512i* dst = panel + 4 * (j - j0);  // pair (j - j0) / 2
       DS_UNROLL for (int c = 0; c < WORDS; ++c) {
         const uint32_t m0 = static_cast<uint32_t>(w0[c]);
         const uint32_t m1 = has1 ? static_cast<uint32_t>(w1[c]) : 0u;
-        const __m512i g0 = gather_word_bf16_zeroed(m0, v0, pairs);
-        const __m512i g1 = gather_word_bf16_zeroed(m1, v1, pairs);
+        __m512i lo, hi;  // rows 32c + i and 32c + 16 + i, (column 0, column 1) in 32-bit lane i
+        gather_word_pair_bf16(m0, v0, m1, v1, pairs, lo, hi);
         v0 += _mm_popcnt_u32(m0);
         v1 += _mm_popcnt_u32(m1);
-        // rows 32c + i and 32c + 16 + i, (column 0, column 1) in 32-bit lane i
-        _mm512_store_si512(dst + 2 * c, _mm512_mask_blend_epi16(0xAAAAAAAAu, g0, _mm512_slli_epi32(g1, 16)));
-        _mm512_store_si512(dst + 2 * c + 1, _mm512_mask_blend_epi16(0xAAAAAAAAu, _mm512_srli_epi32(g0, 16), g1));
+        _mm512_store_si512(dst + 2 * c, lo);
+        _mm512_store_si512(dst + 2 * c + 1, hi);
       }
     }
     const int64_t n_pairs = (j1 - j0 + 1) / 2;
     const uint32_t* x = p.xpairs + j0 / 2;
     for (int half = 0; half < halves; ++half)
       for (int64_t t0 = 0; t0 < p.T; t0 += PANEL_NR) {
+        const int64_t next = (half == 0 && t0 == 0) ? j1 : -1;  // the next chunk, in the first pass
         const __m512i* rows = panel + 4 * half;
         float* o = out + t0 * R + 64 * half;
         switch (std::min<int64_t>(PANEL_NR, p.T - t0)) {
-          case 1: panel_tokens<1>(rows, n_pairs, x + t0 * p.pairs, p.pairs, o); break;
-          case 2: panel_tokens<2>(rows, n_pairs, x + t0 * p.pairs, p.pairs, o); break;
-          case 3: panel_tokens<3>(rows, n_pairs, x + t0 * p.pairs, p.pairs, o); break;
-          case 4: panel_tokens<4>(rows, n_pairs, x + t0 * p.pairs, p.pairs, o); break;
-          case 5: panel_tokens<5>(rows, n_pairs, x + t0 * p.pairs, p.pairs, o); break;
-          default: panel_tokens<6>(rows, n_pairs, x + t0 * p.pairs, p.pairs, o); break;
+          case 1: panel_tokens<1>(rows, n_pairs, x + t0 * p.pairs, p.pairs, o, p, rb, next); break;
+          case 2: panel_tokens<2>(rows, n_pairs, x + t0 * p.pairs, p.pairs, o, p, rb, next); break;
+          case 3: panel_tokens<3>(rows, n_pairs, x + t0 * p.pairs, p.pairs, o, p, rb, next); break;
+          case 4: panel_tokens<4>(rows, n_pairs, x + t0 * p.pairs, p.pairs, o, p, rb, next); break;
+          case 5: panel_tokens<5>(rows, n_pairs, x + t0 * p.pairs, p.pairs, o, p, rb, next); break;
+          default: panel_tokens<6>(rows, n_pairs, x + t0 * p.pairs, p.pairs, o, p, rb, next); break;
         }
       }
   }

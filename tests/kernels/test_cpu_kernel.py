@@ -117,7 +117,7 @@ def test_simd_decoders_are_bit_identical(dtype):
                     cpu.set_decoder(None)
             assert all(torch.equal(outs[0], out) for out in outs[1:]), (case, names)
     finally:
-        cpu.set_bf16_dot_tokens(6, 256)
+        cpu.set_bf16_dot_tokens(5, 256)
 
 
 @needs_ext
@@ -237,7 +237,7 @@ def test_prefetch_settings_give_the_same_products(ahead, lines):
 def test_built_walk_functions_contain_software_prefetch():
     """GCC 12 deleted every call of an out-of-line prefetch helper as a dead call to a pure function
     (so the kernel ran without software prefetch until 2026-11-27, see prefetch_column): check the
-    built binary itself, every spMspV block function."""
+    built binary itself, every spMspV block function (and the panel walk's L2 prefetch)."""
     import shutil
     import subprocess
     from duoserve.kernels import _cpu_kernels
@@ -257,6 +257,10 @@ def test_built_walk_functions_contain_software_prefetch():
     assert len(walks) >= 12, sorted(functions)[:20]
     missing = [n for n, body in walks.items() if not any("prefetcht0" in line for line in body)]
     assert not missing, f"no software prefetch in: {missing}"
+    # the panel walk also fetches the next chunk into L2 while it multiplies (where the CPU has it)
+    panel = [body for n, body in walks.items() if "block_bf16_dot_panel" in n]
+    assert len(panel) == 1
+    assert any("prefetcht1" in line for line in panel[0]), "the panel walk lost its multiply-phase prefetch"
 
 
 def test_prefetch_environment_text_is_checked():
@@ -369,7 +373,7 @@ def test_one_pass_slices_match_passes_of_three():
             assert compare(one_pass, x, w, thr, bias) is None
     finally:
         cpu.set_decoder(None)
-        cpu.set_bf16_dot_tokens(6, 256)
+        cpu.set_bf16_dot_tokens(5, 256)
     for bad in (3, 13):
         with pytest.raises(RuntimeError, match="0 \\(off\\) or 4..12"):
             cpu.set_slices_max_tokens(bad)
@@ -379,10 +383,10 @@ def test_one_pass_slices_match_passes_of_three():
 @pytest.mark.parametrize("min_tokens", [1, 7, 9])
 def test_bf16_panel_walk_matches_fp32_dense(min_tokens):
     """The vdpbf16ps panel walk (two columns a pair, odd column counts padded with a zero column,
-    chunks of 128 columns, 64-row halves, token groups of up to 6; a last row block of at most 64
+    chunks of 64 columns, 64-row halves, token groups of up to 6; a last row block of at most 64
     rows skips its second half: 130 and 192 outputs, 193 does not) against fp32 dense on every
     case; a no-op on CPUs without AVX512-BF16."""
-    assert cpu.bf16_dot_tokens() == (6, 256)
+    assert cpu.bf16_dot_tokens() == (5, 256)
     cpu.set_bf16_dot_tokens(min_tokens)
     try:
         cases = CASES + [Case(971, 700, t, 0.5, 0.5, torch.bfloat16) for t in (1, 2, 6, 7, 8, 12, 13, 19, 40, 64, 129, 256)]
@@ -391,7 +395,7 @@ def test_bf16_panel_walk_matches_fp32_dense(min_tokens):
         failures = run_cases(_spmspv(False), cases, "cpu")
         assert not failures, f"{len(failures)} of {len(cases)} failed:\n" + "\n".join(failures[:10])
     finally:
-        cpu.set_bf16_dot_tokens(6, 256)
+        cpu.set_bf16_dot_tokens(5, 256)
     for lo, hi in ((-1, 64), (8, 7), (7, 5000)):
         with pytest.raises(RuntimeError, match="min_tokens 0 \\(off\\) or 1 <= min_tokens <= max_tokens <= 4096"):
             cpu.set_bf16_dot_tokens(lo, hi)
@@ -416,7 +420,7 @@ def test_bf16_cutover_follows_the_panel_walk():
         cpu.set_bf16_dot_tokens(0)
         assert cpu.panel_walk_tokens() is None
     finally:
-        cpu.set_bf16_dot_tokens(6, 256)
+        cpu.set_bf16_dot_tokens(5, 256)
 
 
 def test_integer_settings_in_the_environment_are_checked():
@@ -436,7 +440,7 @@ def test_integer_settings_in_the_environment_are_checked():
     assert out.returncode != 0 and "DUOSERVE_CPU_SLICES_MAX_TOKENS must be an integer" in out.stderr, out.stderr
     if not cpu.available():
         return
-    out = run(DUOSERVE_CPU_BF16_DOT_MAX_TOKENS="5")  # below the default minimum, 7
+    out = run(DUOSERVE_CPU_BF16_DOT_MAX_TOKENS="4")  # below the default minimum, 5
     assert out.returncode != 0 and "1 <= min_tokens <= max_tokens" in out.stderr, out.stderr
     out = run(DUOSERVE_CPU_BF16_DOT_MAX_TOKENS="x")
     assert out.returncode != 0 and "DUOSERVE_CPU_BF16_DOT_MAX_TOKENS must be an integer" in out.stderr, out.stderr
