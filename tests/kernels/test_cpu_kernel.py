@@ -103,6 +103,7 @@ def test_simd_decoders_are_bit_identical(dtype):
     if len(names) < 2:
         pytest.skip(f"this CPU runs only {names}")
     from duoserve.kernels import pack_dense
+    saved_dot = cpu.bf16_dot_tokens()
     cpu.set_bf16_dot_tokens(0)  # the panel walk (its own gather, vdpbf16ps rounding) would run at 7 tokens
     try:
         for case in (Case(971, 300, 1, 0.5, 0.5, dtype), Case(260, 1000, 7, 0.9, 0.3, dtype)):
@@ -117,7 +118,7 @@ def test_simd_decoders_are_bit_identical(dtype):
                     cpu.set_decoder(None)
             assert all(torch.equal(outs[0], out) for out in outs[1:]), (case, names)
     finally:
-        cpu.set_bf16_dot_tokens(5, 256)
+        cpu.set_bf16_dot_tokens(*saved_dot)
 
 
 @needs_ext
@@ -355,6 +356,7 @@ def test_one_pass_slices_match_passes_of_three():
     from duoserve.kernels import pack_dense
     assert cpu.slices_max_tokens() == 12
     cpu.set_decoder("permute")
+    saved_dot = cpu.bf16_dot_tokens()
     cpu.set_bf16_dot_tokens(0)  # the FMA walks: same operations in the same order (the panel walk: its own test)
     try:
         for t in (4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 17, 25):
@@ -373,7 +375,7 @@ def test_one_pass_slices_match_passes_of_three():
             assert compare(one_pass, x, w, thr, bias) is None
     finally:
         cpu.set_decoder(None)
-        cpu.set_bf16_dot_tokens(5, 256)
+        cpu.set_bf16_dot_tokens(*saved_dot)
     for bad in (3, 13):
         with pytest.raises(RuntimeError, match="0 \\(off\\) or 4..12"):
             cpu.set_slices_max_tokens(bad)
@@ -387,6 +389,7 @@ def test_bf16_panel_walk_matches_fp32_dense(min_tokens):
     rows skips its second half: 130 and 192 outputs, 193 does not) against fp32 dense on every
     case; a no-op on CPUs without AVX512-BF16."""
     assert cpu.bf16_dot_tokens() == (5, 256)
+    saved_dot = cpu.bf16_dot_tokens()
     cpu.set_bf16_dot_tokens(min_tokens)
     try:
         cases = CASES + [Case(971, 700, t, 0.5, 0.5, torch.bfloat16) for t in (1, 2, 6, 7, 8, 12, 13, 19, 40, 64, 129, 256)]
@@ -395,7 +398,7 @@ def test_bf16_panel_walk_matches_fp32_dense(min_tokens):
         failures = run_cases(_spmspv(False), cases, "cpu")
         assert not failures, f"{len(failures)} of {len(cases)} failed:\n" + "\n".join(failures[:10])
     finally:
-        cpu.set_bf16_dot_tokens(5, 256)
+        cpu.set_bf16_dot_tokens(*saved_dot)
     for lo, hi in ((-1, 64), (8, 7), (7, 5000)):
         with pytest.raises(RuntimeError, match="min_tokens 0 \\(off\\) or 1 <= min_tokens <= max_tokens <= 4096"):
             cpu.set_bf16_dot_tokens(lo, hi)
@@ -413,6 +416,7 @@ def test_bf16_cutover_follows_the_panel_walk():
     out = dual_sparse_linear(x, p, thr, bias)
     panel = cpu.panel_walk_tokens() is not None
     assert torch.equal(out, walk if panel else tiled)
+    saved_dot = cpu.bf16_dot_tokens()
     cpu.set_bf16_dot_tokens(7, 16)
     try:
         assert torch.equal(dual_sparse_linear(x, p, thr, bias), tiled)
@@ -420,7 +424,7 @@ def test_bf16_cutover_follows_the_panel_walk():
         cpu.set_bf16_dot_tokens(0)
         assert cpu.panel_walk_tokens() is None
     finally:
-        cpu.set_bf16_dot_tokens(5, 256)
+        cpu.set_bf16_dot_tokens(*saved_dot)
 
 
 def test_integer_settings_in_the_environment_are_checked():
