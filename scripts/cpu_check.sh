@@ -5,6 +5,8 @@
 # kernels use, lscpu caches), and one markdown file per step:
 #   bar-<decoder>.md   the bar shapes, bf16, p_w = p_x = 0.5, batch 1, weights from DRAM, with each
 #                      SIMD decoder forced in turn (the default measures both and keeps the faster)
+#   bar-fp32.md        the bar shapes in fp32 (weights and inputs), with each decoder forced in turn
+#                      (the scalar loop is what CPUs without AVX-512 ran for fp32 until 2026-11-29)
 #   bar-warm.md        the same with one weight reused (small matrices then sit in cache)
 #   bar-vllm.md        against vLLM's own CPU GEMM (pre-packed oneDNN), when vLLM is installed
 #                      (batch-cold-vllm.md: the same at 1..384 tokens)
@@ -50,6 +52,10 @@ SHAPES4=576x1536,1536x576,4096x11008,11008x4096  # the SmolLM2 MLP and Llama-7B 
 for decoder in $($PY -c 'from duoserve.kernels import cpu; print(" ".join(d for d in cpu.available_decoders() if d != "scalar"))'); do
   rm -f "$OUT/bar-$decoder.md"
   DUOSERVE_CPU_DECODER=$decoder $B --bar --cold-mib 512 --markdown "$OUT/bar-$decoder.md"
+done
+rm -f "$OUT/bar-fp32.md"
+for decoder in $($PY -c 'from duoserve.kernels import cpu; print(" ".join(cpu.available_decoders()))'); do
+  DUOSERVE_CPU_DECODER=$decoder $B --bar --dtype fp32 --cold-mib 512 --markdown "$OUT/bar-fp32.md"
 done
 rm -f "$OUT/bar-warm.md" "$OUT/bar-vllm.md" "$OUT/bar-walk-all.md" "$OUT/bar-no-prefetch.md" "$OUT/px-cold.md" \
   "$OUT/cutover.md" "$OUT/decode.md" "$OUT/batch-cold.md" "$OUT/batch-cold-passes3.md" \

@@ -25,8 +25,9 @@
 // (block_bf16_permute_slices); on CPUs with AVX512-BF16, batches of 5-256 tokens decode each chunk of
 // columns once into an L1 panel and multiply it with vdpbf16ps (block_bf16_dot_panel). The AVX-512
 // code is compiled with per-function target attributes and chosen at run time; x86-64 CPUs without
-// AVX-512 take an AVX2 decoder for bf16 (block_bf16_avx2: a pshufb pattern per mask byte) and a
-// scalar loop over set bits otherwise (same results up to fp32 summation order).
+// AVX-512 take an AVX2 decoder (block_avx2: per mask byte a pshufb pattern for bf16, a vpermps
+// index for fp32) and CPUs without AVX2 a scalar loop over set bits (same results up to fp32
+// summation order).
 //
 // unpack_transposed (prefill): decompresses row blocks [rb0, rb1), with the walk's decoder, into a dense W^T tile
 // [K, rows] so torch.matmul can run the large-batch product without a full dense copy.
@@ -242,11 +243,15 @@ DS_AVX512 void block_f32_avx512(const Problem& p, int64_t rb, int64_t t0) {
   store_block(p, rb, t0, TB, out);
 }
 
-// ---- AVX2 path (AVX2 + FMA, no AVX-512: e.g. AMD Zen 2/3, Intel client CPUs), bf16 only ----
-// One byte of a word's mask (8 rows) selects a pshufb pattern that moves its packed bf16 values to
-// their rows and zeroes the absent ones: one 16-byte load, one shuffle, a widen and a shift give 8
-// fp32 rows. Without it such CPUs ran the scalar loop over set bits (0.5-0.8x dense at one token,
-// forced on the Zen 4 host; 0.1x at four).
+// ---- AVX2 path (AVX2 + FMA, no AVX-512: e.g. AMD Zen 2/3, Intel client CPUs) ----
+// One byte of a word's mask (8 rows) selects a pattern from a 256-entry table that moves its packed
+// values to their rows and zeroes the absent ones. The walk, bf16: the byte's 16 packed bytes
+// broadcast to both 128-bit lanes and one vpshufb give 8 fp32 rows (a 16-byte pshufb, a widen and a
+// shift before 2026-11-29: 5-7% slower on a Zen 3 host, in cache); fp32: one 32-byte load, a vpermps
+// and a blend. The tile unpack keeps 16-bit values 16-bit (one pshufb per 8 rows). Without this
+// decoder such CPUs ran the scalar loop over set bits (0.5-0.8x dense at one token, forced on the
+// Zen 4 host; 0.1x at four), and until 2026-11-29 fp32 still did (3.6-6.3x slower than this on the
+// Zen 3 host).
 #define DS_AVX2 __attribute__((target("avx2,fma,popcnt")))
 
 struct Bf16ByteShuffles {
@@ -266,6 +271,66 @@ const Bf16ByteShuffles& bf16_byte_shuffles() {
   return table;
 }
 
+// The bf16 walk's patterns: per mask byte, a 32-byte vpshufb pattern for the byte's 16 packed bytes
+// broadcast to both 128-bit lanes that puts each present row's bf16 in the high half of its fp32
+// lane (rows 0-3 in the low lane, 4-7 in the high one) and zeroes the rest: 8 fp32 rows from one
+// load and one shuffle (the 16-bit patterns above need a widen and a shift on top).
+struct Bf16ByteToF32Shuffles {
+  alignas(32) uint8_t pattern[256][32];
+  Bf16ByteToF32Shuffles() {
+    for (int m = 0; m < 256; ++m)
+      for (int i = 0, k = 0; i < 8; ++i) {
+        const bool present = (m >> i) & 1;
+        uint8_t* lane = pattern[m] + 16 * (i / 4) + 4 * (i % 4);
+        lane[0] = lane[1] = 0x80;  // the fp32's low 16 bits: zero
+        lane[2] = present ? static_cast<uint8_t>(2 * k) : 0x80;
+        lane[3] = present ? static_cast<uint8_t>(2 * k + 1) : 0x80;
+        k += present;
+      }
+  }
+};
+const Bf16ByteToF32Shuffles& bf16_byte_to_f32_shuffles() {
+  static const Bf16ByteToF32Shuffles table;
+  return table;
+}
+
+// Per mask byte, lane i: the position of row i among the byte's packed fp32 values in the low 3 bits
+// (all vpermps reads) and the sign bit set where row i is present (what vblendvps reads), so one
+// 32-byte entry serves both instructions.
+struct F32ByteIndices {
+  alignas(32) int32_t index[256][8];
+  F32ByteIndices() {
+    for (int m = 0; m < 256; ++m)
+      for (int i = 0, k = 0; i < 8; ++i) {
+        const bool present = (m >> i) & 1;
+        index[m][i] = present ? static_cast<int32_t>(static_cast<uint32_t>(k) | 0x80000000u) : 0;
+        k += present;
+      }
+  }
+};
+const F32ByteIndices& f32_byte_indices() {
+  static const F32ByteIndices table;
+  return table;
+}
+
+// The tables the AVX2 walk reads: the vpermps indices for fp32, the bf16 -> fp32 patterns for bf16.
+template <typename T>
+const auto& avx2_tables() {
+  if constexpr (std::is_same_v<T, float>)
+    return f32_byte_indices();
+  else
+    return bf16_byte_to_f32_shuffles();
+}
+
+// The tables the AVX2 tile unpack reads: 16-bit values stay 16-bit there.
+template <typename T>
+const auto& avx2_unpack_tables() {
+  if constexpr (std::is_same_v<T, float>)
+    return f32_byte_indices();
+  else
+    return bf16_byte_shuffles();
+}
+
 // The 32 rows of one mask word -> 4 x 8 bf16 in row order (zeros where absent); each group's start
 // comes from the word's (independent popcounts rather than a chain through the pointer). The
 // padding after the last value makes the 16-byte over-reads safe.
@@ -278,15 +343,45 @@ DS_AVX2 inline void expand_word_bf16(uint32_t m, const uint16_t* v, const Bf16By
   }
 }
 
+// The same for fp32 values: 4 x 8 fp32 rows (the padding covers the 32-byte over-reads too).
+DS_AVX2 inline void expand_word_f32(uint32_t m, const float* v, const F32ByteIndices& indices, __m256 rows[4]) {
+  DS_UNROLL for (int g = 0; g < 4; ++g) {
+    const uint32_t below = g == 0 ? 0u : _mm_popcnt_u32(m & ((1u << (8 * g)) - 1u));
+    const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(indices.index[(m >> (8 * g)) & 0xFFu]));
+    rows[g] = _mm256_blendv_ps(_mm256_setzero_ps(), _mm256_permutevar8x32_ps(_mm256_loadu_ps(v + below), index),
+                               _mm256_castsi256_ps(index));
+  }
+}
+
+// The 32 rows of one mask word, bf16 values -> 4 x 8 fp32 rows (the 16-byte over-reads as above).
+DS_AVX2 inline void expand_word_bf16_to_f32(uint32_t m, const uint16_t* v, const Bf16ByteToF32Shuffles& shuffles,
+                                            __m256 rows[4]) {
+  DS_UNROLL for (int g = 0; g < 4; ++g) {
+    const uint32_t below = g == 0 ? 0u : _mm_popcnt_u32(m & ((1u << (8 * g)) - 1u));
+    const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + below)));
+    rows[g] = _mm256_castsi256_ps(_mm256_shuffle_epi8(
+        packed, _mm256_load_si256(reinterpret_cast<const __m256i*>(shuffles.pattern[(m >> (8 * g)) & 0xFFu]))));
+  }
+}
+
+// One word's 32 rows as 4 x 8 fp32, from either value type.
+template <typename T, typename Tables>
+DS_AVX2 inline void word_rows_f32(uint32_t m, const T* v, const Tables& tables, __m256 f[4]) {
+  if constexpr (std::is_same_v<T, float>)
+    expand_word_f32(m, v, tables, f);
+  else
+    expand_word_bf16_to_f32(m, v, tables, f);
+}
+
 // TB (1..3) tokens, W words (2 in a last block of at most 64 rows, 4 otherwise), one pass over the
 // active columns: 4 W TB ymm accumulators, more than the 16 registers from one token on, but the
 // spills (L1 round trips) cost less than walking the columns once per 64- or 32-row slice (which
 // re-reads each column's values from L2 or further): Zen 4, forced, 11008x4096 from DRAM at one
 // token 6.1-6.4 ms in 64-row halves, 4.5-4.9 ms in one pass (docs/kernels.md).
-template <int TB, int W>
-DS_AVX2 void block_bf16_avx2(const Problem& p, int64_t rb, int64_t t0) {
-  const Bf16ByteShuffles& shuffles = bf16_byte_shuffles();
-  const uint16_t* vals = static_cast<const uint16_t*>(p.values);
+template <typename T, int TB, int W>
+DS_AVX2 void block_avx2(const Problem& p, int64_t rb, int64_t t0) {
+  const auto& tables = avx2_tables<T>();
+  const T* vals = static_cast<const T*>(p.values);
   __m256 acc[TB][W][4];  // [token][32-row word][8-row group]
   DS_UNROLL for (int t = 0; t < TB; ++t)
     for (int c = 0; c < W; ++c)
@@ -294,19 +389,17 @@ DS_AVX2 void block_bf16_avx2(const Problem& p, int64_t rb, int64_t t0) {
   for (int64_t j = 0; j < p.n_active; ++j) {
     const int64_t col = rb * p.K + p.active[j];
     const int32_t* words = p.bitmap + col * WORDS;
-    const uint16_t* v = vals + p.offsets[col];
-    prefetch_column<uint16_t>(p, rb, j + g_prefetch_ahead);
+    const T* v = vals + p.offsets[col];
+    prefetch_column<T>(p, rb, j + g_prefetch_ahead);
     __m256 xb[TB];
     DS_UNROLL for (int t = 0; t < TB; ++t) xb[t] = _mm256_set1_ps(p.xc[j * p.T + t0 + t]);
     DS_UNROLL for (int c = 0; c < W; ++c) {
       const uint32_t m = static_cast<uint32_t>(words[c]);
-      __m128i rows[4];
-      expand_word_bf16(m, v, shuffles, rows);
+      __m256 f[4];
+      word_rows_f32(m, v, tables, f);
       v += _mm_popcnt_u32(m);
-      DS_UNROLL for (int g = 0; g < 4; ++g) {
-        const __m256 f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(rows[g]), 16));
-        DS_UNROLL for (int t = 0; t < TB; ++t) acc[t][c][g] = _mm256_fmadd_ps(f, xb[t], acc[t][c][g]);
-      }
+      DS_UNROLL for (int g = 0; g < 4; ++g)
+        DS_UNROLL for (int t = 0; t < TB; ++t) acc[t][c][g] = _mm256_fmadd_ps(f[g], xb[t], acc[t][c][g]);
     }
   }
   alignas(32) float out[TB * R];  // rows past 32 W are not stored (store_block stops at N)
@@ -316,21 +409,28 @@ DS_AVX2 void block_bf16_avx2(const Problem& p, int64_t rb, int64_t t0) {
   store_block(p, rb, t0, TB, out);
 }
 
-// The AVX2 version of expand_column_avx512 for 16-bit values (fp32 takes the scalar loop).
-DS_AVX2 void unpack_range_avx2_16bit(const int32_t* bm, const int32_t* off, const char* vals, char* o,
-                                     int64_t K, int64_t cols, int64_t rb0, int64_t rb1, int64_t k0, int64_t k1) {
-  const Bf16ByteShuffles& shuffles = bf16_byte_shuffles();
+// The AVX2 version of expand_column_avx512: 16-bit values (any 16-bit type moves the same way) or fp32.
+template <typename T>
+DS_AVX2 void unpack_range_avx2(const int32_t* bm, const int32_t* off, const char* vals, char* o,
+                               int64_t K, int64_t cols, int64_t rb0, int64_t rb1, int64_t k0, int64_t k1) {
+  const auto& tables = avx2_unpack_tables<T>();
   for (int64_t k = k0; k < k1; ++k)
     for (int64_t rb = rb0; rb < rb1; ++rb) {
       const int64_t col = rb * K + k;
-      const uint16_t* v = reinterpret_cast<const uint16_t*>(vals) + off[col];
-      char* dst = o + (k * cols + (rb - rb0) * R) * 2;
+      const T* v = reinterpret_cast<const T*>(vals) + off[col];
+      T* dst = reinterpret_cast<T*>(o) + k * cols + (rb - rb0) * R;
       for (int c = 0; c < WORDS; ++c) {
         const uint32_t m = static_cast<uint32_t>(bm[col * WORDS + c]);
-        __m128i rows[4];
-        expand_word_bf16(m, v, shuffles, rows);
+        if constexpr (std::is_same_v<T, float>) {
+          __m256 rows[4];
+          expand_word_f32(m, v, tables, rows);
+          for (int g = 0; g < 4; ++g) _mm256_storeu_ps(dst + 32 * c + 8 * g, rows[g]);
+        } else {
+          __m128i rows[4];
+          expand_word_bf16(m, v, tables, rows);
+          for (int g = 0; g < 4; ++g) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32 * c + 8 * g), rows[g]);
+        }
         v += _mm_popcnt_u32(m);
-        for (int g = 0; g < 4; ++g) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16 * (4 * c + g)), rows[g]);
       }
     }
 }
@@ -797,13 +897,10 @@ void run_block(const Problem& p, int64_t rb, bool bf16, Decoder d) {
         constexpr int TB = decltype(t)::value, W = decltype(w)::value;
         bf16 ? block_bf16_permute<TB, W>(p, rb, t0) : block_f32_permute<TB, W>(p, rb, t0);
       });
-    } else if (d == Decoder::kAvx2) {  // bf16 only; fp32 takes the scalar loop
-      if (!bf16) {
-        block_scalar<float>(p, rb, t0, tb);
-        continue;
-      }
+    } else if (d == Decoder::kAvx2) {
       with_tokens_and_words(p, rb, tb, [&](auto t, auto w) {
-        block_bf16_avx2<decltype(t)::value, decltype(w)::value>(p, rb, t0);
+        constexpr int TB = decltype(t)::value, W = decltype(w)::value;
+        bf16 ? block_avx2<uint16_t, TB, W>(p, rb, t0) : block_avx2<float, TB, W>(p, rb, t0);
       });
     } else {  // the expand decoder
       with_tokens_and_words(p, rb, tb, [&](auto t, auto w) {
@@ -1205,7 +1302,8 @@ torch::Tensor unpack_transposed(const torch::Tensor& bitmap, const torch::Tensor
   at::parallel_for(0, K, std::max<int64_t>(64, (1 << 18) / cols), [&](int64_t k0, int64_t k1) {
     if (decoder == Decoder::kPermute) return unpack_range_permute(bm, off, vals, o, K, cols, rb0, rb1, esize, k0, k1);
     if (decoder == Decoder::kExpand) return unpack_range_avx512(bm, off, vals, o, K, cols, rb0, rb1, esize, k0, k1);
-    if (decoder == Decoder::kAvx2 && esize == 2) return unpack_range_avx2_16bit(bm, off, vals, o, K, cols, rb0, rb1, k0, k1);
+    if (decoder == Decoder::kAvx2 && esize == 2) return unpack_range_avx2<uint16_t>(bm, off, vals, o, K, cols, rb0, rb1, k0, k1);
+    if (decoder == Decoder::kAvx2) return unpack_range_avx2<float>(bm, off, vals, o, K, cols, rb0, rb1, k0, k1);
     for (int64_t k = k0; k < k1; ++k)
       for (int64_t rb = rb0; rb < rb1; ++rb) {
         const int64_t col = rb * K + k;

@@ -47,7 +47,7 @@ def walk_policy(request):
 @pytest.fixture(params=["expand", "permute", "avx2"])
 def simd_decoder(request):
     """Each SIMD decoder of the walk, forced (by default the faster one is measured and kept; avx2
-    is the choice only on CPUs without AVX-512, and walks bf16 only: fp32 takes the scalar loop)."""
+    is the choice only on CPUs without AVX-512)."""
     if not cpu.available():
         pytest.skip(f"CPU extension: {cpu.import_error()}")
     if request.param not in cpu.available_decoders():
@@ -97,9 +97,8 @@ def test_mask_input_matches_torch_where(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_simd_decoders_are_bit_identical(dtype):
     """The SIMD decoders do the same fp32 operations in the same order per row, so the measured
-    choice can never change a result (avx2 walks bf16 only)."""
-    candidates = ("expand", "permute", "avx2") if dtype == torch.bfloat16 else ("expand", "permute")
-    names = [d for d in candidates if d in cpu.available_decoders()]
+    choice can never change a result."""
+    names = [d for d in ("expand", "permute", "avx2") if d in cpu.available_decoders()]
     if len(names) < 2:
         pytest.skip(f"this CPU runs only {names}")
     from duoserve.kernels import pack_dense
@@ -322,7 +321,18 @@ def test_leading_dims_and_isa():
     y = dual_sparse_linear(x.view(2, 3, 77), pack_dense(w), thr)
     assert y.shape == (2, 3, 33)
     assert compare(y.view(6, 33), x, w, thr, None) is None
-    assert cpu.isa() in ("avx512", "scalar")
+    # the instruction set the kernel chose follows the CPU's flags (the AVX-512 decoders need
+    # VBMI2 or VPOPCNTDQ + BITALG on top of F/BW/VL; the AVX2 decoder AVX2 + FMA)
+    flags = set()
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    avx512 = {"avx512f", "avx512bw", "avx512vl"} <= flags and (
+        "avx512_vbmi2" in flags or {"avx512_vpopcntdq", "avx512_bitalg"} <= flags)
+    expected = "avx512" if avx512 else "avx2" if {"avx2", "fma"} <= flags else "scalar"
+    assert cpu.isa() == expected
 
 
 @needs_ext
