@@ -278,6 +278,8 @@ def machine(device: torch.device) -> str:
     if cpu.available():
         d16, d32 = cpu.decoder(torch.bfloat16), cpu.decoder(torch.float32)
         kernel += f", decoder {d16}" if d16 == d32 else f", decoders bf16 {d16} / fp32 {d32}"
+        if cpu.tiled_bf16_in_fp32():
+            kernel += ", tiled path multiplies bf16 in fp32"
         if cpu.panel_walk_tokens():
             kernel += ", bf16 panel walk at {}-{} tokens".format(*cpu.panel_walk_tokens())
         ahead, lines = cpu.prefetch()

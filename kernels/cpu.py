@@ -277,3 +277,9 @@ def panel_walk_tokens() -> tuple[int, int] | None:
 
 def has_bf16_dot() -> bool:
     return _load().has_bf16_dot()
+
+
+def tiled_bf16_in_fp32() -> bool:
+    """Whether the tiled (prefill) path multiplies bf16 in fp32: on CPUs without AVX512-BF16, where
+    torch's bf16 matmul is no real GEMM (about 9-10 GFLOP/s at any batch on a Zen 3 host)."""
+    return not _load().has_fast_bf16_gemm()

@@ -821,6 +821,14 @@ bool cpu_has_permute_isa() {  // what DS_AVX512_PERM enables
   return ok;
 }
 
+// Whether torch's bf16 matmul is a real GEMM here: with AVX512-BF16 (and AMX, which comes with it)
+// oneDNN multiplies bf16 natively; without it torch 2.13 ran bf16 at 9-10 GFLOP/s on a Zen 3 host
+// at 1-384 tokens (4096x11008, one thread; fp32 64 at 384), so the tiled path computes in fp32.
+bool cpu_has_fast_bf16_gemm() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
 bool cpu_has_bf16_dot() {  // what DS_AVX512_DOT adds to DS_AVX512_PERM
   static const bool ok = cpu_has_permute_isa() && __builtin_cpu_supports("avx512bf16");
   return ok;
@@ -1325,14 +1333,15 @@ torch::Tensor unpack_transposed(const torch::Tensor& bitmap, const torch::Tensor
 
 namespace {
 // spmspv up to this many tokens, tiled GEMM above (measured: bench --cutover); -1: by decoder
-// (sparse_max_tokens_for): 12 with the AVX-512 decoders, 3 with the AVX2 one and the scalar loop,
-// whose walks pay for each pass of 3 tokens in full (Zen 4, AVX2 forced, no panel walk: the tiled
-// path was 5-8% faster at 4 tokens, 1.6-2.6x at 8-32; docs/kernels.md).
+// (sparse_max_tokens_for): 12 with the SIMD decoders, 3 with the scalar loop. The AVX2 decoder runs
+// only on CPUs without AVX-512, where the tiled path multiplies in fp32 (cpu_has_fast_bf16_gemm): on
+// a Zen 3 host its walk, in passes of 3 tokens, was faster than that up to 12 tokens at the Llama-7B
+// MLP shapes and up to 16-32 at SmolLM2's (docs/kernels.md; forced on the Zen 4 host, where the
+// tiled path's bf16 GEMM is native, the tiled path won from 4 tokens, not what such a CPU sees).
 int64_t g_sparse_max_tokens = -1;
 int64_t sparse_max_tokens_for(bool bf16) {
   if (g_sparse_max_tokens >= 0) return g_sparse_max_tokens;
-  const Decoder d = active_decoder(bf16);
-  return d == Decoder::kExpand || d == Decoder::kPermute ? 12 : 3;
+  return active_decoder(bf16) == Decoder::kScalar ? 3 : 12;
 }
 // Decompressed W^T tile budget of the tiled path (bf16: 2 MiB, so a tile is still in L2/L3 when
 // matmul reads it; and at least one row block). On the Zen 5 host, cold, T = 16 / 64, against
@@ -1346,8 +1355,11 @@ int64_t g_scratch_elements = 1 << 20;
 torch::Tensor tiled_linear(const torch::Tensor& x, const torch::Tensor& bitmap, const torch::Tensor& offsets,
                            const torch::Tensor& values, const torch::Tensor& threshold,
                            const c10::optional<torch::Tensor>& bias, int64_t n) {
-  // fp16 GEMM on CPU is slow or missing: compute fp16 in fp32
-  const auto cdt = x.scalar_type() == torch::kHalf ? torch::kFloat : x.scalar_type();
+  // fp16 GEMM on CPU is slow or missing: compute fp16 in fp32; so is bf16 GEMM on CPUs without
+  // AVX512-BF16 (torch 2.13 on a Zen 3 host: about 9-10 GFLOP/s at any batch, fp32 55-64 at 64-384
+  // tokens; docs/kernels.md)
+  const bool fp32_compute = x.scalar_type() == torch::kHalf || (x.scalar_type() == torch::kBFloat16 && !cpu_has_fast_bf16_gemm());
+  const auto cdt = fp32_compute ? torch::kFloat : x.scalar_type();
   const torch::Tensor xm = mask_input(x, threshold).to(cdt);  // [T, K]
   torch::Tensor y = torch::empty({x.size(0), n}, x.options().dtype(cdt));  // [T, N]
   const int64_t nb = bitmap.size(0), K = bitmap.size(1);
@@ -1483,6 +1495,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bf16 with AVX512-BF16: batches of min..max tokens take the vdpbf16ps panel walk (min 0 = off); "
         "larger batches the tiled path");
   m.def("get_bf16_dot_tokens", &get_bf16_dot_tokens, "[min_tokens, max_tokens] of the panel walk");
+  m.def("has_fast_bf16_gemm", &cpu_has_fast_bf16_gemm,
+        "whether the tiled path multiplies bf16 in bf16 (AVX512-BF16) rather than in fp32");
   m.def("has_bf16_dot", &cpu_has_bf16_dot, "whether this CPU can run the vdpbf16ps panel walk (AVX512-BF16, BMI2)");
   m.def("set_walk_all", &set_walk_all,
         "walk every column when fewer than max_inactive (a fraction) of them are inactive and the values "
