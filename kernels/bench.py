@@ -282,8 +282,8 @@ def machine(device: torch.device) -> str:
             kernel += ", tiled path multiplies bf16 in fp32"
         if cpu.panel_walk_tokens():
             kernel += ", bf16 panel walk at {}-{} tokens".format(*cpu.panel_walk_tokens())
-        ahead, lines = cpu.prefetch()
-        kernel += f", prefetch {ahead}/{lines}" if ahead else ", no software prefetch"
+        mode = cpu.prefetch_mode(torch.bfloat16)
+        kernel += f", prefetch {mode}" if mode != "off" else ", no software prefetch"
         max_inactive, min_span = cpu.walk_all()
         kernel += (", skips inactive columns" if max_inactive <= 0 else
                    f", walks all columns when < {max_inactive:g} inactive and spans > {min_span:g} B")

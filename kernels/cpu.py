@@ -5,8 +5,10 @@ CPU call goes from the dispatcher straight to C++ (a few microseconds; a Python-
 costs ~20 us a call, more than the whole 576x576 product). Behind that kernel:
   T <= sparse_max_tokens (bf16/fp32): the spMspV walk (AVX-512; bf16 with AVX2 on CPUs without
     AVX-512; a scalar loop otherwise): per row block, only the columns active for some token are
-    read, with a software prefetch 48 columns ahead (the scattered spans defeat the hardware
-    prefetchers; `set_prefetch`, DUOSERVE_CPU_PREFETCH), except where walking every column is
+    read, with a software prefetch (AVX-512: of the column 48 active columns ahead, as the
+    scattered spans defeat the hardware prefetchers; AVX2: of every line of the row block 4 KiB
+    ahead, one sequential stream, as skipped spans cost nearly as much as read ones on the Zen 3
+    host; `set_prefetch`, DUOSERVE_CPU_PREFETCH), except where walking every column is
     faster: a weight with long spans and not too many columns inactive (`set_walk_all`). How long is long
     depends on the memory system (skipping a random half of bf16 p_w 0.5 spans is level with
     walking them all on a Zen 5 host, 1.3x slower on a Zen 4 host), so it is measured once per
@@ -40,19 +42,30 @@ _ext = None
 _error: str | None = None
 
 
-def _parse_prefetch(text: str) -> tuple[int, int]:
-    """DUOSERVE_CPU_PREFETCH="AHEAD,LINES": prefetch distance in active columns and 64-byte lines
-    per column (0 lines: exactly the column's lines); "0,0" turns software prefetch off."""
+DEFAULT_PREFETCH = (48, 3, -1)  # (ahead, lines, stream): see set_prefetch
+
+
+def parse_prefetch(text: str) -> tuple[int, int, int]:
+    """DUOSERVE_CPU_PREFETCH: "AHEAD,LINES", the column prefetch in every walk (distance in active
+    columns, 64-byte lines per column, 0 lines: exactly the column's lines; "0,0" turns software
+    prefetch off), or "stream,BYTES", the stream prefetch in every 1-3 token walk -> set_prefetch's
+    arguments."""
     try:
-        ahead, lines = (int(v) for v in text.split(","))
+        first, second = text.split(",")
+        if first.strip() == "stream":
+            stream = int(second)
+            if stream <= 0:
+                raise ValueError
+            return DEFAULT_PREFETCH[0], DEFAULT_PREFETCH[1], stream
+        ahead, lines = int(first), int(second)
         if ahead < 0 or lines < 0:
             raise ValueError
     except ValueError:
         raise ValueError(
             f"DUOSERVE_CPU_PREFETCH must be AHEAD,LINES with two integers >= 0 (e.g. 48,3; 0,0 turns "
-            f"software prefetch off), got {text!r}"
+            f"software prefetch off) or stream,BYTES with BYTES > 0 (e.g. stream,4096), got {text!r}"
         ) from None
-    return ahead, lines
+    return ahead, lines, 0
 
 
 def _parse_walk_all() -> list[float | None]:
@@ -101,7 +114,7 @@ def _load():
             _error = "disabled by DUOSERVE_DISABLE_CPU_KERNEL=1"
             return None
         prefetch = os.environ.get("DUOSERVE_CPU_PREFETCH")
-        prefetch = _parse_prefetch(prefetch) if prefetch else None  # bad text raises, on every call
+        prefetch = parse_prefetch(prefetch) if prefetch else None  # bad text raises, on every call
         walk_all = _parse_walk_all()
         int_settings = _int_settings()
         try:
@@ -206,16 +219,30 @@ def walks_all_columns(inactive: int, k: int, mean_span_bytes: float) -> bool:
     return _load().walk_all_columns(int(inactive), int(k), float(mean_span_bytes))
 
 
-def set_prefetch(ahead: int, lines: int) -> None:
-    """Software prefetch of the values `ahead` active columns ahead, `lines` 64-byte lines per
-    16-bit value width (0: exactly the column's lines); ahead = 0 turns it off."""
-    _load().set_prefetch(int(ahead), int(lines))
+def set_prefetch(ahead: int, lines: int, stream: int = 0) -> None:
+    """The walks' software prefetch of the values. The column prefetch: the values of the column
+    `ahead` active columns ahead, `lines` 64-byte lines per 16-bit value width (0: exactly the
+    column's lines). The stream (`stream` > 0, in the walks of 1-3 tokens): every line of the row
+    block's values, inactive columns' too, `stream` bytes ahead of the current column. stream = -1:
+    each walk's default (the AVX2 walk: the stream, 4096 bytes, when at least 15% of the columns
+    are active, else columns; the AVX-512 walks: columns; docs/kernels.md). ahead = 0 turns both
+    off. `DEFAULT_PREFETCH` restores the defaults."""
+    _load().set_prefetch(int(ahead), int(lines), int(stream))
 
 
-def prefetch() -> tuple[int, int]:
-    """(ahead, lines) of the software prefetch in use."""
-    ahead, lines = _load().get_prefetch()
-    return ahead, lines
+def prefetch() -> tuple[int, int, int]:
+    """(ahead, lines, stream) of the software prefetch settings (see set_prefetch)."""
+    ahead, lines, stream = _load().get_prefetch()
+    return ahead, lines, stream
+
+
+def prefetch_mode(dtype: torch.dtype = torch.bfloat16) -> str:
+    """What the 1-3 token walk of `dtype` prefetches with the settings in use: 'stream 4096 B'
+    (the AVX2 default adds '(columns below 15% active)': calls with fewer active columns prefetch
+    columns), 'columns 48/3' (distance/lines) or 'off'."""
+    if dtype not in DTYPES:
+        raise ValueError(f"the spMspV walk runs bf16 and fp32, not {dtype}")
+    return _load().prefetch_mode("bf16" if dtype == torch.bfloat16 else "fp32")
 
 
 def available_decoders() -> list[str]:

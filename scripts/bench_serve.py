@@ -220,7 +220,7 @@ def main(argv=None) -> int:
         report["machine"]["kernel_isa"] = cpu.isa()
         if cpu.available():  # measured in this process; the server measures its own, on the same CPU
             report["machine"]["kernel_decoder"] = cpu.decoder()
-            report["machine"]["kernel_prefetch"] = list(cpu.prefetch())
+            report["machine"]["kernel_prefetch"] = cpu.prefetch_mode()
     except Exception:  # reporting only
         pass
     print(f"\n{'':14s}{'decode tok/s':>14s}{'TPOT ms':>10s}{'TTFT ms':>10s}{'linear MiB':>12s}{'other MiB':>11s}"

@@ -14,12 +14,17 @@
 #                      of skipping the inactive ones (which one the default does at p_w 0.5 in bf16
 #                      is measured per machine: machine.txt's walk-all line)
 #   bar-no-prefetch.md the bar shapes without the software prefetch (DUOSERVE_CPU_PREFETCH=0,0)
+#   bar-columns.md / bar-stream.md   the bar shapes with each kind of prefetch forced
+#                      (DUOSERVE_CPU_PREFETCH=48,3 / stream,4096; the default streams only in the
+#                      AVX2 walk), three runs each, alternated
 #   px-cold.md         batch 1 at p_x 0 / 0.3 / 0.5 / 0.7 (p_w 0.5), weights from DRAM
 #   skip-always.md, skip-walk-all.md   p_w 0..0.5 x p_x 0..0.7, batch 1, from DRAM, always skipping
 #                      inactive columns / always walking all: where each wins set the walk-all
 #                      policies' constants (kernels/csrc: walk_all_columns, calibrate_walk_all)
 #   simd.txt           scripts/simd_throughput.c: the decoders' instructions against an FMA
 #   skip.txt           scripts/skip_bandwidth.c: reading a random half of contiguous spans vs all
+#   walk-memory.txt    scripts/avx2_walk_memory.cpp: the AVX2 walk against merely touching its lines
+#                      (where the CPU has AVX2)
 #   cutover.md         the spMspV walk (the panel walk from 5 tokens) vs the decompress + matmul
 #                      path, batch 1..384 (warm)
 #   batch-cold.md      the op at batch 1..64 from DRAM (the walk up to 4 tokens, the panel walk at
@@ -67,6 +72,11 @@ if $PY -c "import vllm" 2> /dev/null; then
 fi
 DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=2 DUOSERVE_CPU_WALK_ALL_MIN_SPAN=0 $B --bar --cold-mib 512 --markdown "$OUT/bar-walk-all.md"
 DUOSERVE_CPU_PREFETCH=0,0 $B --bar --cold-mib 512 --markdown "$OUT/bar-no-prefetch.md"
+rm -f "$OUT/bar-columns.md" "$OUT/bar-stream.md"
+for run in 1 2 3; do  # alternated: memory timings drift between runs on some hosts
+  DUOSERVE_CPU_PREFETCH=48,3 $B --bar --cold-mib 512 --markdown "$OUT/bar-columns.md"
+  DUOSERVE_CPU_PREFETCH=stream,4096 $B --bar --cold-mib 512 --markdown "$OUT/bar-stream.md"
+done
 $B --shapes $SHAPES4 --pw 0.5 --px 0,0.3,0.5,0.7 --batch 1 --cold-mib 512 \
   --markdown "$OUT/px-cold.md"
 # the walk-all policy's two constants (max inactive fraction, min span bytes): both policies forced
@@ -90,7 +100,11 @@ $PY -m duoserve.kernels.bench_decode --device cpu --layers 2 --markdown "$OUT/de
 if gcc -O2 -o /tmp/duoserve_simd_throughput scripts/simd_throughput.c 2> /dev/null; then
   /tmp/duoserve_simd_throughput | tee "$OUT/simd.txt"
 fi
-if gcc -O2 -mavx512f -o /tmp/duoserve_skip_bandwidth scripts/skip_bandwidth.c 2> /dev/null; then
+VEC=$(grep -qw avx512f /proc/cpuinfo && echo -mavx512f || echo -mavx2)
+if gcc -O2 $VEC -o /tmp/duoserve_skip_bandwidth scripts/skip_bandwidth.c 2> /dev/null; then
   /tmp/duoserve_skip_bandwidth | tee "$OUT/skip.txt"
+fi
+if grep -qw avx2 /proc/cpuinfo && g++ -O2 -std=c++17 -o /tmp/duoserve_avx2_walk_memory scripts/avx2_walk_memory.cpp 2> /dev/null; then
+  for px in 0.5 0.9; do PX=$px /tmp/duoserve_avx2_walk_memory 11008 4096 8 24; done | tee "$OUT/walk-memory.txt"
 fi
 echo "results in $OUT"

@@ -20,7 +20,10 @@
 // An inactive column costs no weight bytes and an active one costs its non-zeros plus 20
 // bytes of index; the values of the column 48 active columns ahead are prefetched (the spans are
 // too short and scattered for the hardware prefetchers), except that every column is walked when
-// few are inactive and the spans are long (walk_all_columns). Tokens are processed in chunks of up
+// few are inactive and the spans are long (walk_all_columns). The AVX2 walk instead prefetches
+// every line of the row block a few KiB ahead (ValuePrefetch: on the Zen 3 host it measured, a
+// random half of the spans cost as much DRAM time as all of them, so one sequential stream is
+// faster; the inactive columns are still not decoded). Tokens are processed in chunks of up
 // to 3 (24 zmm accumulators), or, bf16 with the permute decoder, 4-12 in one pass over row slices
 // (block_bf16_permute_slices); on CPUs with AVX512-BF16, batches of 5-256 tokens decode each chunk of
 // columns once into an L1 panel and multiply it with vdpbf16ps (block_bf16_dot_panel). The AVX-512
@@ -73,6 +76,7 @@ struct Problem {
   // pairs = ceil(A / 2), for the panel walk (block_bf16_dot_panel); null when it does not run
   const uint32_t* xpairs = nullptr;
   int64_t pairs = 0;
+  int64_t n_values = 0;  // elements of values: where the stream prefetch stops (0: no stream prefetch)
 };
 
 inline float bf16_to_float(uint16_t h) {
@@ -146,6 +150,24 @@ void block_scalar(const Problem& p, int64_t rb, int64_t t0, int64_t tb) {
 // software prefetch; tests/kernels/test_cpu_kernel.py now checks the built binary for prefetcht0.
 int64_t g_prefetch_ahead = 48;
 int64_t g_prefetch_lines = 3;
+// The other kind of prefetch, the stream: every 64-byte line of the walked row blocks' values, the
+// inactive columns' too, up to g_prefetch_stream bytes past the current column's values. It reads
+// twice the lines at p_x = 0.5 but as one sequential stream, which is what the hardware serves
+// fastest where skipped spans cost nearly as much as read ones: on the Zen 3 host (2026-11-29) reading
+// a random half of 128-1024-byte spans took 1.0-1.5x as long as reading all of them
+// (scripts/skip_bandwidth.c), and the AVX2 walk of 11008x4096 (bf16, p_w = p_x = 0.5, one token,
+// from DRAM) took a median 5.4-6.5 ms with the stream against 6.8-9.2 ms with the column prefetch, the
+// same as merely touching the skipping walk's lines (docs/kernels.md). -1 (the default): the
+// stream, 4096 bytes ahead, for the AVX2 walk (measured there) and the column prefetch for the
+// AVX-512 walks (measured on Zen 4 / Zen 5 hosts, where skipping paid; the stream was never run
+// there); 0: the column prefetch everywhere; > 0: the stream that far ahead everywhere. The walks of
+// 4 or more tokens (slices, panel) always prefetch columns. g_prefetch_ahead = 0 turns both off.
+// The AVX2 default streams only when at least kStreamMinActive of the columns are walked: with
+// fewer the column prefetch reads so few lines that it wins (Zen 3, p_x = 0.9: a median 4.9 ms
+// against 6.0; at p_x 0.2-0.8 the stream was level or 6-28% faster, 40 alternated rounds each).
+int64_t g_prefetch_stream = -1;
+constexpr int64_t kAvx2StreamBytes = 4096;  // 1-16 KiB measured level on the Zen 3 host
+constexpr double kStreamMinActive = 0.15;
 // When to walk every column instead of skipping the inactive ones: see walk_all_columns. Measured
 // once per process (calibrate_walk_all) unless set (set_walk_all / DUOSERVE_CPU_WALK_ALL_*).
 struct WalkAllPolicy {
@@ -177,6 +199,42 @@ __attribute__((always_inline)) inline void prefetch_column(const Problem& p, int
   for (const char* line = first; line < last; line += 64) _mm_prefetch(line, static_cast<_mm_hint>(HINT));
 }
 
+// The stream distance a walk of `active` of K columns uses (0: the column prefetch): avx2_walk says
+// which default applies.
+inline int64_t stream_bytes(bool avx2_walk, int64_t active, int64_t K) {
+  if (g_prefetch_ahead == 0) return 0;  // software prefetch off
+  if (g_prefetch_stream >= 0) return g_prefetch_stream;
+  return avx2_walk && static_cast<double>(active) >= kStreamMinActive * static_cast<double>(K) ? kAvx2StreamBytes : 0;
+}
+
+// The software prefetch of one walk over row block rb: call at(j, v) at each active column j whose
+// values start at v. Always inline, for the reason given at prefetch_column.
+template <typename V>
+struct ValuePrefetch {
+  const Problem& p;
+  int64_t rb;
+  int64_t stream;    // bytes ahead; 0: the column prefetch
+  const char* next;  // the stream: the first line not yet prefetched
+  const char* end;   // the stream: the end of the values
+
+  __attribute__((always_inline)) ValuePrefetch(const Problem& p_, int64_t rb_, bool avx2_walk)
+      : p(p_), rb(rb_), stream(p_.n_values > 0 ? stream_bytes(avx2_walk, p_.n_active, p_.K) : 0) {
+    const V* vals = static_cast<const V*>(p.values);
+    // from the block's first value (the block before streamed into it; the lines fetched twice are
+    // a few dozen of a block's thousands)
+    next = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(vals + p.offsets[rb * p.K]) & ~uintptr_t{63});
+    end = reinterpret_cast<const char*>(vals + p.n_values);
+  }
+  __attribute__((always_inline)) void at(int64_t j, const V* v) {
+    if (stream > 0) {
+      const char* want = std::min(reinterpret_cast<const char*>(v) + stream, end);
+      for (; next < want; next += 64) _mm_prefetch(next, _MM_HINT_T0);
+    } else {
+      prefetch_column<V>(p, rb, j + g_prefetch_ahead);
+    }
+  }
+};
+
 // W: the words of the block that hold rows (2 in a last block of at most 64 rows, 4 otherwise)
 template <int TB, int W>
 DS_AVX512 void block_bf16_avx512(const Problem& p, int64_t rb, int64_t t0) {
@@ -185,11 +243,12 @@ DS_AVX512 void block_bf16_avx512(const Problem& p, int64_t rb, int64_t t0) {
     for (int c = 0; c < W; ++c) acc[t][c][0] = acc[t][c][1] = _mm512_setzero_ps();
   const uint16_t* vals = static_cast<const uint16_t*>(p.values);
   const __m512i high_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  ValuePrefetch<uint16_t> prefetch(p, rb, false);
   for (int64_t j = 0; j < p.n_active; ++j) {
     const int64_t col = rb * p.K + p.active[j];
     const int32_t* words = p.bitmap + col * WORDS;
     const uint16_t* v = vals + p.offsets[col];
-    prefetch_column<uint16_t>(p, rb, j + g_prefetch_ahead);
+    prefetch.at(j, v);
     __m512 xb[TB];
     DS_UNROLL for (int t = 0; t < TB; ++t) xb[t] = _mm512_set1_ps(p.xc[j * p.T + t0 + t]);
     DS_UNROLL for (int c = 0; c < W; ++c) {
@@ -223,11 +282,12 @@ DS_AVX512 void block_f32_avx512(const Problem& p, int64_t rb, int64_t t0) {
   DS_UNROLL for (int t = 0; t < TB; ++t)
     for (int c = 0; c < CH; ++c) acc[t][c] = _mm512_setzero_ps();
   const float* vals = static_cast<const float*>(p.values);
+  ValuePrefetch<float> prefetch(p, rb, false);
   for (int64_t j = 0; j < p.n_active; ++j) {
     const int64_t col = rb * p.K + p.active[j];
     const int32_t* words = p.bitmap + col * WORDS;
     const float* v = vals + p.offsets[col];
-    prefetch_column<float>(p, rb, j + g_prefetch_ahead);
+    prefetch.at(j, v);
     __m512 xb[TB];
     DS_UNROLL for (int t = 0; t < TB; ++t) xb[t] = _mm512_set1_ps(p.xc[j * p.T + t0 + t]);
     DS_UNROLL for (int c = 0; c < CH; ++c) {
@@ -386,11 +446,12 @@ DS_AVX2 void block_avx2(const Problem& p, int64_t rb, int64_t t0) {
   DS_UNROLL for (int t = 0; t < TB; ++t)
     for (int c = 0; c < W; ++c)
       for (int g = 0; g < 4; ++g) acc[t][c][g] = _mm256_setzero_ps();
+  ValuePrefetch<T> prefetch(p, rb, true);
   for (int64_t j = 0; j < p.n_active; ++j) {
     const int64_t col = rb * p.K + p.active[j];
     const int32_t* words = p.bitmap + col * WORDS;
     const T* v = vals + p.offsets[col];
-    prefetch_column<T>(p, rb, j + g_prefetch_ahead);
+    prefetch.at(j, v);
     __m256 xb[TB];
     DS_UNROLL for (int t = 0; t < TB; ++t) xb[t] = _mm256_set1_ps(p.xc[j * p.T + t0 + t]);
     DS_UNROLL for (int c = 0; c < W; ++c) {
@@ -493,11 +554,12 @@ DS_AVX512_PERM void block_bf16_permute(const Problem& p, int64_t rb, int64_t t0)
     for (int c = 0; c < 2 * W; ++c) acc[t][c] = _mm512_setzero_ps();
   const uint16_t* vals = static_cast<const uint16_t*>(p.values);
   const __m512i pairs = below_pairs();
+  ValuePrefetch<uint16_t> prefetch(p, rb, false);
   for (int64_t j = 0; j < p.n_active; ++j) {
     const int64_t col = rb * p.K + p.active[j];
     const int32_t* words = p.bitmap + col * WORDS;
     const uint16_t* v = vals + p.offsets[col];
-    prefetch_column<uint16_t>(p, rb, j + g_prefetch_ahead);
+    prefetch.at(j, v);
     __m512 xb[TB];
     DS_UNROLL for (int t = 0; t < TB; ++t) xb[t] = _mm512_set1_ps(p.xc[j * p.T + t0 + t]);
     DS_UNROLL for (int c = 0; c < W; ++c) {
@@ -526,11 +588,12 @@ DS_AVX512_PERM void block_f32_permute(const Problem& p, int64_t rb, int64_t t0) 
     for (int c = 0; c < CH; ++c) acc[t][c] = _mm512_setzero_ps();
   const float* vals = static_cast<const float*>(p.values);
   const __m512i below = below_masks();
+  ValuePrefetch<float> prefetch(p, rb, false);
   for (int64_t j = 0; j < p.n_active; ++j) {
     const int64_t col = rb * p.K + p.active[j];
     const int32_t* words = p.bitmap + col * WORDS;
     const float* v = vals + p.offsets[col];
-    prefetch_column<float>(p, rb, j + g_prefetch_ahead);
+    prefetch.at(j, v);
     __m512 xb[TB];
     DS_UNROLL for (int t = 0; t < TB; ++t) xb[t] = _mm512_set1_ps(p.xc[j * p.T + t0 + t]);
     DS_UNROLL for (int c = 0; c < CH; ++c) {
@@ -973,8 +1036,9 @@ Decoder calibrate_decoder(bool bf16) {
   std::vector<int32_t> active(K);
   for (int64_t k = 0; k < K; ++k) active[k] = static_cast<int32_t>(k);
   std::vector<float> xc(K, 0.5f), y(NB * R);
-  const Problem p{index.bitmap.data(), index.offsets.data(), bf16 ? static_cast<const void*>(v16.data()) : v32.data(),
+  Problem p{index.bitmap.data(), index.offsets.data(), bf16 ? static_cast<const void*>(v16.data()) : v32.data(),
                   active.data(), K, xc.data(), 1, K, NB * R, y.data()};
+  p.n_values = index.nnz + R;
   double best[2] = {1e30, 1e30};
   const Decoder candidates[2] = {Decoder::kExpand, Decoder::kPermute};
   for (int pass = 0; pass < 7; ++pass)
@@ -1129,9 +1193,10 @@ WalkAllCalibration measure_walk_all() {
     x_on.assign(on.size(), 1.f);
     for (int i = 0; i < 2; ++i) {
       const int which = (pass + i) % 2;  // alternate which policy goes first
-      const Problem p{index.bitmap.data(), index.offsets.data(), values.data(), which ? all.data() : on.data(),
-                      which ? K : static_cast<int64_t>(on.size()), which ? x_all.data() : x_on.data(),
-                      1, K, NB * R, y.data()};
+      Problem p{index.bitmap.data(), index.offsets.data(), values.data(), which ? all.data() : on.data(),
+                which ? K : static_cast<int64_t>(on.size()), which ? x_all.data() : x_on.data(),
+                1, K, NB * R, y.data()};
+      p.n_values = static_cast<int64_t>(values.size());
       const auto start = std::chrono::steady_clock::now();
       for (int64_t rb = 0; rb < NB; ++rb) run_block(p, rb, true, d);
       const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
@@ -1250,6 +1315,7 @@ torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, con
   const Decoder decoder = force_scalar ? Decoder::kScalar : active_decoder(bf16);
   Problem p{bitmap.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), values.data_ptr(),
             active.data(), A, nullptr, T, K, n, y.data_ptr<float>()};
+  p.n_values = values.numel();
   std::vector<float> xc;          // the walks' inputs, column-major [A, T]
   std::vector<uint32_t> xpairs;   // the panel's, token-major [T, ceil(A / 2)]
   if (bf16 && decoder != Decoder::kScalar && panel_enabled(T)) {
@@ -1431,13 +1497,30 @@ std::vector<double> get_walk_all_calibration() {
   const WalkAllCalibration& c = walk_all_calibration();
   return {c.skip_s, c.walk_s, static_cast<double>(c.probe_bytes), c.policy.max_inactive, c.policy.min_span};
 }
-void set_prefetch(int64_t ahead, int64_t lines) {
+void set_prefetch(int64_t ahead, int64_t lines, int64_t stream) {
   TORCH_CHECK(ahead >= 0 && lines >= 0, "prefetch distance and lines must be >= 0 (0 distance turns it off), got ",
               ahead, " and ", lines);
+  TORCH_CHECK(stream >= -1, "the stream prefetch distance must be -1 (each walk's default), 0 (prefetch columns) ",
+              "or a number of bytes > 0, got ", stream);
   g_prefetch_ahead = ahead;
   g_prefetch_lines = lines;
+  g_prefetch_stream = stream;
 }
-std::vector<int64_t> get_prefetch() { return {g_prefetch_ahead, g_prefetch_lines}; }
+std::vector<int64_t> get_prefetch() { return {g_prefetch_ahead, g_prefetch_lines, g_prefetch_stream}; }
+// What the 1-3 token walk of a dtype ("bf16" / "fp32") prefetches with the settings in use, when at
+// least kStreamMinActive of the columns are active.
+std::string prefetch_mode(const std::string& dtype) {
+  TORCH_CHECK(dtype == "bf16" || dtype == "fp32", "dtype must be bf16 or fp32");
+  const Decoder d = active_decoder(dtype == "bf16");
+  if (g_prefetch_ahead == 0 || d == Decoder::kScalar) return "off";
+  const int64_t stream = stream_bytes(d == Decoder::kAvx2, 1, 1);
+  if (stream > 0)
+    return "stream " + std::to_string(stream) + " B" +
+           (g_prefetch_stream < 0 ? " (columns below " + std::to_string(static_cast<int>(kStreamMinActive * 100)) +
+                                        "% active)" : std::string());
+  return "columns " + std::to_string(g_prefetch_ahead) + "/" +
+         (g_prefetch_lines > 0 ? std::to_string(g_prefetch_lines) : std::string("exact"));
+}
 int64_t get_sparse_max_tokens(const std::string& dtype) { return sparse_max_tokens_for(dtype == "bf16"); }
 
 std::string isa() { return cpu_has_avx512() || cpu_has_permute_isa() ? "avx512" : cpu_has_avx2() ? "avx2" : "scalar"; }
@@ -1508,8 +1591,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("get_walk_all_calibration", &get_walk_all_calibration,
         "[skip s, walk-all s, probe bytes, max_inactive, min_span_bytes] of the one-time measurement");
   m.def("walk_all_columns", &walk_all_columns, "the walk-all decision for (inactive columns, K, mean span bytes)");
-  m.def("set_prefetch", &set_prefetch, "software prefetch distance (active columns; 0 = off) and lines");
-  m.def("get_prefetch", &get_prefetch, "[distance, lines] of the software prefetch");
+  m.def("set_prefetch", &set_prefetch,
+        "software prefetch: distance in active columns (0 = off), lines per column, stream bytes "
+        "(-1: each walk's default, 0: columns, > 0: the stream that far ahead)");
+  m.def("get_prefetch", &get_prefetch, "[distance, lines, stream] of the software prefetch");
+  m.def("prefetch_mode", &prefetch_mode, "what the 1-3 token walk of 'bf16' / 'fp32' prefetches now");
   m.def("isa", &isa, "instruction set the spmspv kernel uses on this CPU");
   m.def("decoder", &decoder, "the spMspV decoder in use for a dtype ('bf16'/'fp32'), measured on first use");
   m.def("set_decoder", &set_decoder, "force a decoder (scalar, expand, permute) or '' to measure");

@@ -215,13 +215,15 @@ def test_walk_all_environment_text_is_checked():
 
 
 @needs_ext
-@pytest.mark.parametrize("ahead,lines", [(0, 0), (1, 0), (5, 1), (1000, 3)])
-def test_prefetch_settings_give_the_same_products(ahead, lines):
-    """Prefetch distances shorter than, around and past a row block's active columns (the prefetch
-    then reaches into the next row block, or past the last one), exact-lines mode and off."""
+@pytest.mark.parametrize("ahead,lines,stream", [(0, 0, 0), (0, 3, 4096), (1, 0, 0), (5, 1, 0), (1000, 3, 0),
+                                                (48, 3, 64), (48, 3, 1 << 30), (48, 3, -1)])
+def test_prefetch_settings_give_the_same_products(ahead, lines, stream):
+    """Column prefetch distances shorter than, around and past a row block's active columns (the
+    prefetch then reaches into the next row block, or past the last one), exact-lines mode, the
+    stream prefetch one line ahead and past the end of the values, each walk's default, and off."""
     saved = cpu.prefetch()
-    assert saved == (48, 3)  # the default
-    cpu.set_prefetch(ahead, lines)
+    assert saved == cpu.DEFAULT_PREFETCH == (48, 3, -1)
+    cpu.set_prefetch(ahead, lines, stream)
     try:
         cases = [Case(n, k, t, 0.5, 0.5, dt) for n, k, t in ((971, 77, 1), (300, 33, 2), (129, 300, 5))
                  for dt in DTYPES]
@@ -231,6 +233,30 @@ def test_prefetch_settings_give_the_same_products(ahead, lines):
         cpu.set_prefetch(*saved)
     with pytest.raises(RuntimeError, match="must be >= 0"):
         cpu.set_prefetch(-1, 3)
+    with pytest.raises(RuntimeError, match="stream prefetch distance must be -1"):
+        cpu.set_prefetch(48, 3, -2)
+
+
+@needs_ext
+def test_prefetch_mode_names_what_the_walk_does():
+    """The default: the stream for the AVX2 walk, columns for the AVX-512 ones; forced either way."""
+    saved = cpu.prefetch()
+    try:
+        for dtype in DTYPES:
+            walk = cpu.decoder(dtype)
+            expected = {"avx2": "stream 4096 B (columns below 15% active)", "scalar": "off"}.get(walk, "columns 48/3")
+            assert cpu.prefetch_mode(dtype) == expected, walk
+            cpu.set_prefetch(16, 0, 0)
+            assert cpu.prefetch_mode(dtype) == ("off" if walk == "scalar" else "columns 16/exact")
+            cpu.set_prefetch(48, 3, 2048)
+            assert cpu.prefetch_mode(dtype) == ("off" if walk == "scalar" else "stream 2048 B")
+            cpu.set_prefetch(0, 3, 2048)
+            assert cpu.prefetch_mode(dtype) == "off"
+            cpu.set_prefetch(*saved)
+    finally:
+        cpu.set_prefetch(*saved)
+    with pytest.raises(ValueError, match="runs bf16 and fp32"):
+        cpu.prefetch_mode(torch.float16)
 
 
 @needs_ext
@@ -266,18 +292,19 @@ def test_built_walk_functions_contain_software_prefetch():
 def test_prefetch_environment_text_is_checked():
     import subprocess
     import sys
-    assert cpu._parse_prefetch("48,3") == (48, 3)
+    assert cpu.parse_prefetch("48,3") == (48, 3, 0)
+    assert cpu.parse_prefetch("stream,2048") == (48, 3, 2048)
     code = "from duoserve.kernels import cpu; print(cpu.prefetch())"
     env = dict(__import__("os").environ, DUOSERVE_CPU_PREFETCH="0,0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     if cpu.available():
-        assert out.returncode == 0 and out.stdout.strip() == "(0, 0)", out.stderr
+        assert out.returncode == 0 and out.stdout.strip() == "(0, 0, 0)", out.stderr
     env["DUOSERVE_CPU_PREFETCH"] = "48"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "DUOSERVE_CPU_PREFETCH must be AHEAD,LINES" in out.stderr
-    for bad in ("48", "a,b", "-1,3", "1,2,3"):
+    for bad in ("48", "a,b", "-1,3", "1,2,3", "stream,0", "stream,-5", "stream,x"):
         with pytest.raises(ValueError, match="DUOSERVE_CPU_PREFETCH must be AHEAD,LINES"):
-            cpu._parse_prefetch(bad)
+            cpu.parse_prefetch(bad)
 
 
 def test_reference_matches_fp32_dense():
