@@ -147,7 +147,7 @@ void block_scalar(const Problem& p, int64_t rb, int64_t t0, int64_t tb) {
 // __builtin_prefetch as pure, and when it is not inlined before that analysis (the early inliner
 // declines it across the decoders' target attributes) the call, returning void, is deleted as
 // dead code. Until 2026-11-27 that happened to every call here, so the kernels ran without any
-// software prefetch; tests/kernels/test_cpu_kernel.py now checks the built binary for prefetcht0.
+// software prefetch; tests/kernels/test_cpu_settings.py now checks the built binary for prefetcht0.
 int64_t g_prefetch_ahead = 48;
 int64_t g_prefetch_lines = 3;
 // The other kind of prefetch, the stream: every 64-byte line of the walked row blocks' values, the
