@@ -154,19 +154,21 @@ int64_t g_prefetch_lines = 3;
 // inactive columns' too, up to g_prefetch_stream bytes past the current column's values. It reads
 // twice the lines at p_x = 0.5 but as one sequential stream, which is what the hardware serves
 // fastest where skipped spans cost nearly as much as read ones: on the Zen 3 host (2026-11-29) reading
-// a random half of 128-1024-byte spans took 1.0-1.5x as long as reading all of them
-// (scripts/skip_bandwidth.c), and the AVX2 walk of 11008x4096 (bf16, p_w = p_x = 0.5, one token,
-// from DRAM) took a median 5.4-6.5 ms with the stream against 6.8-9.2 ms with the column prefetch, the
-// same as merely touching the skipping walk's lines (docs/kernels.md). -1 (the default): the
+// a random half of 128-640-byte spans took 0.8-1.5x as long as reading all of them, mostly over 1
+// (scripts/skip_bandwidth.c); the column-prefetching AVX2 walk took about as long as merely touching
+// its lines (scripts/avx2_walk_memory.cpp), and the streaming one as long as reading the whole
+// weight in order; in alternated runs of the kernel (scripts/prefetch_ab.py; bf16, p_w 0.5, one
+// token, from DRAM) the stream was level or 12-25% faster at p_x 0.5-0.7, level at 0.3
+// (docs/reports/cpu-2026-11-29-zen3-stream). -1 (the default): the
 // stream, 4096 bytes ahead, for the AVX2 walk (measured there) and the column prefetch for the
 // AVX-512 walks (measured on Zen 4 / Zen 5 hosts, where skipping paid; the stream was never run
 // there); 0: the column prefetch everywhere; > 0: the stream that far ahead everywhere. The walks of
 // 4 or more tokens (slices, panel) always prefetch columns. g_prefetch_ahead = 0 turns both off.
 // The AVX2 default streams only when at least kStreamMinActive of the columns are walked: with
-// fewer the column prefetch reads so few lines that it wins (Zen 3, p_x = 0.9: a median 4.9 ms
-// against 6.0; at p_x 0.2-0.8 the stream was level or 6-28% faster, 40 alternated rounds each).
+// fewer the column prefetch reads so few lines that it wins (Zen 3, p_x = 0.9: medians of 5.3-6.0
+// ms against 6.6-6.8 with the stream).
 int64_t g_prefetch_stream = -1;
-constexpr int64_t kAvx2StreamBytes = 4096;  // 1-16 KiB measured level on the Zen 3 host
+constexpr int64_t kAvx2StreamBytes = 4096;  // 1-16 KiB level within the Zen 3 host's noise
 constexpr double kStreamMinActive = 0.15;
 // When to walk every column instead of skipping the inactive ones: see walk_all_columns. Measured
 // once per process (calibrate_walk_all) unless set (set_walk_all / DUOSERVE_CPU_WALK_ALL_*).
