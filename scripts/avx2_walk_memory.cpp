@@ -57,7 +57,9 @@ struct Patterns {  // per mask byte: the vpshufb pattern that puts 8 packed bf16
 };
 const Patterns patterns;
 
-inline void prefetch_column(const Walk& w, int64_t rb, int64_t j) {
+// always_inline: GCC deletes an out-of-line function whose only effect is a prefetch (see
+// prefetch_column in kernels/csrc/dual_sparse_cpu.cpp); without it both column walks ran unprefetched.
+__attribute__((always_inline)) inline void prefetch_column(const Walk& w, int64_t rb, int64_t j) {
   if (j >= w.n_active) { j -= w.n_active; if (++rb >= w.NB || j >= w.n_active) return; }
   const char* first = reinterpret_cast<const char*>(w.values() + w.w->offsets[rb * w.K + w.active[j]]);
   for (int i = 0; i < LINES; ++i) _mm_prefetch(first + 64 * i, _MM_HINT_T0);

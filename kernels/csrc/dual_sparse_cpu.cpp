@@ -156,8 +156,8 @@ int64_t g_prefetch_lines = 3;
 // fastest where skipped spans cost nearly as much as read ones: on the Zen 3 host (2026-11-29) reading
 // a random half of 128-640-byte spans took 0.8-1.5x as long as reading all of them, mostly over 1
 // (scripts/skip_bandwidth.c); the column-prefetching AVX2 walk took about as long as merely touching
-// its lines (scripts/avx2_walk_memory.cpp), and the streaming one as long as reading the whole
-// weight in order; in alternated runs of the kernel (scripts/prefetch_ab.py; bf16, p_w 0.5, one
+// its lines (scripts/avx2_walk_memory.cpp), the streaming one 1.2x reading the whole weight in
+// order; in alternated runs of the kernel (scripts/prefetch_ab.py; bf16, p_w 0.5, one
 // token, from DRAM) the stream was level or 12-25% faster at p_x 0.5-0.7, level at 0.3
 // (docs/reports/cpu-2026-11-29-zen3-stream). -1 (the default): the
 // stream, 4096 bytes ahead, for the AVX2 walk (measured there) and the column prefetch for the
