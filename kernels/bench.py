@@ -285,8 +285,13 @@ def machine(device: torch.device) -> str:
         mode = cpu.prefetch_mode(torch.bfloat16)
         kernel += f", prefetch {mode}" if mode != "off" else ", no software prefetch"
         max_inactive, min_span = cpu.walk_all()
-        kernel += (", skips inactive columns" if max_inactive <= 0 else
-                   f", walks all columns when < {max_inactive:g} inactive and spans > {min_span:g} B")
+        requested = cpu.walk_all_requested()
+        policy = ("skips inactive columns" if max_inactive <= 0 else
+                  f"walks all columns when < {max_inactive:g} inactive and spans > {min_span:g} B"
+                  + (" (requested)" if requested else ""))
+        if mode.startswith("stream") and not requested and max_inactive > 0:
+            policy = "skips inactive columns where it streams, else " + policy  # it reads their lines anyway
+        kernel += ", " + policy
         measured = cpu.walk_all_calibration()
         if measured:
             kernel += " (skipping a random half of 128-B spans measured {:.2f}x walking all)".format(

@@ -188,9 +188,16 @@ def set_walk_all(max_inactive: float | None, min_span_bytes: float | None = None
 
 
 def walk_all() -> tuple[float, float]:
-    """(max_inactive, min_span_bytes) of the walk-all policy in use (measured on first use unless set)."""
+    """(max_inactive, min_span_bytes) of the walk-all policy in use (measured on first use unless set).
+    A call whose walk streams its row blocks (`prefetch_mode`) skips every inactive column under the
+    measured policy (it reads their lines anyway); a set one applies to every call."""
     max_inactive, min_span = _load().get_walk_all()
     return max_inactive, min_span
+
+
+def walk_all_requested() -> bool:
+    """Whether the walk-all policy was set (`set_walk_all`, DUOSERVE_CPU_WALK_ALL_*) rather than measured."""
+    return bool(_load().get_walk_all_requested())
 
 
 def walk_all_policies() -> dict[str, tuple[float, float]]:

@@ -1305,7 +1305,16 @@ torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, con
   const int64_t nb = bitmap.size(0);
   const double mean_span =
       nb * K > 0 ? static_cast<double>(values.numel() - R) * values.element_size() / (nb * K) : 0.0;
-  const bool walk_all = walk_all_columns(K - n_on, K, mean_span);
+  const bool bf16 = values.scalar_type() == torch::kBFloat16;
+  const Decoder decoder = force_scalar ? Decoder::kScalar : active_decoder(bf16);
+  // A walk that streams its row blocks (ValuePrefetch: the block walks of 1-3 tokens, and the AVX2
+  // walk's passes at any count) reads every line whether it skips the inactive columns or not, so
+  // walking them all would only add decoding: the measured policy does not apply (a requested one,
+  // set_walk_all, still does).
+  const bool streams = decoder != Decoder::kScalar && !(bf16 && panel_enabled(T)) &&
+                       (T <= MAX_TB || decoder == Decoder::kAvx2) &&
+                       stream_bytes(decoder == Decoder::kAvx2, n_on, K) > 0;
+  const bool walk_all = (g_walk_all_requested || !streams) && walk_all_columns(K - n_on, K, mean_span);
   std::vector<int32_t> active;  // the walked columns
   active.reserve(walk_all ? K : n_on);
   for (int64_t k = 0; k < K; ++k)
@@ -1313,8 +1322,6 @@ torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, con
   const int64_t A = static_cast<int64_t>(active.size());
 
   torch::Tensor y = torch::zeros({T, n}, x.options());  // [T, N] fp32
-  const bool bf16 = values.scalar_type() == torch::kBFloat16;
-  const Decoder decoder = force_scalar ? Decoder::kScalar : active_decoder(bf16);
   Problem p{bitmap.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), values.data_ptr(),
             active.data(), A, nullptr, T, K, n, y.data_ptr<float>()};
   p.n_values = values.numel();
@@ -1588,6 +1595,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "per row block and column average more than min_span_bytes (max_inactive 0: always skip)");
   m.def("get_walk_all", &get_walk_all, "[max_inactive, min_span_bytes] of the walk-all policy in use");
   m.def("reset_walk_all", &reset_walk_all, "go back to the measured walk-all policy");
+  m.def("get_walk_all_requested", []() { return g_walk_all_requested; },
+        "whether the walk-all policy was set (set_walk_all) rather than measured");
   m.def("get_walk_all_policies", &get_walk_all_policies,
         "the two policies the measurement chooses between: [skip short spans, walk short spans]");
   m.def("get_walk_all_calibration", &get_walk_all_calibration,

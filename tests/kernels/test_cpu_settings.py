@@ -72,7 +72,9 @@ def test_walk_policy_is_measured_and_settable():
         expected = walk_short if measured["skip_over_walk_all"] > 1.1 else skip_short
         assert measured["policy"] == expected and cpu.walk_all() == expected
         assert cpu.walk_all_calibration() == measured  # once per process
+    assert not cpu.walk_all_requested()
     cpu.set_walk_all(*skip_short)
+    assert cpu.walk_all_requested()  # a set policy applies even where the walk streams
     try:
         # bf16 at p_w 0.5 packs 128 bytes of values per (row block, column): skip; p_w 0: 256
         assert not cpu.walks_all_columns(100, 1000, 128.0)
@@ -93,6 +95,7 @@ def test_walk_policy_is_measured_and_settable():
     finally:
         cpu.set_walk_all(None)
     assert cpu.walk_all() == (measured["policy"] if measured else skip_short)
+    assert not cpu.walk_all_requested()
 
 
 def test_walk_all_environment_text_is_checked():
