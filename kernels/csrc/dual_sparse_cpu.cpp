@@ -375,20 +375,14 @@ const F32ByteIndices& f32_byte_indices() {
   return table;
 }
 
-// The tables the AVX2 walk reads: the vpermps indices for fp32, the bf16 -> fp32 patterns for bf16.
-template <typename T>
+// The per-mask-byte tables for values of type T: the vpermps indices for fp32; for 16-bit values
+// the patterns that widen them to fp32 rows (WIDEN: the walk) or keep them 16-bit (the tile unpack).
+template <typename T, bool WIDEN>
 const auto& avx2_tables() {
   if constexpr (std::is_same_v<T, float>)
     return f32_byte_indices();
-  else
+  else if constexpr (WIDEN)
     return bf16_byte_to_f32_shuffles();
-}
-
-// The tables the AVX2 tile unpack reads: 16-bit values stay 16-bit there.
-template <typename T>
-const auto& avx2_unpack_tables() {
-  if constexpr (std::is_same_v<T, float>)
-    return f32_byte_indices();
   else
     return bf16_byte_shuffles();
 }
@@ -442,7 +436,7 @@ DS_AVX2 inline void word_rows_f32(uint32_t m, const T* v, const Tables& tables, 
 // token 6.1-6.4 ms in 64-row halves, 4.5-4.9 ms in one pass (docs/kernels.md).
 template <typename T, int TB, int W>
 DS_AVX2 void block_avx2(const Problem& p, int64_t rb, int64_t t0) {
-  const auto& tables = avx2_tables<T>();
+  const auto& tables = avx2_tables<T, true>();
   const T* vals = static_cast<const T*>(p.values);
   __m256 acc[TB][W][4];  // [token][32-row word][8-row group]
   DS_UNROLL for (int t = 0; t < TB; ++t)
@@ -476,7 +470,7 @@ DS_AVX2 void block_avx2(const Problem& p, int64_t rb, int64_t t0) {
 template <typename T>
 DS_AVX2 void unpack_range_avx2(const int32_t* bm, const int32_t* off, const char* vals, char* o,
                                int64_t K, int64_t cols, int64_t rb0, int64_t rb1, int64_t k0, int64_t k1) {
-  const auto& tables = avx2_unpack_tables<T>();
+  const auto& tables = avx2_tables<T, false>();
   for (int64_t k = k0; k < k1; ++k)
     for (int64_t rb = rb0; rb < rb1; ++rb) {
       const int64_t col = rb * K + k;
