@@ -1033,7 +1033,7 @@ Decoder calibrate_decoder(bool bf16) {
   for (int64_t k = 0; k < K; ++k) active[k] = static_cast<int32_t>(k);
   std::vector<float> xc(K, 0.5f), y(NB * R);
   Problem p{index.bitmap.data(), index.offsets.data(), bf16 ? static_cast<const void*>(v16.data()) : v32.data(),
-                  active.data(), K, xc.data(), 1, K, NB * R, y.data()};
+            active.data(), K, xc.data(), 1, K, NB * R, y.data()};
   p.n_values = index.nnz + R;
   double best[2] = {1e30, 1e30};
   const Decoder candidates[2] = {Decoder::kExpand, Decoder::kPermute};
