@@ -5,6 +5,7 @@
     python -m duoserve.kernels.bench --device cuda --markdown docs/out.md
     python -m duoserve.kernels.bench --cutover               # every path per batch size (spMspV/decode, GEMM, tiled)
     python -m duoserve.kernels.bench --bar --cold-mib 512    # weights from DRAM, as in a real model
+    python -m duoserve.kernels.bench --bar --cold-mib 512 --rounds 9   # ... medians of alternated rounds
     python -m duoserve.kernels.bench --device cuda --variants --shapes 11008x4096 --batch 1
                                                              # every decode kernel configuration
 
@@ -22,7 +23,9 @@ Warm vs cold (CPU): by default every call reuses one weight, so a weight that fi
 cache (the SmolLM2 shapes, 4096x4096 at 50%) is read from cache, not memory. In a model the weights
 of all layers far exceed the cache and every matrix comes from DRAM: `--cold-mib M` times each call
 on the next of enough copies of the weight to fill M MiB (dense and dual alike; best of 3 passes,
-mean per call), which is what decode sees.
+mean per call), which is what decode sees. On a host whose memory timings drift between runs,
+`--rounds R` times dense and dual-sparse next to each other in R alternated rounds and reports the
+medians (the speedup is the median of the per-round ratios).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -129,6 +133,27 @@ def cold_time(fns, passes: int = 3) -> float:
     return best
 
 
+def alternated_cold_times(dense_fns, dual_fns, rounds: int) -> tuple[float, float, float]:
+    """(dense s, dual s, speedup) per call for a host whose memory timings drift between runs:
+    `rounds` rounds of one pass over the copies each, dense and dual alternately first; the medians
+    of the times and of the per-round ratios (a drift then moves both sides of a ratio alike)."""
+    dense_fns[0]()
+    dual_fns[0]()
+    dense, dual, ratios = [], [], []
+    for r in range(rounds):
+        times = {}
+        for name in (("dense", "dual") if r % 2 == 0 else ("dual", "dense")):
+            fns = dense_fns if name == "dense" else dual_fns
+            t0 = time.perf_counter()
+            for fn in fns:
+                fn()
+            times[name] = (time.perf_counter() - t0) / len(fns)
+        dense.append(times["dense"])
+        dual.append(times["dual"])
+        ratios.append(times["dense"] / times["dual"])
+    return statistics.median(dense), statistics.median(dual), statistics.median(ratios)
+
+
 def copies(t: torch.Tensor | PackedWeight, cold_mib: float) -> list:
     """[t] plus clones of it filling about cold_mib MiB (just [t] when cold_mib is 0)."""
     nbytes = t.nbytes() if isinstance(t, PackedWeight) else t.numel() * t.element_size()
@@ -158,6 +183,18 @@ def run_sweep(args, device, timer, bw, sink) -> list[dict]:
     rows = []
     dtype = DTYPES[args.dtype]
     dense_cache: dict[tuple, float] = {}
+
+    def emit(n, k, p_w, p_x, b, w, x, thr, packed, t_dense, t, speedup):
+        moved = packed_bytes_read(w, x, thr)
+        row = dict(n=n, k=k, p_w=p_w, p_x=p_x, batch=b, dense_us=t_dense * 1e6, dual_us=t * 1e6,
+                   speedup=speedup, dense_bw=n * k * w.element_size() / t_dense / bw,
+                   dual_bw=moved / t / bw, bpe=packed.bytes_per_element())
+        rows.append(row)
+        sink(_md_row(row))
+        print(f"{n:>6}x{k:<6} p_w={p_w:.1f} p_x={p_x:.1f} B={b:<3} dense {row['dense_us']:9.1f} us"
+              f"  dual {row['dual_us']:9.1f} us  x{row['speedup']:5.2f}"
+              f"  bw dense {100 * row['dense_bw']:5.1f}% dual {100 * row['dual_bw']:5.1f}%"
+              f" of copy", flush=True)
     for n, k in args.shapes:
         for p_w in args.pw:
             w = make_weight(n, k, p_w, dtype, device)
@@ -166,6 +203,17 @@ def run_sweep(args, device, timer, bw, sink) -> list[dict]:
             ws, ps = (copies(w, args.cold_mib), copies(packed, args.cold_mib)) if cold else ([w], [packed])
             for b in args.batch:
                 key = (n, k, b)
+                if cold and args.rounds > 1:  # dense timed again next to each point
+                    x0, _ = make_input(b, k, 0.0, dtype, device)
+                    dense_fns = [dense_linear(w, args.baseline) for w in ws]
+                    for p_x in args.px:
+                        x, thr = make_input(b, k, p_x, dtype, device)
+                        t_dense, t, speedup = alternated_cold_times(
+                            [lambda f=f: f(x0) for f in dense_fns],
+                            [lambda p=p: dual_sparse_linear(x, p, thr) for p in ps], args.rounds)
+                        emit(n, k, p_w, p_x, b, w, x, thr, packed, t_dense, t, speedup)
+                    del dense_fns
+                    continue
                 if key not in dense_cache:
                     x, _ = make_input(b, k, 0.0, dtype, device)
                     dense_fns = [dense_linear(w, args.baseline) for w in ws]
@@ -176,17 +224,7 @@ def run_sweep(args, device, timer, bw, sink) -> list[dict]:
                     x, thr = make_input(b, k, p_x, dtype, device)
                     t = (cold_time([lambda p=p: dual_sparse_linear(x, p, thr) for p in ps]) if cold
                          else timer(lambda: dual_sparse_linear(x, packed, thr)))
-                    moved = packed_bytes_read(w, x, thr)
-                    row = dict(n=n, k=k, p_w=p_w, p_x=p_x, batch=b, dense_us=dense_cache[key] * 1e6,
-                               dual_us=t * 1e6, speedup=dense_cache[key] / t,
-                               dense_bw=n * k * w.element_size() / dense_cache[key] / bw,
-                               dual_bw=moved / t / bw, bpe=packed.bytes_per_element())
-                    rows.append(row)
-                    sink(_md_row(row))
-                    print(f"{n:>6}x{k:<6} p_w={p_w:.1f} p_x={p_x:.1f} B={b:<3} dense {row['dense_us']:9.1f} us"
-                          f"  dual {row['dual_us']:9.1f} us  x{row['speedup']:5.2f}"
-                          f"  bw dense {100 * row['dense_bw']:5.1f}% dual {100 * row['dual_bw']:5.1f}%"
-                          f" of copy", flush=True)
+                    emit(n, k, p_w, p_x, b, w, x, thr, packed, dense_cache[key], t, dense_cache[key] / t)
             del w, packed, ws, ps
     return rows
 
@@ -305,6 +343,7 @@ def markdown_header(args, device, bw, load) -> str:
     return (f"Machine: {machine(device)}; copy bandwidth {bw / 1e9:.1f} GB/s; dtype {args.dtype}; "
             f"date {datetime.date.today()}; load average at start {load:.2f}; "
             f"{'cold: weights from DRAM (' + format(args.cold_mib, 'g') + ' MiB of copies)' if args.cold_mib else 'warm: one weight, reused'}; "
+            f"{f'medians of {args.rounds} alternated rounds; ' if args.cold_mib and args.rounds > 1 else ''}"
             f"dense baseline: {'vLLM CPU GEMM' if args.baseline == 'vllm' else 'torch.matmul'}.\n"
             f"Command: `{cmd}`\n")
 
@@ -339,10 +378,16 @@ def main(argv=None) -> None:
     ap.add_argument("--cold-mib", type=float, default=0,
                     help="CPU: time each call on the next of enough weight copies to fill this many MiB, "
                          "so weights come from DRAM as in a real model (0: one warm weight)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="CPU with --cold-mib: time dense and dual-sparse in this many alternated rounds "
+                         "and report medians (the speedup: the median of the per-round ratios), for "
+                         "hosts whose memory timings drift; 1: best of 3 passes each, dense once per shape")
     ap.add_argument("--baseline", default="torch", choices=["torch", "vllm"],
                     help="dense baseline: torch.matmul, or vLLM's CPU GEMM (pre-packed oneDNN; needs vLLM)")
     ap.add_argument("--markdown", help="append the results as a markdown table to this file")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
