@@ -220,7 +220,9 @@ struct ValuePrefetch {
   const char* end;   // the stream: the end of the values
 
   __attribute__((always_inline)) ValuePrefetch(const Problem& p_, int64_t rb_, bool avx2_walk)
-      : p(p_), rb(rb_), stream(p_.n_values > 0 ? stream_bytes(avx2_walk, p_.n_active, p_.K) : 0) {
+      : p(p_), rb(rb_), stream(p_.n_values > 0 ? stream_bytes(avx2_walk, p_.n_active, p_.K) : 0),
+        next(nullptr), end(nullptr) {
+    if (stream <= 0) return;
     const V* vals = static_cast<const V*>(p.values);
     // from the block's first value (the block before streamed into it; the lines fetched twice are
     // a few dozen of a block's thousands)
@@ -1224,6 +1226,11 @@ WalkAllPolicy active_walk_all() {
 
 bool walk_all_columns(int64_t n_inactive, int64_t k, double mean_span_bytes) {
   if (n_inactive <= 0) return false;  // nothing to skip: both walks are the same (and nothing is measured)
+  // Neither measured policy walks this many inactive columns: decide without measuring (a call that
+  // does not stream, e.g. the AVX2 walk below kStreamMinActive active, never pays for the measurement)
+  if (!g_walk_all_requested &&
+      static_cast<double>(n_inactive) >= std::max(kSkipShortSpans.max_inactive, kWalkShortSpans.max_inactive) * k)
+    return false;
   const WalkAllPolicy policy = active_walk_all();
   return static_cast<double>(n_inactive) < policy.max_inactive * k && mean_span_bytes > policy.min_span;
 }
