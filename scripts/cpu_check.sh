@@ -23,9 +23,8 @@
 #                      policies' constants (kernels/csrc: walk_all_columns, calibrate_walk_all)
 #   simd.txt           scripts/simd_throughput.c: the decoders' instructions against an FMA
 #   skip.txt           scripts/skip_bandwidth.c: reading a random half of contiguous spans vs all
-#   walk-memory.txt    scripts/avx2_walk_memory.cpp: the AVX2 walk against merely touching its lines,
-#                      and over a superblock order (walk-super*, touch-super)
-#                      (where the CPU has AVX2)
+#   walk-memory.txt    scripts/avx2_walk_memory.cpp (where the CPU has AVX2): the AVX2 walk against
+#                      merely touching its lines, and over a superblock order (walk-super*)
 #   cutover.md         the spMspV walk (the panel walk from 5 tokens) vs the decompress + matmul
 #                      path, batch 1..384 (warm)
 #   batch-cold.md      the op at batch 1..64 from DRAM (the walk up to 4 tokens, the panel walk at
