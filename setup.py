@@ -44,9 +44,12 @@ def _extensions():
     except ImportError:  # torch not installed yet: nothing to build against
         return [], {}
 
+    # the .cpp includes one header per concern (one translation unit): rebuild when any changes
+    headers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "kernels" / "csrc").glob("*.h"))
     ext = CppExtension(
         "duoserve.kernels._cpu_kernels",
         sources,
+        depends=headers,
         extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
         extra_link_args=["-fopenmp"],
     )

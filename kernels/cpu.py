@@ -1,4 +1,4 @@
-"""CPU backend: the native extension (kernels/csrc/dual_sparse_cpu.cpp, built by `pip install`).
+"""CPU backend: the native extension (kernels/csrc: dual_sparse_cpu.cpp and its parts, built by `pip install`).
 
 Loading it registers the CPU kernel of `duoserve::dual_sparse_linear` in C++ (TORCH_LIBRARY), so a
 CPU call goes from the dispatcher straight to C++ (a few microseconds; a Python-side custom op

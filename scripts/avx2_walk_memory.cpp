@@ -1,5 +1,5 @@
 // How much of the AVX2 walk's time (bf16, one token) is memory: a self-contained model of the
-// kernel's walk over a synthetic packed weight (kernels/csrc/dual_sparse_cpu.cpp: R = 128 rows per
+// kernel's walk over a synthetic packed weight (kernels/csrc/decode_avx2.h: R = 128 rows per
 // row block, a 4-word bitmap, offsets and packed bf16 values per (row block, column), about half the
 // bits set), weights from DRAM (each call on the next of several copies), one thread. Four walks
 // over the same active columns (a random 1 - PX of them), alternated, each first in turn:
@@ -68,7 +68,7 @@ struct Patterns {  // per mask byte: the vpshufb pattern that puts 8 packed bf16
 const Patterns patterns;
 
 // always_inline: GCC deletes an out-of-line function whose only effect is a prefetch (see
-// prefetch_column in kernels/csrc/dual_sparse_cpu.cpp); without it both column walks ran unprefetched.
+// prefetch_column in kernels/csrc/prefetch.h); without it both column walks ran unprefetched.
 __attribute__((always_inline)) inline void prefetch_column(const Walk& w, int64_t rb, int64_t j) {
   if (j >= w.n_active) { j -= w.n_active; if (++rb >= w.NB || j >= w.n_active) return; }
   const char* first = reinterpret_cast<const char*>(w.values() + w.w->offsets[rb * w.K + w.active[j]]);
