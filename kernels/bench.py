@@ -40,7 +40,7 @@ import time
 
 import torch
 
-from . import cpu, dual_sparse_linear, gpu, pack_dense
+from . import cli_args, cpu, dual_sparse_linear, gpu, pack_dense
 from .layout import BLOCK_ROWS, PackedWeight
 
 log = logging.getLogger(__name__)
@@ -50,14 +50,6 @@ SHAPES = {  # (N, K) = (out, in)
 }
 BAR_SHAPES = [(576, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096), (4096, 11008)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _floats(s: str) -> list[float]:
-    return [float(v) for v in s.split(",")]
-
-
-def _ints(s: str) -> list[int]:
-    return [int(v) for v in s.split(",")]
 
 
 class Timer:
@@ -364,21 +356,23 @@ VARIANTS_HEADER = ("| N x K | batch | decode configuration | cuBLAS us | GEMM pa
 def main(argv=None) -> None:
     import sys
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", type=cli_args.device, default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    ap.add_argument("--shapes", default="smollm2,llama", help="groups (smollm2, llama) or NxK,...")
-    ap.add_argument("--pw", type=_floats, default=[0.0, 0.3, 0.5, 0.7])
-    ap.add_argument("--px", type=_floats, default=[0.0, 0.3, 0.5, 0.7])
-    ap.add_argument("--batch", type=_ints, default=[1, 2, 4, 8, 16])
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads (vLLM runs the model on 1)")
+    ap.add_argument("--shapes", type=cli_args.shape_list(SHAPES), default="smollm2,llama",
+                    help="groups (smollm2, llama) or NxK (out x in), comma-separated")
+    ap.add_argument("--pw", type=cli_args.fractions, default=[0.0, 0.3, 0.5, 0.7], help="weight sparsities")
+    ap.add_argument("--px", type=cli_args.fractions, default=[0.0, 0.3, 0.5, 0.7],
+                    help="activation sparsities (the threshold is the p_x quantile of |x|)")
+    ap.add_argument("--batch", type=cli_args.positive_ints, default=[1, 2, 4, 8, 16], help="tokens per call")
+    ap.add_argument("--threads", type=cli_args.positive_int, default=1, help="CPU threads (vLLM runs the model on 1)")
     ap.add_argument("--bar", action="store_true", help="only p_w = p_x = 0.5, batch 1, bar shapes")
     ap.add_argument("--cutover", action="store_true", help="compare the two paths per batch size")
     ap.add_argument("--variants", action="store_true",
                     help="CUDA: time every decode kernel configuration separately (p_w = p_x = 0.5)")
-    ap.add_argument("--cold-mib", type=float, default=0,
+    ap.add_argument("--cold-mib", type=cli_args.non_negative_float, default=0,
                     help="CPU: time each call on the next of enough weight copies to fill this many MiB, "
                          "so weights come from DRAM as in a real model (0: one warm weight)")
-    ap.add_argument("--rounds", type=int, default=1,
+    ap.add_argument("--rounds", type=cli_args.positive_int, default=1,
                     help="CPU with --cold-mib: time dense and dual-sparse in this many alternated rounds "
                          "and report medians (the speedup: the median of the per-round ratios), for "
                          "hosts whose memory timings drift; 1: best of 3 passes each, dense once per shape")
@@ -386,16 +380,10 @@ def main(argv=None) -> None:
                     help="dense baseline: torch.matmul, or vLLM's CPU GEMM (pre-packed oneDNN; needs vLLM)")
     ap.add_argument("--markdown", help="append the results as a markdown table to this file")
     args = ap.parse_args(argv)
-    if args.rounds < 1:
-        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING)
-    device = torch.device(args.device)
+    device = args.device
     torch.set_num_threads(args.threads)
-    shapes = []
-    for part in args.shapes.split(","):
-        shapes += SHAPES[part] if part in SHAPES else [tuple(int(v) for v in part.split("x"))]
-    args.shapes = shapes
     if args.bar:
         args.shapes, args.pw, args.px, args.batch = BAR_SHAPES, [0.5], [0.5], [1]
     timer = Timer(device)

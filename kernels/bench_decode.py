@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from . import dual_sparse_linear, pack_dense
+from . import cli_args, dual_sparse_linear, pack_dense
 from .bench import Timer, machine
 from .reference import dual_sparse_linear_reference
 
@@ -113,19 +113,23 @@ class Stack:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--device", type=cli_args.device, default="cuda", help="cpu, cuda or cuda:N")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--inter", type=int, default=11008)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--ctx", type=int, default=256)
-    ap.add_argument("--p_w", type=float, default=0.5)
-    ap.add_argument("--p_x", type=float, default=0.5)
+    ap.add_argument("--layers", type=cli_args.positive_int, default=4)
+    ap.add_argument("--hidden", type=cli_args.positive_int, default=4096)
+    ap.add_argument("--inter", type=cli_args.positive_int, default=11008)
+    ap.add_argument("--heads", type=cli_args.positive_int, default=32)
+    ap.add_argument("--ctx", type=cli_args.positive_int, default=256, help="KV cache length")
+    ap.add_argument("--p_w", type=cli_args.fraction, default=0.5)
+    ap.add_argument("--p_x", type=cli_args.fraction, default=0.5)
     ap.add_argument("--markdown", help="append a result line to this file")
     args = ap.parse_args(argv)
+    if args.hidden % args.heads:
+        ap.error(f"--hidden {args.hidden} is not a multiple of --heads {args.heads}")
+    if (args.hidden // args.heads) % 2:
+        ap.error(f"the head size --hidden / --heads = {args.hidden // args.heads} must be even (rotary embedding)")
     logging.basicConfig(level=logging.WARNING)
-    device = torch.device(args.device)
+    device = args.device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     if device.type == "cpu":
         torch.set_num_threads(1)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cli_args
 from .layout import pack_dense
 
 log = logging.getLogger(__name__)
@@ -119,14 +120,14 @@ def _fit(cfg: dict, t: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--device", type=cli_args.device, default="cuda", help="cpu, cuda or cuda:N")
     ap.add_argument("--quick", action="store_true",
                     help="a smaller grid (every kernel configuration still runs; for short GPU sessions)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from . import dual_sparse_linear, gpu
 
-    dev = torch.device(args.device)
+    dev = args.device
     gpu._TUNE = False  # every config must be right; the check pins two of each kernel below
     dtypes = [torch.float16, torch.bfloat16, torch.float32] if dev.type == "cuda" else \
         [torch.bfloat16, torch.float32]
