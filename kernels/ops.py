@@ -134,6 +134,8 @@ def dual_sparse_linear(x: torch.Tensor, packed: PackedWeight, threshold,
     """
     if x.shape[-1] != packed.k:
         raise ValueError(f"x has {x.shape[-1]} input features, the weight has {packed.k}")
+    if bias is not None and tuple(bias.shape) != (packed.n,):
+        raise ValueError(f"bias must be [{packed.n}] (one per output), got {tuple(bias.shape)}")
     if not (isinstance(threshold, torch.Tensor) and threshold.dim() == 0
             and threshold.dtype == torch.float32 and threshold.device == x.device):
         threshold = as_threshold(threshold, x.device)

@@ -58,6 +58,14 @@ def test_dtype_mismatch_is_an_error():
         dual_sparse_linear(x.bfloat16(), packed, thr)
 
 
+def test_wrong_input_width_or_bias_length_is_a_clear_error():
+    _, (x, _, thr, bias, packed) = _args()
+    with pytest.raises(ValueError, match="input features"):
+        dual_sparse_linear(x[:, 1:], packed, thr)
+    with pytest.raises(ValueError, match=r"bias must be \[\d+\]"):
+        dual_sparse_linear(x, packed, thr, torch.zeros(packed.n + 1, dtype=x.dtype))
+
+
 def test_values_without_their_padding_are_refused_before_any_kernel_reads_past_them():
     from duoserve.kernels import ops
 
