@@ -67,6 +67,15 @@ struct Patterns {  // per mask byte: the vpshufb pattern that puts 8 packed bf16
 };
 const Patterns patterns;
 
+// The kernel's AVX2 decode of rows 8g..8g+7 of a 32-row word with mask m whose packed values start
+// at v: 8 fp32 rows, 0 where absent.
+__attribute__((always_inline)) AVX2 inline __m256 group_rows(uint32_t m, int g, const uint16_t* v) {
+  const uint32_t below = g == 0 ? 0u : _mm_popcnt_u32(m & ((1u << (8 * g)) - 1u));
+  const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + below)));
+  return _mm256_castsi256_ps(_mm256_shuffle_epi8(
+      packed, _mm256_load_si256(reinterpret_cast<const __m256i*>(patterns.p[(m >> (8 * g)) & 0xFF]))));
+}
+
 // always_inline: GCC deletes an out-of-line function whose only effect is a prefetch (see
 // prefetch_column in kernels/csrc/prefetch.h); without it both column walks ran unprefetched.
 __attribute__((always_inline)) inline void prefetch_column(const Walk& w, int64_t rb, int64_t j) {
@@ -97,11 +106,7 @@ AVX2 void walk(const Walk& w, int64_t rb) {
       const uint32_t m = static_cast<uint32_t>(words[c]);
 #pragma GCC unroll 4
       for (int g = 0; g < 4; ++g) {
-        const uint32_t below = g == 0 ? 0u : _mm_popcnt_u32(m & ((1u << (8 * g)) - 1u));
-        const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + below)));
-        const __m256 rows = _mm256_castsi256_ps(_mm256_shuffle_epi8(
-            packed, _mm256_load_si256(reinterpret_cast<const __m256i*>(patterns.p[(m >> (8 * g)) & 0xFF]))));
-        acc[c][g] = _mm256_fmadd_ps(rows, xb, acc[c][g]);
+        acc[c][g] = _mm256_fmadd_ps(group_rows(m, g, v), xb, acc[c][g]);
       }
       v += _mm_popcnt_u32(m);
     }
@@ -194,12 +199,8 @@ AVX2 void walk_super(const Walk& w, int64_t sb) {
         const uint32_t m = static_cast<uint32_t>(words[c]);
 #pragma GCC unroll 4
         for (int g = 0; g < 4; ++g) {
-          const uint32_t below = g == 0 ? 0u : _mm_popcnt_u32(m & ((1u << (8 * g)) - 1u));
-          const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + below)));
-          const __m256 rows = _mm256_castsi256_ps(_mm256_shuffle_epi8(
-              packed, _mm256_load_si256(reinterpret_cast<const __m256i*>(patterns.p[(m >> (8 * g)) & 0xFF]))));
           float* o = out + 32 * c + 8 * g;
-          _mm256_store_ps(o, _mm256_fmadd_ps(rows, xb, _mm256_load_ps(o)));
+          _mm256_store_ps(o, _mm256_fmadd_ps(group_rows(m, g, v), xb, _mm256_load_ps(o)));
         }
         v += _mm_popcnt_u32(m);
       }
