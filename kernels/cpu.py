@@ -245,7 +245,7 @@ def prefetch() -> tuple[int, int, int]:
 
 def prefetch_mode(dtype: torch.dtype = torch.bfloat16) -> str:
     """What the 1-3 token walk of `dtype` prefetches with the settings in use: 'stream 4096 B'
-    (the AVX2 default adds '(columns below 15% active)': calls with fewer active columns prefetch
+    (the AVX2 default adds '(columns below 25% active)': calls with fewer active columns prefetch
     columns), 'columns 48/3' (distance/lines) or 'off'."""
     if dtype not in DTYPES:
         raise ValueError(f"the spMspV walk runs bf16 and fp32, not {dtype}")

@@ -1,9 +1,10 @@
 // How much of the AVX2 walk's time (bf16, one token) is memory: a self-contained model of the
 // kernel's walk over a synthetic packed weight (kernels/csrc/decode_avx2.h: R = 128 rows per
 // row block, a 4-word bitmap, offsets and packed bf16 values per (row block, column), about half the
-// bits set), weights from DRAM (each call on the next of several copies), one thread. Four walks
-// over the same active columns (a random 1 - PX of them), alternated, each first in turn:
-//   walk-columns   the kernel's decode, prefetching the column 48 active columns ahead (3 lines)
+// bits set), weights from DRAM (each call on the next of several copies), one thread. The walks
+// (and touches) over the same active columns (a random 1 - PX of them), alternated, each first in turn:
+//   walk-columns   the kernel's decode, prefetching the column 48 active columns ahead (3 lines of
+//                  values and its bitmap words)
 //   touch-columns  the same index reads and prefetch, one load per value line, no decoding
 //   walk-stream    the kernel's decode, prefetching every line of the row block's values 4 KiB
 //                  ahead of the current column (the inactive columns' lines too)
@@ -14,6 +15,8 @@
 //                  the kernel's decode over the SB row blocks, accumulating in an L1 buffer
 //   touch-super    the same spans of the active columns read line by line, nothing else
 //   walk-super-pf  walk-super prefetching the next active columns' spans SPD bytes ahead (4096)
+//   walk-columns-nobits  walk-columns without prefetching the bitmap words (the kernel before
+//                  2026-11-29's third session)
 // If walk-columns ~ touch-columns, the walk waits on memory, not on decoding.
 //
 //   g++ -O2 -std=c++17 -o /tmp/avx2_walk_memory scripts/avx2_walk_memory.cpp
@@ -78,13 +81,17 @@ __attribute__((always_inline)) AVX2 inline __m256 group_rows(uint32_t m, int g, 
 
 // always_inline: GCC deletes an out-of-line function whose only effect is a prefetch (see
 // prefetch_column in kernels/csrc/prefetch.h); without it both column walks ran unprefetched.
+// BITS: also the column's bitmap words, as the kernel does since 2026-11-29 (without them, at p_x 0.9
+// the column walk took 1.8-2.0x as long as touching its value lines: each column's words missed in turn).
+template <bool BITS = true>
 __attribute__((always_inline)) inline void prefetch_column(const Walk& w, int64_t rb, int64_t j) {
   if (j >= w.n_active) { j -= w.n_active; if (++rb >= w.NB || j >= w.n_active) return; }
+  if (BITS) _mm_prefetch(reinterpret_cast<const char*>(w.bitmap() + (rb * w.K + w.active[j]) * WORDS), _MM_HINT_T0);
   const char* first = reinterpret_cast<const char*>(w.values() + w.w->offsets[rb * w.K + w.active[j]]);
   for (int i = 0; i < LINES; ++i) _mm_prefetch(first + 64 * i, _MM_HINT_T0);
 }
 
-template <bool STREAMED>
+template <bool STREAMED, bool BITS = true>
 AVX2 void walk(const Walk& w, int64_t rb) {
   __m256 acc[4][4];
   for (auto& word : acc) for (auto& a : word) a = _mm256_setzero_ps();
@@ -98,7 +105,7 @@ AVX2 void walk(const Walk& w, int64_t rb) {
       const char* want = std::min(reinterpret_cast<const char*>(v) + STREAM, end);
       for (; next < want; next += 64) _mm_prefetch(next, _MM_HINT_T0);
     } else {
-      prefetch_column(w, rb, j + AHEAD);
+      prefetch_column<BITS>(w, rb, j + AHEAD);
     }
     const __m256 xb = _mm256_set1_ps(w.x[j]);
 #pragma GCC unroll 4
@@ -289,15 +296,15 @@ int main(int argc, char** argv) {
     }
   }
   using Fn = void (*)(const Walk&, int64_t);
-  const char* names[] = {"walk-columns", "touch-columns", "walk-stream", "touch-stream", "walk-super", "touch-super", "walk-super-pf"};
-  const Fn fns[] = {walk<false>, touch_columns, walk<true>, touch_stream, walk_super<false>, touch_super, walk_super<true>};
-  constexpr int F = 7;
+  const char* names[] = {"walk-columns", "touch-columns", "walk-stream", "touch-stream", "walk-super", "touch-super", "walk-super-pf", "walk-columns-nobits"};
+  const Fn fns[] = {walk<false>, touch_columns, walk<true>, touch_stream, walk_super<false>, touch_super, walk_super<true>, walk<false, false>};
+  constexpr int F = 8;
   std::vector<double> times[F];
   int next_copy = 0;
   for (int r = 0; r < rounds; ++r)
     for (int i = 0; i < F; ++i) {
       const int f = (i + r) % F;
-      const bool super = f >= 4;
+      const bool super = f >= 4 && f < 7;
       const int c = next_copy++ % copies;
       const Walk w{super ? &supers[c] : &weights[c], active.data(), static_cast<int64_t>(active.size()), x.data(), K, NB, y.data()};
       const auto start = std::chrono::steady_clock::now();

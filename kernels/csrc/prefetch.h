@@ -39,11 +39,14 @@ int64_t g_prefetch_lines = 3;
 // there); 0: the column prefetch everywhere; > 0: the stream that far ahead everywhere. The walks of
 // 4 or more tokens (slices, panel) always prefetch columns. g_prefetch_ahead = 0 turns both off.
 // The AVX2 default streams only when at least kStreamMinActive of the columns are walked: with
-// fewer the column prefetch reads so few lines that it wins (Zen 3, p_x = 0.9: medians of 5.3-6.0
-// ms against 6.6-6.8 with the stream).
+// fewer the column prefetch reads so few lines that it wins. Zen 3, bf16, p_w 0.5, one token,
+// 11008x4096 / 4096x11008, medians of alternated rounds (scripts/prefetch_ab.py,
+// docs/reports/cpu-2026-11-29-zen3-bitmap-prefetch): columns against stream 7.7 / 7.0 ms against
+// 6.6 / 6.2 at p_x 0.7, 5.8 / 6.4 against 6.1 / 6.1 at 0.75, 5.7 / 5.7 against 6.3 / 6.3 at 0.8,
+// 3.6 / 3.9 against 6.6 / 6.6 at 0.9 (0.15 until the column prefetch also fetched the bitmap words).
 int64_t g_prefetch_stream = -1;
 constexpr int64_t kAvx2StreamBytes = 4096;  // 1-16 KiB level within the Zen 3 host's noise
-constexpr double kStreamMinActive = 0.15;
+constexpr double kStreamMinActive = 0.25;
 // When to walk every column instead of skipping the inactive ones: see walk_all_columns. Measured
 // once per process (calibrate_walk_all) unless set (set_walk_all / DUOSERVE_CPU_WALK_ALL_*).
 struct WalkAllPolicy {
@@ -62,6 +65,14 @@ __attribute__((always_inline)) inline void prefetch_column(const Problem& p, int
     if (++rb * R >= p.N || j >= p.n_active) return;
   }
   const int64_t col = rb * p.K + p.active[j];
+  // The column's bitmap words too. With few columns active, consecutive active columns' words sit
+  // on different lines; a walk keeps only about two columns in flight (each is ~130 instructions),
+  // so without this every column's words missed DRAM in turn. In the AVX2 walk's model
+  // (scripts/avx2_walk_memory.cpp, Zen 3, 11008x4096, p_x 0.9) the column walk took 4.7-5.8 ms
+  // without this, 3.1-3.6 with it (merely touching its lines: 2.4-2.5); the kernel at p_x 0.9 went
+  // from 2.3-2.7x dense torch.matmul to 3.7-4.3x (docs/reports/cpu-2026-11-29-zen3-bitmap-prefetch).
+  // Its offset needs no prefetch: it is read here.
+  _mm_prefetch(reinterpret_cast<const char*>(p.bitmap + col * WORDS), static_cast<_mm_hint>(HINT));
   const char* first = reinterpret_cast<const char*>(static_cast<const V*>(p.values) + p.offsets[col]);
   if (g_prefetch_lines > 0) {
     const int64_t lines = g_prefetch_lines * static_cast<int64_t>(sizeof(V)) / 2;

@@ -148,7 +148,7 @@ def test_prefetch_mode_names_what_the_walk_does():
     try:
         for dtype in DTYPES:
             walk = cpu.decoder(dtype)
-            expected = {"avx2": "stream 4096 B (columns below 15% active)", "scalar": "off"}.get(walk, "columns 48/3")
+            expected = {"avx2": "stream 4096 B (columns below 25% active)", "scalar": "off"}.get(walk, "columns 48/3")
             assert cpu.prefetch_mode(dtype) == expected, walk
             cpu.set_prefetch(16, 0, 0)
             assert cpu.prefetch_mode(dtype) == ("off" if walk == "scalar" else "columns 16/exact")
