@@ -17,7 +17,7 @@
 #   bar-columns.md / bar-stream.md   the bar shapes with each kind of prefetch forced
 #                      (DUOSERVE_CPU_PREFETCH=48,3 / stream,4096; the default streams only in the
 #                      AVX2 walk), dense and dual-sparse in 9 alternated rounds (--rounds 9: medians)
-#   px-cold.md         batch 1 at p_x 0 / 0.3 / 0.5 / 0.7 (p_w 0.5), weights from DRAM
+#   px-cold.md         batch 1 at p_x 0 / 0.3 / 0.5 / 0.7 / 0.9 (p_w 0.5), weights from DRAM
 #   skip-always.md, skip-walk-all.md   p_w 0..0.5 x p_x 0..0.7, batch 1, from DRAM, always skipping
 #                      inactive columns / always walking all: where each wins set the walk-all
 #                      policies' constants (kernels/csrc: walk_all_columns, calibrate_walk_all)
@@ -75,7 +75,7 @@ DUOSERVE_CPU_PREFETCH=0,0 $B --bar --cold-mib 512 --markdown "$OUT/bar-no-prefet
 rm -f "$OUT/bar-columns.md" "$OUT/bar-stream.md"
 DUOSERVE_CPU_PREFETCH=48,3 $B --bar --cold-mib 512 --rounds 9 --markdown "$OUT/bar-columns.md"
 DUOSERVE_CPU_PREFETCH=stream,4096 $B --bar --cold-mib 512 --rounds 9 --markdown "$OUT/bar-stream.md"
-$B --shapes $SHAPES4 --pw 0.5 --px 0,0.3,0.5,0.7 --batch 1 --cold-mib 512 \
+$B --shapes $SHAPES4 --pw 0.5 --px 0,0.3,0.5,0.7,0.9 --batch 1 --cold-mib 512 \
   --markdown "$OUT/px-cold.md"
 # the walk-all policy's two constants (max inactive fraction, min span bytes): both policies forced
 DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=0 $B --shapes $SHAPES4 --pw 0,0.3,0.4,0.5 --px 0,0.3,0.5,0.7 --batch 1 \
