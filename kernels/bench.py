@@ -380,6 +380,9 @@ def main(argv=None) -> None:
                     help="dense baseline: torch.matmul, or vLLM's CPU GEMM (pre-packed oneDNN; needs vLLM)")
     ap.add_argument("--markdown", help="append the results as a markdown table to this file")
     args = ap.parse_args(argv)
+    if args.rounds > 1 and not (args.cold_mib and args.device.type == "cpu"):
+        ap.error("--rounds applies to CPU runs with --cold-mib (e.g. --cold-mib 512 --rounds 9); "
+                 "without them each point is timed once")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING)
     device = args.device

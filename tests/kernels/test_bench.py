@@ -37,6 +37,7 @@ def test_cold_sweep_writes_one_row_per_point(tmp_path, rounds):
     (["--cold-mib", "-5"], "must be >= 0"),
     (["--threads", "0"], "must be >= 1"),
     (["--rounds", "0"], "must be >= 1"),
+    (["--bar", "--rounds", "9"], "--rounds applies to CPU runs with --cold-mib"),
     (["--device", "tpu"], "not a device"),
 ])
 def test_bad_arguments_are_usage_errors(capsys, argv, message):
