@@ -102,14 +102,15 @@ def make_input(b, k, p_x, dtype, device, seed=1):
     return x.to(dtype), torch.tensor(thr, dtype=torch.float32, device=device)
 
 
-def dense_linear(w: torch.Tensor, baseline: str):
-    """The dense baseline x -> x @ w.T: torch.matmul, or (CPU, vLLM installed) the GEMM vLLM's own
-    dense linear layers run on CPU (oneDNN with weights pre-packed at load), which is faster."""
-    if baseline == "vllm":
-        from duoserve.loaders.vllm_compat import dense_cpu_linear  # optional: only this baseline needs vLLM
-
-        return dense_cpu_linear(w)
+def torch_dense(w: torch.Tensor):
+    """x -> x @ w.T through torch.matmul (MKL/oneDNN on CPU, cuBLAS on CUDA)."""
     return lambda x: torch.matmul(x, w.t())
+
+
+# Dense baselines by --baseline name: (description for the report, factory w -> (x -> x @ w.T)).
+# kernels/ imports only torch, so a baseline from another library (vLLM's pre-packed CPU GEMM) is
+# passed in by its caller: `python -m duoserve.loaders.kernel_bench --baseline vllm`.
+DENSE_BASELINES = {"torch": ("torch.matmul", torch_dense)}
 
 
 def cold_time(fns, passes: int = 3) -> float:
@@ -197,7 +198,7 @@ def run_sweep(args, device, timer, bw, sink) -> list[dict]:
                 key = (n, k, b)
                 if cold and args.rounds > 1:  # dense timed again next to each point
                     x0, _ = make_input(b, k, 0.0, dtype, device)
-                    dense_fns = [dense_linear(w, args.baseline) for w in ws]
+                    dense_fns = [args.dense(w) for w in ws]
                     for p_x in args.px:
                         x, thr = make_input(b, k, p_x, dtype, device)
                         t_dense, t, speedup = alternated_cold_times(
@@ -208,7 +209,7 @@ def run_sweep(args, device, timer, bw, sink) -> list[dict]:
                     continue
                 if key not in dense_cache:
                     x, _ = make_input(b, k, 0.0, dtype, device)
-                    dense_fns = [dense_linear(w, args.baseline) for w in ws]
+                    dense_fns = [args.dense(w) for w in ws]
                     dense_cache[key] = (cold_time([lambda f=f: f(x) for f in dense_fns]) if cold
                                         else timer(lambda: dense_fns[0](x)))
                     del dense_fns
@@ -331,12 +332,12 @@ def machine(device: torch.device) -> str:
 
 
 def markdown_header(args, device, bw, load) -> str:
-    cmd = "python -m duoserve.kernels.bench " + " ".join(args.argv)
+    cmd = f"python -m {args.prog} " + " ".join(args.argv)
     return (f"Machine: {machine(device)}; copy bandwidth {bw / 1e9:.1f} GB/s; dtype {args.dtype}; "
             f"date {datetime.date.today()}; load average at start {load:.2f}; "
             f"{'cold: weights from DRAM (' + format(args.cold_mib, 'g') + ' MiB of copies)' if args.cold_mib else 'warm: one weight, reused'}; "
             f"{f'medians of {args.rounds} alternated rounds; ' if args.cold_mib and args.rounds > 1 else ''}"
-            f"dense baseline: {'vLLM CPU GEMM' if args.baseline == 'vllm' else 'torch.matmul'}.\n"
+            f"dense baseline: {args.baseline_name}.\n"
             f"Command: `{cmd}`\n")
 
 
@@ -353,9 +354,13 @@ VARIANTS_HEADER = ("| N x K | batch | decode configuration | cuBLAS us | GEMM pa
                    "|---|---|---|---|---|---|---|")
 
 
-def main(argv=None) -> None:
+def main(argv=None, extra_baselines: dict | None = None, prog: str = "duoserve.kernels.bench") -> None:
+    """The benchmark CLI. `extra_baselines` adds dense baselines ({name: (description, factory)})
+    that kernels/ cannot import itself; `prog` is the module named in the reports' command line."""
+    baselines = {**DENSE_BASELINES, **(extra_baselines or {})}
     import sys
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=f"python -m {prog}", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", type=cli_args.device, default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     ap.add_argument("--shapes", type=cli_args.shape_list(SHAPES), default="smollm2,llama",
@@ -376,14 +381,17 @@ def main(argv=None) -> None:
                     help="CPU with --cold-mib: time dense and dual-sparse in this many alternated rounds "
                          "and report medians (the speedup: the median of the per-round ratios), for "
                          "hosts whose memory timings drift; 1: best of 3 passes each, dense once per shape")
-    ap.add_argument("--baseline", default="torch", choices=["torch", "vllm"],
-                    help="dense baseline: torch.matmul, or vLLM's CPU GEMM (pre-packed oneDNN; needs vLLM)")
+    ap.add_argument("--baseline", default="torch", choices=sorted(baselines),
+                    help="dense baseline: torch.matmul; vLLM's CPU GEMM (pre-packed oneDNN) is 'vllm' "
+                         "through python -m duoserve.loaders.kernel_bench")
     ap.add_argument("--markdown", help="append the results as a markdown table to this file")
     args = ap.parse_args(argv)
     if args.rounds > 1 and not (args.cold_mib and args.device.type == "cpu"):
         ap.error("--rounds applies to CPU runs with --cold-mib (e.g. --cold-mib 512 --rounds 9); "
                  "without them each point is timed once")
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.prog = prog
+    args.baseline_name, args.dense = baselines[args.baseline]
     logging.basicConfig(level=logging.WARNING)
     device = args.device
     torch.set_num_threads(args.threads)

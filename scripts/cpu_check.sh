@@ -53,6 +53,7 @@ STATE="commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ":(exclu
 } > "$OUT/machine.txt"
 cat "$OUT/machine.txt"
 B="$PY -m duoserve.kernels.bench"
+BV="$PY -m duoserve.loaders.kernel_bench"  # the same benchmark with --baseline vllm (vLLM's CPU GEMM)
 SHAPES4=576x1536,1536x576,4096x11008,11008x4096  # the SmolLM2 MLP and Llama-7B MLP shapes
 for decoder in $($PY -c 'from duoserve.kernels import cpu; print(" ".join(d for d in cpu.available_decoders() if d != "scalar"))'); do
   rm -f "$OUT/bar-$decoder.md"
@@ -68,7 +69,7 @@ rm -f "$OUT/bar-warm.md" "$OUT/bar-vllm.md" "$OUT/bar-walk-all.md" "$OUT/bar-no-
   "$OUT/batch-cold-panel4.md"
 $B --bar --markdown "$OUT/bar-warm.md"
 if $PY -c "import vllm" 2> /dev/null; then
-  $B --bar --cold-mib 512 --baseline vllm --markdown "$OUT/bar-vllm.md"
+  $BV --bar --cold-mib 512 --baseline vllm --markdown "$OUT/bar-vllm.md"
 fi
 DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=2 DUOSERVE_CPU_WALK_ALL_MIN_SPAN=0 $B --bar --cold-mib 512 --markdown "$OUT/bar-walk-all.md"
 DUOSERVE_CPU_PREFETCH=0,0 $B --bar --cold-mib 512 --markdown "$OUT/bar-no-prefetch.md"
@@ -85,7 +86,7 @@ DUOSERVE_CPU_WALK_ALL_MAX_INACTIVE=2 DUOSERVE_CPU_WALK_ALL_MIN_SPAN=0 $B --shape
 $B --cutover --shapes $SHAPES4 --batch 1,2,3,4,6,7,8,12,16,24,32,48,64,96,128,192,256,384 --markdown "$OUT/cutover.md"
 $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 1,2,3,4,5,6,7,8,10,12,16,24,32,64 --cold-mib 512 --markdown "$OUT/batch-cold.md"
 if $PY -c "import vllm" 2> /dev/null; then
-  $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 1,2,3,4,5,6,7,8,12,16,24,32,64,128,256,384 --cold-mib 512 --baseline vllm \
+  $BV --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 1,2,3,4,5,6,7,8,12,16,24,32,64,128,256,384 --cold-mib 512 --baseline vllm \
     --markdown "$OUT/batch-cold-vllm.md"
 fi
 DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=0 $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 4,5,6,7,8,12,16,32,64 --cold-mib 512 \
