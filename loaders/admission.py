@@ -18,7 +18,7 @@ import os
 
 log = logging.getLogger(__name__)
 
-ENV = "DUOSERVE_MAX_IN_FLIGHT_PER_SEQ"
+ENV = "_DUOSERVE_MAX_IN_FLIGHT_PER_SEQ"  # private: set by the launcher only (docs/configuration.md)
 IN_FLIGHT_PER_SEQ = 2  # the running batch plus a waiting queue of the same size
 
 

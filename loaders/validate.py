@@ -29,7 +29,8 @@ from duoserve.format.schema import (
 log = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-VERIFIED_ENV = "DUOSERVE_MANIFEST_VERIFIED"
+# Private: the launcher tells the vLLM processes it has checked the manifest (docs/configuration.md).
+VERIFIED_ENV = "_DUOSERVE_MANIFEST_VERIFIED"
 _validated: set[tuple] = set()  # folders already checked in this process, keyed by their files' stats
 
 

@@ -36,7 +36,7 @@ from duoserve.prune.workdir import WorkDir
 log = logging.getLogger(__name__)
 
 # Fault injection for the resume tests: the process kills itself (SIGKILL) after this layer.
-FAULT_ENV = "DUOSERVE_FAULT_AFTER_LAYER"
+FAULT_ENV = "_DUOSERVE_TEST_FAULT_AFTER_LAYER"  # private: a test hook, not a setting (docs/configuration.md)
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ def test_killed_prune_resumes_to_the_same_checkpoint(tmp_path):
     from tiny_model import build_tiny_llama
 
     model = build_tiny_llama(tmp_path / "tiny3", num_layers=3)
-    killed = _prune_cli(model, tmp_path / "resumed", {"DUOSERVE_FAULT_AFTER_LAYER": "1"})
+    killed = _prune_cli(model, tmp_path / "resumed", {"_DUOSERVE_TEST_FAULT_AFTER_LAYER": "1"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (tmp_path / "resumed").exists()
     partial = tmp_path / "resumed.partial"
@@ -110,7 +110,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     from tiny_model import build_tiny_llama
 
     model = build_tiny_llama(tmp_path / "tiny2", num_layers=2)
-    killed = _prune_cli(model, tmp_path / "out", {"DUOSERVE_FAULT_AFTER_LAYER": "0"})
+    killed = _prune_cli(model, tmp_path / "out", {"_DUOSERVE_TEST_FAULT_AFTER_LAYER": "0"})
     assert killed.returncode == -9
     other = _prune_cli(model, tmp_path / "out", None, "--resume", "--seed", "1")
     assert other.returncode == 2 and "different settings (seed)" in other.stderr
