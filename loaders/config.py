@@ -3,11 +3,14 @@
 vLLM builds this from the checkpoint's config.json (quant_method "duoserve" selects it), asks it
 for a method per layer (get_quant_method) and calls maybe_update_config with the model folder,
 where we run the header-level checkpoint validation (duoserve.loaders.validate) before any tensor
-is read.
+is read. A serve-time activation sparsity (`$DUOSERVE_ACTIVATION_SPARSITY`, which `duoserve serve
+--activation-sparsity P` sets for the vLLM processes) selects each module's threshold from the
+checkpoint's grid here; the linear method uses it instead of the loaded `act_threshold`.
 """
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,9 @@ import torch
 
 from duoserve.errors import CheckpointError
 from duoserve.format.schema import QUANT_METHOD, QuantizationConfig as CheckpointQuantConfig
+from duoserve.format.thresholds import (
+    SERVE_ACTIVATION_SPARSITY_ENV, describe_selection, parse_activation_sparsity, select_thresholds,
+)
 from duoserve.loaders.linear import DuoserveLinearMethod, LoadSummary, make_shards
 from duoserve.loaders.validate import validate_checkpoint
 from duoserve.loaders.vllm_compat import LinearBase, QuantizationConfig, UnquantizedLinearMethod
@@ -38,17 +44,29 @@ def hf_shard_names(prefix: str, packed_modules_mapping: dict[str, list[str]]) ->
 class DuoserveConfig(QuantizationConfig):
     """The checkpoint's quantization_config (validated by duoserve.format.schema) for vLLM."""
 
-    def __init__(self, checkpoint_config: CheckpointQuantConfig):
+    def __init__(self, checkpoint_config: CheckpointQuantConfig, activation_sparsity: float | None = None):
         super().__init__()
         self.checkpoint_config = checkpoint_config
         self._vllm_to_hf: dict[str, str] = {}  # module renames a model's hf_to_vllm_mapper applies
         self._summary = LoadSummary()
+        # Serve-time p_x (duoserve serve --activation-sparsity, through the environment so that every
+        # vLLM process sees it). None or the calibrated p_x: the act_threshold tensors as loaded.
+        self.activation_sparsity = activation_sparsity
+        self._serve_thresholds: dict[str, float] | None = None
+        act = checkpoint_config.activation_sparsity
+        if activation_sparsity is not None:
+            # Raises InputError for a p_x the checkpoint cannot offer (the launcher checked it first).
+            selected = select_thresholds(checkpoint_config, activation_sparsity)
+            if not (activation_sparsity == act.target and act.rule == "threshold"):
+                self._serve_thresholds = selected
+            log.info("duoserve: serving at %s", describe_selection(checkpoint_config, activation_sparsity))
 
     def __repr__(self) -> str:
         q = self.checkpoint_config
+        served = "" if self.activation_sparsity is None else f", served_activation_sparsity={self.activation_sparsity}"
         return (f"DuoserveConfig(format_version={q.format_version}, weight_format={q.weight_format}, "
                 f"modules={len(q.modules)}, global_sparsity={q.global_sparsity}, "
-                f"activation={q.activation_sparsity.rule}:{q.activation_sparsity.target})")
+                f"activation={q.activation_sparsity.rule}:{q.activation_sparsity.target}{served})")
 
     @classmethod
     def get_name(cls) -> str:
@@ -68,7 +86,9 @@ class DuoserveConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "DuoserveConfig":
         # Raises CheckpointError naming the field (unknown format_version first).
-        return cls(CheckpointQuantConfig.from_dict(config))
+        env = os.environ.get(SERVE_ACTIVATION_SPARSITY_ENV)
+        px = parse_activation_sparsity(env, SERVE_ACTIVATION_SPARSITY_ENV) if env else None
+        return cls(CheckpointQuantConfig.from_dict(config), px)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         """Remember module renames (HF name -> vLLM prefix) so get_quant_method can look up HF names."""
@@ -97,5 +117,7 @@ class DuoserveConfig(QuantizationConfig):
         if not all(listed):
             raise CheckpointError(f"vLLM fuses {', '.join(names)} into {prefix}, but quantization_config.modules "
                                   f"lists only {[n for n in names if n in modules]}; prune all of them or none")
+        serve = None if self._serve_thresholds is None else [self._serve_thresholds[n] for n in names]
         return DuoserveLinearMethod(self.checkpoint_config.weight_format,
-                                    make_shards(names, [modules[n] for n in names]), prefix, self._summary)
+                                    make_shards(names, [modules[n] for n in names]), prefix, self._summary,
+                                    serve_thresholds=serve)

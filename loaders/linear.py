@@ -13,7 +13,8 @@ the shards stacked:
   dense:   weight [sum N_s, K], act_threshold fp32 [S]
 Our own weight loader places each shard at its offset, checks its shape and records that it
 arrived; process_weights_after_loading refuses missing pieces, packs each shard with
-duoserve.kernels and frees the on-disk tensors.
+duoserve.kernels and frees the on-disk tensors. A serve-time activation sparsity replaces the loaded
+thresholds with the ones DuoserveConfig selected from the checkpoint's grid.
 """
 from __future__ import annotations
 
@@ -108,11 +109,17 @@ def make_shards(names: list[str], infos: list[ModuleInfo]) -> list[Shard]:
 class DuoserveLinearMethod(LinearMethodBase):
     """create_weights (on-disk format) -> process_weights_after_loading (kernel layout) -> apply (op)."""
 
-    def __init__(self, weight_format: str, shards: list[Shard], prefix: str, summary: LoadSummary | None = None):
+    def __init__(self, weight_format: str, shards: list[Shard], prefix: str, summary: LoadSummary | None = None,
+                 serve_thresholds: list[float] | None = None):
         self.weight_format = weight_format
         self.shards = shards
         self.prefix = prefix
         self.summary = summary
+        # One threshold per shard for a serve-time p_x other than the calibrated one (from the
+        # metadata grid, duoserve.format.thresholds); None: the loaded act_threshold tensors.
+        if serve_thresholds is not None and len(serve_thresholds) != len(shards):
+            raise ValueError(f"{prefix}: {len(serve_thresholds)} serve-time thresholds for {len(shards)} shards")
+        self.serve_thresholds = serve_thresholds
         if summary is not None:
             summary.expected += 1
 
@@ -191,6 +198,9 @@ class DuoserveLinearMethod(LinearMethodBase):
             if math.isnan(t) or t < 0:
                 raise CheckpointError(f"tensor {s.hf_name}{THRESHOLD_SUFFIX} is {t} after loading (missing, NaN "
                                       "or negative); re-run threshold calibration")
+        if self.serve_thresholds is not None:
+            # The tensors were still required and checked above: the checkpoint stays whole.
+            thresholds = torch.tensor(self.serve_thresholds, dtype=torch.float32)
         for s in self.shards:
             if self.weight_format == "bitmask":
                 bitmask = layer.weight_bitmask.data[s.row_offset:s.row_offset + s.rows]

@@ -17,7 +17,9 @@ random key (always required: the server never runs unauthenticated). Keyword opt
 served_model_name (default: the folder's name), enforce_eager, kv_cache_gib (CPU KV cache, default
 1), max_model_len, max_in_flight_per_seq (duoserve's overload policy: at most this many requests in
 flight per max_num_seqs slot, HTTP 503 over it; default 2, None = vLLM's unbounded queue; ignored
-when extra_vllm_args has --max-num-queued-reqs or entrypoint is "vllm"), log_path ("-" inherits the terminal), env (extra environment), validate (check
+when extra_vllm_args has --max-num-queued-reqs or entrypoint is "vllm"), activation_sparsity (serve a
+duoserve checkpoint at this p_x instead of its calibrated one: thresholds from its grid, checked
+here before vLLM starts; None = the calibrated p_x), log_path ("-" inherits the terminal), env (extra environment), validate (check
 a duoserve checkpoint before starting, default True), entrypoint ("duoserve": vLLM's CLI through
 duoserve.loaders.vllm_main; "vllm": `python -m vllm.entrypoints.openai.api_server`, vLLM's own
 entry, to show the plugin needs nothing from duoserve at launch). A dense model folder works the
@@ -47,6 +49,7 @@ from pathlib import Path
 from typing import Sequence
 
 from duoserve.errors import DuoserveError, InputError
+from duoserve.format.thresholds import SERVE_ACTIVATION_SPARSITY_ENV
 from duoserve.loaders import admission
 
 log = logging.getLogger(__name__)
@@ -177,7 +180,8 @@ def launch(ckpt, host: str = DEFAULT_HOST, port: int | None = 0, api_key: str | 
            extra_vllm_args: Sequence[str] = (), *, served_model_name: str | None = None,
            enforce_eager: bool = False, kv_cache_gib: float | None = None, max_model_len: int | None = None,
            max_in_flight_per_seq: int | None = admission.IN_FLIGHT_PER_SEQ, log_path: str | Path | None = None,
-           env: dict[str, str] | None = None, validate: bool = True, entrypoint: str = "duoserve") -> ServerHandle:
+           env: dict[str, str] | None = None, validate: bool = True, entrypoint: str = "duoserve",
+           activation_sparsity: float | None = None) -> ServerHandle:
     """Start vLLM's OpenAI server for `ckpt` in a new process group; see the module docstring."""
     from duoserve.loaders.validate import (VERIFIED_ENV, folder_key, is_duoserve_checkpoint, key_digest,
                                            validate_checkpoint)
@@ -190,6 +194,14 @@ def launch(ckpt, host: str = DEFAULT_HOST, port: int | None = 0, api_key: str | 
     if duo and _tensor_parallel(extra) > 1:
         raise InputError("duoserve checkpoints are served with tensor parallel size 1 only; drop "
                          "--tensor-parallel-size (one GPU per replica, or pipeline parallelism)")
+    if activation_sparsity is not None:
+        if not duo:
+            raise InputError(f"--activation-sparsity {activation_sparsity:g}: {ckpt} is not a duoserve checkpoint "
+                             "(no calibrated thresholds); prune it first with `duoserve prune`")
+        from duoserve.format.io import read_quant_config
+        from duoserve.format.thresholds import select_thresholds
+
+        select_thresholds(read_quant_config(ckpt)[1], activation_sparsity, ckpt)  # InputError before vLLM starts
     if duo and validate:
         validate_checkpoint(ckpt, json.loads((ckpt / "config.json").read_text()))
     port = port or free_port(host if host not in ("0.0.0.0", "::", "") else DEFAULT_HOST)
@@ -221,6 +233,11 @@ def launch(ckpt, host: str = DEFAULT_HOST, port: int | None = 0, api_key: str | 
         if entrypoint != "duoserve" or _has_flag(extra, "--api-server-count", "-asc", "--data-parallel-size", "-dp"):
             log.warning("the default queue limit applies only to `duoserve serve` with one API server: "
                         "pass --max-num-queued-reqs N to bound the queue here")
+    # Serve-time activation sparsity reaches every vLLM process through the environment (they all
+    # inherit it; duoserve.loaders.config reads it). Only what was asked here: never a stale value.
+    child_env.pop(SERVE_ACTIVATION_SPARSITY_ENV, None)
+    if activation_sparsity is not None:
+        child_env[SERVE_ACTIVATION_SPARSITY_ENV] = repr(float(activation_sparsity))
     child_env.update(env or {})
     # The key goes to vLLM through its environment, not argv: a key that starts with '-' (1 in 64 of
     # the generated ones) made vLLM's argparse reject `--api-key KEY` as a missing value, and argv is

@@ -29,7 +29,7 @@ from duoserve.prune.models import load_model_and_tokenizer
 from duoserve.prune.refiners import RefinedMethod, build_refiner
 from duoserve.prune.registry import build_options, get_method
 from duoserve.prune.sparsity import SparsityTarget, check_nm_compatible
-from duoserve.prune.thresholds import calibrate_thresholds
+from duoserve.prune.thresholds import calibrate_threshold_grid
 from duoserve.prune.workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -145,17 +145,16 @@ def prune_model(cfg: PruneConfig) -> dict[str, Any]:
     if refiner is not None and getattr(refiner, "totals", None):
         log.info("%s: %s", refiner.name, ", ".join(f"{k} {v}" for k, v in refiner.totals.items()))
 
-    thresholds = workdir.thresholds if method.needs_calibration else None
-    if thresholds is None:
-        thr_windows = None
-        if cfg.activation_sparsity > 0:
-            # A separate draw (seed + 1) so thresholds are not fit on the pruning windows only.
-            thr_windows, _ = calibration_windows(cfg.calib_data, tokenizer, cfg.threshold_nsamples, cfg.seqlen,
-                                                 cfg.seed + 1)
-        thresholds = calibrate_thresholds(model, thr_windows, cfg.activation_sparsity, cfg.targets,
-                                          batch_size=cfg.batch_size, device=device, seed=cfg.seed)
+    calibration = workdir.threshold_calibration if method.needs_calibration else None
+    if calibration is None:
+        # A separate draw (seed + 1) so thresholds are not fit on the pruning windows only. Also at
+        # p_x = 0: the grid lets the checkpoint be served with activation sparsity later.
+        thr_windows, _ = calibration_windows(cfg.calib_data, tokenizer, cfg.threshold_nsamples, cfg.seqlen,
+                                             cfg.seed + 1)
+        calibration = calibrate_threshold_grid(model, thr_windows, cfg.activation_sparsity, cfg.targets,
+                                               batch_size=cfg.batch_size, device=device, seed=cfg.seed)
         if method.needs_calibration:
-            workdir.save_thresholds(thresholds)
+            workdir.save_threshold_calibration(calibration)
 
     state_dict = _tied_free_state_dict(model)
     dtype_name = str(next(iter(targets.values())).weight.dtype).replace("torch.", "")
@@ -165,14 +164,14 @@ def prune_model(cfg: PruneConfig) -> dict[str, Any]:
         activation_sparsity=ActivationSparsity(
             rule="threshold" if cfg.activation_sparsity > 0 else "none", target=cfg.activation_sparsity,
             calibration={"data": cfg.calib_data, "nsamples": cfg.threshold_nsamples, "seqlen": cfg.seqlen,
-                         "seed": cfg.seed + 1} if cfg.activation_sparsity > 0 else {}),
+                         "seed": cfg.seed + 1}, grid=calibration.grid),
         producer={"name": "duoserve", "version": __version__, "method": method.name,
                   "method_args": method.describe(), "refine": refiner.name if refiner else None,
                   "refine_args": refiner.describe() if refiner else None, "weight_sparsity_target": str(target),
                   "calib_data": desc, "nsamples": cfg.nsamples if needs_data else 0, "seqlen": cfg.seqlen,
                   "seed": cfg.seed, "source_model": source},
     )
-    qconfig = build_quant_config(state_dict, thresholds, base)
+    qconfig = build_quant_config(state_dict, calibration.thresholds, base, calibration.grid_thresholds)
     hf_config = json.loads(model.config.to_json_string())
     theta = (hf_config.get("rope_parameters") or {}).get("rope_theta")
     if theta is not None:

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from duoserve.errors import InputError
-from duoserve.format.io import LoadedCheckpoint, load_checkpoint
+from duoserve.format.io import LoadedCheckpoint, load_checkpoint, read_quant_config
+from duoserve.format.thresholds import describe_selection, select_thresholds
 from duoserve.prune.activation import ACTIVATION_MODES, ActivationSparsity
 from duoserve.prune.architectures import model_targets
 
@@ -63,11 +64,16 @@ def load_pruned_model(path: str | Path, activation_mode: str | None = None, dtyp
                       activation_sparsity: float | None = None, verify: bool = True):
     """(model, tokenizer, LoadedCheckpoint) for a duoserve checkpoint folder.
 
-    activation_mode None = the checkpoint's own rule (threshold if it has thresholds, else off).
-    activation_sparsity overrides p_x for "topk" mode (default: the checkpoint's target).
+    activation_mode None = threshold mode when activation_sparsity is given, else the checkpoint's
+    own rule (threshold if it has thresholds, else off). activation_sparsity overrides p_x (default:
+    the checkpoint's target): in "threshold" mode the thresholds come from the checkpoint's grid as
+    `duoserve serve --activation-sparsity` selects them (duoserve.format.thresholds); in "topk" mode
+    it is the fraction dropped per token.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if activation_mode in (None, "threshold") and activation_sparsity is not None:
+        select_thresholds(read_quant_config(Path(path))[1], activation_sparsity, path)  # fail before loading
     ckpt = load_checkpoint(Path(path), verify=verify)
     config = AutoConfig.for_model(**{k: v for k, v in ckpt.config.items() if k != "transformers_version"})
     torch_dtype = getattr(torch, dtype)
@@ -83,12 +89,19 @@ def load_pruned_model(path: str | Path, activation_mode: str | None = None, dtyp
         model.tie_weights()
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    mode = activation_mode or default_activation_mode(ckpt)
-    p = ckpt.qconfig.activation_sparsity.target if activation_sparsity is None else activation_sparsity
-    if mode == "threshold" and ckpt.qconfig.activation_sparsity.rule != "threshold":
+    q = ckpt.qconfig
+    mode = activation_mode or ("threshold" if activation_sparsity is not None else default_activation_mode(ckpt))
+    p = q.activation_sparsity.target if activation_sparsity is None else activation_sparsity
+    thresholds = ckpt.thresholds  # the act_threshold tensors: exactly what vLLM loads at the default p_x
+    if mode == "threshold" and activation_sparsity is not None and not (
+            p == q.activation_sparsity.target and q.activation_sparsity.rule == "threshold"):
+        thresholds = select_thresholds(q, p, path)  # raises InputError for a p_x the checkpoint lacks
+        log.info("%s: %s", path, describe_selection(q, p))
+    elif mode == "threshold" and q.activation_sparsity.rule != "threshold":
         log.warning("%s has no calibrated thresholds (activation sparsity was off when pruned): "
-                    "threshold mode keeps every non-zero input", path)
-    install_activation_sparsity(model, mode, targets=ckpt.qconfig.targets, p=p, thresholds=ckpt.thresholds)
+                    "threshold mode keeps every non-zero input%s", path,
+                    "" if q.activation_sparsity.grid is None else "; pass --activation-sparsity P to use its grid")
+    install_activation_sparsity(model, mode, targets=q.targets, p=p, thresholds=thresholds)
     return model, tokenizer, ckpt
 
 

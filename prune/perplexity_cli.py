@@ -18,7 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-mode", choices=["topk", "threshold", "off"], default=None,
                    help="activation sparsity at evaluation (default: the checkpoint's own; off for dense models)")
     p.add_argument("--activation-sparsity", type=float, default=None, metavar="P_X",
-                   help="p_x for topk mode (default: the checkpoint's target)")
+                   help="p_x in [0, 1): for a checkpoint, its thresholds at this p_x (from its calibrated grid, "
+                        "interpolated between grid points; 0 = off); with --activation-mode topk, the fraction "
+                        "of each token's inputs dropped (default: the checkpoint's target)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense source model's perplexity")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (quick checks)")
     p.add_argument("--batch-size", type=int, default=1)
@@ -57,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     mode = "off" if getattr(model, "duoserve_sparsity", None) is None else model.duoserve_sparsity.mode
     results = {"model": args.model or "default", "data": data_desc, "seqlen": args.seqlen,
                "windows": int(windows.shape[0]), "dtype": args.dtype, "activation_mode": mode}
+    if ckpt is not None and mode == "threshold":  # the p_x whose thresholds were used
+        results["activation_sparsity"] = (ckpt.qconfig.activation_sparsity.target if args.activation_sparsity is None
+                                          else args.activation_sparsity)
     label = "pruned" if ckpt is not None else "model"
     results[label] = perplexity(model, windows, args.batch_size, desc=label)
     realized = _summarize_realized(model)
@@ -80,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     lines = [f"data: {data_desc}, seqlen {args.seqlen}, {windows.shape[0]} windows, {args.dtype}"]
     if "dense" in results:
         lines.append(f"dense  PPL: {results['dense']['ppl']:.3f}")
-    lines.append(f"{label:6s} PPL: {results[label]['ppl']:.3f}  (activation sparsity: {mode})")
+    at = f" at p_x {results['activation_sparsity']:g}" if "activation_sparsity" in results else ""
+    lines.append(f"{label:6s} PPL: {results[label]['ppl']:.3f}  (activation sparsity: {mode}{at})")
     if realized is not None:
         lines.append(f"realized activation sparsity per linear: mean {realized['mean']:.3f}, "
                      f"min {realized['min']:.3f}, max {realized['max']:.3f}")

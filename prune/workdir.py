@@ -29,7 +29,7 @@ class WorkDir:
         self.path = Path(path)
         self.settings = json.loads(json.dumps(settings))  # normalize (tuples -> lists)
         self.layer_logs: list[dict[str, Any]] = []
-        self.thresholds: dict[str, float] | None = None
+        self.threshold_calibration = None  # a duoserve.prune.thresholds.ThresholdCalibration once saved
 
     @property
     def layers_done(self) -> int:
@@ -51,7 +51,12 @@ class WorkDir:
                 raise InputError(f"cannot resume {self.path}: it was started with different settings "
                                  f"({', '.join(diff)}); rerun with the same options or use --overwrite")
             self.layer_logs = state["layers"]
-            self.thresholds = state.get("thresholds")
+            # A folder from before threshold grids has only "thresholds": calibrate again (cheap).
+            saved = state.get("threshold_calibration")
+            if saved is not None:
+                from duoserve.prune.thresholds import ThresholdCalibration
+
+                self.threshold_calibration = ThresholdCalibration.from_json(saved)
             return
         (self.path / "layers").mkdir(parents=True, exist_ok=True)
         self._write_progress()
@@ -72,13 +77,14 @@ class WorkDir:
     def load_layer(self, index: int) -> dict[str, torch.Tensor]:
         return load_file(str(self._layer_file(index)))
 
-    def save_thresholds(self, thresholds: dict[str, float]) -> None:
-        self.thresholds = dict(thresholds)
+    def save_threshold_calibration(self, calibration) -> None:
+        self.threshold_calibration = calibration
         self._write_progress()
 
     def _write_progress(self) -> None:
+        cal = self.threshold_calibration
         write_json_atomic(self.path / PROGRESS, {"settings": self.settings, "layers": self.layer_logs,
-                                                 "thresholds": self.thresholds})
+                                                 "threshold_calibration": None if cal is None else cal.to_json()})
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -34,7 +34,7 @@ Pruned by duoserve ({method}, weight sparsity {sparsity:.3f}, {structure}; activ
 sparsity: {act}). Weight format: `{weight_format}` (docs/checkpoint-format.md, version {version}).
 
 - Serve: `duoserve serve {name}` or `vllm serve {name}` with duoserve installed.
-- Evaluate: `duoserve eval ppl {name}`; inspect: `duoserve inspect {name}`.
+{px_note}- Evaluate: `duoserve eval ppl {name}`; inspect: `duoserve inspect {name}`.
 - Load in Python: `duoserve.prune.modeling.load_pruned_model("{name}")`.
 {plain_note}
 """
@@ -46,13 +46,24 @@ def target_modules(state_dict: dict[str, torch.Tensor], targets) -> list[str]:
             if k.endswith(DENSE_SUFFIX) and v.dim() == 2 and is_target(k[: -len(DENSE_SUFFIX)], targets)]
 
 
-def build_quant_config(state_dict, thresholds: dict[str, float], base: QuantizationConfig) -> QuantizationConfig:
-    """Fill `modules` and `global_sparsity` of `base` from the pruned weights and thresholds."""
+def build_quant_config(state_dict, thresholds: dict[str, float], base: QuantizationConfig,
+                       grid_thresholds: dict[str, list[float]] | None = None) -> QuantizationConfig:
+    """Fill `modules` and `global_sparsity` of `base` from the pruned weights and thresholds.
+
+    grid_thresholds: module -> thresholds at base.activation_sparsity.grid (format 2), or None.
+    """
+    if (grid_thresholds is None) != (base.activation_sparsity.grid is None):
+        raise ValueError("grid_thresholds and activation_sparsity.grid come together")
     modules, total, nonzero = {}, 0, 0
     for name in target_modules(state_dict, base.targets):
         w = state_dict[name + DENSE_SUFFIX]
         nnz = int((w != 0).sum())
-        modules[name] = ModuleInfo(tuple(w.shape), nnz, float(thresholds.get(name, 0.0)))
+        grid = None
+        if grid_thresholds is not None:
+            if name not in grid_thresholds:
+                raise CheckpointError(f"no calibrated threshold grid for target linear {name}")
+            grid = tuple(float(t) for t in grid_thresholds[name])
+        modules[name] = ModuleInfo(tuple(w.shape), nnz, float(thresholds.get(name, 0.0)), grid)
         total += w.numel()
         nonzero += nnz
     if not modules:
@@ -140,9 +151,15 @@ def _write_readme(folder: Path, name: str, q: QuantizationConfig) -> None:
              if q.weight_format == "dense" else
              "- Plain `transformers.from_pretrained` refuses this folder on purpose (its weights are "
              "bitmask-packed); use duoserve, or re-prune with `--weight-format dense`.")
+    grid = q.activation_sparsity.grid
+    px_note = ("" if grid is None else
+               f"- Another activation sparsity, no re-pruning: `duoserve serve {name} --activation-sparsity P` "
+               f"(also `duoserve eval`), any P in [0, {grid[-1]:g}]: thresholds are stored for {len(grid)} values "
+               f"of p_x from 0 to {grid[-1]:g} and interpolated between them.\n")
     (folder / "README.md").write_text(_README.format(
         method=q.producer.get("method", "?"), sparsity=q.global_sparsity, structure=q.sparsity_structure,
-        act=act, weight_format=q.weight_format, version=q.format_version, name=name, plain_note=plain))
+        act=act, weight_format=q.weight_format, version=q.format_version, name=name, plain_note=plain,
+        px_note=px_note))
 
 
 # --------------------------------------------------------------------------------------------

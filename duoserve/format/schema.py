@@ -14,12 +14,15 @@ from typing import Any
 from duoserve.errors import CheckpointError
 
 QUANT_METHOD = "duoserve"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+# 2: per-module threshold grids (serve-time activation sparsity); 1: one threshold per module.
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 WEIGHT_FORMATS = ("bitmask", "dense")
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_IGNORE = ("lm_head", "embed_tokens")
+# p_x values `duoserve prune` calibrates thresholds for (plus the target itself, see px_grid).
+DEFAULT_PX_GRID = tuple(round(0.05 * i, 2) for i in range(19))  # 0, 0.05, ..., 0.9
 
 BITMASK_SUFFIX = ".weight_bitmask"
 VALUES_SUFFIX = ".weight_values"
@@ -53,13 +56,22 @@ def parse_structure(value: str) -> tuple[int, int] | None:
     return n, mm
 
 
+def px_grid(target: float, base: tuple[float, ...] = DEFAULT_PX_GRID) -> tuple[float, ...]:
+    """The p_x grid a prune calibrates: `base` plus the target, so the target is a grid point."""
+    return tuple(sorted(set(base) | {float(target)}))
+
+
 @dataclass(frozen=True)
 class ModuleInfo:
-    """One target linear: its weight shape [out, in], stored non-zeros and activation threshold."""
+    """One target linear: its weight shape [out, in], stored non-zeros and activation threshold.
+
+    act_threshold_grid (format 2, optional): the thresholds for activation_sparsity.grid, in order.
+    """
 
     shape: tuple[int, int]
     nnz: int
     act_threshold: float = 0.0
+    act_threshold_grid: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if len(self.shape) != 2 or min(self.shape) <= 0:
@@ -68,9 +80,19 @@ class ModuleInfo:
             raise CheckpointError(f"module nnz {self.nnz} outside [0, {self.shape[0] * self.shape[1]}]")
         if math.isnan(self.act_threshold) or self.act_threshold < 0:
             raise CheckpointError(f"act_threshold {self.act_threshold} must be a number >= 0")
+        g = self.act_threshold_grid
+        if g is not None:
+            if any(not math.isfinite(t) or t < 0 for t in g):
+                raise CheckpointError(f"act_threshold_grid {list(g)} has a value that is not a finite number >= 0")
+            if any(b < a for a, b in zip(g, g[1:])):
+                raise CheckpointError(f"act_threshold_grid {list(g)} decreases: thresholds must be non-decreasing "
+                                      "in p_x (they are quantiles of |x|)")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "nnz": self.nnz, "act_threshold": self.act_threshold}
+        d = {"shape": list(self.shape), "nnz": self.nnz, "act_threshold": self.act_threshold}
+        if self.act_threshold_grid is not None:
+            d["act_threshold_grid"] = list(self.act_threshold_grid)
+        return d
 
 
 @dataclass(frozen=True)
@@ -78,18 +100,27 @@ class ActivationSparsity:
     """How inputs of target linears are sparsified at inference.
 
     rule "threshold": x_k is kept iff |x_k| > t (t per module, calibrated); "none": dense inputs.
-    target is the p_x the thresholds were calibrated for.
+    target is the p_x the thresholds were calibrated for (what is served by default). grid (format
+    2, optional): the p_x values every module also has thresholds for (serve-time choice).
     """
 
     rule: str = "none"
     target: float = 0.0
     calibration: dict[str, Any] = field(default_factory=dict)
+    grid: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.rule not in ("none", "threshold"):
             raise CheckpointError(f"activation_sparsity.rule {self.rule!r} is not 'none' or 'threshold'")
         if not 0.0 <= self.target < 1.0:
             raise CheckpointError(f"activation_sparsity.target {self.target} is outside [0, 1)")
+        g = self.grid
+        if g is not None:
+            if not g or g[0] != 0.0 or any(b <= a for a, b in zip(g, g[1:])) or not g[-1] < 1.0:
+                raise CheckpointError(f"activation_sparsity.grid {list(g)} is not an increasing list of p_x in "
+                                      "[0, 1) that starts at 0")
+            if self.target not in g:
+                raise CheckpointError(f"activation_sparsity.grid {list(g)} lacks the target p_x {self.target}")
 
 
 @dataclass(frozen=True)
@@ -119,12 +150,40 @@ class QuantizationConfig:
         if self.weight_format not in WEIGHT_FORMATS:
             raise CheckpointError(f"weight_format {self.weight_format!r} is not one of {list(WEIGHT_FORMATS)}")
         parse_structure(self.sparsity_structure)
+        self._check_grid()
+
+    def _check_grid(self) -> None:
+        """Format 2's optional grid: on the config and on every module, or nowhere; consistent."""
+        grid = self.activation_sparsity.grid
+        with_grid = [n for n, m in self.modules.items() if m.act_threshold_grid is not None]
+        if grid is None:
+            if with_grid:
+                raise CheckpointError(f"modules[{with_grid[0]!r}] has an act_threshold_grid but "
+                                      "activation_sparsity.grid is missing")
+            return
+        if self.format_version < 2:
+            raise CheckpointError(f"activation_sparsity.grid needs format_version 2, the file says "
+                                  f"{self.format_version}")
+        at_target = grid.index(self.activation_sparsity.target)
+        for name, m in self.modules.items():
+            g = m.act_threshold_grid
+            if g is None or len(g) != len(grid):
+                raise CheckpointError(f"modules[{name!r}].act_threshold_grid has "
+                                      f"{'no' if g is None else len(g)} values, activation_sparsity.grid has "
+                                      f"{len(grid)}")
+            if g[0] != 0.0 or g[at_target] != m.act_threshold:
+                raise CheckpointError(f"modules[{name!r}].act_threshold_grid must be 0 at p_x 0 and equal "
+                                      f"act_threshold {m.act_threshold} at the target p_x; it has {g[0]} and "
+                                      f"{g[at_target]}")
 
     # -- (de)serialization -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["modules"] = {name: info.to_dict() for name, info in self.modules.items()}
         d["targets"], d["ignore"] = list(self.targets), list(self.ignore)
+        grid = d["activation_sparsity"].pop("grid")
+        if grid is not None:  # format 1 files stay exactly as they were
+            d["activation_sparsity"]["grid"] = list(grid)
         order = ["quant_method", "format_version", "weight_format", "dtype", "targets", "ignore",
                  "sparsity_structure", "global_sparsity", "activation_sparsity", "producer", "modules"]
         return {k: d[k] for k in order}
@@ -145,7 +204,8 @@ class QuantizationConfig:
             )
         try:
             modules = {
-                name: ModuleInfo(tuple(m["shape"]), int(m["nnz"]), float(m.get("act_threshold", 0.0)))
+                name: ModuleInfo(tuple(m["shape"]), int(m["nnz"]), float(m.get("act_threshold", 0.0)),
+                                 _floats(m.get("act_threshold_grid")))
                 for name, m in d["modules"].items()
             }
             act = d.get("activation_sparsity") or {}
@@ -161,7 +221,7 @@ class QuantizationConfig:
                 global_sparsity=float(d.get("global_sparsity", 0.0)),
                 activation_sparsity=ActivationSparsity(
                     rule=act.get("rule", "none"), target=float(act.get("target", 0.0)),
-                    calibration=dict(act.get("calibration", {})),
+                    calibration=dict(act.get("calibration", {})), grid=_floats(act.get("grid")),
                 ),
                 producer=dict(d.get("producer", {})),
             )
@@ -169,6 +229,10 @@ class QuantizationConfig:
             raise
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"quantization_config is malformed: {type(e).__name__}: {e}") from e
+
+
+def _floats(values) -> tuple[float, ...] | None:
+    return None if values is None else tuple(float(v) for v in values)
 
 
 def is_target(module_name: str, targets: tuple[str, ...] | list[str]) -> bool:

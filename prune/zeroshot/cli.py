@@ -34,7 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--activation-mode", choices=["topk", "threshold", "off"], default=None,
                    help="activation sparsity at evaluation (default: the checkpoint's own; off for dense models)")
     g.add_argument("--activation-sparsity", type=float, default=None, metavar="P_X",
-                   help="p_x for topk mode (default: the checkpoint's target)")
+                   help="p_x in [0, 1): for a checkpoint, its thresholds at this p_x (from its calibrated grid, "
+                        "interpolated between grid points; 0 = off); with --activation-mode topk, the fraction "
+                        "of each token's inputs dropped (default: the checkpoint's target)")
     g.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16",
                    help="compute dtype (default bfloat16: what the server computes in)")
     e = p.add_argument_group("endpoint")

@@ -67,7 +67,7 @@ def in_process_lm(model: str | None, *, activation_mode: str | None = None, acti
         "kind": "in-process", "model": model or "default", "dtype": dtype,
         "activation_mode": "off" if sparsity is None else sparsity.mode,
     }
-    if sparsity is not None and sparsity.mode == "topk":
+    if sparsity is not None and (sparsity.mode == "topk" or activation_sparsity is not None):
         desc["activation_sparsity"] = sparsity.p
     if ckpt is not None:
         desc["checkpoint"] = {"method": ckpt.qconfig.producer.get("method"),
