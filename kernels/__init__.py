@@ -8,7 +8,8 @@ API (stable; changes are written here first):
     pack_bitmask(bitmask uint8 [N, ceil(K/8)], values [nnz], (N, K)) -> PackedWeight
                                                           the checkpoint's on-disk encoding
     PackedWeight: .tensors() -> {"bitmap", "offsets", "values"}, ints .n .k,
-                  PackedWeight.from_tensors(tensors, n, k), .nbytes(), .to(device, dtype)
+                  PackedWeight.from_tensors(tensors, n, k, check=False), .check_index(),
+                  .nbytes(), .to(device, dtype)
     dual_sparse_linear(x [..., K], packed, threshold, bias=None) -> [..., N] in x.dtype
                   threshold: fp32 0-dim tensor (preferred: no host->device copy) or float;
                   bf16 / fp32 on CPU and CUDA, fp16 on CUDA (on CPU fp16 runs the

@@ -85,9 +85,36 @@ class PackedWeight:
         return {"bitmap": self.bitmap, "offsets": self.offsets, "values": self.values}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], n: int, k: int) -> "PackedWeight":
-        return cls(n=int(n), k=int(k), bitmap=tensors["bitmap"], offsets=tensors["offsets"],
-                   values=tensors["values"])
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], n: int, k: int, check: bool = False) -> "PackedWeight":
+        """Rebuild from `tensors()`. Cheap (shapes only), so a module may rebuild it per forward
+        from its own buffers, also under torch.compile. check=True checks the index in full
+        (`check_index`): do that for tensors this process did not pack (a file, another process),
+        since the kernels trust the index for every address they read."""
+        packed = cls(n=int(n), k=int(k), bitmap=tensors["bitmap"], offsets=tensors["offsets"],
+                     values=tensors["values"])
+        if check:
+            packed.check_index()
+        return packed
+
+    def check_index(self) -> None:
+        """Raise ValueError unless the offsets are the exclusive prefix sum of the bitmap's column
+        counts, no bit is set for a row past N, and `values` holds every non-zero plus the padding:
+        then no kernel reads or writes out of bounds. O(NB * K), once per weight."""
+        counts = _popcount32(self.bitmap).sum(-1, dtype=torch.int64).flatten()  # [NB * K]
+        starts = torch.cumsum(counts, 0) - counts
+        if not torch.equal(self.offsets.flatten().to(torch.int64), starts):
+            raise ValueError("packed weight: offsets are not the prefix sum of the bitmap's column counts "
+                             "(rebuild it with pack_dense / pack_bitmask)")
+        nnz = int(counts.sum())
+        if self.values.numel() != nnz + BLOCK_ROWS:
+            raise ValueError(f"packed weight: the bitmap has {nnz} non-zeros, so values must have "
+                             f"{nnz + BLOCK_ROWS} elements (with padding), got {self.values.numel()}")
+        tail = self.n - (self.num_blocks - 1) * BLOCK_ROWS  # rows of the last block
+        if self.num_blocks and self.k and tail < BLOCK_ROWS:
+            rows = torch.arange(BLOCK_ROWS, device=self.bitmap.device).view(WORDS, 32)
+            pad = ((self.bitmap[-1].unsqueeze(-1) >> torch.arange(32, device=self.bitmap.device)) & 1).bool()
+            if bool((pad & (rows >= tail)).any()):
+                raise ValueError(f"packed weight: bits are set for rows past N = {self.n} in the last row block")
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -128,6 +155,14 @@ def pack_dense(weight: torch.Tensor) -> PackedWeight:
     offsets = starts.to(torch.int32).view(nb, k)
     return PackedWeight(n=n, k=k, bitmap=words.contiguous(), offsets=offsets.contiguous(),
                         values=values.contiguous())
+
+
+def _popcount32(words: torch.Tensor) -> torch.Tensor:
+    """int32 [...] -> int64 [...] set bits of each word (as unsigned)."""
+    v = words.to(torch.int64) & 0xFFFFFFFF  # SWAR popcount: a few int64 temporaries, not one per bit
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    return (((v + (v >> 4)) & 0x0F0F0F0F) * 0x01010101 >> 24) & 0xFF
 
 
 def _bitmask_to_bool(bitmask: torch.Tensor, k: int) -> torch.Tensor:

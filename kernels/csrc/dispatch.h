@@ -4,6 +4,7 @@
 #pragma once
 
 #include "common.h"
+#include <cpuid.h>
 #include "decode_scalar.h"
 #include "decode_avx512_expand.h"
 #include "decode_avx2.h"
@@ -11,21 +12,37 @@
 
 namespace {
 
+// Whether the OS saves (and so lets this process use) every register state in `mask` (XCR0
+// bits: 0x6 SSE + AVX's ymm, 0xe0 AVX-512's opmask and zmm). A CPUID flag alone is not enough: a
+// hypervisor or kernel may leave the state off, and an instruction on disabled state raises #UD
+// (SIGILL). libgcc's __builtin_cpu_supports checks this too since GCC 11; the check here makes it
+// explicit and independent of the toolchain. (AMX needs more: a per-process permission, see
+// duoserve/kernels/cpu_features.py.)
+bool os_saves_state(uint64_t mask) {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & bit_OSXSAVE)) return false;
+  uint32_t lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  const uint64_t xcr0 = (static_cast<uint64_t>(hi) << 32) | lo;
+  return (xcr0 & mask) == mask;
+}
+constexpr uint64_t kXcr0Avx = 0x6, kXcr0Avx512 = 0xe6;
+
 bool cpu_has_avx2() {  // what DS_AVX2 enables
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("popcnt");
+                         __builtin_cpu_supports("popcnt") && os_saves_state(kXcr0Avx);
   return ok;
 }
 
 bool cpu_has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  static const bool ok = os_saves_state(kXcr0Avx512) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
                          __builtin_cpu_supports("popcnt");
   return ok;
 }
 
 bool cpu_has_permute_isa() {  // what DS_AVX512_PERM enables
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  static const bool ok = os_saves_state(kXcr0Avx512) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vpopcntdq") &&
                          __builtin_cpu_supports("avx512bitalg") && __builtin_cpu_supports("popcnt");
   return ok;

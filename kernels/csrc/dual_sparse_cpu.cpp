@@ -69,6 +69,28 @@ void check_layout(const torch::Tensor& bitmap, const torch::Tensor& offsets, con
               "values must be contiguous 1-D with R elements of padding");
   TORCH_CHECK(bitmap.device().is_cpu() && offsets.device().is_cpu() && values.device().is_cpu(),
               "CPU kernel needs CPU tensors");
+  // The walks read values[offsets[c] .. offsets[c] + popcount(bitmap[c]) + R) per column c, in
+  // (rb, k) order. Offsets built by the packer (kernels/layout.py) are an exclusive prefix sum, so
+  // checking the first and the last column bounds every read; PackedWeight.from_tensors checks
+  // every column of tensors from elsewhere (PackedWeight.check_index). O(1) a call.
+  if (nb * k > 0) {
+    const int32_t* off = offsets.data_ptr<int32_t>();
+    const int32_t* last = bitmap.data_ptr<int32_t>() + (nb * k - 1) * WORDS;
+    int64_t last_count = 0;
+    for (int64_t w = 0; w < WORDS; ++w) last_count += __builtin_popcount(static_cast<uint32_t>(last[w]));
+    const int64_t end = static_cast<int64_t>(off[nb * k - 1]) + last_count;
+    TORCH_CHECK(off[0] == 0 && off[nb * k - 1] >= 0 && end + R <= values.numel(),
+                "packed weight is inconsistent: its index addresses values up to element ", end + R,
+                " (first offset ", off[0], "), but values has ", values.numel(),
+                " elements; rebuild it with duoserve.kernels.pack_dense / pack_bitmask");
+  }
+}
+
+void check_call(const torch::Tensor& threshold, const c10::optional<torch::Tensor>& bias, int64_t n) {
+  TORCH_CHECK(threshold.numel() == 1, "threshold must hold one number, got ", threshold.numel());
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->device().is_cpu(),
+                "bias must be a CPU tensor [", n, "] (one per output), got ", bias->sizes());
 }
 
 }  // namespace
@@ -158,6 +180,7 @@ torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, con
               "CPU kernel supports bf16 and fp32");
   const int64_t T = x_in.size(0), K = x_in.size(1);
   check_layout(bitmap, offsets, values, n, K);
+  check_call(threshold, bias, n);
   const float thr = threshold.item<float>();
   const torch::Tensor x = x_in.contiguous().to(torch::kFloat);  // [T, K] fp32
 
@@ -300,6 +323,10 @@ int64_t g_scratch_elements = 1 << 20;
 torch::Tensor tiled_linear(const torch::Tensor& x, const torch::Tensor& bitmap, const torch::Tensor& offsets,
                            const torch::Tensor& values, const torch::Tensor& threshold,
                            const c10::optional<torch::Tensor>& bias, int64_t n) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == bitmap.size(1), "x must be [T, ", bitmap.size(1), "]");
+  TORCH_CHECK(bitmap.dim() == 3 && n > (bitmap.size(0) - 1) * R && n <= bitmap.size(0) * R,
+              "n = ", n, " does not fit ", bitmap.size(0), " row blocks of ", R);
+  check_call(threshold, bias, n);
   // fp16 GEMM on CPU is slow or missing: compute fp16 in fp32; so is bf16 GEMM on CPUs without
   // AVX512-BF16 (torch 2.13 on a Zen 3 host: about 9-10 GFLOP/s at any batch, fp32 55-64 at 64-384
   // tokens; docs/kernels.md)
@@ -327,6 +354,7 @@ torch::Tensor linear_cpu(const torch::Tensor& x, const torch::Tensor& bitmap, co
   TORCH_CHECK(x.scalar_type() == values.scalar_type(), "x is ", x.scalar_type(), " but the weight is ",
               values.scalar_type());
   check_layout(bitmap, offsets, values, n, k);
+  check_call(threshold, bias, n);
   const bool sparse_dtype = x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat;
   if (sparse_dtype && x.size(0) <= sparse_max_tokens_for(x.scalar_type() == torch::kBFloat16))
     return spmspv(x, bitmap, offsets, values, threshold, bias, n, 0);

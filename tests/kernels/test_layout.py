@@ -61,3 +61,27 @@ def test_tensors_round_trip_and_validation():
         PackedWeight.from_tensors(packed.tensors(), packed.n + 128, packed.k)
     moved = packed.to(dtype=torch.float32)
     assert moved.dtype == torch.float32 and moved.bitmap.dtype == torch.int32
+
+
+@pytest.mark.parametrize("n,k", [(200, 40), (1, 3), (971, 33)])
+def test_from_tensors_checks_the_index_in_full(n, k):
+    packed = pack_dense(_sparse(n, k, 0.5))
+    PackedWeight.from_tensors(packed.tensors(), n, k, check=True)  # a packer's index passes
+    if packed.offsets.numel() > 1:
+        bad = dict(packed.tensors(), offsets=packed.offsets.clone())
+        bad["offsets"].view(-1)[-1] += 1000  # a column that would read past the values
+        PackedWeight.from_tensors(bad, n, k)  # unchecked: shapes only (the per-forward rebuild)
+        with pytest.raises(ValueError, match="prefix sum"):
+            PackedWeight.from_tensors(bad, n, k, check=True)
+    short = dict(packed.tensors(), values=packed.values[:-1].clone())
+    with pytest.raises(ValueError, match="values must have"):
+        PackedWeight.from_tensors(short, n, k, check=True)
+
+
+def test_from_tensors_refuses_bits_past_the_last_row():
+    packed = pack_dense(_sparse(200, 8, 0.5))  # the last block holds 72 of 128 rows
+    bitmap = packed.bitmap.clone()
+    bitmap[-1, -1, 3] |= 1  # row 96 of the last block (row 224 > N), in the last column: offsets stay valid
+    bad = {"bitmap": bitmap, "offsets": packed.offsets, "values": torch.cat([packed.values, packed.values[:1]])}
+    with pytest.raises(ValueError, match="rows past N"):
+        PackedWeight.from_tensors(bad, 200, 8, check=True)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from duoserve.kernels import dual_sparse_linear, pack_dense
+from duoserve.kernels import cpu, dual_sparse_linear, pack_dense
 from duoserve.kernels.check import Case, compare, make_inputs, run_cases
 
 
@@ -134,3 +134,26 @@ def test_gpu_decode_in_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert compare(y, x, w, thr, bias) is None
+
+
+@pytest.mark.skipif(not cpu.available(), reason="native CPU kernel not built")
+def test_native_op_refuses_what_would_read_or_write_out_of_bounds():
+    """The registered op called directly (no Python wrapper): a corrupted index, a bias of the
+    wrong length or a threshold of several numbers is a RuntimeError naming the problem, never a
+    read past the tensors."""
+    _, (x, _, thr, _, packed) = _args()
+    op = torch.ops.duoserve.dual_sparse_linear
+    args = (packed.bitmap, packed.offsets, packed.values)
+    shifted = packed.offsets.clone()
+    shifted.view(-1)[-1] += 10 ** 6  # the last column's values would start far past the tensor
+    with pytest.raises(RuntimeError, match="inconsistent"):
+        op(x, packed.bitmap, shifted, packed.values, thr, None, packed.n, packed.k)
+    with pytest.raises(RuntimeError, match="inconsistent"):
+        op(x, packed.bitmap, packed.offsets, packed.values[:-2].clone(), thr, None, packed.n, packed.k)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        op(x, *args, thr, torch.zeros(packed.n - 1, dtype=x.dtype), packed.n, packed.k)
+    with pytest.raises(RuntimeError, match="threshold must hold one number"):
+        op(x, *args, torch.zeros(3), None, packed.n, packed.k)
+    big = x.new_zeros(300, packed.k)  # the tiled path checks the same
+    with pytest.raises(RuntimeError, match="bias must be"):
+        op(big, *args, thr, torch.zeros(packed.n + 5, dtype=x.dtype), packed.n, packed.k)

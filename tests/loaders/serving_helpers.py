@@ -96,3 +96,19 @@ def rewrite_tensors(folder: Path, fn, *, refresh_manifest: bool = True) -> None:
         save_file(tensors, str(f), metadata={"format": "pt"})
     if refresh_manifest:
         write_manifest(folder)
+
+
+def with_split_thresholds(ckpt: Path, out: Path) -> Path:
+    """The same checkpoint with the k/v and up projections' thresholds moved off q's and gate's
+    (x0.5, x1.5, x0.5), so that vLLM's fused qkv_proj and gate_up_proj run one op call per shard
+    instead of one per fused layer."""
+    loaded = load_checkpoint(ckpt)
+    scale = {"self_attn.k_proj": 0.5, "self_attn.v_proj": 1.5, "mlp.up_proj": 0.5}
+    modules = {name: replace(info, act_threshold=info.act_threshold * next(
+                   (s for suffix, s in scale.items() if name.endswith(suffix)), 1.0))
+               for name, info in loaded.qconfig.modules.items()}
+    state = dict(loaded.state_dict)
+    if loaded.config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)  # as the pruner writes it
+    return save_checkpoint(out, state, loaded.config, replace(loaded.qconfig, modules=modules),
+                           save_extras=_copy_extras(ckpt), overwrite=True)
