@@ -1,13 +1,16 @@
 #!/usr/bin/env python
-"""Reproduce the pruning result tables in docs/ (issues: foundation, DuoGPT).
+"""Reproduce the pruning result tables of docs/results.md.
 
 Every configuration is pruned with `duoserve prune` and evaluated with `duoserve eval ppl` in
 subprocesses (so wall time and peak memory are those of the real commands); each result is
 cached as JSON under --work, so an interrupted run resumes where it stopped.
 
-    python scripts/prune_table.py foundation --work /work/scratch/tables --markdown docs/results-foundation.md
-    python scripts/prune_table.py dual       --work /work/scratch/tables --markdown docs/results-duogpt.md
-    python scripts/prune_table.py sweep      --work /work/scratch/tables --markdown docs/results-sweep.md --plot docs/sweep.png
+    python scripts/prune_table.py foundation --work out/tables --markdown out/tables/foundation.md
+    python scripts/prune_table.py dual       --work out/tables --markdown out/tables/dual.md
+    python scripts/prune_table.py sweep      --work out/tables --markdown out/tables/sweep.md --plot docs/sweep.png
+
+The evaluation text is --data (default wikitext2: the Hugging Face hub, else a local copy, e.g.
+$DUOSERVE_WIKITEXT2; docs/evaluation.md). The tables in docs/results.md are copied from --markdown.
 
 Suites
 - foundation: dense; magnitude, Wanda, SparseGPT at 50% unstructured and 2:4 (no activation sparsity).

@@ -200,7 +200,8 @@ def main(argv=None) -> int:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--threshold-nsamples", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default="../shared/data/wikitext-2-raw-test.raw", help="evaluation text")
+    p.add_argument("--data", default="wikitext2",
+                   help="evaluation text: a source name (wikitext2: the hub, else $DUOSERVE_WIKITEXT2) or a file")
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--eval-batch-size", type=int, default=1)
