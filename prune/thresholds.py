@@ -6,11 +6,13 @@ layer by layer and group by group in true-sequential order with the thresholds a
 applied, so each linear's threshold is measured on the activations it sees at inference in
 threshold mode (the serving kernels' rule).
 
-The same |x| sample of each linear also gives its thresholds for a grid of other p_x (format 2,
-serve-time activation sparsity): more order statistics of the sample, no extra forward pass. Those
-are measured on the stream sparsified at the target p_x, so they are exact for the linear's own
-input distribution there; served at another p_x the upstream linears sparsify differently and the
-realized p_x drifts slightly from the nominal one (tests/prune/test_threshold_grid.py bounds it).
+Thresholds for a grid of other p_x (format 2, serve-time activation sparsity) come from the same
+runs: for the first group of a layer (q/k/v, which read the layer input) they are more order
+statistics of the same |x| sample, no extra forward pass. The later groups read outputs of the
+earlier ones, whose sparsity changes with p_x, so for them each grid point costs one layer forward
+on one calibration batch with the earlier groups at that p_x (_probe_dependent_groups). The layer
+inputs stay those of the target p_x's stream: served at another p_x the upstream layers sparsify
+differently and the realized p_x drifts a little (tests/prune/test_threshold_grid.py bounds it).
 """
 from __future__ import annotations
 
@@ -23,9 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from duoserve.format.schema import px_grid
-from duoserve.prune.activation import ActivationSparsity, maybe
+from duoserve.prune.activation import ActivationSparsity, maybe, sparsify_threshold
 from duoserve.prune.architectures import decoder_layers, layer_targets, sequential_groups
-from duoserve.prune.streams import InputRecorder, capture_layer_inputs, run_layer
+from duoserve.prune.streams import InputRecorder, StopForward, capture_layer_inputs, run_layer
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +100,18 @@ def calibrate_threshold_grid(model: nn.Module, windows: torch.Tensor, p_x: float
     hidden = streams.batches
     per_batch = max(1, max_values_per_linear // len(hidden))
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    # Its own generator: the target thresholds stay those of the single-threshold calibration.
+    probe_gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     thresholds: dict[str, float] = {}
     grid_thresholds: dict[str, list[float]] = {}
     for i in tqdm(range(len(layers)), desc="activation thresholds", unit="layer"):
         layer = layers[i].to(device=device, dtype=dtype)
         found = layer_targets(layer, targets)
+        groups = sequential_groups(found)
         local: dict[str, float] = {}
+        local_grid: dict[str, list[float]] = {}
         kwargs = streams.layer_kwargs[i]
-        for group in sequential_groups(found):
+        for group in groups:
             samples: dict[str, list[torch.Tensor]] = {n: [] for n in group}
 
             def collect(name, x):
@@ -121,13 +127,71 @@ def calibrate_threshold_grid(model: nn.Module, windows: torch.Tensor, p_x: float
                 for h in hidden:
                     rec.run(layer, h, kwargs)
             for n in group:
-                values = quantiles_of_abs(samples[n], grid)
-                local[n] = values[at_target]
-                grid_thresholds[f"{prefix}.{i}.{n}"] = values
+                local_grid[n] = quantiles_of_abs(samples[n], grid)
+                local[n] = local_grid[n][at_target]
+        _probe_dependent_groups(layer, hidden[0], kwargs, found, groups, grid, at_target, local_grid,
+                                probe_gen, max_values_per_linear)
         with maybe(ActivationSparsity(found, "threshold", thresholds=local) if p_x > 0 else None):
             for b in range(len(hidden)):
                 hidden[b] = run_layer(layer, hidden[b], kwargs)
         layers[i].to(device="cpu", dtype=storage[i])
         thresholds.update({f"{prefix}.{i}.{n}": t for n, t in local.items()})
+        grid_thresholds.update({f"{prefix}.{i}.{n}": g for n, g in local_grid.items()})
         log.debug("layer %d thresholds: %s", i, {n: round(t, 5) for n, t in local.items()})
     return ThresholdCalibration(p_x, grid, thresholds, grid_thresholds)
+
+
+def _probe_dependent_groups(layer: nn.Module, hidden: torch.Tensor, kwargs, found: dict[str, nn.Linear],
+                            groups: list[list[str]], grid: tuple[float, ...], at_target: int,
+                            local_grid: dict[str, list[float]], gen: torch.Generator, cap: int) -> None:
+    """Re-measure, in place, the grid thresholds of the groups after the first (o_proj reads v_proj's
+    output, down_proj gate/up's; gate/up read o_proj's through the residual) with the groups before
+    them sparsified at the same grid p_x, on one calibration batch.
+
+    Measured on the target p_x's stream instead, they were off by up to +0.1 realized p_x at 0.75
+    and 0.9 on the tiny test model (o_proj's input shrinks when v_proj's is sparser). One layer
+    forward per grid point on the first batch: each dependent linear's threshold is the p quantile
+    of its input in that very pass, applied at once, so the next group sees it. The first group's
+    input (the layer input) keeps the target stream's quantiles: across layers the drift is small.
+    """
+    dependent = [n for g in groups[1:] for n in g]
+    if not dependent:
+        return
+    first = {n: found[n] for n in groups[0]}
+    for j, p in enumerate(grid):
+        if p == 0.0 or j == at_target:
+            continue
+        measured: dict[str, float] = {}
+
+        def hook_for(name, p=p, measured=measured):
+            def pre_hook(module, args):
+                x = args[0]  # [b, T, K]
+                flat = x.abs().reshape(-1).float().cpu()
+                if flat.numel() > cap:
+                    flat = flat[torch.randint(0, flat.numel(), (cap,), generator=gen)]
+                measured[name] = quantiles_of_abs([flat], (p,))[0]
+                if len(measured) == len(dependent):
+                    raise StopForward  # the rest of the layer changes nothing here
+                return (sparsify_threshold(x, measured[name]), *args[1:])
+
+            return pre_hook
+
+        handles = [found[n].register_forward_pre_hook(hook_for(n)) for n in dependent]
+        try:
+            with ActivationSparsity(first, "threshold", thresholds={n: local_grid[n][j] for n in first}):
+                run_layer(layer, hidden, kwargs)
+        except StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        for n in dependent:
+            local_grid[n][j] = measured[n]
+    for n in dependent:
+        # Probes at neighbouring p_x see different streams: keep the grid monotone around the
+        # (exact, all-batch) target value without moving it.
+        g = local_grid[n]
+        for j in range(at_target + 1, len(g)):
+            g[j] = max(g[j], g[j - 1])
+        for j in range(at_target - 1, 0, -1):
+            g[j] = min(g[j], g[j + 1])
