@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate the numbers of docs/zeroshot.md: each configuration in-process and through a served
+# Regenerate the zero-shot numbers (docs/evaluation.md, docs/reports/zeroshot-*): each configuration in-process and through a served
 # endpoint (duoserve serve, bf16, on 127.0.0.1), then the markdown tables.
 #
 #   scripts/zeroshot_docs.sh OUTDIR [LABEL=MODEL_OR_CKPT ...]
@@ -8,7 +8,7 @@
 # LIMIT (default 100) is the number of items per task (the first N of each split); LIMIT=0 runs the
 # full sets. STAGES="inproc endpoint" chooses which paths to run. DTYPE (default bfloat16) is the
 # in-process dtype (the server computes in bfloat16); DTYPE=float32 STAGES=inproc gave the noise
-# reference of docs/zeroshot.md. Pruned checkpoints come from
+# reference of docs/evaluation.md. Pruned checkpoints come from
 #   duoserve prune --method sparsegpt|duogpt --sparsity 0.5 --activation-sparsity 0.5 -o DIR
 set -euo pipefail
 OUT=${1:?usage: zeroshot_docs.sh OUTDIR [LABEL=MODEL_OR_CKPT ...]}

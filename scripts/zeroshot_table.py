@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build the markdown tables of docs/zeroshot.md from `duoserve eval zeroshot --json` files.
+"""Build the markdown tables of docs/evaluation.md and its report from `duoserve eval zeroshot --json` files.
 
     python scripts/zeroshot_table.py "dense, in-process=runs/dense-inproc.json" \
         "dense, endpoint=runs/dense-endpoint.json" --compare "dense, in-process" "dense, endpoint"
