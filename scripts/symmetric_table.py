@@ -286,10 +286,10 @@ def tables(res: dict) -> str:
     dense = res.get("dense", {})
     st = dense.get("settings", {})
     out = [f"Settings: model `{st.get('model') or 'built-in SmolLM2-135M-Instruct'}`; calibration {st.get('calib', '?')};"
-           f" evaluation {st.get('eval', '?')} at seqlen {st.get('eval_seqlen')}, first {st.get('max_windows')} "
+           f" evaluation {re.sub(r'[^ (]*/', '', st.get('eval', '?'))} at seqlen {st.get('eval_seqlen')}, first {st.get('max_windows')} "
            f"windows, fp32; device {st.get('device')}.",
            "", f"Dense: **{dense['ppl']:.2f}**" if dense else "Dense: n/r", "",
-           "WikiText-2 perplexity (lower is better); n/r = not run (see \"What was not run\"); † = run on "
+           "WikiText-2 perplexity (lower is better); n/r = not run (see \"Coverage\"); † = run on "
            "another device than the dense reference (same settings and code; each row's device is in its "
            "results/*.json).", ""]
     head = "| method | " + " | ".join(f"{sp} {name}" for sp in SPARSITIES for name in ("base", "+DSnoT", "+R²-DSnoT"))
