@@ -1,4 +1,5 @@
-"""`duoserve inspect CKPT`: metadata, per-module realized sparsity and thresholds, manifest check."""
+"""`duoserve inspect CKPT`: metadata, per-module realized sparsity and thresholds, the threshold
+grid (format 2: the p_x the checkpoint can be served at), manifest check."""
 from __future__ import annotations
 
 import argparse
@@ -24,11 +25,14 @@ def run(args: argparse.Namespace) -> int:
         modules.append({"module": name, "shape": list(info.shape), "nnz": info.nnz,
                         "sparsity": round(1 - int((weight != 0).sum()) / weight.numel(), 6),
                         "act_threshold": ckpt.thresholds[name]})
+        if info.act_threshold_grid is not None:
+            modules[-1]["act_threshold_grid"] = list(info.act_threshold_grid)
     target_params = sum(m["shape"][0] * m["shape"][1] for m in modules)
     report = {
         "checkpoint": str(args.checkpoint), "format_version": q.format_version, "weight_format": q.weight_format,
         "dtype": q.dtype, "structure": q.sparsity_structure, "global_sparsity": q.global_sparsity,
-        "activation_sparsity": {"rule": q.activation_sparsity.rule, "target": q.activation_sparsity.target},
+        "activation_sparsity": {"rule": q.activation_sparsity.rule, "target": q.activation_sparsity.target,
+                                "grid": None if q.activation_sparsity.grid is None else list(q.activation_sparsity.grid)},
         "producer": q.producer, "targets": list(q.targets), "ignore": list(q.ignore),
         "manifest": "skipped" if args.no_verify else "verified",
         "weight_files_bytes": files, "target_parameters": target_params, "modules": modules,
@@ -40,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
           f"({q.sparsity_structure}); activation sparsity {q.activation_sparsity.rule} p_x={q.activation_sparsity.target}")
     print(f"source {p.get('source_model')}; calibration {p.get('calib_data')}; seed {p.get('seed')}")
     print(f"weight files: {sum(files.values()) / 2**20:.1f} MiB for {target_params / 1e6:.2f} M target parameters")
+    _print_grid(q)
     width = max(len(m["module"]) for m in modules)
     print(f"{'module':{width}s}  {'shape':>12s}  {'sparsity':>8s}  {'threshold':>10s}")
     for m in modules:
@@ -48,3 +53,21 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _print_grid(q) -> None:
+    """The serve-time p_x choices: the grid and the median threshold over modules at its points."""
+    from duoserve.format.thresholds import offered
+
+    grid = q.activation_sparsity.grid
+    print(f"serve-time activation sparsity (--activation-sparsity): {offered(q)}")
+    if grid is None:
+        return
+    shown = grid[::2] if len(grid) > 10 else grid  # every other point keeps the line short
+    medians = []
+    for p in shown:
+        i = grid.index(p)
+        values = sorted(m.act_threshold_grid[i] for m in q.modules.values())
+        medians.append(values[len(values) // 2])
+    print("  p_x             " + " ".join(f"{p:7.2f}" for p in shown))
+    print("  median thresh.  " + " ".join(f"{t:7.4f}" for t in medians))

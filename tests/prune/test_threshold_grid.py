@@ -124,3 +124,20 @@ def test_eval_refuses_bad_activation_sparsity_with_exit_code_2(ckpt, tmp_path):
         proc = _eval(*args)
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
+
+
+def test_inspect_shows_the_grid(ckpt, tmp_path, capsys):
+    import json
+
+    from duoserve.cli import main
+
+    assert main(["inspect", str(ckpt), "--json", str(tmp_path / "r.json")]) == 0
+    text = capsys.readouterr().out
+    assert "serve-time activation sparsity (--activation-sparsity): any p_x in [0, 0.9] (calibrated grid of 19 " \
+           "points" in text
+    assert "median thresh." in text
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["activation_sparsity"]["grid"] == list(px_grid(0.5))
+    assert all(len(m["act_threshold_grid"]) == 19 for m in report["modules"])
+    assert main(["inspect", str(as_format_v1(ckpt, tmp_path / "v1"))]) == 0
+    assert "p_x 0.5 (its calibrated thresholds) or 0 (off)" in capsys.readouterr().out
