@@ -2,15 +2,19 @@
 
 1. prune SmolLM2-135M-Instruct (packaged; no download) with DuoGPT to W50%+X50%, with a short
    calibration so it takes minutes on a laptop CPU (the documented tables use the papers' 128 x 2048);
-2. serve the checkpoint with vLLM + the duoserve plugin on 127.0.0.1;
-3. send a chat request with the official openai client and print the answer and the tokens/s.
+2. serve the dense source model, then the checkpoint (vLLM + the duoserve plugin), one after the
+   other on 127.0.0.1, and send each the same chat request with the official openai client
+   (after one short warm-up request, so the first request's one-off costs stay out of both);
+3. print the two answers side by side with each one's TTFT and decode tokens/s, measured in this run.
 
-The checkpoint is cached in the duoserve cache folder and reused by later runs.
+The checkpoint is cached in the duoserve cache folder and reused by later runs. --no-dense skips
+the dense server (a hub model that is not in the local cache is skipped too, with a note).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -34,7 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the answer is at least this long (vLLM's min_tokens: the end-of-answer token is "
                         "held back until then), so that decode speed is measured even when the pruned "
                         "model would stop at once; 0 = off (default 32)")
-    p.add_argument("--keep-serving", action="store_true", help="leave the server running until Ctrl-C")
+    p.add_argument("--no-dense", action="store_true",
+                   help="skip the dense model's answer (saves one vLLM start, a minute or two)")
+    p.add_argument("--keep-serving", action="store_true", help="leave the sparse server running until Ctrl-C")
 
 
 def _checkpoint_path(args) -> Path:
@@ -75,10 +81,84 @@ def chat_once(url: str, api_key: str, model: str, prompt: str, max_tokens: int, 
             "decode_tokens_per_s": decode_rate, "tokens_per_s": tokens / (end - t0)}
 
 
+def _dense_folder(model: str | None) -> tuple[Path | None, str]:
+    """The dense source model as a local folder vLLM can serve, or (None, why not)."""
+    from duoserve.prune.models import resolve_model
+
+    source = resolve_model(model)
+    if (Path(source) / "config.json").is_file():
+        return Path(source), source
+    try:  # a hub id: serve its local snapshot if it has one (the prune downloaded it)
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, local_files_only=True)), source
+    except Exception as e:  # not cached, or no hub library: the comparison is optional
+        return None, f"{source} is not a local folder and not in the Hugging Face cache ({type(e).__name__})"
+
+
+def _serve_and_ask(folder: Path, args, label: str, then=None) -> dict:
+    """Start vLLM for `folder`, warm it up, ask the prompt once (measured); then(srv, result) runs
+    while the server is still up."""
+    from duoserve.loaders.server import launch
+
+    with launch(folder, port=0) as srv:
+        srv.wait_ready(timeout=900)
+        print(f"      {label}: serving {srv.model} at {srv.url}")
+        # One short request first: the first one after start-up pays one-off costs (graph capture,
+        # allocator growth) that would otherwise land in one model's TTFT and not the other's.
+        chat_once(srv.url, srv.api_key, srv.model, args.prompt, 2)
+        result = chat_once(srv.url, srv.api_key, srv.model, args.prompt, args.max_tokens, args.min_tokens)
+        if then is not None:
+            then(srv, result)
+    return result
+
+
+def _speed_line(label: str, r: dict) -> str:
+    return (f"{label}: {r['tokens']} tokens in {r['e2e_s']:.2f} s: {r['tokens_per_s']:.1f} tokens/s overall, "
+            f"{r['decode_tokens_per_s']:.1f} tokens/s decode, time to first token {r['ttft_s'] * 1000:.0f} ms")
+
+
+def side_by_side(left: tuple[str, str], right: tuple[str, str], width: int = 100) -> str:
+    """Two titled texts in two wrapped columns."""
+    import itertools
+    import textwrap
+
+    col = (width - 3) // 2
+    columns = []
+    for title, text in (left, right):
+        lines = [title, "-" * min(col, len(title))]
+        for para in (text.strip() or "(empty answer)").splitlines() or [""]:
+            lines += textwrap.wrap(para, col) or [""]
+        columns.append(lines)
+    return "\n".join(f"{a:<{col}} | {b}".rstrip() for a, b in itertools.zip_longest(*columns, fillvalue=""))
+
+
+def _print_results(args, sparse: dict, dense: dict | None, ckpt: Path) -> None:
+    from duoserve.format.io import read_quant_config
+
+    q = read_quant_config(ckpt)[1]  # what was served (a reused --output may differ from the options)
+    label = f"sparse (W{round(q.global_sparsity, 2):g} + X{q.activation_sparsity.target:g})"
+    if dense is None:
+        print("\n" + sparse["answer"].strip() + "\n")
+    else:
+        print("\n" + side_by_side(("dense", dense["answer"]), (label, sparse["answer"])) + "\n")
+    if args.min_tokens:
+        note = (" (a 135M-parameter model loses much of its quality at W50% + X50%: README, 'Where it "
+                "stands')" if args.model is None else "")
+        print(f"(greedy decoding; answers are held to at least {args.min_tokens} tokens, --min-tokens, "
+              f"so that decode speed is measured even if a model would stop early{note})")
+    print(_speed_line("sparse", sparse))
+    if dense is not None:
+        print(_speed_line("dense ", dense))
+        ratio = sparse["decode_tokens_per_s"] / dense["decode_tokens_per_s"]  # nan when one decoded < 2 tokens
+        print(f"sparse / dense: decode {ratio:.2f}x, time to first token {sparse['ttft_s'] / dense['ttft_s']:.2f}x "
+              f"(one request each, this machine, this run)" if math.isfinite(ratio) else
+              "sparse / dense: decode not comparable (an answer had fewer than 2 tokens; raise --min-tokens)")
+
+
 def run(args: argparse.Namespace) -> int:
     from duoserve.errors import InputError
     from duoserve.format.io import read_quant_config
-    from duoserve.loaders.server import launch
     from duoserve.prune.api import PruneConfig, prune_model
 
     if args.max_tokens < 1 or not 0 <= args.min_tokens <= args.max_tokens:
@@ -101,20 +181,18 @@ def run(args: argparse.Namespace) -> int:
                                 activation_sparsity=args.activation_sparsity, nsamples=args.nsamples,
                                 seqlen=args.seqlen, overwrite=ckpt.exists(),
                                 resume=ckpt.with_name(ckpt.name + ".partial").exists() and not ckpt.exists()))
-    print("[2/3] starting vLLM with the duoserve plugin (first start takes a minute or two)")
-    with launch(ckpt, port=0) as srv:
-        srv.wait_ready(timeout=900)
-        print(f"      serving {srv.model} at {srv.url}")
-        print(f"[3/3] chat request: {args.prompt!r}")
-        result = chat_once(srv.url, srv.api_key, srv.model, args.prompt, args.max_tokens, args.min_tokens)
-        print("\n" + result["answer"].strip() + "\n")
-        if args.min_tokens:
-            note = (" (a 135M-parameter model loses much of its quality at W50% + X50%: README, 'Where it "
-                    "stands')" if args.model is None else "")
-            print(f"(greedy decoding; the answer is held to at least {args.min_tokens} tokens, --min-tokens, "
-                  f"so that decode speed is measured even if the model would stop early{note})")
-        print(f"{result['tokens']} tokens in {result['e2e_s']:.2f} s: {result['tokens_per_s']:.1f} tokens/s overall, "
-              f"{result['decode_tokens_per_s']:.1f} tokens/s decode, time to first token {result['ttft_s'] * 1000:.0f} ms")
+    dense_folder, why = (None, "--no-dense") if args.no_dense else _dense_folder(args.model)
+    print(f"[2/3] starting vLLM, {'the dense model, then ' if dense_folder else ''}the sparse one with the duoserve "
+          f"plugin (each start takes a minute or two); chat request: {args.prompt!r}")
+    dense = None
+    if dense_folder is not None:
+        dense = _serve_and_ask(dense_folder, args, "dense ")
+    else:
+        print(f"      no dense answer: {why}")
+
+    def report(srv, sparse: dict) -> None:
+        print("[3/3] the same prompt, greedy, answered by both" if dense else "[3/3] the answer")
+        _print_results(args, sparse, dense, ckpt)
         if args.keep_serving:
             print(f"serving at {srv.url} (API key {srv.api_key}); Ctrl-C to stop")
             try:
@@ -122,4 +200,6 @@ def run(args: argparse.Namespace) -> int:
                     time.sleep(3600)
             except KeyboardInterrupt:
                 pass
+
+    _serve_and_ask(ckpt, args, "sparse", then=report)
     return 0

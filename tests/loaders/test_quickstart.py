@@ -1,7 +1,8 @@
 """`duoserve quickstart` (README command 1) end to end, on the tiny Llama instead of SmolLM2-135M:
-DuoGPT prune -> vLLM with the plugin -> one chat request through the openai client -> answer and
-tokens/s printed. The built-in model takes minutes to prune on this CPU; every step after the
-model choice is the same code."""
+DuoGPT prune -> vLLM serving the dense model, then the checkpoint with the plugin -> one chat
+request to each through the openai client -> both answers side by side with each one's TTFT and
+tokens/s. The built-in model takes minutes to prune on this CPU; every step after the model choice
+is the same code."""
 from __future__ import annotations
 
 import re
@@ -29,6 +30,12 @@ def test_quickstart_prunes_serves_and_reports_decode_speed(tiny_llama_dir, tmp_p
     tokens, decode = re.search(r"(\d+) tokens in [\d.]+ s: .* ([\d.]+|nan) tokens/s decode", report).groups()
     assert 12 <= int(tokens) <= 24, report  # --min-tokens held the answer to 12 tokens at least
     assert decode != "nan", report
+    # The dense model answered the same prompt in the same run, shown next to the sparse answer.
+    assert "answered by both" in text and re.search(r"^dense +\| sparse \(W0\.5 \+ X0\.5\)$", text, re.M), text
+    dense = re.search(r"^dense : (\d+) tokens in [\d.]+ s: .* ([\d.]+) tokens/s decode, time to first token "
+                      r"(\d+) ms$", text, re.M)
+    assert dense and 12 <= int(dense.group(1)) <= 24, text
+    assert re.search(r"sparse / dense: decode [\d.]+x, time to first token [\d.]+x", text), text
 
 
 def test_quickstart_refuses_min_tokens_above_max_tokens(tmp_path):
