@@ -13,7 +13,7 @@ costs ~20 us a call, more than the whole 576x576 product). Behind that kernel:
     depends on the memory system (skipping a random half of bf16 p_w 0.5 spans is level with
     walking them all on a Zen 5 host, 1.3x slower on a Zen 4 host), so it is measured once per
     process (`walk_all_calibration`; docs/kernels.md).
-  bf16 on CPUs with AVX512-BF16, 5 to 256 tokens (`set_bf16_dot_tokens`): the panel walk (every
+  bf16 on CPUs with AVX512-BF16, 4 or 5 (measured) to 256 tokens (`set_bf16_dot_tokens`): the panel walk (every
     word decoded once into an L1 panel, multiplied like a dense GEMM).
   larger T, or fp16: row-block chunks are decompressed into a bounded W^T scratch [K, rows] and
     multiplied with torch.matmul (never a dense copy of the whole weight).
@@ -25,7 +25,7 @@ faster depends on the microarchitecture, so the first call times both on a small
 and keeps the faster one per dtype; `DUOSERVE_CPU_DECODER` or `set_decoder` forces one. The
 permute decoder also needs AVX-512 BITALG (vpopcntw: one popcount per 32-row bf16 word). With the
 permute decoder and bf16, 4-6 tokens share one pass over the weights (`set_slices_max_tokens`), and
-on CPUs with AVX512-BF16 batches of 5-256 tokens take the panel walk (`set_bf16_dot_tokens`), which
+on CPUs with AVX512-BF16 batches of 4 or 5 (measured per machine) to 256 tokens take the panel walk (`set_bf16_dot_tokens`), which
 also moves the tiled cutover for bf16 to 256 tokens.
 """
 from __future__ import annotations
@@ -100,11 +100,10 @@ def _apply_int_settings(ext, settings: dict[str, int]) -> None:
         ext.set_sparse_max_tokens(settings["DUOSERVE_CPU_SPARSE_MAX_TOKENS"])
     if "DUOSERVE_CPU_SLICES_MAX_TOKENS" in settings:
         ext.set_slices_max_tokens(settings["DUOSERVE_CPU_SLICES_MAX_TOKENS"])
-    lo, hi = ext.get_bf16_dot_tokens()
-    lo = settings.get("DUOSERVE_CPU_BF16_DOT_MIN_TOKENS", lo)
-    hi = settings.get("DUOSERVE_CPU_BF16_DOT_MAX_TOKENS", hi)
-    if (lo, hi) != tuple(ext.get_bf16_dot_tokens()):
-        ext.set_bf16_dot_tokens(lo, hi)
+    if "DUOSERVE_CPU_BF16_DOT_MIN_TOKENS" in settings or "DUOSERVE_CPU_BF16_DOT_MAX_TOKENS" in settings:
+        # the unset half keeps its default (the minimum: -1, measured on first use)
+        ext.set_bf16_dot_tokens(settings.get("DUOSERVE_CPU_BF16_DOT_MIN_TOKENS", -1),
+                                settings.get("DUOSERVE_CPU_BF16_DOT_MAX_TOKENS", ext.get_bf16_dot_max_tokens()))
 
 
 def _load():
@@ -288,10 +287,11 @@ def set_bf16_dot_tokens(min_tokens: int, max_tokens: int | None = None) -> None:
     panel walk (each chunk of columns decoded once into an L1 panel, then multiplied with vdpbf16ps
     like a dense GEMM micro-kernel; rounding differs slightly from the FMA walks: two products per
     add, denormals flushed); larger batches take the tiled path. min 0 turns it off (the FMA walks
-    up to `sparse_max_tokens`). Default 5..256, measured in docs/kernels.md; max None keeps the
+    up to `sparse_max_tokens`); min -1 (the default) is 4 or 5, whichever this machine measured
+    faster at 4 tokens on first use (`bf16_dot_min_measured`). Max 256 by default; None keeps the
     current one."""
     if max_tokens is None:
-        max_tokens = bf16_dot_tokens()[1]
+        max_tokens = _load().get_bf16_dot_max_tokens()
     _load().set_bf16_dot_tokens(int(min_tokens), int(max_tokens))
 
 
@@ -300,6 +300,19 @@ def bf16_dot_tokens() -> tuple[int, int]:
     `has_bf16_dot()`."""
     lo, hi = _load().get_bf16_dot_tokens()
     return lo, hi
+
+
+def bf16_dot_request() -> tuple[int, int]:
+    """(min_tokens, max_tokens) as requested, min -1 where it is measured: what
+    `set_bf16_dot_tokens(*...)` takes to restore the current setting."""
+    ext = _load()
+    return (-1 if ext.get_bf16_dot_min_measured() else ext.get_bf16_dot_tokens()[0]), ext.get_bf16_dot_max_tokens()
+
+
+def bf16_dot_min_measured() -> bool:
+    """Whether the panel walk's minimum token count was measured on this machine (4 when the panel
+    walk beat the decoder's own 4-token walk, else 5) rather than set."""
+    return _load().get_bf16_dot_min_measured()
 
 
 def panel_walk_tokens() -> tuple[int, int] | None:

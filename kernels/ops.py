@@ -115,7 +115,8 @@ def kernel_backend(device: torch.device | str, dtype: torch.dtype) -> str:
     if dtype not in cpu.DTYPES:
         return f"native CPU kernel, {dtype} through the decompress + fp32 matmul path"
     tokens = cpu.panel_walk_tokens() if dtype == torch.bfloat16 else None
-    panel = f", the bf16 panel walk (vdpbf16ps) at {tokens[0]}-{tokens[1]} tokens" if tokens else ""
+    how = " (the minimum measured on this machine)" if tokens and cpu.bf16_dot_min_measured() else ""
+    panel = f", the bf16 panel walk (vdpbf16ps) at {tokens[0]}-{tokens[1]} tokens{how}" if tokens else ""
     most = max(cpu.sparse_max_tokens(dtype), tokens[1] if tokens else 0)
     max_inactive, min_span = cpu.walk_all()
     walk = ("inactive columns always skipped" if max_inactive <= 0 else

@@ -41,8 +41,12 @@ struct Problem {
   const float* xc;         // [A, T] masked inputs of the active columns, fp32
   int64_t T, K, N;
   float* y;                // [T, N] fp32 result
-  // [T, pairs]: per token, the bf16 bits of active columns 2i (low half) and 2i + 1 (high half),
-  // pairs = ceil(A / 2), for the panel walk (block_bf16_dot_panel); null when it does not run
+  // For the panel walk (block_bf16_dot_panel; null when it does not run): chunk-major
+  // [ceil(A / PANEL_COLUMNS), T, pairs] with pairs = PANEL_COLUMNS / 2: per chunk of active
+  // columns and token, the bf16 bits of the chunk's columns 2i (low half) and 2i + 1 (high half).
+  // Chunk-major so that the inputs one panel multiplies are one contiguous block (T x 128 B), not
+  // T lines a whole input row apart (token-major: at K = 11008 and 256 tokens, 5.6 MiB of rows
+  // re-read from L3 per row block; 0.65x of oneDNN there, docs/kernels.md).
   const uint32_t* xpairs = nullptr;
   int64_t pairs = 0;
   int64_t n_values = 0;  // elements of values: where the stream prefetch stops (0: no stream prefetch)

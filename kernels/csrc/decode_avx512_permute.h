@@ -227,7 +227,9 @@ DS_AVX512_DOT inline void gather_word_pair_bf16(uint32_t m0, const uint16_t* v0,
 // tested against fp32 dense. set_bf16_dot_tokens(0, ...) restores the FMA walks.
 constexpr int64_t PANEL_COLUMNS = 64;  // even
 constexpr int PANEL_NR = 6;            // tokens per micro-kernel: 6 x 4 = 24 accumulators
-int64_t g_bf16_dot_min_tb = 5;         // the panel walk from this many tokens (0: off)
+// The panel walk from this many tokens (0: off; -1, the default: 4 or 5 as measured on this
+// machine by panel_min_tokens in dispatch.h).
+int64_t g_bf16_dot_min_tb = -1;
 // ... up to this many; bf16 batches above take the tiled path. 256: with the AVX-512 input passes
 // (2026-11-28) the panel walk beat the tiled path at 96-192 tokens (2-30% less time, most at small
 // shapes) and was level at 256 (docs/kernels.md).
@@ -290,7 +292,7 @@ DS_AVX512_DOT void block_bf16_dot_panel(const Problem& p, int64_t rb, float* out
       }
     }
     const int64_t n_pairs = (j1 - j0 + 1) / 2;
-    const uint32_t* x = p.xpairs + j0 / 2;
+    const uint32_t* x = p.xpairs + (j0 / PANEL_COLUMNS) * p.T * p.pairs;  // this chunk's [T, pairs]
     for (int half = 0; half < halves; ++half)
       for (int64_t t0 = 0; t0 < p.T; t0 += PANEL_NR) {
         const int64_t next = (half == 0 && t0 == 0) ? j1 : -1;  // the next chunk, in the first pass

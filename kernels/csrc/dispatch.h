@@ -222,4 +222,50 @@ Decoder active_decoder(bool bf16) {
   return bf16 ? measured_bf16 : measured_f32;
 }
 
+// Whether 4-token bf16 calls take the panel walk or the decoder's own walk (the one-pass slices
+// walk with the permute decoder): which is faster depends on the CPU, so it is measured once per
+// process, on the same kind of synthetic in-cache problem as the decoder (8 row blocks x 512
+// columns, p_w ~0.5, every column active, as at 4 tokens at p_x 0.5 where 94% of the columns are
+// active for some token), best of 7 alternated passes each. On the Zen 4 host (2026-12-06, bf16,
+// p_w = p_x = 0.5, one thread, weights from DRAM) the panel walk took 2-22% less time at 4 tokens
+// (4096x11008: 6.9 against 8.8 ms; 1536x576: 0.149 against 0.193) and much more at 2-3 tokens (the
+// 1-3 token walks stay there); from 5 tokens it has won on every host measured.
+int64_t measure_panel_min_tokens() {
+  const Decoder d = active_decoder(true);
+  if (!cpu_has_bf16_dot() || d == Decoder::kScalar) return 5;
+  constexpr int64_t NB = 8, K = 512, T = 4;
+  static_assert(K % PANEL_COLUMNS == 0, "whole chunks: the chunk-major input below has no tail");
+  Xorshift rng{0x2545F4914F6CDD1Dull};
+  const SyntheticIndex index = synthetic_index(NB, K, rng);
+  std::vector<uint16_t> v16(index.nnz + R, 0x3F80);  // 1.0
+  std::vector<int32_t> active(K);
+  for (int64_t k = 0; k < K; ++k) active[k] = static_cast<int32_t>(k);
+  std::vector<float> xc(K * T, 0.5f), y(T * NB * R);
+  std::vector<uint32_t> xpairs(K / 2 * T, 0x3F003F00u);  // 0.5 in both halves, chunk-major [K/64, T, 32]
+  Problem walk{index.bitmap.data(), index.offsets.data(), v16.data(), active.data(), K, xc.data(), T, K, NB * R, y.data()};
+  walk.n_values = index.nnz + R;
+  Problem panel = walk;
+  panel.xc = nullptr;
+  panel.xpairs = xpairs.data();
+  panel.pairs = PANEL_COLUMNS / 2;
+  double best[2] = {1e30, 1e30};
+  const Problem* problems[2] = {&walk, &panel};
+  for (int pass = 0; pass < 7; ++pass)
+    for (int i = 0; i < 2; ++i) {
+      const auto start = std::chrono::steady_clock::now();
+      for (int64_t rb = 0; rb < NB; ++rb) run_block(*problems[i], rb, true, d);
+      const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+      best[i] = std::min(best[i], took.count());
+    }
+  return best[1] < best[0] ? 4 : 5;
+}
+
+// The fewest tokens of a bf16 call that takes the panel walk (0: never): the requested count, or
+// the measured one.
+int64_t panel_min_tokens() {
+  if (g_bf16_dot_min_tb >= 0) return g_bf16_dot_min_tb;
+  static const int64_t measured = measure_panel_min_tokens();  // thread-safe, once per process
+  return measured;
+}
+
 }  // namespace

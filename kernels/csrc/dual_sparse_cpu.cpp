@@ -146,19 +146,27 @@ DS_AVX512_PERM void active_columns_avx512(const float* x, int64_t T, int64_t K, 
   }
 }
 
+// Where column j of token t goes in the panel walk's chunk-major input (Problem::xpairs), in bf16
+// elements: chunk j / PANEL_COLUMNS, token t, position j % PANEL_COLUMNS.
+inline int64_t panel_input_index(int64_t j, int64_t t, int64_t T) {
+  return ((j / PANEL_COLUMNS) * T + t) * PANEL_COLUMNS + j % PANEL_COLUMNS;
+}
+
 // The panel walk's inputs when every column is walked: per token, the masked bf16 bits of x's row
-// (exact: x came from bf16), which, two to a 32-bit word, are the row's column pairs; a row of P
-// words (out zeroed beforehand: the pad after an odd K stays 0).
-DS_AVX512_PERM void masked_bf16_rows_avx512(const float* x, int64_t T, int64_t K, float thr, uint32_t* out, int64_t P) {
+// (exact: x came from bf16), in the chunk-major order of Problem::xpairs (out zeroed beforehand:
+// the pad after a last partial chunk stays 0).
+DS_AVX512_PERM void masked_bf16_rows_avx512(const float* x, int64_t T, int64_t K, float thr, uint32_t* out) {
+  static_assert(PANEL_COLUMNS % 16 == 0, "16 columns at a time stay inside one chunk");
   const __m512 limit = _mm512_set1_ps(thr);
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out);
   for (int64_t t = 0; t < T; ++t) {
     const float* row = x + t * K;
-    uint16_t* dst = reinterpret_cast<uint16_t*>(out + t * P);
     for (int64_t k = 0; k < K; k += 16) {
       const __mmask16 lanes = first_lanes(K - k);
       const __m512 v = _mm512_maskz_loadu_ps(lanes, row + k);
       const __mmask16 keep = _mm512_mask_cmp_ps_mask(lanes, _mm512_abs_ps(v), limit, _CMP_GT_OQ);
-      _mm256_mask_storeu_epi16(dst + k, lanes, _mm512_cvtepi32_epi16(_mm512_maskz_srli_epi32(keep, _mm512_castps_si512(v), 16)));
+      _mm256_mask_storeu_epi16(dst + panel_input_index(k, t, T), lanes,
+                               _mm512_cvtepi32_epi16(_mm512_maskz_srli_epi32(keep, _mm512_castps_si512(v), 16)));
     }
   }
 }
@@ -167,8 +175,9 @@ DS_AVX512_PERM void masked_bf16_rows_avx512(const float* x, int64_t T, int64_t K
 // sends calls there only up to g_bf16_dot_max_tb). The panel has its own gather, so it runs whichever
 // SIMD decoder the walk measured faster; a forced scalar decoder turns it off.
 bool panel_enabled(int64_t T) {
-  return g_bf16_dot_min_tb > 0 && T >= g_bf16_dot_min_tb && cpu_has_bf16_dot() &&
-         active_decoder(true) != Decoder::kScalar;
+  if (g_bf16_dot_min_tb == 0 || !cpu_has_bf16_dot() || active_decoder(true) == Decoder::kScalar) return false;
+  const int64_t lo = panel_min_tokens();
+  return lo > 0 && T >= lo;
 }
 
 torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, const torch::Tensor& offsets,
@@ -221,26 +230,26 @@ torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, con
   std::vector<float> xc;          // the walks' inputs, column-major [A, T]
   std::vector<uint32_t> xpairs;   // the panel's, token-major [T, ceil(A / 2)]
   if (bf16 && decoder != Decoder::kScalar && panel_enabled(T)) {
-    // per token, the masked bf16 inputs of the active columns in order (exact: they came from
-    // bf16), two to a 32-bit word, a zero column after an odd count
-    const int64_t P = (A + 1) / 2;
-    xpairs.assign(T * P, 0u);
+    // per chunk and token, the masked bf16 inputs of the active columns in order (exact: they
+    // came from bf16), two to a 32-bit word, zeros after the last column (Problem::xpairs)
+    const int64_t chunks = (A + PANEL_COLUMNS - 1) / PANEL_COLUMNS;
+    xpairs.assign(chunks * T * (PANEL_COLUMNS / 2), 0u);
     if (A == K) {  // every column walked (the rule past a few tokens): no gather
-      masked_bf16_rows_avx512(xp, T, K, thr, xpairs.data(), P);
+      masked_bf16_rows_avx512(xp, T, K, thr, xpairs.data());
     } else {
+      uint16_t* dst = reinterpret_cast<uint16_t*>(xpairs.data());
       for (int64_t t = 0; t < T; ++t) {
         const float* row = xp + t * K;
-        uint16_t* dst = reinterpret_cast<uint16_t*>(xpairs.data() + t * P);
         for (int64_t j = 0; j < A; ++j) {
           const float v = row[active[j]];
           uint32_t bits;
           std::memcpy(&bits, &v, 4);
-          dst[j] = std::fabs(v) > thr ? static_cast<uint16_t>(bits >> 16) : 0;
+          dst[panel_input_index(j, t, T)] = std::fabs(v) > thr ? static_cast<uint16_t>(bits >> 16) : 0;
         }
       }
     }
     p.xpairs = xpairs.data();
-    p.pairs = P;
+    p.pairs = PANEL_COLUMNS / 2;
   } else {
     xc.resize(A * T);
     for (int64_t j = 0; j < A; ++j)
@@ -374,13 +383,16 @@ void set_slices_max_tokens(int64_t t) {
 }
 int64_t get_slices_max_tokens() { return g_slices_max_tb; }
 void set_bf16_dot_tokens(int64_t min_tb, int64_t max_tb) {
-  TORCH_CHECK(min_tb == 0 || (1 <= min_tb && min_tb <= max_tb && max_tb <= 4096),
-              "bf16 dot-product (panel) walk: min_tokens 0 (off) or 1 <= min_tokens <= max_tokens <= 4096, got ",
-              min_tb, " and ", max_tb);
+  TORCH_CHECK(min_tb == 0 || ((min_tb == -1 || 1 <= min_tb) && (min_tb == -1 ? 5 : min_tb) <= max_tb && max_tb <= 4096),
+              "bf16 dot-product (panel) walk: min_tokens 0 (off), -1 (measured: 4 or 5) or "
+              "1 <= min_tokens <= max_tokens <= 4096, got ", min_tb, " and ", max_tb);
   g_bf16_dot_min_tb = min_tb;
   g_bf16_dot_max_tb = max_tb;
 }
-std::vector<int64_t> get_bf16_dot_tokens() { return {g_bf16_dot_min_tb, g_bf16_dot_max_tb}; }
+// [min_tokens, max_tokens]: the measured minimum where none was set (0: off)
+std::vector<int64_t> get_bf16_dot_tokens() { return {panel_min_tokens(), g_bf16_dot_max_tb}; }
+bool get_bf16_dot_min_measured() { return g_bf16_dot_min_tb < 0; }
+int64_t get_bf16_dot_max_tokens() { return g_bf16_dot_max_tb; }  // without measuring the minimum
 void set_walk_all(double max_inactive, double min_span_bytes) {
   TORCH_CHECK(max_inactive >= 0 && min_span_bytes >= 0,
               "walk-all policy: the fraction inactive and the span in bytes must be >= 0, got ", max_inactive,
@@ -482,9 +494,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bf16 permute walk: up to this many tokens (4..12) in one pass over row slices; 0 = passes of 3");
   m.def("get_slices_max_tokens", &get_slices_max_tokens);
   m.def("set_bf16_dot_tokens", &set_bf16_dot_tokens,
-        "bf16 with AVX512-BF16: batches of min..max tokens take the vdpbf16ps panel walk (min 0 = off); "
+        "bf16 with AVX512-BF16: batches of min..max tokens take the vdpbf16ps panel walk (min 0 = off, "
+        "-1 = measured: 4 or 5); "
         "larger batches the tiled path");
   m.def("get_bf16_dot_tokens", &get_bf16_dot_tokens, "[min_tokens, max_tokens] of the panel walk");
+  m.def("get_bf16_dot_max_tokens", &get_bf16_dot_max_tokens, "max_tokens of the panel walk");
+  m.def("get_bf16_dot_min_measured", &get_bf16_dot_min_measured,
+        "whether the panel walk's minimum token count is the measured one (not set)");
   m.def("has_fast_bf16_gemm", &cpu_has_fast_bf16_gemm,
         "whether the tiled path multiplies bf16 in bf16 (AVX512-BF16) rather than in fp32");
   m.def("has_bf16_dot", &cpu_has_bf16_dot, "whether this CPU can run the vdpbf16ps panel walk (AVX512-BF16, BMI2)");

@@ -92,7 +92,7 @@ def test_simd_decoders_are_bit_identical(dtype):
     if len(names) < 2:
         pytest.skip(f"this CPU runs only {names}")
     from duoserve.kernels import pack_dense
-    saved_dot = cpu.bf16_dot_tokens()
+    saved_dot = cpu.bf16_dot_request()
     cpu.set_bf16_dot_tokens(0)  # the panel walk (its own gather, vdpbf16ps rounding) would run at 7 tokens
     try:
         for case in (Case(971, 300, 1, 0.5, 0.5, dtype), Case(260, 1000, 7, 0.9, 0.3, dtype)):
@@ -170,7 +170,7 @@ def test_one_pass_slices_match_passes_of_three():
     from duoserve.kernels import pack_dense
     assert cpu.slices_max_tokens() == 12
     cpu.set_decoder("permute")
-    saved_dot = cpu.bf16_dot_tokens()
+    saved_dot = cpu.bf16_dot_request()
     cpu.set_bf16_dot_tokens(0)  # the FMA walks: same operations in the same order (the panel walk: its own test)
     try:
         for t in (4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 17, 25):
@@ -202,8 +202,9 @@ def test_bf16_panel_walk_matches_fp32_dense(min_tokens):
     chunks of 64 columns, 64-row halves, token groups of up to 6; a last row block of at most 64
     rows skips its second half: 130 and 192 outputs, 193 does not) against fp32 dense on every
     case; a no-op on CPUs without AVX512-BF16."""
-    assert cpu.bf16_dot_tokens() == (5, 256)
-    saved_dot = cpu.bf16_dot_tokens()
+    lo, hi = cpu.bf16_dot_tokens()
+    assert cpu.bf16_dot_min_measured() and lo in (4, 5) and hi == 256  # the defaults
+    saved_dot = cpu.bf16_dot_request()
     cpu.set_bf16_dot_tokens(min_tokens)
     try:
         cases = CASES + [Case(971, 700, t, 0.5, 0.5, torch.bfloat16) for t in (1, 2, 6, 7, 8, 12, 13, 19, 40, 64, 129, 256)]
@@ -213,6 +214,7 @@ def test_bf16_panel_walk_matches_fp32_dense(min_tokens):
         assert not failures, f"{len(failures)} of {len(cases)} failed:\n" + "\n".join(failures[:10])
     finally:
         cpu.set_bf16_dot_tokens(*saved_dot)
-    for lo, hi in ((-1, 64), (8, 7), (7, 5000)):
-        with pytest.raises(RuntimeError, match="min_tokens 0 \\(off\\) or 1 <= min_tokens <= max_tokens <= 4096"):
-            cpu.set_bf16_dot_tokens(lo, hi)
+    assert cpu.bf16_dot_min_measured() and cpu.bf16_dot_tokens() == (lo, hi)  # restored to the measured
+    for bad_lo, bad_hi in ((-2, 64), (8, 7), (7, 5000), (-1, 4)):
+        with pytest.raises(RuntimeError, match="min_tokens 0 \\(off\\), -1 \\(measured: 4 or 5\\) or 1 <= min_tokens"):
+            cpu.set_bf16_dot_tokens(bad_lo, bad_hi)

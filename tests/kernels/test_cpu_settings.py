@@ -237,7 +237,7 @@ def test_bf16_cutover_follows_the_panel_walk():
     out = dual_sparse_linear(x, p, thr, bias)
     panel = cpu.panel_walk_tokens() is not None
     assert torch.equal(out, walk if panel else tiled)
-    saved_dot = cpu.bf16_dot_tokens()
+    saved_dot = cpu.bf16_dot_request()
     cpu.set_bf16_dot_tokens(7, 16)
     try:
         assert torch.equal(dual_sparse_linear(x, p, thr, bias), tiled)
