@@ -53,6 +53,12 @@ def quantiles_of_abs(samples: list[torch.Tensor], qs: tuple[float, ...]) -> list
     return [0.0 if q == 0 else float(part[r - 1]) for q, r in zip(qs, ranks)]
 
 
+# |x| values per linear and grid point in the probes: a quantile of 1M samples is within ~0.001 of
+# its rank, and it bounds the probes' ~17 x 4 selections per layer at long windows. Measured on
+# SmolLM2-135M, 16 x 256 tokens, one thread: threshold calibration 57 s without probes, 116 s with.
+PROBE_VALUES_PER_LINEAR = 1_000_000
+
+
 @dataclass(frozen=True)
 class ThresholdCalibration:
     """The thresholds for the target p_x and for every p_x of `grid` (which contains the target)."""
@@ -130,7 +136,7 @@ def calibrate_threshold_grid(model: nn.Module, windows: torch.Tensor, p_x: float
                 local_grid[n] = quantiles_of_abs(samples[n], grid)
                 local[n] = local_grid[n][at_target]
         _probe_dependent_groups(layer, hidden[0], kwargs, found, groups, grid, at_target, local_grid,
-                                probe_gen, max_values_per_linear)
+                                probe_gen, min(max_values_per_linear, PROBE_VALUES_PER_LINEAR))
         with maybe(ActivationSparsity(found, "threshold", thresholds=local) if p_x > 0 else None):
             for b in range(len(hidden)):
                 hidden[b] = run_layer(layer, hidden[b], kwargs)
