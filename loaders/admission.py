@@ -41,8 +41,36 @@ def bound_queue(vllm_config, per_seq: int) -> int | None:
     return sched.max_num_queued_reqs
 
 
+def refuse_unadmittable_n() -> None:
+    """In the vLLM API-server process: a request whose `n` alone exceeds the queue limit gets HTTP
+    400 naming the limit. vLLM counts each of a request's n sequences as a slot and answers 503
+    "currently busy" when they do not fit, which tells a client to retry a request that no server
+    of this configuration can ever admit (n=100000 against a limit of 256). 503 stays for requests
+    that fit an idle server but not the current load. Idempotent."""
+    from duoserve.loaders.vllm_compat import admission_classes
+
+    engine, validation_error = admission_classes()
+    check = engine.check_admission
+    if getattr(check, "_duoserve_refuses_n", False):
+        return
+
+    @functools.wraps(check)
+    def check_admission(self, n: int = 1, request_id: str | None = None) -> None:
+        limit = self.scheduler_config.max_num_queued_reqs
+        if limit is not None and n > limit:
+            raise validation_error(
+                f"n={n} asks for {n} sequences at once, but this server admits at most {limit} sequences in "
+                f"flight (max_num_queued_reqs); ask for n <= {limit}", parameter="n", value=n)
+        return check(self, n, request_id)
+
+    check_admission._duoserve_refuses_n = True
+    engine.check_admission = check_admission
+
+
 def install_from_env() -> None:
-    """In the vLLM CLI process: bound the queue of every engine config built, if ENV asks for it."""
+    """In the vLLM CLI process: refuse requests whose n can never be admitted (always), and bound the
+    queue of every engine config built if ENV asks for it."""
+    refuse_unadmittable_n()
     raw = os.environ.get(ENV, "")
     if not raw:
         return

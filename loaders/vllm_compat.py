@@ -68,6 +68,15 @@ def shard_index(layer, shard_id) -> int:
     raise ValueError(f"unknown shard id {shard_id!r} for {type(layer).__name__}")
 
 
+def admission_classes():
+    """(AsyncLLM, VLLMValidationError): the API-server engine client whose check_admission refuses
+    requests over the queue limit, and the error vLLM answers with HTTP 400 (parameter named)."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM, VLLMValidationError
+
+
 def dense_cpu_linear(weight):
     """x -> x @ weight.T through the GEMM vLLM's dense linear layers use on CPU (oneDNN or the sgl
     kernel, prepacked by vLLM's own dispatch): the fair dense baseline for kernel benchmarks."""

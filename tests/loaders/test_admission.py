@@ -72,3 +72,21 @@ def test_serve_cli_has_an_opt_out():
     cli.add_arguments(parser)
     ours, rest = cli._split(parser.parse_args(["CKPT", "--no-queue-limit", "--max-num-seqs", "4"]))
     assert ours.no_queue_limit and rest == ["--max-num-seqs", "4"]
+
+
+def test_n_over_the_limit_is_a_client_error_and_n_within_it_goes_to_vllm(monkeypatch):
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    seen = []
+    monkeypatch.setattr(AsyncLLM, "check_admission", lambda self, n=1, request_id=None: seen.append(n))
+    admission.refuse_unadmittable_n()
+    admission.refuse_unadmittable_n()  # idempotent
+    engine = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_queued_reqs=8))
+    AsyncLLM.check_admission(engine, 8)
+    with pytest.raises(VLLMValidationError, match=r"n=9 .* at most 8 sequences .* n <= 8") as info:
+        AsyncLLM.check_admission(engine, 9)
+    assert info.value.parameter == "n"
+    unbounded = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_queued_reqs=None))
+    AsyncLLM.check_admission(unbounded, 100000)
+    assert seen == [8, 100000]  # vLLM's own check ran for what fits (it answers 503 under load)

@@ -2,8 +2,8 @@
 
 The server is the real command line (`python -m duoserve.cli serve CKPT ...`), on the dense-format
 checkpoint, in bf16 (the serving dtype). Checks: the URL line, /health, /v1/models, /metrics,
-authentication, OpenAI error bodies with 4xx for client mistakes, 503 for clients over the default
-queue limit, survival of a client that hangs up mid-stream, and agreement of the bf16 tokens with the in-process reference.
+authentication, OpenAI error bodies with 4xx for client mistakes (400 for an n no server of this
+configuration can admit), 503 for clients over the default queue limit, survival of a client that hangs up mid-stream, and agreement of the bf16 tokens with the in-process reference.
 """
 from __future__ import annotations
 
@@ -141,9 +141,13 @@ def test_over_capacity_clients_get_503_by_default(server):
         return r.status_code == 503 and "busy" in err.get("message", "") and err.get("code") == 503
 
     assert "max_num_queued_reqs=8" in server["log"].read_text(errors="replace")
-    # n=9 is over the bound even on an idle server.
-    idle_over = send(("/completions", {**short, "n": 9}))
-    assert busy(idle_over), (idle_over.status_code, idle_over.text[:300])
+    # n=9 is over the bound even on an idle server: a client error that names the limit, not a
+    # 503 that invites a retry which can never succeed (nor counted as a rejection for load).
+    for path, body in (("/completions", {**short, "n": 9}), ("/chat/completions", {**chat, "n": 100000})):
+        never = send((path, body))
+        err = never.json().get("error", {})
+        assert never.status_code == 400 and "at most 8" in err.get("message", "") and err.get("code") == 400, \
+            (never.status_code, never.text[:300])
 
     before = _rejections(server)
     paused = requests.post(server["base"] + "/pause", params={"mode": "keep"}, headers=_auth(), timeout=60)
