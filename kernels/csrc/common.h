@@ -46,7 +46,8 @@ struct Problem {
   // columns and token, the bf16 bits of the chunk's columns 2i (low half) and 2i + 1 (high half).
   // Chunk-major so that the inputs one panel multiplies are one contiguous block (T x 128 B), not
   // T lines a whole input row apart (token-major: at K = 11008 and 256 tokens, 5.6 MiB of rows
-  // re-read from L3 per row block; 0.65x of oneDNN there, docs/kernels.md).
+  // re-read from L3 per row block: 0.65x of vLLM's GEMM there on the Zen 4 host, 0.78x chunk-major;
+  // docs/reports/cpu-2026-12-06-zen4-batched).
   const uint32_t* xpairs = nullptr;
   int64_t pairs = 0;
   int64_t n_values = 0;  // elements of values: where the stream prefetch stops (0: no stream prefetch)

@@ -228,7 +228,7 @@ torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, con
             active.data(), A, nullptr, T, K, n, y.data_ptr<float>()};
   p.n_values = values.numel();
   std::vector<float> xc;          // the walks' inputs, column-major [A, T]
-  std::vector<uint32_t> xpairs;   // the panel's, token-major [T, ceil(A / 2)]
+  std::vector<uint32_t> xpairs;   // the panel's, chunk-major [ceil(A / 64), T, 32] (Problem::xpairs)
   if (bf16 && decoder != Decoder::kScalar && panel_enabled(T)) {
     // per chunk and token, the masked bf16 inputs of the active columns in order (exact: they
     // came from bf16), two to a 32-bit word, zeros after the last column (Problem::xpairs)
@@ -332,9 +332,9 @@ int64_t g_scratch_elements = 1 << 20;
 torch::Tensor tiled_linear(const torch::Tensor& x, const torch::Tensor& bitmap, const torch::Tensor& offsets,
                            const torch::Tensor& values, const torch::Tensor& threshold,
                            const c10::optional<torch::Tensor>& bias, int64_t n) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == bitmap.size(1), "x must be [T, ", bitmap.size(1), "]");
   TORCH_CHECK(bitmap.dim() == 3 && n > (bitmap.size(0) - 1) * R && n <= bitmap.size(0) * R,
-              "n = ", n, " does not fit ", bitmap.size(0), " row blocks of ", R);
+              "n = ", n, " does not fit the bitmap's row blocks of ", R);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == bitmap.size(1), "x must be [T, ", bitmap.size(1), "]");
   check_call(threshold, bias, n);
   // fp16 GEMM on CPU is slow or missing: compute fp16 in fp32; so is bf16 GEMM on CPUs without
   // AVX512-BF16 (torch 2.13 on a Zen 3 host: about 9-10 GFLOP/s at any batch, fp32 55-64 at 64-384
