@@ -183,8 +183,8 @@ def launch(ckpt, host: str = DEFAULT_HOST, port: int | None = 0, api_key: str | 
            env: dict[str, str] | None = None, validate: bool = True, entrypoint: str = "duoserve",
            activation_sparsity: float | None = None) -> ServerHandle:
     """Start vLLM's OpenAI server for `ckpt` in a new process group; see the module docstring."""
-    from duoserve.loaders.validate import (VERIFIED_ENV, folder_key, is_duoserve_checkpoint, key_digest,
-                                           validate_checkpoint)
+    from duoserve.format.schema import is_duoserve_checkpoint
+    from duoserve.loaders.validate import VERIFIED_ENV, folder_key, key_digest, validate_checkpoint
 
     ckpt = Path(ckpt).expanduser()
     if not (ckpt / "config.json").is_file():

@@ -45,20 +45,6 @@ def key_digest(key: tuple) -> str:
     return hashlib.sha256(repr(key).encode()).hexdigest()
 
 
-def is_duoserve_checkpoint(path: Path) -> bool:
-    """True if `path` is a folder whose config.json names quant_method "duoserve"."""
-    import json
-
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        q = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except (json.JSONDecodeError, AttributeError):
-        return False
-    return isinstance(q, dict) and q.get("quant_method") == "duoserve"
-
-
 def read_headers(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
     """tensor name -> (file, shape, safetensors dtype string) over every *.safetensors file."""
     headers: dict[str, tuple[Path, tuple[int, ...], str]] = {}

@@ -16,23 +16,12 @@ import torch
 
 from duoserve.errors import InputError
 from duoserve.format.io import LoadedCheckpoint, load_checkpoint, read_quant_config
+from duoserve.format.schema import is_duoserve_checkpoint
 from duoserve.format.thresholds import describe_selection, select_thresholds
 from duoserve.prune.activation import ACTIVATION_MODES, ActivationSparsity
 from duoserve.prune.architectures import model_targets
 
 log = logging.getLogger(__name__)
-
-
-def is_duoserve_checkpoint(path: str | Path) -> bool:
-    import json
-
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return (json.loads(cfg.read_text()).get("quantization_config") or {}).get("quant_method") == "duoserve"
-    except json.JSONDecodeError:
-        return False
 
 
 def default_activation_mode(ckpt: LoadedCheckpoint) -> str:

@@ -39,6 +39,22 @@ DENSE_INDEX_NAME = "model.safetensors.index.json"
 _NM_RE = re.compile(r"^(\d+):(\d+)$")
 
 
+def is_duoserve_checkpoint(path) -> bool:
+    """True if `path` is a folder whose config.json names quant_method "duoserve" (cheap: reads
+    only config.json; whether the checkpoint is valid is read_quant_config's / the validator's job)."""
+    import json
+    from pathlib import Path
+
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        q = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        return False
+    return isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD
+
+
 def parse_structure(value: str) -> tuple[int, int] | None:
     """'unstructured' -> None; 'N:M' -> (N, M) with 0 < N < M.
 

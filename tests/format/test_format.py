@@ -152,3 +152,16 @@ def test_plain_transformers_refuses_bitmask(tmp_path, tiny_llama_dir):
     prune_model(PruneConfig(output=out, model=str(tiny_llama_dir), method="magnitude"))
     with pytest.raises(OSError):
         AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_is_duoserve_checkpoint_reads_only_the_quant_method(tmp_path):
+    from duoserve.format.schema import is_duoserve_checkpoint
+
+    assert not is_duoserve_checkpoint(tmp_path)  # no config.json
+    cfg = tmp_path / "config.json"
+    for text, expected in (("{not json", False), ('{"model_type": "llama"}', False),
+                           ('{"quantization_config": "oops"}', False),
+                           ('{"quantization_config": {"quant_method": "gptq"}}', False),
+                           ('{"quantization_config": {"quant_method": "duoserve"}}', True)):
+        cfg.write_text(text)
+        assert is_duoserve_checkpoint(tmp_path) is expected, text
