@@ -1,6 +1,7 @@
 """CPU backend: the native extension (kernels/csrc: dual_sparse_cpu.cpp and its parts, built by `pip install`).
 
-Loading it registers the CPU kernel of `duoserve::dual_sparse_linear` in C++ (TORCH_LIBRARY), so a
+Loading it registers the CPU kernel of `duoserve::dual_sparse_linear` in C++ (TORCH_LIBRARY_IMPL; the
+schema is defined once, in ops.py, before the extension loads), so a
 CPU call goes from the dispatcher straight to C++ (a few microseconds; a Python-side custom op
 costs ~20 us a call, more than the whole 576x576 product). Behind that kernel:
   T <= sparse_max_tokens (bf16/fp32): the spMspV walk (AVX-512; bf16 with AVX2 on CPUs without

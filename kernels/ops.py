@@ -83,9 +83,10 @@ def _fake(x, bitmap, offsets, values, threshold, bias, n, k):
 
 
 def _register() -> None:
-    native_cpu = cpu.available() and not _FORCE_REFERENCE  # loading it defines the op in C++
+    # The one definition of the schema; then loading the native extension registers its CPU kernel.
     if not hasattr(torch.ops.duoserve, "dual_sparse_linear"):
         torch.library.define("duoserve::dual_sparse_linear", SCHEMA)
+    native_cpu = cpu.available() and not _FORCE_REFERENCE
     if not native_cpu:
         torch.library.impl("duoserve::dual_sparse_linear", "CPU")(_cpu_impl)
     torch.library.impl("duoserve::dual_sparse_linear", "CUDA")(_cuda_impl)

@@ -473,11 +473,8 @@ std::vector<std::string> available_decoders() {
   return out;
 }
 
-TORCH_LIBRARY_FRAGMENT(duoserve, m) {
-  m.def("dual_sparse_linear(Tensor x, Tensor bitmap, Tensor offsets, Tensor values, Tensor threshold, "
-        "Tensor? bias, int n, int k) -> Tensor");
-}
-
+// The op's schema has one definition, in Python (kernels/ops.py, SCHEMA), made before this
+// extension is loaded; this file registers only its CPU kernel.
 TORCH_LIBRARY_IMPL(duoserve, CPU, m) { m.impl("dual_sparse_linear", &linear_cpu); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
