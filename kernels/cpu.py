@@ -35,7 +35,7 @@ import os
 
 import torch
 
-from .settings import env_int
+from .settings import env_int, kernel_choice
 
 DTYPES = (torch.bfloat16, torch.float32)
 
@@ -110,8 +110,11 @@ def _apply_int_settings(ext, settings: dict[str, int]) -> None:
 def _load():
     global _ext, _error
     if _ext is None and _error is None:
-        if os.environ.get("DUOSERVE_DISABLE_CPU_KERNEL") == "1":
-            _error = "disabled by DUOSERVE_DISABLE_CPU_KERNEL=1"
+        if kernel_choice() == "reference":
+            _error = "not loaded: DUOSERVE_KERNEL=reference"
+            return None
+        if os.environ.get("_DUOSERVE_TEST_NO_CPU_EXTENSION") == "1":  # test hook: a machine without the build
+            _error = "ImportError: hidden by _DUOSERVE_TEST_NO_CPU_EXTENSION=1"
             return None
         prefetch = os.environ.get("DUOSERVE_CPU_PREFETCH")
         prefetch = parse_prefetch(prefetch) if prefetch else None  # bad text raises, on every call

@@ -16,7 +16,8 @@ Device dispatch, all decided here (by the dispatcher key, then by `_cuda_impl`/`
     CUDA, Triton importable       -> gpu.linear (Triton spMspV decode for T <= cutover,
                                      Triton decompress-on-the-fly tl.dot GEMM above)
     CUDA, no Triton / other       -> reference, one warning (syncs: not CUDA-graph safe)
-DUOSERVE_KERNEL=reference forces the reference everywhere (debugging).
+DUOSERVE_KERNEL=reference forces the reference everywhere (debugging; the CPU extension is then not
+loaded at all); DUOSERVE_KERNEL=native (the default) uses the table above.
 """
 from __future__ import annotations
 
@@ -28,12 +29,13 @@ import torch
 from . import cpu, gpu
 from .layout import BLOCK_ROWS, PackedWeight
 from .reference import as_threshold, dual_sparse_linear_packed_reference
+from .settings import kernel_choice
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
 SCHEMA = ("(Tensor x, Tensor bitmap, Tensor offsets, Tensor values, Tensor threshold, Tensor? bias, "
           "int n, int k) -> Tensor")
-_FORCE_REFERENCE = os.environ.get("DUOSERVE_KERNEL", "") == "reference"
+_FORCE_REFERENCE = kernel_choice() == "reference"  # a bad value raises at import, naming the variable
 
 
 def _warn_once(key: str, msg: str) -> None:

@@ -20,3 +20,17 @@ def env_int(name: str, default: int | None = None, minimum: int | None = None) -
         bound = "" if minimum is None else f" >= {minimum}"
         raise ValueError(f"{name} must be an integer{bound} (see docs/kernels.md, 'Dispatch'), got {text!r}")
     return value
+
+
+KERNEL_CHOICES = ("native", "reference")
+
+
+def kernel_choice() -> str:
+    """DUOSERVE_KERNEL: "native" (the default: the native CPU extension where it is built, Triton on
+    CUDA) or "reference" (the pure-torch reference everywhere; the CPU extension is not even
+    loaded). The one runtime switch of the kernels; anything else raises ValueError naming it."""
+    text = os.environ.get("DUOSERVE_KERNEL", "") or "native"
+    if text not in KERNEL_CHOICES:
+        raise ValueError(f"DUOSERVE_KERNEL must be one of {', '.join(KERNEL_CHOICES)} (see docs/configuration.md), "
+                         f"got {text!r}")
+    return text

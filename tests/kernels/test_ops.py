@@ -84,7 +84,7 @@ def test_reference_fallback_without_extension_warns_once():
         "p = pack_dense(w)\n"
         "for _ in range(3): y = dual_sparse_linear(x, p, 0.0)\n"
         "torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)\n")
-    env = {**os.environ, "DUOSERVE_DISABLE_CPU_KERNEL": "1"}
+    env = {**os.environ, "_DUOSERVE_TEST_NO_CPU_EXTENSION": "1"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -159,3 +159,21 @@ def test_native_op_refuses_what_would_read_or_write_out_of_bounds():
     big = x.new_zeros(300, packed.k)  # the tiled path checks the same
     with pytest.raises(RuntimeError, match="bias must be"):
         op(big, *args, thr, torch.zeros(packed.n + 5, dtype=x.dtype), packed.n, packed.k)
+
+
+def test_one_kernel_switch_with_checked_values():
+    """DUOSERVE_KERNEL=reference runs the reference without loading the CPU extension (and says so);
+    a misspelt value stops the import with the variable's name instead of being ignored."""
+    code = ("import torch\n"
+            "from duoserve.kernels import cpu, dual_sparse_linear, kernel_backend, pack_dense\n"
+            "assert not cpu.available() and 'DUOSERVE_KERNEL=reference' in cpu.import_error()\n"
+            "print(kernel_backend('cpu', torch.bfloat16))\n"
+            "w = torch.randn(33, 77); x = torch.randn(2, 77)\n"
+            "torch.testing.assert_close(dual_sparse_linear(x, pack_dense(w), 0.0), x @ w.t(), rtol=1e-5, atol=1e-5)\n")
+    ok = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DUOSERVE_KERNEL": "reference"},
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "reference (DUOSERVE_KERNEL=reference)" in ok.stdout, ok.stderr[-3000:]
+    assert "extension not built" not in ok.stderr  # no warning: it was asked for
+    bad = subprocess.run([sys.executable, "-c", "import duoserve.kernels"], env={**os.environ, "DUOSERVE_KERNEL": "refrence"},
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "DUOSERVE_KERNEL must be one of native, reference" in bad.stderr, bad.stderr[-2000:]
