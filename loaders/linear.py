@@ -26,17 +26,12 @@ import torch
 from torch.nn import Parameter
 
 from duoserve.errors import CheckpointError
-from duoserve.format.bitmask import bitmask_bytes_per_row, bitmask_popcount, pad_bits_clear
-from duoserve.format.schema import BITMASK_SUFFIX, DENSE_SUFFIX, THRESHOLD_SUFFIX, VALUES_SUFFIX, ModuleInfo
+from duoserve.format.bitmask import bitmask_popcount, pad_bits_clear
+from duoserve.format.schema import BITMASK_SUFFIX, THRESHOLD_SUFFIX, ModuleInfo, TensorSpec, module_tensor_specs
 from duoserve.kernels import dual_sparse_linear_op, kernel_backend, pack_bitmask, pack_dense
 from duoserve.loaders.vllm_compat import LinearMethodBase, set_weight_attrs, shard_index, tp_size_of
 
 log = logging.getLogger(__name__)
-
-# on-disk parameter name -> checkpoint suffix (for messages that name the HF tensor)
-_SUFFIX = {"weight_bitmask": BITMASK_SUFFIX, "weight_values": VALUES_SUFFIX, "weight": DENSE_SUFFIX,
-           "act_threshold": THRESHOLD_SUFFIX}
-
 
 @dataclass(frozen=True)
 class Shard:
@@ -113,6 +108,9 @@ class DuoserveLinearMethod(LinearMethodBase):
                  serve_thresholds: list[float] | None = None):
         self.weight_format = weight_format
         self.shards = shards
+        # Per shard, its on-disk tensors by parameter name (the format's one spec, format/schema.py).
+        self.specs: list[dict[str, TensorSpec]] = [
+            {spec.param: spec for spec in module_tensor_specs(weight_format, (s.rows, s.cols), s.nnz)} for s in shards]
         self.prefix = prefix
         self.summary = summary
         # One threshold per shard for a serve-time p_x other than the calibrated one (from the
@@ -137,14 +135,17 @@ class DuoserveLinearMethod(LinearMethodBase):
             names = ", ".join(s.hf_name for s in self.shards)
             raise CheckpointError(f"{names}: quantization_config.modules gives shapes {want}, the model's "
                                   f"config gives {got}; the checkpoint does not belong to this config")
-        rows, k = sum(s.rows for s in self.shards), input_size_per_partition
-        if self.weight_format == "bitmask":
-            self._add(layer, "weight_bitmask", torch.zeros(rows, bitmask_bytes_per_row(k), dtype=torch.uint8))
-            self._add(layer, "weight_values", torch.zeros(sum(s.nnz for s in self.shards), dtype=params_dtype))
-        else:
-            self._add(layer, "weight", torch.zeros(rows, k, dtype=params_dtype))
-        # NaN until loaded: a threshold the checkpoint lacks must not silently become 0 (= no sparsity).
-        self._add(layer, "act_threshold", torch.full((len(self.shards),), math.nan, dtype=torch.float32))
+        # The shards' on-disk tensors stacked as the fused layer holds them: rows on rows, values
+        # after values, one threshold per shard.
+        stacked = module_tensor_specs(self.weight_format, (sum(s.rows for s in self.shards), input_size_per_partition),
+                                      sum(s.nnz for s in self.shards))
+        for spec in stacked:
+            if spec.stacks == "shards":
+                # NaN until loaded: a threshold the checkpoint lacks must not silently become 0 (= no sparsity).
+                self._add(layer, spec.param, torch.full((len(self.shards),), math.nan, dtype=torch.float32))
+            else:
+                dtype = torch.uint8 if spec.dtype == "U8" else params_dtype
+                self._add(layer, spec.param, torch.zeros(spec.shape, dtype=dtype))
         layer._duoserve_loaded = set()
         layer._duoserve_params_dtype = params_dtype
 
@@ -163,34 +164,32 @@ class DuoserveLinearMethod(LinearMethodBase):
             raise CheckpointError(f"{self.prefix}.{name}: a fused tensor on disk is not part of the duoserve "
                                   "format; store the projections separately (q/k/v, gate/up)")
         i = shard_index(layer, shard_id)
-        s = self.shards[i]
-        tensor_name = s.hf_name + _SUFFIX[name]
-        if name == "weight_bitmask":
-            dst, want = param.data[s.row_offset:s.row_offset + s.rows], (s.rows, bitmask_bytes_per_row(s.cols))
-        elif name == "weight_values":
-            dst, want = param.data[s.value_offset:s.value_offset + s.nnz], (s.nnz,)
-        elif name == "weight":
-            dst, want = param.data[s.row_offset:s.row_offset + s.rows], (s.rows, s.cols)
-        else:
+        s, spec = self.shards[i], self.specs[i][name]
+        tensor_name = s.hf_name + spec.suffix
+        want = spec.shape
+        if spec.stacks == "rows":
+            dst = param.data[s.row_offset:s.row_offset + s.rows]
+        elif spec.stacks == "values":
+            dst = param.data[s.value_offset:s.value_offset + s.nnz]
+        else:  # a scalar per shard
             dst, want = param.data[i:i + 1], (1,)
             loaded = loaded.reshape(-1) if loaded.numel() == 1 else loaded
         if tuple(loaded.shape) != want:
             raise CheckpointError(f"{tensor_name}: shape {list(loaded.shape)} in the checkpoint, expected "
                                   f"{list(want)} (from quantization_config.modules)")
-        if name == "weight_bitmask" and loaded.dtype != torch.uint8:
+        if spec.dtype == "U8" and loaded.dtype != torch.uint8:
             raise CheckpointError(f"{tensor_name}: dtype {loaded.dtype}, expected torch.uint8")
         dst.copy_(loaded)
         layer._duoserve_loaded.add((name, i))
 
     def _expected(self) -> list[str]:
-        return (["weight_bitmask", "weight_values"] if self.weight_format == "bitmask" else ["weight"]) + [
-            "act_threshold"]
+        return list(self.specs[0])  # the parameter names: the same for every shard
 
     def process_weights_after_loading(self, layer) -> None:
         for name in self._expected():
             for i, s in enumerate(self.shards):
                 if (name, i) not in layer._duoserve_loaded:
-                    raise CheckpointError(f"tensor {s.hf_name}{_SUFFIX[name]} is missing from the checkpoint "
+                    raise CheckpointError(f"tensor {s.hf_name}{self.specs[i][name].suffix} is missing from the checkpoint "
                                           f"(needed by vLLM layer {self.prefix})")
         thresholds = layer.act_threshold.data.cpu()
         for i, s in enumerate(self.shards):

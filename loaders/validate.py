@@ -19,11 +19,10 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from duoserve.errors import CheckpointError
-from duoserve.format.bitmask import bitmask_bytes_per_row
 from duoserve.format.io import read_quant_config
 from duoserve.format.manifest import verify_manifest
 from duoserve.format.schema import (
-    BIAS_SUFFIX, BITMASK_SUFFIX, DENSE_SUFFIX, THRESHOLD_SUFFIX, VALUES_SUFFIX, QuantizationConfig,
+    BIAS_SUFFIX, BITMASK_SUFFIX, DENSE_SUFFIX, THRESHOLD_SUFFIX, VALUES_SUFFIX, QuantizationConfig, module_tensor_specs,
 )
 
 log = logging.getLogger(__name__)
@@ -65,14 +64,7 @@ def read_headers(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
 
 def expected_module_tensors(name: str, shape: tuple[int, int], nnz: int, q: QuantizationConfig) -> dict[str, tuple]:
     """The tensors one target module must have: name -> (shape, dtype or None for 'any float')."""
-    n, k = shape
-    out: dict[str, tuple] = {name + THRESHOLD_SUFFIX: ((), "F32")}
-    if q.weight_format == "bitmask":
-        out[name + BITMASK_SUFFIX] = ((n, bitmask_bytes_per_row(k)), "U8")
-        out[name + VALUES_SUFFIX] = ((nnz,), None)
-    else:
-        out[name + DENSE_SUFFIX] = ((n, k), None)
-    return out
+    return {name + spec.suffix: (spec.shape, spec.dtype) for spec in module_tensor_specs(q.weight_format, shape, nnz)}
 
 
 def _model_state_shapes(hf_config: Any) -> dict[str, tuple[int, ...]] | None:

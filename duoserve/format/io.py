@@ -18,12 +18,12 @@ from safetensors.torch import save_file
 
 from duoserve.errors import CheckpointError
 from duoserve.format.bitmask import (
-    bitmask_bytes_per_row, bitmask_popcount, decode_bitmask, encode_bitmask, pad_bits_clear,
+    bitmask_popcount, decode_bitmask, encode_bitmask, pad_bits_clear,
 )
 from duoserve.format.manifest import atomic_folder, verify_manifest, write_manifest
 from duoserve.format.schema import (
     BITMASK_SHARD_PATTERN, BITMASK_SUFFIX, DENSE_INDEX_NAME, DENSE_SHARD_PATTERN, DENSE_SINGLE_NAME,
-    DENSE_SUFFIX, THRESHOLD_SUFFIX, VALUES_SUFFIX, ModuleInfo, QuantizationConfig, is_target,
+    DENSE_SUFFIX, THRESHOLD_SUFFIX, VALUES_SUFFIX, ModuleInfo, QuantizationConfig, is_target, module_tensor_specs,
 )
 
 MAX_SHARD_BYTES = 2 << 30
@@ -235,13 +235,17 @@ def load_checkpoint(path: Path, verify: bool = True) -> LoadedCheckpoint:
     thresholds: dict[str, float] = {}
     for module, info in q.modules.items():
         n, k = info.shape
+        got: dict[str, torch.Tensor] = {}
+        for spec in module_tensor_specs(q.weight_format, info.shape, info.nnz):
+            t = take(module + spec.suffix)
+            wrong_shape = t.numel() != 1 if spec.shape == () else tuple(t.shape) != spec.shape
+            if wrong_shape or (spec.dtype == "U8" and t.dtype != torch.uint8):
+                raise CheckpointError(f"{module + spec.suffix}: shape {tuple(t.shape)} {t.dtype}, expected "
+                                      f"{spec.shape} {spec.dtype or q.dtype} for weight shape {info.shape} "
+                                      f"with {info.nnz} non-zeros (quantization_config.modules)")
+            got[spec.suffix] = t
         if q.weight_format == "bitmask":
-            bitmask, values = take(module + BITMASK_SUFFIX), take(module + VALUES_SUFFIX)
-            if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (n, bitmask_bytes_per_row(k)):
-                raise CheckpointError(f"{module + BITMASK_SUFFIX}: shape {tuple(bitmask.shape)} {bitmask.dtype}, "
-                                      f"expected ({n}, {bitmask_bytes_per_row(k)}) uint8 for weight shape {info.shape}")
-            if values.dim() != 1 or values.numel() != info.nnz:
-                raise CheckpointError(f"{module + VALUES_SUFFIX}: {values.numel()} values, metadata nnz is {info.nnz}")
+            bitmask, values = got[BITMASK_SUFFIX], got[VALUES_SUFFIX]
             if not pad_bits_clear(bitmask, k):
                 raise CheckpointError(f"{module + BITMASK_SUFFIX}: bits set beyond column {k - 1} (corrupted)")
             if bitmask_popcount(bitmask) != info.nnz:
@@ -249,13 +253,9 @@ def load_checkpoint(path: Path, verify: bool = True) -> LoadedCheckpoint:
                                       f"but {info.nnz} values stored")
             weight = decode_bitmask(bitmask, values, (n, k))
         else:
-            weight = take(module + DENSE_SUFFIX)
-            if tuple(weight.shape) != (n, k):
-                raise CheckpointError(f"{module + DENSE_SUFFIX}: shape {tuple(weight.shape)}, metadata says {info.shape}")
+            weight = got[DENSE_SUFFIX]
         state_dict[module + DENSE_SUFFIX] = weight
-        thr = take(module + THRESHOLD_SUFFIX)
-        if thr.numel() != 1:
-            raise CheckpointError(f"{module + THRESHOLD_SUFFIX}: expected one value, got shape {tuple(thr.shape)}")
+        thr = got[THRESHOLD_SUFFIX]
         t = float(thr.float())
         if math.isnan(t) or t < 0:
             raise CheckpointError(f"{module + THRESHOLD_SUFFIX}: threshold {t} is NaN or negative; "

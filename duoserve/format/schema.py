@@ -39,6 +39,36 @@ DENSE_INDEX_NAME = "model.safetensors.index.json"
 _NM_RE = re.compile(r"^(\d+):(\d+)$")
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """One on-disk tensor of a target module (docs/checkpoint-format.md, "Tensors"): the one
+    description the writer's reader (format/io.py), the serve-time validator (loaders/validate.py)
+    and the vLLM linear method (loaders/linear.py) all check against."""
+
+    suffix: str  # after the module name, e.g. ".weight_bitmask"
+    shape: tuple[int, ...]  # () for a scalar
+    dtype: str | None  # safetensors dtype ("U8", "F32"); None: the checkpoint's weight dtype
+    stacks: str  # how a fused vLLM layer (qkv_proj, gate_up_proj) stacks its shards: "rows", "values", "shards"
+
+    @property
+    def param(self) -> str:
+        """The parameter name the vLLM linear method gives it ("weight_bitmask", "act_threshold", ...)."""
+        return self.suffix.lstrip(".")
+
+
+def module_tensor_specs(weight_format: str, shape: tuple[int, int], nnz: int) -> tuple[TensorSpec, ...]:
+    """The tensors a target module of weight shape [N, K] with `nnz` non-zeros has on disk."""
+    n, k = shape
+    if weight_format == "bitmask":
+        weights = (TensorSpec(BITMASK_SUFFIX, (n, (k + 7) // 8), "U8", "rows"),  # bit k % 8 of byte k // 8
+                   TensorSpec(VALUES_SUFFIX, (nnz,), None, "values"))  # row-major non-zeros
+    elif weight_format == "dense":
+        weights = (TensorSpec(DENSE_SUFFIX, (n, k), None, "rows"),)  # zeros in place
+    else:
+        raise CheckpointError(f"weight_format {weight_format!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+    return weights + (TensorSpec(THRESHOLD_SUFFIX, (), "F32", "shards"),)
+
+
 def is_duoserve_checkpoint(path) -> bool:
     """True if `path` is a folder whose config.json names quant_method "duoserve" (cheap: reads
     only config.json; whether the checkpoint is valid is read_quant_config's / the validator's job)."""

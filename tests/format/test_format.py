@@ -165,3 +165,25 @@ def test_is_duoserve_checkpoint_reads_only_the_quant_method(tmp_path):
                            ('{"quantization_config": {"quant_method": "duoserve"}}', True)):
         cfg.write_text(text)
         assert is_duoserve_checkpoint(tmp_path) is expected, text
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "dense"])
+def test_the_writer_writes_exactly_the_format_spec(tmp_path, fmt):
+    """module_tensor_specs is the one description of a module's tensors that the readers (format
+    io, the serve-time validator, the vLLM linear method) check against: what the writer writes
+    must be exactly it."""
+    from duoserve.format.io import read_quant_config
+    from duoserve.format.schema import module_tensor_specs
+
+    path, _ = write(tmp_path, fmt)
+    _, q = read_quant_config(path)
+    info = q.modules[Q]
+    tensors = {k: v for f in path.glob("*.safetensors") for k, v in load_file(str(f)).items() if k.startswith(Q)}
+    specs = module_tensor_specs(fmt, info.shape, info.nnz)
+    assert set(tensors) == {Q + s.suffix for s in specs}
+    for s in specs:
+        t = tensors[Q + s.suffix]
+        assert tuple(t.shape) == s.shape, s
+        assert (t.dtype == torch.uint8) == (s.dtype == "U8") and (s.dtype != "F32" or t.dtype == torch.float32)
+    with pytest.raises(CheckpointError, match="weight_format 'sparse' is not one of bitmask, dense"):
+        module_tensor_specs("sparse", (2, 2), 1)
