@@ -1,6 +1,5 @@
 """Integer settings of the kernels read from the environment (DUOSERVE_CPU_*, DUOSERVE_GPU_*): one
-parser, so every bad value is refused the same way, naming the variable (docs/kernels.md,
-'Dispatch', lists them)."""
+parser, so every bad value is refused the same way, naming the variable (docs/configuration.md lists them)."""
 from __future__ import annotations
 
 import os
@@ -18,7 +17,7 @@ def env_int(name: str, default: int | None = None, minimum: int | None = None) -
         value = None
     if value is None or (minimum is not None and value < minimum):
         bound = "" if minimum is None else f" >= {minimum}"
-        raise ValueError(f"{name} must be an integer{bound} (see docs/kernels.md, 'Dispatch'), got {text!r}")
+        raise ValueError(f"{name} must be an integer{bound} (see docs/configuration.md), got {text!r}")
     return value
 
 

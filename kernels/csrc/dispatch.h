@@ -229,7 +229,8 @@ Decoder active_decoder(bool bf16) {
 // active for some token), best of 7 alternated passes each. On the Zen 4 host (2026-12-06, bf16,
 // p_w = p_x = 0.5, one thread, weights from DRAM) the panel walk took 2-22% less time at 4 tokens
 // (4096x11008: 6.9 against 8.8 ms; 1536x576: 0.149 against 0.193) and much more at 2-3 tokens (the
-// 1-3 token walks stay there); from 5 tokens it won on the Zen 4 and Zen 5 hosts (docs/kernels.md).
+// 1-3 token walks stay there); from 5 tokens it won on the Zen 4 and Zen 5 hosts
+// (docs/reports/cpu-2026-11-27-panel, cpu-2026-11-28-zen4-panel, cpu-2026-12-06-zen4-batched).
 int64_t measure_panel_min_tokens() {
   const Decoder d = active_decoder(true);
   if (!cpu_has_bf16_dot() || d == Decoder::kScalar) return 5;
