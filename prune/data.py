@@ -102,7 +102,7 @@ def evaluation_text(source: str) -> tuple[str, str]:
         local = _find_local_wikitext2()
         if local is None:
             raise InputError("wikitext2: the Hugging Face hub is not reachable and no local copy was found; "
-                             f"pass the file (e.g. --data ../shared/data/{_WIKITEXT2_FILE}) or set DUOSERVE_WIKITEXT2")
+                             f"pass the file (e.g. --data PATH/{_WIKITEXT2_FILE}) or set DUOSERVE_WIKITEXT2")
         return read_text_file(local), f"wikitext-2 raw test ({local})"
     if source in PACKAGED_TEXTS:
         path = packaged_text_file(source)

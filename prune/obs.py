@@ -1,6 +1,6 @@
 """The blocked Optimal-Brain-Surgeon solver shared by SparseGPT and DuoGPT.
 
-Notation (../shared/notes/algorithms.md): W [N, K] (out, in); calibration inputs X^ [K, m] (the
+Notation (also in docs/pruning.md): W [N, K] (out, in); calibration inputs X^ [K, m] (the
 pruned model's inputs, activation-sparsified when p_x > 0); X~ [K, m] (the dense model's
 inputs); H = X^ X^T; H^-1 = L L^T with L lower-triangular (L^T is the upper Cholesky factor of
 H^-1 that SparseGPT calls Hinv).

@@ -10,7 +10,7 @@ lm-eval's documented rule "group members may reference a task with config overri
 merge, so prompts and scoring stay exactly the harness's. With the hub reachable (or
 `data="hub"`) the standard tasks load the standard datasets unchanged.
 
-Differences of the offline data from lm-eval's standard evaluation sets (see docs/zeroshot.md):
+Differences of the offline data from lm-eval's standard evaluation sets (see docs/evaluation.md):
 ARC-Easy / ARC-Challenge / OpenBookQA are evaluated on their validation splits (lm-eval uses
 test); BoolQ is google/boolq (bool `answer`), mapped to SuperGLUE's integer `label`.
 """
