@@ -188,31 +188,66 @@ SyntheticIndex synthetic_index(int64_t NB, int64_t K, Xorshift& rng) {
   return s;
 }
 
+// A synthetic call for the one-time measurements below: NB row blocks x K columns at p_w ~0.5
+// (synthetic_index), every column active, T tokens of 0.5 against weights of 1.0, as the walks'
+// column-major inputs (xc); `panel()` gives the same call as the panel walk reads it. Not copyable:
+// the Problems point into its vectors.
+struct SyntheticCall {
+  SyntheticIndex index;
+  std::vector<uint16_t> v16;
+  std::vector<float> v32, xc, y;
+  std::vector<int32_t> active;
+  std::vector<uint32_t> xpairs;
+  Problem walk{};
+  SyntheticCall(int64_t NB, int64_t K, int64_t T, bool bf16, uint64_t seed) {
+    Xorshift rng{seed};
+    index = synthetic_index(NB, K, rng);
+    v16.assign(bf16 ? index.nnz + R : 0, 0x3F80);  // 1.0
+    v32.assign(bf16 ? 0 : index.nnz + R, 1.f);
+    active.resize(K);
+    for (int64_t k = 0; k < K; ++k) active[k] = static_cast<int32_t>(k);
+    xc.assign(K * T, 0.5f);
+    y.assign(T * NB * R, 0.f);
+    walk = Problem{index.bitmap.data(), index.offsets.data(), bf16 ? static_cast<const void*>(v16.data()) : v32.data(),
+                   active.data(), K, xc.data(), T, K, NB * R, y.data()};
+    walk.n_values = index.nnz + R;
+  }
+  SyntheticCall(const SyntheticCall&) = delete;
+  SyntheticCall& operator=(const SyntheticCall&) = delete;
+  Problem panel() {  // bf16 only; chunk-major inputs [K / 64, T, 32] of 0.5 in both halves
+    xpairs.assign((walk.K + PANEL_COLUMNS - 1) / PANEL_COLUMNS * walk.T * (PANEL_COLUMNS / 2), 0x3F003F00u);
+    Problem p = walk;
+    p.xc = nullptr;
+    p.xpairs = xpairs.data();
+    p.pairs = PANEL_COLUMNS / 2;
+    return p;
+  }
+};
+
+// Whether candidate 1 (problem, decoder) walked every row block faster than candidate 0: best of 7
+// passes each, alternated, so a drift in the machine's speed hits both.
+bool second_is_faster(const Problem& p0, Decoder d0, const Problem& p1, Decoder d1, bool bf16) {
+  const Problem* problems[2] = {&p0, &p1};
+  const Decoder decoders[2] = {d0, d1};
+  const int64_t nb = (p0.N + R - 1) / R;
+  double best[2] = {1e30, 1e30};
+  for (int pass = 0; pass < 7; ++pass)
+    for (int i = 0; i < 2; ++i) {
+      const auto start = std::chrono::steady_clock::now();
+      for (int64_t rb = 0; rb < nb; ++rb) run_block(*problems[i], rb, bf16, decoders[i]);
+      const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+      best[i] = std::min(best[i], took.count());
+    }
+  return best[1] < best[0];
+}
+
 Decoder calibrate_decoder(bool bf16) {
   if (!cpu_has_permute_isa())
     return cpu_has_avx512() ? Decoder::kExpand : cpu_has_avx2() ? Decoder::kAvx2 : Decoder::kScalar;
   if (!cpu_has_avx512()) return Decoder::kPermute;
-  constexpr int64_t NB = 8, K = 512;
-  Xorshift rng{0x9E3779B97F4A7C15ull};
-  const SyntheticIndex index = synthetic_index(NB, K, rng);
-  std::vector<uint16_t> v16(bf16 ? index.nnz + R : 0, 0x3F80);  // 1.0
-  std::vector<float> v32(bf16 ? 0 : index.nnz + R, 1.f);
-  std::vector<int32_t> active(K);
-  for (int64_t k = 0; k < K; ++k) active[k] = static_cast<int32_t>(k);
-  std::vector<float> xc(K, 0.5f), y(NB * R);
-  Problem p{index.bitmap.data(), index.offsets.data(), bf16 ? static_cast<const void*>(v16.data()) : v32.data(),
-            active.data(), K, xc.data(), 1, K, NB * R, y.data()};
-  p.n_values = index.nnz + R;
-  double best[2] = {1e30, 1e30};
-  const Decoder candidates[2] = {Decoder::kExpand, Decoder::kPermute};
-  for (int pass = 0; pass < 7; ++pass)
-    for (int i = 0; i < 2; ++i) {
-      const auto start = std::chrono::steady_clock::now();
-      for (int64_t rb = 0; rb < NB; ++rb) run_block(p, rb, bf16, candidates[i]);
-      const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
-      best[i] = std::min(best[i], took.count());
-    }
-  return best[1] < best[0] ? Decoder::kPermute : Decoder::kExpand;
+  SyntheticCall call(8, 512, 1, bf16, 0x9E3779B97F4A7C15ull);
+  return second_is_faster(call.walk, Decoder::kExpand, call.walk, Decoder::kPermute, bf16) ? Decoder::kPermute
+                                                                                          : Decoder::kExpand;
 }
 
 Decoder active_decoder(bool bf16) {
@@ -234,31 +269,9 @@ Decoder active_decoder(bool bf16) {
 int64_t measure_panel_min_tokens() {
   const Decoder d = active_decoder(true);
   if (!cpu_has_bf16_dot() || d == Decoder::kScalar) return 5;
-  constexpr int64_t NB = 8, K = 512, T = 4;
-  static_assert(K % PANEL_COLUMNS == 0, "whole chunks: the chunk-major input below has no tail");
-  Xorshift rng{0x2545F4914F6CDD1Dull};
-  const SyntheticIndex index = synthetic_index(NB, K, rng);
-  std::vector<uint16_t> v16(index.nnz + R, 0x3F80);  // 1.0
-  std::vector<int32_t> active(K);
-  for (int64_t k = 0; k < K; ++k) active[k] = static_cast<int32_t>(k);
-  std::vector<float> xc(K * T, 0.5f), y(T * NB * R);
-  std::vector<uint32_t> xpairs(K / 2 * T, 0x3F003F00u);  // 0.5 in both halves, chunk-major [K/64, T, 32]
-  Problem walk{index.bitmap.data(), index.offsets.data(), v16.data(), active.data(), K, xc.data(), T, K, NB * R, y.data()};
-  walk.n_values = index.nnz + R;
-  Problem panel = walk;
-  panel.xc = nullptr;
-  panel.xpairs = xpairs.data();
-  panel.pairs = PANEL_COLUMNS / 2;
-  double best[2] = {1e30, 1e30};
-  const Problem* problems[2] = {&walk, &panel};
-  for (int pass = 0; pass < 7; ++pass)
-    for (int i = 0; i < 2; ++i) {
-      const auto start = std::chrono::steady_clock::now();
-      for (int64_t rb = 0; rb < NB; ++rb) run_block(*problems[i], rb, true, d);
-      const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
-      best[i] = std::min(best[i], took.count());
-    }
-  return best[1] < best[0] ? 4 : 5;
+  SyntheticCall call(8, 512, 4, true, 0x2545F4914F6CDD1Dull);
+  const Problem panel = call.panel();
+  return second_is_faster(call.walk, d, panel, d, true) ? 4 : 5;
 }
 
 // The fewest tokens of a bf16 call that takes the panel walk (0: never): the requested count, or

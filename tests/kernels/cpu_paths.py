@@ -1,5 +1,5 @@
 """What the CPU kernel tests share: the dtypes the native kernel runs, the skip marker for a
-missing extension, the native paths called directly, and the CPU's instruction-set flags."""
+missing extension, the native paths called directly (the CPU flags: duoserve.kernels.cpu_features)."""
 import pytest
 import torch
 
@@ -17,15 +17,3 @@ def spmspv_path(force_scalar: bool):
 def tiled_path(x, p, t, b):
     """The decompress-and-matmul path, called the same way."""
     return cpu.tiled(x, p.bitmap, p.offsets, p.values, t, b, p.n)
-
-
-def cpu_flags() -> set[str]:
-    """The first CPU's flags in /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()

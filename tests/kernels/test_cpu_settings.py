@@ -4,9 +4,10 @@ set, and their environment variables (bad text stops the import with a message n
 variable). The products under every setting: test_cpu_kernel.py checks them against fp32 dense."""
 import pytest
 import torch
-from cpu_paths import DTYPES, cpu_flags, needs_ext, spmspv_path, tiled_path
+from cpu_paths import DTYPES, needs_ext, spmspv_path, tiled_path
 
 from duoserve.kernels import cpu, dual_sparse_linear
+from duoserve.kernels.cpu_features import cpu_flags
 from duoserve.kernels.check import Case, make_inputs, run_cases
 
 
