@@ -4,6 +4,8 @@ Web UI:   locust -f $(python -c 'import duoserve.loadtest.locustfile as m; print
                  --host http://127.0.0.1:8000 --web-host 127.0.0.1
 Headless: locust -f <same path> --headless -u 4 -r 4 -t 60s --host http://127.0.0.1:8000 \
                  --csv out/run --max-tokens 64 --prompt-words 64 --api chat
+Several processes: add --processes 4 --master-bind-host 127.0.0.1 (locust forks 4 workers), or
+run `--master --expect-workers N` here and `locust -f <same path> --worker --master-host HOST` elsewhere.
 
 Each user is a closed loop: it sends the next request as soon as the previous one finished, so
 the user count is the request concurrency. Besides the request itself ("POST", named after the
@@ -16,6 +18,11 @@ writes one exact row per request (duoserve.loadtest.metrics.RECORD_FIELDS); the 
 
 Every run stops by itself when -t/--run-time is reached or after --max-requests requests, and
 every request is bounded by --request-timeout.
+
+Distributed (locust's own master/worker mode, --master / --worker / --expect-workers): locust's
+master aggregates its own statistics; the per-request records, the --max-requests budget and the
+user indices (prompt seeds) are kept by the master too, through custom messages (see "Distributed
+mode" below), so a distributed run writes the same --records-csv as a single process.
 """
 from __future__ import annotations
 
@@ -26,7 +33,9 @@ import os
 
 import gevent
 import requests
+from gevent.event import AsyncResult, Event
 from locust import User, events, task
+from locust.runners import STATE_MISSING, MasterRunner, WorkerRunner
 from locust.stats import CSV_STATS_INTERVAL_SEC
 
 from duoserve.errors import DuoserveError
@@ -38,6 +47,12 @@ log = logging.getLogger("duoserve.loadtest")
 
 # Per-process run state, rebuilt at every test start (the web UI can start several tests).
 _state: dict = {}
+
+# Seconds a worker waits for the master's answer (a user index, a request permit) before it
+# gives up; on loopback an answer takes about a millisecond.
+ASK_TIMEOUT_S = 30.0
+# Seconds the master waits, beyond --stop-timeout, for its workers to finish their last requests.
+DRAIN_SLACK_S = 10.0
 
 
 @events.init_command_line_parser.add_listener
@@ -100,16 +115,26 @@ def _on_test_start(environment, **_kw):
         model = opts.model or client.served_model(requests.Session(), environment.host, api_key)
     except (DuoserveError, client.EndpointError, ValueError) as e:
         log.error("cannot start the load test: %s", e)
-        _finish(environment, "bad configuration", exit_code=2)
+        if _is_worker(environment):
+            # A worker does not quit on its own (the master would just carry on without it): it
+            # tells the master, which stops the whole run with exit code 2.
+            environment.runner.send_message("duoserve_error", {"reason": str(e)})
+        else:
+            _finish(environment, "bad configuration", exit_code=2)
         return
     _state.update(api_key=api_key, docs=sampler.docs, model=model, user_index=itertools.count(),
-                  issued=0, completed=0, records=None, writer=None)
-    if opts.records_csv:
+                  max_requests=opts.max_requests, issued=0, completed=0, records=None, writer=None, closed=False)
+    if opts.records_csv and not _is_worker(environment):  # the master writes every worker's rows
         path = opts.records_csv
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         new = not os.path.exists(path) or os.path.getsize(path) == 0
+        fields = RECORD_FIELDS
+        if not new:  # appending: keep the columns of the file's header (an older one may lack "worker")
+            with open(path, newline="", encoding="utf-8") as f:
+                fields = next(csv.reader(f), None) or RECORD_FIELDS
         f = open(path, "a", newline="", encoding="utf-8")  # closed at test stop
-        _state["records"], _state["writer"] = f, csv.DictWriter(f, fieldnames=RECORD_FIELDS)
+        _state["records"] = f
+        _state["writer"] = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             _state["writer"].writeheader()
     log.info("load test: %s %s, model %s, prompts %d words of %s (seed %d), %d output tokens%s",
@@ -122,10 +147,13 @@ def _close_records():
     if f is not None:
         f.close()
         _state["records"] = None
+        _state["closed"] = True
 
 
 @events.test_stop.add_listener
 def _on_test_stop(environment, **_kw):
+    if isinstance(environment.runner, MasterRunner):
+        _drain_workers(environment)
     _close_records()
     opts = environment.parsed_options
     if opts is not None and getattr(opts, "csv_prefix", None):
@@ -147,8 +175,11 @@ class OpenAIUser(User):
         if not _state:  # test_start refused the configuration; the runner is stopping
             raise gevent.GreenletExit()
         opts = self.environment.parsed_options
+        worker = _is_worker(self.environment)
+        self.index = _ask(self.environment, "user_index") if worker else next(_state["user_index"])
+        if self.index is None:  # the master did not answer or refused: this user sends nothing
+            raise gevent.GreenletExit()
         self.session = requests.Session()
-        self.index = next(_state["user_index"])
         # Per-user stream of prompts: reproducible for a given (seed, user index).
         self.sampler = PromptSampler(_state["docs"], opts.prompt_words, seed=f"{opts.seed}-{self.index}")
 
@@ -159,9 +190,12 @@ class OpenAIUser(User):
     @task
     def generate(self):
         opts = self.environment.parsed_options
-        if opts.max_requests and _state["issued"] >= opts.max_requests:
-            raise gevent.GreenletExit()  # this user is done; the last request to finish ends the run
-        _state["issued"] += 1
+        if opts.max_requests:
+            if _is_worker(self.environment):
+                if not _ask(self.environment, "permit"):  # the master holds the budget of all workers
+                    raise gevent.GreenletExit()
+            elif not _take_permit():
+                raise gevent.GreenletExit()  # this user is done; the last request to finish ends the run
         stream = not opts.no_stream
         body = client.build_payload(opts.api, _state["model"], self.sampler.sample(), opts.max_tokens,
                                     stream=stream, fixed_length=not opts.natural_length,
@@ -171,9 +205,12 @@ class OpenAIUser(User):
         self.last_failed = not rec.ok
         rec.users = self.environment.runner.user_count if self.environment.runner else 0
         self._report(rec, name=f"{opts.api}{' stream' if stream else ''}")
-        _state["completed"] += 1
-        if opts.max_requests and _state["completed"] >= opts.max_requests:
-            _finish(self.environment, f"--max-requests {opts.max_requests} reached")
+        if _is_worker(self.environment):
+            # Counted by the master when the record arrives (it also ends the run at --max-requests).
+            self.environment.runner.send_message("duoserve_record",
+                                                 {**rec.row(), "worker": self.environment.runner.worker_index})
+        else:
+            _record_row(self.environment, rec.row())
 
     def _report(self, rec, name: str):
         fire = self.environment.events.request.fire
@@ -189,6 +226,154 @@ class OpenAIUser(User):
             for kind, value in metrics:
                 fire(request_type=kind, name=name, response_time=value, response_length=rec.output_tokens,
                      exception=None, context={})
-        if _state.get("records") is not None:  # None once the test stopped (file closed)
-            _state["writer"].writerow(rec.row())
-            _state["records"].flush()  # a run killed from outside keeps what it measured
+
+
+def _take_permit() -> bool:
+    """One request of the --max-requests budget (single process, or the master for its workers)."""
+    if not _state:
+        return False
+    limit = _state_max_requests()
+    if limit and _state["issued"] >= limit:
+        return False
+    _state["issued"] += 1
+    return True
+
+
+def _state_max_requests() -> int:
+    return _state.get("max_requests", 0)
+
+
+def _record_row(environment, row: dict) -> None:
+    """Write one request's row (local user, or a worker's row on the master) and count it."""
+    if not _state:
+        return
+    if _state.get("records") is not None:  # None once the test stopped (file closed)
+        _state["writer"].writerow(row)
+        _state["records"].flush()  # a run killed from outside keeps what it measured
+    elif _state.get("closed"):
+        log.warning("a request finished after the test stopped; not in the records CSV")
+    _state["completed"] += 1
+    limit = _state_max_requests()
+    if limit and _state["completed"] == limit:
+        _finish(environment, f"--max-requests {limit} reached")
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed mode. Locust ships its own statistics from workers to the master, but not
+# duoserve's per-request records (the exact TTFT/TPOT/ITL/E2E rows the reports are computed
+# from), nor a run-wide request budget or user numbering. These travel as custom messages over
+# locust's existing master-worker connection rather than as per-worker files merged afterwards:
+# workers may run on other machines without a shared filesystem, the master stays the only
+# writer of --records-csv (no interleaved appends from several processes), and --max-requests
+# stays exact because the master hands out every request permit (one round trip per request,
+# about a millisecond on loopback, outside the measured time).
+#   worker -> master  duoserve_ask {id, kind: user_index|permit}   master -> worker  duoserve_answer {id, value}
+#   worker -> master  duoserve_record <row>                        (one per finished request)
+#   worker -> master  duoserve_error {reason}                      (bad configuration on that worker: exit 2)
+#   master -> worker  duoserve_drain; worker -> master duoserve_drained  (at test stop, see _drain_workers)
+# ---------------------------------------------------------------------------------------------
+_pending: dict[int, AsyncResult] = {}  # worker: questions to the master awaiting an answer
+_ask_ids = itertools.count()
+_drain: dict = {}  # master: {"waiting": set of worker ids, "done": Event}
+
+
+def _is_worker(environment) -> bool:
+    return isinstance(environment.runner, WorkerRunner)
+
+
+def _ask(environment, kind: str):
+    """Ask the master for a user index or a request permit; None when it does not answer."""
+    rid = next(_ask_ids)
+    result = _pending[rid] = AsyncResult()
+    try:
+        environment.runner.send_message("duoserve_ask", {"id": rid, "kind": kind})
+        return result.get(timeout=ASK_TIMEOUT_S)
+    except gevent.Timeout:
+        log.error("no answer from the master within %gs (%s)", ASK_TIMEOUT_S, kind)
+        return None
+    finally:
+        _pending.pop(rid, None)
+
+
+def _on_ask(environment, msg, **_kw):  # master
+    kind = msg.data["kind"]
+    if not _state:
+        value = None  # the master refused the configuration; it is stopping
+    elif kind == "user_index":
+        value = next(_state["user_index"])  # run-wide numbering: user i draws from "<seed>-<i>"
+    else:
+        value = _take_permit()
+    environment.runner.send_message("duoserve_answer", {"id": msg.data["id"], "value": value},
+                                    client_id=msg.node_id)
+
+
+def _on_answer(environment, msg, **_kw):  # worker
+    result = _pending.get(msg.data["id"])
+    if result is not None:
+        result.set(msg.data["value"])
+
+
+def _on_record(environment, msg, **_kw):  # master
+    row = dict(msg.data)
+    # The concurrency of the whole run, not of the one worker that sent the request.
+    row["users"] = environment.runner.user_count or row.get("users", 0)
+    _record_row(environment, row)
+
+
+def _on_worker_error(environment, msg, **_kw):  # master
+    log.error("worker %s cannot start the load test: %s", msg.node_id, msg.data["reason"])
+    _finish(environment, "bad configuration on a worker", exit_code=2)
+
+
+def _on_drain(environment, msg, **_kw):  # worker, run in its own greenlet
+    # Stop the users gracefully: requests in flight finish (bounded by --stop-timeout, which the
+    # master sent with the spawn message) and their records go out before "drained" (messages on
+    # one connection arrive in order). Locust's statistics are pushed too, so that the master's
+    # --csv holds them (its CSV writer is not rerun after the master quits).
+    environment.runner.stop()
+    send_stats = getattr(environment.runner, "_send_stats", None)  # private in locust 2.x
+    if send_stats is not None:
+        send_stats()
+    environment.runner.send_message("duoserve_drained", None)
+
+
+def _on_drained(environment, msg, **_kw):  # master
+    waiting = _drain.get("waiting")
+    if waiting is not None:
+        waiting.discard(msg.node_id)
+        if not waiting:
+            _drain["done"].set()
+
+
+def _drain_workers(environment) -> None:
+    """At test stop on the master: wait until every worker has finished its last requests.
+
+    Locust's headless master quits its workers and exits half a second later, which would drop
+    the requests still in flight at the time limit (and their records); a single process lets
+    them finish within --stop-timeout. This keeps the two the same.
+    """
+    runner = environment.runner
+    workers = [c.id for c in runner.clients.all if c.state != STATE_MISSING]
+    if not workers:
+        return
+    _drain.update(waiting=set(workers), done=Event())
+    for cid in workers:
+        runner.send_message("duoserve_drain", None, client_id=cid)
+    limit = (environment.stop_timeout or 0.0) + DRAIN_SLACK_S
+    if not _drain["done"].wait(timeout=limit):
+        log.warning("%d worker(s) did not finish within %gs: %s", len(_drain["waiting"]), limit,
+                    ", ".join(sorted(_drain["waiting"])))
+    _drain.clear()
+
+
+@events.init.add_listener
+def _on_init(environment, **_kw):
+    runner = environment.runner
+    if isinstance(runner, MasterRunner):
+        runner.register_message("duoserve_ask", _on_ask)
+        runner.register_message("duoserve_record", _on_record)
+        runner.register_message("duoserve_error", _on_worker_error)
+        runner.register_message("duoserve_drained", _on_drained)
+    elif isinstance(runner, WorkerRunner):
+        runner.register_message("duoserve_answer", _on_answer)
+        runner.register_message("duoserve_drain", _on_drain, concurrent=True)

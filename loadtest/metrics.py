@@ -25,7 +25,10 @@ Non-streamed requests have no TTFT, TPOT or ITL; they contribute E2E and tokens/
 
 # Column order of the per-request CSV written by the locust file and read by the report.
 RECORD_FIELDS = ["start", "users", "api", "stream", "ok", "status", "error", "prompt_tokens",
-                 "output_tokens", "ttft_s", "tpot_s", "e2e_s", "tokens_per_s", "itl_s"]
+                 "output_tokens", "ttft_s", "tpot_s", "e2e_s", "tokens_per_s", "itl_s", "worker"]
+# "worker": the locust worker index that sent the request in a distributed run, empty otherwise;
+# optional on reading, so CSVs written before it existed still load.
+OPTIONAL_FIELDS = {"worker"}
 METRICS = ("ttft_s", "tpot_s", "itl_s", "e2e_s", "tokens_per_s")
 METRIC_LABELS = {"ttft_s": "TTFT (ms)", "tpot_s": "TPOT (ms)", "itl_s": "ITL (ms)", "e2e_s": "E2E latency (ms)",
                  "tokens_per_s": "output tokens/s per request"}
@@ -65,7 +68,8 @@ class RequestRecord:
                 "ok": int(self.ok), "status": self.status, "error": self.error[:300].replace("\n", " "),
                 "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
                 "ttft_s": num(self.ttft_s), "tpot_s": num(self.tpot_s), "e2e_s": num(self.e2e_s),
-                "tokens_per_s": num(self.tokens_per_s), "itl_s": " ".join(f"{x:.6f}" for x in self.itl_s)}
+                "tokens_per_s": num(self.tokens_per_s), "itl_s": " ".join(f"{x:.6f}" for x in self.itl_s),
+                "worker": ""}
 
 
 def read_records(path: Path) -> list[dict]:
@@ -73,7 +77,7 @@ def read_records(path: Path) -> list[dict]:
     rows = []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = set(RECORD_FIELDS) - set(reader.fieldnames or [])
+        missing = set(RECORD_FIELDS) - OPTIONAL_FIELDS - set(reader.fieldnames or [])
         if missing:
             raise ValueError(f"{path}: not a duoserve request CSV (missing columns {sorted(missing)})")
         for r in reader:
@@ -83,6 +87,7 @@ def read_records(path: Path) -> list[dict]:
             for k in ("users", "ok", "status", "prompt_tokens", "output_tokens", "stream"):
                 row[k] = int(r[k])
             row["itl_s"] = [float(x) for x in r["itl_s"].split()]
+            row["worker"] = r.get("worker") or ""
             rows.append(row)
     return rows
 
