@@ -3,6 +3,8 @@
     duoserve bench --dense MODEL_DIR --sparse CKPT_DIR --out docs/reports/x
     duoserve bench --dense http://127.0.0.1:8000 --sparse http://127.0.0.1:8001 --api-key KEY
     duoserve bench --rebuild-report docs/reports/x
+    duoserve bench --dense URL --processes 4          # a locust master + 4 local worker processes
+    duoserve bench --worker-of 10.0.0.5:5557          # workers on another machine (see --remote-workers)
 
 Servers are measured one at a time (a folder is started, measured and stopped before the next
 one starts) so they never compete for the machine. For each server: two warm-up requests, the
@@ -53,6 +55,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--natural-length", action="store_true", help="allow EOS (default: exactly --max-tokens)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--request-timeout", type=float, default=120.0)
+    g = p.add_argument_group("load generation (locust's distributed mode; see docs/loadtest.md)")
+    g.add_argument("--processes", type=int, default=1,
+                   help="locust worker processes on this machine (1: one plain locust process; N > 1: a master "
+                        "and N workers, at most one per user of a level)")
+    g.add_argument("--remote-workers", type=int, default=0,
+                   help="also wait at every level for this many workers from other machines "
+                        "(started there with `duoserve bench --worker-of HOST:PORT`)")
+    g.add_argument("--master-bind-host", default="127.0.0.1",
+                   help="address the locust master listens on (another than loopback for --remote-workers)")
+    g.add_argument("--master-port", type=int, default=0,
+                   help="port of the locust master (default: a free one; fixed, required, for --remote-workers)")
+    g.add_argument("--worker-of", metavar="HOST:PORT", default=None,
+                   help="run only as load-generating workers (--processes of them) for the `duoserve bench` "
+                        "master at HOST:PORT, restarted for each of its levels")
+    g.add_argument("--worker-rounds", type=int, default=0,
+                   help="with --worker-of: stop after this many levels (default: until interrupted)")
     g = p.add_argument_group("quality through the endpoint")
     g.add_argument("--skip-quality", action="store_true")
     g.add_argument("--ppl-source", default="wiki", help="held-out text: wiki, c4 or a file")
@@ -165,8 +183,18 @@ def run(args: argparse.Namespace) -> int:
     if args.rebuild_report:
         print(build_report(Path(args.rebuild_report)))
         return 0
-    from duoserve.loadtest.runner import LoadSpec, run_level
+    from duoserve.loadtest.runner import Distribution, LoadSpec, run_level, run_workers
     from duoserve.loadtest.servers import StartOptions, default_api_key, open_target
+
+    if args.worker_of is not None:
+        if args.dense or args.sparse or args.out:
+            raise InputError("--worker-of runs only workers: the master's `duoserve bench` has --dense/--sparse/--out")
+        if args.worker_rounds < 0:
+            raise InputError(f"--worker-rounds must be >= 0, got {args.worker_rounds}")
+        return run_workers(args.worker_of, args.processes, args.worker_rounds)  # bad address: exit 2
+    # Checked before anything is started or written (a DuoserveError exits with code 2).
+    dist = Distribution(processes=args.processes, remote_workers=args.remote_workers,
+                        master_bind_host=args.master_bind_host, master_port=args.master_port)
 
     targets = [(lb, v) for lb, v in (("dense", args.dense), ("sparse", args.sparse)) if v]
     if not targets:
@@ -188,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {"title": args.title or "duoserve bench: " + " vs ".join(lb for lb, _ in targets),
             "date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": _command_line(args), "machine": _machine(),
             "software": _software(), "users": users, "load": spec.__dict__, "notes": args.notes,
+            "load_generation": {"processes": dist.processes, "remote_workers": dist.remote_workers},
             "started_servers": {"max_model_len": start.max_model_len, "enforce_eager": start.enforce_eager,
                                 "kv_cache_gib": start.kv_cache_gib, "extra_vllm_args": start.extra_vllm_args},
             "servers": []}
@@ -199,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
                 # The 1-minute load average before and after each level: on a shared machine it
                 # tells a reader which numbers other work may have disturbed.
                 before = os.getloadavg()[0]
-                run_level(target.url, u, spec, out / "raw" / label, target.api_key, target.model)
+                run_level(target.url, u, spec, out / "raw" / label, target.api_key, target.model, dist)
                 meta.setdefault("machine_load", {}).setdefault(label, {})[str(u)] = [before, os.getloadavg()[0]]
             rss = target.rss_bytes()  # after the sweep: the KV cache and buffers have grown to their use
             if not args.skip_quality:

@@ -178,7 +178,13 @@ def _markdown(meta: dict, results: dict, quality: dict | None, plots: list[str])
               f"- Each level: {spec['duration_s']:g} s"
               + (f" or {spec['max_requests']} requests, whichever first" if spec["max_requests"] else "")
               + f"; request timeout {spec['request_timeout_s']:g} s; levels run one after the other, "
-              "one server at a time.", ""]
+              "one server at a time."]
+    gen = meta.get("load_generation") or {}
+    if gen.get("processes", 1) > 1 or gen.get("remote_workers"):
+        lines.append(f"- Load generators: locust's distributed mode, {gen['processes']} worker process(es) on this "
+                     f"machine (at most one per user)" + (f" + {gen['remote_workers']} on other machines"
+                                                          if gen.get("remote_workers") else "") + ".")
+    lines.append("")
     lines += ["| server | model | source | weights on disk | server RSS after the sweep |", "|---|---|---|---|---|"]
     for s in meta["servers"]:
         wb = f"{s['weights_bytes'] / 2**20:.0f} MiB" if s.get("weights_bytes") else "-"
