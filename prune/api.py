@@ -24,6 +24,7 @@ from duoserve.format.io import build_quant_config, save_checkpoint
 from duoserve.format.manifest import check_output_folder
 from duoserve.prune.architectures import decoder_layers, model_targets
 from duoserve.prune.data import calibration_windows
+from duoserve.prune.perplexity import bos_for
 from duoserve.prune.engine import EngineSettings, SequentialEngine
 from duoserve.prune.models import load_model_and_tokenizer
 from duoserve.prune.refiners import RefinedMethod, build_refiner
@@ -132,7 +133,8 @@ def prune_model(cfg: PruneConfig) -> dict[str, Any]:
     needs_data = method.needs_calibration or cfg.activation_sparsity > 0
     windows = desc = None
     if needs_data:
-        windows, desc = calibration_windows(cfg.calib_data, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+        windows, desc = calibration_windows(cfg.calib_data, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed,
+                                            bos_for(model, tokenizer))
         log.info("calibration data: %s", desc)
     if method.needs_calibration:
         workdir.start(resume=cfg.resume, overwrite=cfg.overwrite)
@@ -150,7 +152,7 @@ def prune_model(cfg: PruneConfig) -> dict[str, Any]:
         # A separate draw (seed + 1) so thresholds are not fit on the pruning windows only. Also at
         # p_x = 0: the grid lets the checkpoint be served with activation sparsity later.
         thr_windows, _ = calibration_windows(cfg.calib_data, tokenizer, cfg.threshold_nsamples, cfg.seqlen,
-                                             cfg.seed + 1)
+                                             cfg.seed + 1, bos_for(model, tokenizer))
         calibration = calibrate_threshold_grid(model, thr_windows, cfg.activation_sparsity, cfg.targets,
                                                batch_size=cfg.batch_size, device=device, seed=cfg.seed)
         if method.needs_calibration:

@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     methods = available_methods()
     refiners = available_refiners()
     p.add_argument("model", nargs="?", default=None,
-                   help="Hugging Face id or local HF folder (default: the built-in SmolLM2-135M-Instruct)")
+                   help="Hugging Face id, local HF folder, or a packaged model: smollm2-135m (the default) or gemma-3-270m (docs/pruning.md)")
     p.add_argument("--method", default="sparsegpt", metavar="NAME",
                    help="pruning method: " + "; ".join(f"{n} ({c.summary})" for n, c in methods.items()))
     p.add_argument("--refine", default=None, metavar="NAME",

