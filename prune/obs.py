@@ -61,6 +61,20 @@ class HessianStats:
         self.a = torch.zeros(k, dtype=torch.float32, device=device) if with_residual else None
         self.tokens = 0
 
+    def without(self, part: "HessianStats") -> "HessianStats":
+        """The statistics of the tokens in self but not in `part` (a subset of them): means -> sums,
+        subtract, -> means."""
+        rest = HessianStats.__new__(HessianStats)
+        rest.tokens = self.tokens - part.tokens
+        if rest.tokens <= 0:
+            raise ValueError("the held-out part has all the tokens; nothing is left to fit on")
+
+        def mean(total, sub):
+            return None if total is None else (total * self.tokens - sub * part.tokens) / rest.tokens
+
+        rest.H, rest.G, rest.a = mean(self.H, part.H), mean(self.G, part.G), mean(self.a, part.a)
+        return rest
+
     def add(self, x_hat: torch.Tensor, x_dense: torch.Tensor | None = None) -> None:
         """x_hat, x_dense: [T, K] fp32."""
         t = x_hat.shape[0]
@@ -87,6 +101,35 @@ class ObsSettings:
 
     def __post_init__(self):
         check_residual_target(self.residual_target)
+
+
+def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """H + damp * mean(diag H) I, with inputs that were always zero given a unit diagonal."""
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    return H
+
+
+@torch.no_grad()
+def heldout_residual_scale(weight: torch.Tensor, fit: HessianStats, heldout: HessianStats, damp: float) -> float:
+    """The residual strength that held-out calibration tokens support, in [0, 1].
+
+    The residual correction is a K x K regression: without pruning, the W' minimizing
+    ||W' X^ - W0 X~|| on the fit tokens is W0 + C with C = W0 G H^-1 (G = dX X^T). With few tokens
+    per unknown it fits noise, so its strength s is chosen on tokens the fit did not see:
+    s* = argmin_s ||s C X^_h - W0 dX_h||^2 = tr(C G_h^T W0^T) / tr(C H_h C^T), clipped to [0, 1]
+    (0 = SparseGPT's target, 1 = the paper's full residual). Both traces use the held-out means
+    of the same scale, so the normalization cancels.
+    """
+    W0 = weight.float()
+    C = torch.linalg.solve(damped(fit.H, damp), (W0 @ fit.G).T).T  # W0 G H^-1 (H symmetric)
+    num = float(((C @ heldout.G.T) * W0).sum())
+    den = float(((C @ heldout.H) * C).sum())
+    if not den > 0 or num != num:
+        return 0.0
+    return min(1.0, max(0.0, num / den))
 
 
 def _block_mask(scores: torch.Tensor, target: SparsityTarget) -> torch.Tensor:

@@ -38,6 +38,11 @@ SUITES = {
     "foundation": [(m, s, 0.0) for s in ("0.5", "2:4") for m in ("magnitude", "wanda", "sparsegpt")],
     "dual": [(m, "0.5", 0.5) for m in ("wanda", "sparsegpt", "duogpt")],
     "sweep": [(m, str(p), p) for p in (0.3, 0.4, 0.5, 0.55, 0.6, 0.65) for m in ("wanda", "sparsegpt", "duogpt")],
+    # DuoGPT's components against dual-sparse SparseGPT at W50+X50 (docs/pruning.md, "Robustness").
+    # Options are spelled out (not left to defaults), so cached results stay valid when defaults change.
+    "duogpt-ablation": [("sparsegpt", "0.5", 0.5),
+                        *[("duogpt", "0.5", 0.5, {"damp": d, "act_order": o, "residual_scale": r})
+                          for r in ("auto", 0.5, 0.0, 0.25) for d, o in ((0.1, True), (0.01, False))]],
     "duogpt-residual": [("duogpt", str(p), p, {"residual_scale": r, "residual_target": t})
                         for p in (0.5, 0.6) for t in ("running", "original") for r in (0.0, 0.25, 0.5, 1.0)
                         if not (r == 0.0 and t == "original")],  # scale 0: no residual, the target is moot
@@ -112,8 +117,11 @@ def prune(args, method: str, sparsity: str, p_x: float, options: dict) -> tuple[
         cmd = [sys.executable, "-m", "duoserve.cli", "prune", "--method", method, "--sparsity", sparsity,
                "--activation-sparsity", str(p_x), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                "-o", str(ckpt), "--json", str(summary)]
+        if args.model:
+            cmd.insert(4, args.model)
         for k, v in options.items():
-            cmd += [f"--{k.replace('_', '-')}", str(v)]
+            flag = k.replace('_', '-')
+            cmd += [f"--{flag}" if v is True else f"--no-{flag}"] if isinstance(v, bool) else [f"--{flag}", str(v)]
         if ckpt.with_name(ckpt.name + ".partial").exists():
             cmd.append("--resume")
         elif ckpt.exists():
@@ -128,6 +136,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", choices=sorted(SUITES))
     p.add_argument("--work", type=Path, required=True, help="folder for checkpoints, logs and cached results")
+    p.add_argument("--model", default=None, help="model to prune (default: the built-in SmolLM2-135M-Instruct; "
+                   "gemma-3-270m: the packaged Gemma-3-270M)")
+    p.add_argument("--modes", default="topk,threshold",
+                   help="activation modes to evaluate each dual-sparse checkpoint in (comma-separated)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048, help="calibration window length")
     p.add_argument("--data", default="wikitext2")
@@ -145,10 +157,12 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
 
     dual = args.suite != "foundation"
-    rows = [{"method": "dense", "sparsity": "-", "p_x": 0.0, "ppl_off": evaluate(args, "default", "off", None, "dense")}]
-    if dual:
+    dense_model = args.model or "default"
+    rows = [{"method": "dense", "sparsity": "-", "p_x": 0.0, "ppl_off": evaluate(args, dense_model, "off", None, "dense")}]
+    modes = args.modes.split(",")
+    if dual and "topk" in modes:
         for p_x in sorted({c[2] for c in SUITES[args.suite]}):
-            rows[0][f"ppl_topk_{p_x:g}"] = evaluate(args, "default", "topk", p_x, f"dense-topk{p_x:g}")
+            rows[0][f"ppl_topk_{p_x:g}"] = evaluate(args, dense_model, "topk", p_x, f"dense-topk{p_x:g}")
     configs = SUITES[args.suite]
     order = configs
     if args.first:  # compute these sparsity levels before the others; the table keeps its order
@@ -169,8 +183,8 @@ def main() -> int:
                    "config": config}
             key = ckpt.name[len("ckpt-"):]
             if dual:
-                row["ppl_topk"] = evaluate(args, str(ckpt), "topk", None, key + "-topk")
-                row["ppl_threshold"] = evaluate(args, str(ckpt), "threshold", None, key + "-threshold")
+                for mode in modes:
+                    row[f"ppl_{mode}"] = evaluate(args, str(ckpt), mode, None, f"{key}-{mode}")
             else:
                 row["ppl_off"] = evaluate(args, str(ckpt), "off", None, key + "-off")
         except NotRun:
@@ -181,7 +195,8 @@ def main() -> int:
     position = {repr(c): i for i, c in enumerate(configs)}
     rows[1:] = sorted(rows[1:], key=lambda r: position[repr(r["config"])])
 
-    settings = (f"calibration: {args.nsamples} x {args.seqlen} tokens (C4, seed 0); evaluation: "
+    settings = (f"model: {args.model or 'SmolLM2-135M-Instruct'}; "
+                f"calibration: {args.nsamples} x {args.seqlen} tokens (C4, seed 0); evaluation: "
                 f"{rows[0]['ppl_off']['data']}, seqlen {args.eval_seqlen}, {rows[0]['ppl_off']['windows']} windows, "
                 f"{args.eval_dtype}; "
                 f"machine: {platform.machine()} {os.cpu_count()} cores; command: "
@@ -213,8 +228,12 @@ def render(rows: list[dict], dual: bool, settings: str) -> str:
             continue
         pr = r["prune"]
         if dual:
-            lines.append(f"| {label(r['method'], r['options'])} | {r['sparsity']} | {r['p_x']:g} | {r['ppl_topk']['ppl']:.2f} | "
-                         f"{r['ppl_threshold']['ppl']:.2f} | {r['ppl_threshold']['realized_px']:.3f} | "
+            def ppl(mode):
+                return f"{r[mode]['ppl']:.2f}" if mode in r else "-"
+
+            realized = f"{r['ppl_threshold']['realized_px']:.3f}" if "ppl_threshold" in r else "-"
+            lines.append(f"| {label(r['method'], r['options'])} | {r['sparsity']} | {r['p_x']:g} | {ppl('ppl_topk')} | "
+                         f"{ppl('ppl_threshold')} | {realized} | "
                          f"{pr['prune_seconds']:.0f} | {pr['peak_rss_mib']:.0f} |")
         else:
             lines.append(f"| {label(r['method'], r['options'])} | {r['sparsity']} | {r['ppl_off']['ppl']:.2f} | {pr['prune_seconds']:.0f} | "

@@ -26,9 +26,9 @@ class DuoGPTOptions:
     damp: float = field(default=0.1, metadata={"help": "dampening, as a fraction of mean(diag H)"})
     act_order: bool | None = field(default=None, metadata={
         "help": "process columns by decreasing diag(H) (default: on for unstructured as in the paper, off for N:M)"})
-    residual_scale: float = field(default=0.5, metadata={
-        "help": "factor on the residual dX (1 = the paper's objective; 0.5, as in GPTAQ's code, was best on "
-                "SmolLM2 at W50/60+X50/60: docs/pruning.md)"})
+    residual_scale: str = field(default="auto", metadata={
+        "help": "factor on the residual dX in [0, 1] (1 = the paper's objective), or auto (default): chosen per "
+                "linear on held-out calibration tokens (docs/pruning.md)"})
     residual_target: str = field(default="original", metadata={
         "help": "weights the residual W dX is attributed to: original (the dense weights: the fixed objective "
                 "||W' X^ - W X~||) or running (Algorithm 1 as printed; the target moves with every update and "
@@ -39,8 +39,14 @@ class DuoGPTOptions:
             raise ValueError(f"blocksize must be positive, got {self.blocksize}")
         if not self.damp > 0:
             raise ValueError(f"damp must be > 0 (Cholesky of H needs it), got {self.damp}")
-        if not self.residual_scale >= 0:
-            raise ValueError(f"residual_scale must be >= 0, got {self.residual_scale}")
+        if self.residual_scale != "auto":
+            try:
+                scale = float(self.residual_scale)
+            except (TypeError, ValueError):
+                raise ValueError(f"residual_scale must be a number >= 0 or auto, got {self.residual_scale!r}") from None
+            if not scale >= 0:
+                raise ValueError(f"residual_scale must be >= 0, got {self.residual_scale}")
+            object.__setattr__(self, "residual_scale", scale)
         check_residual_target(self.residual_target)  # here too: bad CLI input fails before any work
 
 
@@ -62,4 +68,4 @@ class DuoGPT(PruningMethod):
         o = self.options
         act_order = (not self.target.is_nm) if o.act_order is None else o.act_order
         return ObsObserver(self, linear.in_features, linear.weight.device, True,
-                           ObsSettings(o.blocksize, o.damp, act_order, o.residual_scale, o.residual_target))
+                           ObsSettings(o.blocksize, o.damp, act_order, o.residual_scale, o.residual_target), name)

@@ -6,12 +6,20 @@ Defaults follow the SparseGPT paper: dampening 0.01, B = 128, no act_order.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 
 from duoserve.errors import InputError
 from duoserve.prune.activation import sparsify_topk
-from duoserve.prune.obs import HessianStats, ObsSettings, obs_prune
+from duoserve.prune.obs import HessianStats, ObsSettings, heldout_residual_scale, obs_prune
 from duoserve.prune.registry import LinearObserver, PruningMethod, register
+
+log = logging.getLogger(__name__)
+
+# With residual_scale "auto", this fraction of every calibration batch's tokens (its last rows:
+# whole windows at the engine's default of 4 windows per batch) is held out to choose the scale.
+HELDOUT_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -28,18 +36,31 @@ class ObsOptions:
 
 
 class ObsObserver(LinearObserver):
-    def __init__(self, method: PruningMethod, in_features: int, device, with_residual: bool, settings: ObsSettings):
-        self.method = method
+    def __init__(self, method: PruningMethod, in_features: int, device, with_residual: bool, settings: ObsSettings,
+                 name: str = ""):
+        self.method, self.name = method, name
         self.stats = HessianStats(in_features, with_residual, device)
         self.settings = settings
+        # "auto": statistics of held-out tokens as well (they stay in self.stats: the final solve
+        # uses every token, the held-out split only chooses the scale).
+        self.heldout = HessianStats(in_features, True, device) if settings.residual_scale == "auto" else None
 
     def add_batch(self, x, x_dense):
         p_x = self.method.activation_sparsity
         x_hat = sparsify_topk(x, p_x) if p_x > 0 else x  # [T, K]
         self.stats.add(x_hat, x_dense if self.stats.G is not None else None)
+        if self.heldout is not None:
+            h = max(1, int(round(x_hat.shape[0] * HELDOUT_FRACTION)))
+            self.heldout.add(x_hat[-h:], x_dense[-h:])
 
     def prune(self, weight):
-        return obs_prune(weight, self.stats, self.method.target, self.settings)
+        settings = self.settings
+        if self.heldout is not None:
+            scale = heldout_residual_scale(weight, self.stats.without(self.heldout), self.heldout, settings.damp)
+            log.info("%s: residual scale %.3f (chosen on %d held-out calibration tokens)", self.name, scale,
+                     self.heldout.tokens)
+            settings = dataclasses.replace(settings, residual_scale=scale)
+        return obs_prune(weight, self.stats, self.method.target, settings)
 
 
 def check_nm_blocksize(method: PruningMethod) -> None:

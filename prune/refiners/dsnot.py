@@ -47,12 +47,18 @@ class DSnoTOptions:
 def target_residual_scale(options: DSnoTOptions, method) -> float:
     """The refiner's factor on X~ - X^: its own option if given, else the base method's, else 1.
 
-    DuoGPT calibrates toward X^ + 0.5 (X~ - X^) by default; a refiner aiming at the full X~ would
+    DuoGPT calibrates toward X^ + s (X~ - X^) with s < 1; a refiner aiming at the full X~ would
     pull the weights back toward the objective the base deliberately shrank (docs/symmetric.md has
-    both measured)."""
+    both measured). DuoGPT's default s is chosen per linear only when the base solves, after the
+    refiner's statistics are collected, so with it the refiner aims at 0.5 (the fixed default
+    that "auto" replaced)."""
     if options.residual_scale is not None:
         return options.residual_scale
-    return float(getattr(method.options, "residual_scale", 1.0))
+    scale = getattr(method.options, "residual_scale", 1.0)
+    return AUTO_SCALE_FOR_REFINERS if scale == "auto" else float(scale)
+
+
+AUTO_SCALE_FOR_REFINERS = 0.5
 
 
 class PruneGrowObserver(RefineObserver):
