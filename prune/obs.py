@@ -54,8 +54,10 @@ class HessianStats:
     (per input channel), dx = x~ - x^.
     """
 
-    def __init__(self, in_features: int, with_residual: bool, device):
+    def __init__(self, in_features: int, with_residual: bool, device, with_gap: bool = False):
         k = in_features
+        # F = mean of 2 dx dx^T: only for held-out tokens, to report how much of W0 dX a correction explains.
+        self.F = torch.zeros(k, k, dtype=torch.float32, device=device) if with_gap else None
         self.H = torch.zeros(k, k, dtype=torch.float32, device=device)
         self.G = torch.zeros(k, k, dtype=torch.float32, device=device) if with_residual else None
         self.a = torch.zeros(k, dtype=torch.float32, device=device) if with_residual else None
@@ -73,6 +75,7 @@ class HessianStats:
             return None if total is None else (total * self.tokens - sub * part.tokens) / rest.tokens
 
         rest.H, rest.G, rest.a = mean(self.H, part.H), mean(self.G, part.G), mean(self.a, part.a)
+        rest.F = None
         return rest
 
     def add(self, x_hat: torch.Tensor, x_dense: torch.Tensor | None = None) -> None:
@@ -89,6 +92,8 @@ class HessianStats:
             dxs = x_dense.float() * scale - xs  # [T, K]
             self.G.mul_(keep).addmm_(dxs.T, xs)
             self.a.mul_(keep).add_((dxs ** 2).sum(0))
+            if self.F is not None:
+                self.F.mul_(keep).addmm_(dxs.T, dxs)
 
 
 @dataclass(frozen=True)
@@ -112,8 +117,20 @@ def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
     return H
 
 
+@dataclass(frozen=True)
+class ResidualChoice:
+    """The held-out choice of the residual strength, and what it buys on the held-out tokens:
+    the fraction of ||W0 dX_h||^2 (the gap between the dense model's output and the sparse
+    inputs' output) that the correction s C removes, at the chosen s and at the paper's s = 1
+    (negative: the correction makes held-out outputs worse). None without held-out gap statistics."""
+    scale: float
+    explained: float | None = None
+    explained_at_1: float | None = None
+
+
 @torch.no_grad()
-def heldout_residual_scale(weight: torch.Tensor, fit: HessianStats, heldout: HessianStats, damp: float) -> float:
+def heldout_residual_scale(weight: torch.Tensor, fit: HessianStats, heldout: HessianStats,
+                           damp: float) -> ResidualChoice:
     """The residual strength that held-out calibration tokens support, in [0, 1].
 
     The residual correction is a K x K regression: without pruning, the W' minimizing
@@ -127,9 +144,15 @@ def heldout_residual_scale(weight: torch.Tensor, fit: HessianStats, heldout: Hes
     C = torch.linalg.solve(damped(fit.H, damp), (W0 @ fit.G).T).T  # W0 G H^-1 (H symmetric)
     num = float(((C @ heldout.G.T) * W0).sum())
     den = float(((C @ heldout.H) * C).sum())
-    if not den > 0 or num != num:
-        return 0.0
-    return min(1.0, max(0.0, num / den))
+    scale = min(1.0, max(0.0, num / den)) if den > 0 and num == num else 0.0
+    if heldout.F is None:
+        return ResidualChoice(scale)
+    gap = float(((W0 @ heldout.F) * W0).sum())  # ||W0 dX_h||^2, the error at s = 0
+
+    def explained(s):  # 1 - ||s C X^_h - W0 dX_h||^2 / ||W0 dX_h||^2
+        return (2 * s * num - s * s * den) / gap if gap > 0 else 0.0
+
+    return ResidualChoice(scale, explained(scale), explained(1.0))
 
 
 def _block_mask(scores: torch.Tensor, target: SparsityTarget) -> torch.Tensor:

@@ -141,8 +141,8 @@ def test_option_validation():
         get_method("nope")
 
 
-def _stats(x_hat, x_dense):
-    stats = HessianStats(x_hat.shape[1], True, "cpu")
+def _stats(x_hat, x_dense, with_gap=False):
+    stats = HessianStats(x_hat.shape[1], True, "cpu", with_gap=with_gap)
     for a, b in zip(x_hat.split(256), x_dense.split(256)):
         stats.add(a, b)
     return stats
@@ -171,9 +171,17 @@ def test_heldout_scale_keeps_a_real_residual_and_drops_a_fitted_noise():
     signal = x_hat @ mixing
     noise = torch.randn(640, k, generator=g)
     for d_x, low, high in ((signal, 0.9, 1.0), (noise, 0.0, 0.15)):
-        fit, held = _stats(x_hat[:512], x_hat[:512] + d_x[:512]), _stats(x_hat[512:], x_hat[512:] + d_x[512:])
-        scale = heldout_residual_scale(w0, fit, held, damp=0.01)
-        assert low <= scale <= high, (scale, low, high)
+        fit = _stats(x_hat[:512], x_hat[:512] + d_x[:512])
+        held = _stats(x_hat[512:], x_hat[512:] + d_x[512:], with_gap=True)
+        choice = heldout_residual_scale(w0, fit, held, damp=0.01)
+        assert low <= choice.scale <= high, (choice, low, high)
+        # The held-out gap it removes: most of it for a real residual; for noise the full-scale
+        # fit makes held-out outputs worse than no correction, the chosen one does not.
+        assert choice.explained >= choice.explained_at_1
+        if d_x is signal:
+            assert choice.explained > 0.8, choice
+        else:
+            assert choice.explained_at_1 < 0 <= choice.explained, choice
 
 
 def test_auto_scale_is_chosen_on_the_last_quarter_of_each_calibration_batch(caplog):
@@ -194,10 +202,10 @@ def test_auto_scale_is_chosen_on_the_last_quarter_of_each_calibration_batch(capl
     for a, b in batches:
         obs.add_batch(a, b)
     h = int(512 * HELDOUT_FRACTION)
-    held = HessianStats(k, True, "cpu")
+    held = HessianStats(k, True, "cpu", with_gap=True)
     for a, b in batches:
         held.add(sparsify_topk(a[-h:], 0.5), b[-h:])
-    expected = heldout_residual_scale(w, obs.stats.without(held), held, method.options.damp)
+    expected = heldout_residual_scale(w, obs.stats.without(held), held, method.options.damp).scale
     with caplog.at_level("INFO"):
         got = obs.prune(w.clone())
     assert f"mlp.down_proj: residual scale {expected:.3f}" in caplog.text
