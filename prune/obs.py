@@ -32,6 +32,7 @@ literal defaults (1, running); DuoGPTOptions defaults to the measured best (0.5,
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -155,13 +156,48 @@ def heldout_residual_scale(weight: torch.Tensor, fit: HessianStats, heldout: Hes
     return ResidualChoice(scale, explained(scale), explained(1.0))
 
 
+@torch.no_grad()
+def heldout_pruned_scale(weight: torch.Tensor, fit: HessianStats, heldout: HessianStats, target: SparsityTarget,
+                         settings: ObsSettings, reference: float = 0.5) -> tuple[ResidualChoice, torch.Tensor]:
+    """The residual strength whose *pruned* weights do best on held-out tokens, in [0, 1].
+
+    Prunes on the fit tokens at the reference scale (which chooses the mask), solves again with
+    that mask at scale 0; with a fixed mask the weights are affine in the scale,
+    W(s) = W(0) + s (W(ref) - W(0)) / ref, so the held-out objective ||W(s) X^_h - W0 X~_h||^2 is a
+    quadratic in s and its minimum has a closed form. Returns the choice (explained: the held-out
+    objective's reduction relative to s = 0) and the mask."""
+    W0 = weight.float()
+    at_ref = obs_prune(W0, fit, target, dataclasses.replace(settings, residual_scale=reference))
+    mask = at_ref == 0
+    at_zero = obs_prune(W0, fit, target, dataclasses.replace(settings, residual_scale=0.0), mask=mask)
+    slope = (at_ref - at_zero) / reference  # dW/ds
+    A = at_zero - W0  # Delta(s) = A + s slope
+    H, G = heldout.H, heldout.G
+    linear = float(((slope @ G.T) * W0).sum()) - float(((A @ H) * slope).sum())
+    quad = float(((slope @ H) * slope).sum())
+    scale = min(1.0, max(0.0, linear / quad)) if quad > 0 and linear == linear else 0.0
+    if heldout.F is None:
+        return ResidualChoice(scale), mask
+    e0 = float(((A @ H) * A).sum()) - 2 * float(((A @ G.T) * W0).sum()) + float(((W0 @ heldout.F) * W0).sum())
+
+    def reduction(s):  # 1 - E(s) / E(0)
+        return (2 * s * linear - s * s * quad) / e0 if e0 > 0 else 0.0
+
+    return ResidualChoice(scale, reduction(scale), reduction(1.0)), mask
+
+
 def _block_mask(scores: torch.Tensor, target: SparsityTarget) -> torch.Tensor:
     return prune_lowest_overall(scores, target.fraction)
 
 
 @torch.no_grad()
-def obs_prune(weight: torch.Tensor, stats: HessianStats, target: SparsityTarget, settings: ObsSettings) -> torch.Tensor:
-    """Prune W [N, K] (fp32) with SparseGPT's solver, or DuoGPT's when stats carry a residual."""
+def obs_prune(weight: torch.Tensor, stats: HessianStats, target: SparsityTarget, settings: ObsSettings,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Prune W [N, K] (fp32) with SparseGPT's solver, or DuoGPT's when stats carry a residual.
+
+    mask: [N, K] bool, True = prune: use this mask instead of choosing one (the updates still run).
+    With a fixed mask the result is affine in residual_scale (every update is linear in W0 and D,
+    and D is linear in the scale), which the held-out choice of the scale relies on."""
     W = weight.clone().float()  # [N, K]
     n, k = W.shape
     H = stats.H.clone()
@@ -180,6 +216,8 @@ def obs_prune(weight: torch.Tensor, stats: HessianStats, target: SparsityTarget,
     if settings.act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
+        if mask is not None:
+            mask = mask[:, perm]
         if G is not None:
             G, a = G[perm][:, perm], a[perm]
 
@@ -223,12 +261,12 @@ def obs_prune(weight: torch.Tensor, stats: HessianStats, target: SparsityTarget,
             Wres = W0[:, i1:i2] if W0 is not None else torch.zeros_like(W1)
         Lt1 = Lt[i1:i2, i1:i2]
         D1 = D[i1:i2, i1:i2] if D is not None else None
-        mask1 = None
-        if not target.is_nm:
+        mask1 = mask[:, i1:i2] if mask is not None else None
+        if mask1 is None and not target.is_nm:
             mask1 = _block_mask(block_scores(W1, slice(i1, i2)), target)  # [N, B] True = prune
         for i in range(i2 - i1):
             w = W1[:, i]
-            if target.is_nm and i % target.m == 0:
+            if mask is None and target.is_nm and i % target.m == 0:
                 group = block_scores(W1[:, i:i + target.m], slice(i1 + i, i1 + i + target.m))
                 if mask1 is None:
                     mask1 = torch.zeros_like(W1, dtype=torch.bool)

@@ -42,7 +42,7 @@ SUITES = {
     # Options are spelled out (not left to defaults), so cached results stay valid when defaults change.
     "duogpt-ablation": [("sparsegpt", "0.5", 0.5),
                         *[("duogpt", "0.5", 0.5, {"damp": d, "act_order": o, "residual_scale": r})
-                          for r in ("auto", 0.5, 0.0, 0.25) for d, o in ((0.1, True), (0.01, False))]],
+                          for r in ("auto", "auto-linear", 0.5, 0.0) for d, o in ((0.1, True), (0.01, False))]],
     "duogpt-residual": [("duogpt", str(p), p, {"residual_scale": r, "residual_target": t})
                         for p in (0.5, 0.6) for t in ("running", "original") for r in (0.0, 0.25, 0.5, 1.0)
                         if not (r == 0.0 and t == "original")],  # scale 0: no residual, the target is moot

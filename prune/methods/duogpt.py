@@ -39,11 +39,12 @@ class DuoGPTOptions:
             raise ValueError(f"blocksize must be positive, got {self.blocksize}")
         if not self.damp > 0:
             raise ValueError(f"damp must be > 0 (Cholesky of H needs it), got {self.damp}")
-        if self.residual_scale != "auto":
+        if self.residual_scale not in ("auto", "auto-linear"):
             try:
                 scale = float(self.residual_scale)
             except (TypeError, ValueError):
-                raise ValueError(f"residual_scale must be a number >= 0 or auto, got {self.residual_scale!r}") from None
+                raise ValueError(f"residual_scale must be a number >= 0, auto or auto-linear, got "
+                                 f"{self.residual_scale!r}") from None
             if not scale >= 0:
                 raise ValueError(f"residual_scale must be >= 0, got {self.residual_scale}")
             object.__setattr__(self, "residual_scale", scale)

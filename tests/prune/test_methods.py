@@ -188,7 +188,7 @@ def test_auto_scale_is_chosen_on_the_last_quarter_of_each_calibration_batch(capl
     """DuoGPT's default residual scale comes from calibration batches only: the observer holds out
     the last quarter of every batch it is given, and the final solve still uses every token."""
     from duoserve.prune.methods.sparsegpt import HELDOUT_FRACTION
-    from duoserve.prune.obs import heldout_residual_scale
+    from duoserve.prune.obs import heldout_pruned_scale
 
     k = 64
     x_dense = correlated_inputs(2048, k, seed=9)
@@ -205,10 +205,10 @@ def test_auto_scale_is_chosen_on_the_last_quarter_of_each_calibration_batch(capl
     held = HessianStats(k, True, "cpu", with_gap=True)
     for a, b in batches:
         held.add(sparsify_topk(a[-h:], 0.5), b[-h:])
-    expected = heldout_residual_scale(w, obs.stats.without(held), held, method.options.damp).scale
+    expected = heldout_pruned_scale(w, obs.stats.without(held), held, method.target, obs.settings)[0].scale
     with caplog.at_level("INFO"):
         got = obs.prune(w.clone())
-    assert f"mlp.down_proj: residual scale {expected:.3f}" in caplog.text
+    assert f"mlp.down_proj: residual scale {expected:.3f}" in caplog.text and 0 < expected < 1
     assert obs.stats.tokens == 2048
     fixed = prune_with("duogpt", w, x, "0.5", p_x=0.5, x_dense=x_dense, residual_scale=expected)
     torch.testing.assert_close(got, fixed)
@@ -218,5 +218,47 @@ def test_residual_scale_accepts_numbers_and_auto_only():
     from duoserve.errors import InputError
 
     assert build_options(get_method("duogpt"), {"residual_scale": "0.25"}).residual_scale == 0.25
-    with pytest.raises(InputError, match="residual_scale must be a number >= 0 or auto"):
+    with pytest.raises(InputError, match="residual_scale must be a number >= 0, auto or auto-linear"):
         build_options(get_method("duogpt"), {"residual_scale": "half"})
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_with_a_fixed_mask_the_weights_are_affine_in_the_residual_scale(act_order):
+    k = 96
+    x_dense = correlated_inputs(2048, k, seed=10)
+    x = sparsify_topk(x_dense + 0.3 * torch.randn_like(x_dense), 0.5)
+    stats = _stats(x, x_dense)
+    w = torch.randn(24, k, generator=torch.Generator().manual_seed(10))
+    target = SparsityTarget(0.5)
+
+    def solve(scale, mask=None):
+        return obs_prune(w, stats, target, ObsSettings(32, 0.1, act_order, scale, "original"), mask=mask)
+
+    mask = solve(0.5) == 0
+    at = {s: solve(s, mask) for s in (0.0, 0.25, 0.5)}
+    assert torch.equal(at[0.5] == 0, mask) and torch.equal(at[0.0] == 0, mask)
+    torch.testing.assert_close(at[0.25], (at[0.0] + at[0.5]) / 2, rtol=1e-4, atol=1e-4)
+
+
+def test_heldout_pruned_scale_minimizes_the_heldout_objective_of_the_pruned_weights():
+    from duoserve.prune.obs import heldout_pruned_scale
+
+    k = 96
+    x_dense = correlated_inputs(3072, k, seed=11)
+    x = sparsify_topk(x_dense + 0.3 * torch.randn_like(x_dense), 0.5)
+    w = torch.randn(24, k, generator=torch.Generator().manual_seed(11))
+    fit, held = _stats(x[:2048], x_dense[:2048]), _stats(x[2048:], x_dense[2048:], with_gap=True)
+    settings = ObsSettings(32, 0.1, True, 0.5, "original")
+    choice, mask = heldout_pruned_scale(w, fit, held, SparsityTarget(0.5), settings)
+    assert 0.0 <= choice.scale <= 1.0 and choice.explained >= choice.explained_at_1
+
+    def heldout_error(s):
+        pruned = obs_prune(w, fit, SparsityTarget(0.5), ObsSettings(32, 0.1, True, s, "original"), mask=mask)
+        return float(((x[2048:] @ pruned.T - x_dense[2048:] @ w.T) ** 2).sum())
+
+    grid = [i / 20 for i in range(21)]
+    best = min(grid, key=heldout_error)
+    assert abs(best - choice.scale) <= 0.05 + 1e-9, (best, choice)
+    # The reported reduction is the measured one.
+    measured = 1 - heldout_error(choice.scale) / heldout_error(0.0)
+    assert choice.explained == pytest.approx(measured, rel=1e-2, abs=1e-3)
