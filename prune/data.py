@@ -142,8 +142,9 @@ def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed
                         bos_id: int | None = None) -> tuple[torch.Tensor, str]:
     """[nsamples, seqlen] token windows drawn at random (seeded) from the calibration text.
 
-    Documents are tokenized and joined with EOS into one stream; window starts are drawn uniformly
-    from it. (SparseGPT draws from single documents longer than seqlen, which the packaged
+    Documents are tokenized and joined with EOS into one stream (about 4 x nsamples x seqlen tokens
+    of it) and the windows are distinct slots of it chosen at random, so they never overlap
+    (unless the text is too short for that: then the starts are drawn uniformly, with a warning). (SparseGPT draws from single documents longer than seqlen, which the packaged
     sample rarely has; on a concatenated stream both draw real text windows of the same length.)
     With bos_id (models that expect a BOS at the start of every sequence: Gemma) each window is
     BOS + seqlen - 1 text tokens, as in evaluation and serving; without it such a model calibrates
@@ -162,7 +163,16 @@ def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed
         raise InputError(f"calibration data {desc} has {len(stream)} tokens, fewer than one window of {seqlen}")
     ids = torch.tensor(stream, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(stream) - seqlen, (nsamples,), generator=gen)
+    slots = len(stream) // seqlen
+    if slots >= nsamples:
+        # Disjoint windows: no text is counted twice, and a window held out of a fit (DuoGPT's
+        # residual scale) shares no token with the windows fitted on.
+        offset = int(torch.randint(0, len(stream) - slots * seqlen + 1, (1,), generator=gen))
+        starts = offset + seqlen * torch.randperm(slots, generator=gen)[:nsamples]
+    else:
+        log.warning("calibration data %s holds %d windows of %d tokens, fewer than --nsamples %d: windows overlap",
+                    desc, slots, seqlen, nsamples)
+        starts = torch.randint(0, len(stream) - seqlen, (nsamples,), generator=gen)
     windows = torch.stack([ids[s: s + seqlen] for s in starts.tolist()])  # [nsamples, seqlen]
     if bos_id is not None:
         windows = torch.cat([torch.full((nsamples, 1), bos_id, dtype=windows.dtype), windows[:, :-1]], dim=1)

@@ -26,3 +26,35 @@ def test_gemma_models_get_a_bos_and_llama_models_do_not():
     gemma = types.SimpleNamespace(config=types.SimpleNamespace(model_type="gemma3_text"))
     llama = types.SimpleNamespace(config=types.SimpleNamespace(model_type="llama"))
     assert bos_for(gemma, tokenizer) == 2 and bos_for(llama, tokenizer) is None
+
+
+class _CountingTokenizer:
+    """Every token of the stream is a distinct integer, so a window's tokens say where it lies."""
+    eos_token_id = None
+
+    def __init__(self):
+        self.next = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        n = len(text.split())
+        ids = list(range(self.next, self.next + n))
+        self.next += n
+        return {"input_ids": ids}
+
+
+def test_windows_never_share_text(tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join("word " * 50 for _ in range(100)))  # 5,000 tokens
+    for seed in range(5):
+        windows, _ = calibration_windows(str(text), _CountingTokenizer(), 16, 64, seed=seed)
+        tokens = windows.flatten().tolist()
+        assert len(set(tokens)) == len(tokens)  # no token in two windows
+        assert windows.shape == (16, 64) and (windows[:, 1:] - windows[:, :-1] == 1).all()  # contiguous text
+
+
+def test_too_short_text_overlaps_with_a_warning(tmp_path, caplog):
+    text = tmp_path / "calib.txt"
+    text.write_text("word " * 100)
+    with caplog.at_level("WARNING"):
+        windows, _ = calibration_windows(str(text), _CountingTokenizer(), 4, 64, seed=0)
+    assert windows.shape == (4, 64) and "windows overlap" in caplog.text
