@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -107,6 +108,16 @@ def evaluate(args, target: str, mode: str | None, p_x: float | None, key: str) -
     return cached(args.work / f"result-eval-{key}.json", compute, args.cached_only)
 
 
+def chosen_scales(log: Path) -> dict | None:
+    """DuoGPT's per-linear residual scales chosen on held-out tokens (--residual-scale auto), from its log."""
+    values = [float(m) for m in re.findall(r": residual scale ([0-9.]+) \(chosen", log.read_text())]
+    if not values:
+        return None
+    values.sort()
+    return {"n": len(values), "mean": sum(values) / len(values), "min": values[0], "median": values[len(values) // 2],
+            "max": values[-1]}
+
+
 def prune(args, method: str, sparsity: str, p_x: float, options: dict) -> tuple[Path, dict]:
     key = f"{method}-{sparsity.replace(':', 'of')}-x{p_x:g}"
     key += "".join(f"-{k.replace('_', '')}{_fmt(v)}" for k, v in options.items())
@@ -127,7 +138,8 @@ def prune(args, method: str, sparsity: str, p_x: float, options: dict) -> tuple[
         elif ckpt.exists():
             cmd.append("--overwrite")
         seconds = run(cmd, args.work / f"prune-{key}.log")
-        return {**json.loads(summary.read_text()), "wall_seconds": round(seconds, 1)}
+        return {**json.loads(summary.read_text()), "wall_seconds": round(seconds, 1),
+                "residual_scales": chosen_scales(args.work / f"prune-{key}.log")}
 
     return ckpt, cached(args.work / f"result-prune-{key}.json", compute, args.cached_only)
 
@@ -182,6 +194,9 @@ def main() -> int:
             row = {"method": method, "sparsity": sparsity, "p_x": p_x, "options": options, "prune": summary,
                    "config": config}
             key = ckpt.name[len("ckpt-"):]
+            prune_log = args.work / f"prune-{key}.log"
+            if "residual_scales" not in summary and prune_log.is_file():  # results cached before the field existed
+                summary["residual_scales"] = chosen_scales(prune_log)
             if dual:
                 for mode in modes:
                     row[f"ppl_{mode}"] = evaluate(args, str(ckpt), mode, None, f"{key}-{mode}")
@@ -232,7 +247,11 @@ def render(rows: list[dict], dual: bool, settings: str) -> str:
                 return f"{r[mode]['ppl']:.2f}" if mode in r else "-"
 
             realized = f"{r['ppl_threshold']['realized_px']:.3f}" if "ppl_threshold" in r else "-"
-            lines.append(f"| {label(r['method'], r['options'])} | {r['sparsity']} | {r['p_x']:g} | {ppl('ppl_topk')} | "
+            name = label(r['method'], r['options'])
+            if pr.get("residual_scales"):
+                sc = pr["residual_scales"]
+                name += f" [chosen scale median {sc['median']:.2f}, {sc['min']:.2f}-{sc['max']:.2f}]"
+            lines.append(f"| {name} | {r['sparsity']} | {r['p_x']:g} | {ppl('ppl_topk')} | "
                          f"{ppl('ppl_threshold')} | {realized} | "
                          f"{pr['prune_seconds']:.0f} | {pr['peak_rss_mib']:.0f} |")
         else:
