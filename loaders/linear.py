@@ -6,15 +6,24 @@ shards with equal thresholds (the usual case: they read the same input) are pack
 and run as one op call; shards with different thresholds get their own call and the outputs are
 concatenated along the last dim. Both are exact.
 
-Parameters created for the on-disk format (docs/checkpoint-format.md), one of each per layer with
-the shards stacked:
-  bitmask: weight_bitmask uint8 [sum N_s, ceil(K/8)], weight_values [sum nnz_s] (nnz from the
-           metadata, since vLLM allocates before it reads), act_threshold fp32 [S] (NaN until loaded)
-  dense:   weight [sum N_s, K], act_threshold fp32 [S]
-Our own weight loader places each shard at its offset, checks its shape and records that it
-arrived; process_weights_after_loading refuses missing pieces, packs each shard with
-duoserve.kernels and frees the on-disk tensors. A serve-time activation sparsity replaces the loaded
+Loading (docs/checkpoint-format.md for the on-disk tensors): each layer registers one parameter per
+on-disk tensor name so that vLLM's loader finds it (weight_bitmask + weight_values, or weight for
+the dense format, and act_threshold fp32 [S], NaN until loaded), each with our own weight loader.
+The weight parameters are empty placeholders: a shard's tensors are kept as they arrive, and once
+all of a shard's weight tensors are in, the loader checks them against the metadata (shape, dtype,
+popcount == nnz) and keeps only this rank's part (duoserve.loaders.sharding): the whole shard
+without tensor parallelism, a block of output rows in a column-parallel layer, a block of input
+columns in a row-parallel one. process_weights_after_loading refuses missing pieces, packs the
+parts with duoserve.kernels and frees them. A serve-time activation sparsity replaces the loaded
 thresholds with the ones DuoserveConfig selected from the checkpoint's grid.
+
+Why cut at arrival (the tensor-parallel cost): a rank's value count depends on where the non-zeros
+fall, which vLLM would need before reading a tensor; the format has per-module counts only, and a
+format change was ruled out. Cutting as each shard completes keeps a rank's resident weights at its
+own part (about 1/TP) plus, transiently, one shard's whole on-disk tensors (and for a row-parallel
+cut a bool [N, K] mask of it). The load-time cost: every rank reads every tensor of the modules it
+builds in full (as vLLM does for dense weights) and spends one popcount pass (and for row-parallel
+layers one mask decode) per shard.
 """
 from __future__ import annotations
 
@@ -26,10 +35,13 @@ import torch
 from torch.nn import Parameter
 
 from duoserve.errors import CheckpointError
-from duoserve.format.bitmask import bitmask_popcount, pad_bits_clear
+from duoserve.format.bitmask import pad_bits_clear
 from duoserve.format.schema import BITMASK_SUFFIX, THRESHOLD_SUFFIX, ModuleInfo, TensorSpec, module_tensor_specs
 from duoserve.kernels import dual_sparse_linear_op, kernel_backend, pack_bitmask, pack_dense
-from duoserve.loaders.vllm_compat import LinearMethodBase, set_weight_attrs, shard_index, tp_size_of
+from duoserve.loaders.sharding import RankSlice, rank_slice, row_value_offsets, slice_bitmask, slice_dense
+from duoserve.loaders.vllm_compat import (
+    LinearMethodBase, set_weight_attrs, shard_index, shard_parts, tp_rank_of, tp_size_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +91,17 @@ class LoadSummary:
 
     def __init__(self):
         self.expected, self.layers, self.nbytes, self.elements = 0, 0, 0, 0
+        self.tp = (0, 1)  # (rank, size) of this process's tensor-parallel group
 
     def add(self, nbytes: int, elements: int, device: torch.device, dtype: torch.dtype) -> None:
         self.layers += 1
         self.nbytes += nbytes
         self.elements += elements
         if self.layers == self.expected:
-            log.info("duoserve: %d linear layers repacked into the dual-sparse kernel layout "
+            rank = "" if self.tp[1] == 1 else f" on tensor-parallel rank {self.tp[0]} of {self.tp[1]} (its slices)"
+            log.info("duoserve: %d linear layers repacked into the dual-sparse kernel layout%s "
                      "(%.1f MiB, %.3f bytes/weight); apply() runs torch.ops.duoserve.dual_sparse_linear: %s",
-                     self.layers, self.nbytes / 2**20, self.nbytes / max(self.elements, 1),
+                     self.layers, rank, self.nbytes / 2**20, self.nbytes / max(self.elements, 1),
                      kernel_backend(device, dtype))
 
 
@@ -125,28 +139,35 @@ class DuoserveLinearMethod(LinearMethodBase):
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
                        output_size, params_dtype, **extra_weight_attrs):
         extra_weight_attrs.pop("weight_loader", None)  # ours replaces the layer's
-        if tp_size_of(layer) > 1:
-            raise CheckpointError(
-                f"{self.prefix}: duoserve checkpoints are served with tensor parallel size 1 only "
-                f"(asked: {tp_size_of(layer)}); drop --tensor-parallel-size, or use pipeline parallelism")
-        got = [(n, input_size_per_partition) for n in output_partition_sizes]
-        want = [(s.rows, s.cols) for s in self.shards]
-        if got != want:
-            names = ", ".join(s.hf_name for s in self.shards)
-            raise CheckpointError(f"{names}: quantization_config.modules gives shapes {want}, the model's "
-                                  f"config gives {got}; the checkpoint does not belong to this config")
-        # The shards' on-disk tensors stacked as the fused layer holds them: rows on rows, values
-        # after values, one threshold per shard.
-        stacked = module_tensor_specs(self.weight_format, (sum(s.rows for s in self.shards), input_size_per_partition),
-                                      sum(s.nnz for s in self.shards))
-        for spec in stacked:
+        names = ", ".join(s.hf_name for s in self.shards)
+        if len(output_partition_sizes) != len(self.shards):
+            raise CheckpointError(f"{names}: vLLM layer {self.prefix} has {len(output_partition_sizes)} output "
+                                  f"partitions, the checkpoint {len(self.shards)} modules")
+        # This rank's block of each shard (the whole shard without tensor parallelism).
+        self.slices: list[RankSlice] = []
+        for i, (s, n_loc) in enumerate(zip(self.shards, output_partition_sizes)):
+            (row_part, row_parts), (col_part, col_parts) = shard_parts(layer, i)
+            if (n_loc * row_parts, input_size_per_partition * col_parts) != (s.rows, s.cols):
+                want = [(x.rows, x.cols) for x in self.shards]
+                got = [(n * shard_parts(layer, j)[0][1], input_size_per_partition * col_parts)
+                       for j, n in enumerate(output_partition_sizes)]
+                raise CheckpointError(f"{names}: quantization_config.modules gives shapes {want}, the model's "
+                                      f"config gives {got}; the checkpoint does not belong to this config")
+            self.slices.append(rank_slice((s.rows, s.cols), (n_loc, input_size_per_partition), row_part, col_part))
+        if self.summary is not None:
+            self.summary.tp = (tp_rank_of(layer), tp_size_of(layer))
+        for spec in self.specs[0].values():
             if spec.stacks == "shards":
                 # NaN until loaded: a threshold the checkpoint lacks must not silently become 0 (= no sparsity).
                 self._add(layer, spec.param, torch.full((len(self.shards),), math.nan, dtype=torch.float32))
             else:
+                # A placeholder that vLLM's loader finds by name; the loader keeps each shard's part
+                # itself (its value count is known only once the shard's bitmask is read).
                 dtype = torch.uint8 if spec.dtype == "U8" else params_dtype
-                self._add(layer, spec.param, torch.zeros(spec.shape, dtype=dtype))
+                self._add(layer, spec.param, torch.empty(0, dtype=dtype))
         layer._duoserve_loaded = set()
+        layer._duoserve_pending = {}  # shard -> {param name: whole on-disk tensor}, until the shard is complete
+        layer._duoserve_parts = {}  # shard -> {param name: this rank's part}
         layer._duoserve_params_dtype = params_dtype
 
     def _add(self, layer, name: str, data: torch.Tensor) -> None:
@@ -167,20 +188,41 @@ class DuoserveLinearMethod(LinearMethodBase):
         s, spec = self.shards[i], self.specs[i][name]
         tensor_name = s.hf_name + spec.suffix
         want = spec.shape
-        if spec.stacks == "rows":
-            dst = param.data[s.row_offset:s.row_offset + s.rows]
-        elif spec.stacks == "values":
-            dst = param.data[s.value_offset:s.value_offset + s.nnz]
-        else:  # a scalar per shard
-            dst, want = param.data[i:i + 1], (1,)
+        if spec.stacks == "shards":  # a scalar per shard: the same on every rank (elementwise rule)
+            want = (1,)
             loaded = loaded.reshape(-1) if loaded.numel() == 1 else loaded
         if tuple(loaded.shape) != want:
             raise CheckpointError(f"{tensor_name}: shape {list(loaded.shape)} in the checkpoint, expected "
                                   f"{list(want)} (from quantization_config.modules)")
         if spec.dtype == "U8" and loaded.dtype != torch.uint8:
             raise CheckpointError(f"{tensor_name}: dtype {loaded.dtype}, expected torch.uint8")
-        dst.copy_(loaded)
+        if spec.stacks == "shards":
+            param.data[i:i + 1].copy_(loaded)
+        else:
+            dtype = torch.uint8 if spec.dtype == "U8" else layer._duoserve_params_dtype
+            # Held whole only until the shard's other tensor arrives (the next one in file order).
+            layer._duoserve_pending.setdefault(i, {})[name] = loaded.to(device=param.device, dtype=dtype)
+            if all(n in layer._duoserve_pending[i] for n in self._weight_names()):
+                layer._duoserve_parts[i] = self._cut(i, layer._duoserve_pending.pop(i))
         layer._duoserve_loaded.add((name, i))
+
+    def _weight_names(self) -> list[str]:
+        return [n for n, spec in self.specs[0].items() if spec.stacks != "shards"]
+
+    def _cut(self, i: int, whole: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Check shard i's whole on-disk tensors and return this rank's part of them (own storage,
+        so the whole tensors are freed when the caller drops them)."""
+        s, sl = self.shards[i], self.slices[i]
+        if self.weight_format == "bitmask":
+            bitmask, values = whole["weight_bitmask"], whole["weight_values"]
+            offsets = row_value_offsets(bitmask)  # [N + 1]; offsets[-1] is the popcount
+            if not pad_bits_clear(bitmask, s.cols) or int(offsets[-1]) != s.nnz:
+                raise CheckpointError(f"tensor {s.hf_name}{BITMASK_SUFFIX}: {int(offsets[-1])} bits "
+                                      f"set (pad bits clear: {pad_bits_clear(bitmask, s.cols)}), but nnz is "
+                                      f"{s.nnz}; the checkpoint is corrupted")
+            bm, vals = slice_bitmask(bitmask, values, (s.rows, s.cols), sl, offsets)
+            return {"weight_bitmask": bm.clone(), "weight_values": vals.clone()}
+        return {"weight": slice_dense(whole["weight"], sl).clone()}
 
     def _expected(self) -> list[str]:
         return list(self.specs[0])  # the parameter names: the same for every shard
@@ -200,28 +242,30 @@ class DuoserveLinearMethod(LinearMethodBase):
         if self.serve_thresholds is not None:
             # The tensors were still required and checked above: the checkpoint stays whole.
             thresholds = torch.tensor(self.serve_thresholds, dtype=torch.float32)
-        for s in self.shards:
-            if self.weight_format == "bitmask":
-                bitmask = layer.weight_bitmask.data[s.row_offset:s.row_offset + s.rows]
-                if not pad_bits_clear(bitmask, s.cols) or bitmask_popcount(bitmask) != s.nnz:
-                    raise CheckpointError(f"tensor {s.hf_name}{BITMASK_SUFFIX}: {bitmask_popcount(bitmask)} bits "
-                                          f"set (pad bits clear: {pad_bits_clear(bitmask, s.cols)}), but nnz is "
-                                          f"{s.nnz}; the checkpoint is corrupted")
-        self.groups = group_by_threshold(self.shards, [float(t) for t in thresholds])
+        parts = [layer._duoserve_parts[i] for i in range(len(self.shards))]
+        # This rank's shards, stacked in row order as the fused layer's output is.
+        local, row, val = [], 0, 0
+        for s, sl, p in zip(self.shards, self.slices, parts):
+            n, k = sl.shape
+            nnz = p["weight_values"].numel() if self.weight_format == "bitmask" else int(torch.count_nonzero(p["weight"]))
+            local.append(Shard(s.hf_name, n, k, nnz, row, val))
+            row, val = row + n, val + nnz
+        self.groups = group_by_threshold(local, [float(t) for t in thresholds])
         packed = []
         for g in self.groups:
             # Shards are stacked in row order and their values are row-major, so a run of shards
             # is itself a valid (bitmask, values) encoding of the stacked [rows, K] matrix.
+            members = [p for s, p in zip(local, parts) if g.row_offset <= s.row_offset < g.row_offset + g.rows]
+            cat = lambda key: members[0][key] if len(members) == 1 else torch.cat([m[key] for m in members])  # noqa: E731
             if self.weight_format == "bitmask":
-                packed.append(pack_bitmask(layer.weight_bitmask.data[g.row_offset:g.row_offset + g.rows],
-                                           layer.weight_values.data[g.value_offset:g.value_offset + g.nnz],
-                                           (g.rows, g.cols)))
+                packed.append(pack_bitmask(cat("weight_bitmask"), cat("weight_values"), (g.rows, g.cols)))
             else:
-                packed.append(pack_dense(layer.weight.data[g.row_offset:g.row_offset + g.rows]))
+                packed.append(pack_dense(cat("weight")))
         device = layer.act_threshold.device
         # Free the on-disk form: only the kernel layout stays resident.
         for name in self._expected():
             delattr(layer, name)
+        del layer._duoserve_parts, layer._duoserve_pending, parts
         # Registered as parameters (not hidden in a Python object) so that torch.compile lifts them
         # as graph inputs and module.to() / memory accounting see them.
         for j, (g, p) in enumerate(zip(self.groups, packed)):
@@ -235,7 +279,7 @@ class DuoserveLinearMethod(LinearMethodBase):
         log.debug("%s: %d shard(s) in %d op call(s), %d bytes, thresholds %s", self.prefix, len(self.shards),
                   len(self.groups), layer.duoserve_nbytes, [round(float(t), 5) for t in thresholds])
         if self.summary is not None:
-            self.summary.add(layer.duoserve_nbytes, sum(s.rows * s.cols for s in self.shards), device,
+            self.summary.add(layer.duoserve_nbytes, sum(s.rows * s.cols for s in local), device,
                              packed[0].values.dtype)
 
     # -- forward ---------------------------------------------------------------------------

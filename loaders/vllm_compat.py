@@ -13,7 +13,8 @@ import re
 
 import vllm
 from vllm.model_executor.layers.linear import (  # noqa: F401
-    LinearBase, LinearMethodBase, MergedColumnParallelLinear, QKVParallelLinear, UnquantizedLinearMethod,
+    ColumnParallelLinear, LinearBase, LinearMethodBase, MergedColumnParallelLinear, QKVParallelLinear,
+    RowParallelLinear, UnquantizedLinearMethod,
 )
 from vllm.model_executor.layers.quantization import register_quantization_config  # noqa: F401
 from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
@@ -55,6 +56,34 @@ def is_cpu_platform() -> bool:
 def tp_size_of(layer) -> int:
     """Tensor-parallel world size a linear layer was built for (1 when replicated)."""
     return int(getattr(layer, "tp_size", 1) or 1)
+
+
+def tp_rank_of(layer) -> int:
+    return int(getattr(layer, "tp_rank", 0) or 0)
+
+
+def shard_parts(layer, index: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """How vLLM splits shard `index` of a linear layer across tensor-parallel ranks:
+    ((row part, row parts), (column part, column parts)) for this layer's rank.
+
+    Column-parallel layers (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear)
+    split each shard's output rows in tp_size blocks, rank r holding block r; row-parallel layers
+    split the input columns the same way; replicated layers (and disable_tp) hold everything.
+    k/v of QKVParallelLinear with tp_size > num_kv_heads: vLLM replicates each KV head on
+    tp_size / num_kv_heads consecutive ranks, so k/v have tp_size / replicas blocks and rank r
+    holds block r // replicas (QKVParallelLinear.weight_loader, shard_rank).
+    """
+    size, rank = tp_size_of(layer), tp_rank_of(layer)
+    if size == 1:
+        return (0, 1), (0, 1)
+    if isinstance(layer, RowParallelLinear):
+        return (0, 1), (rank, size)
+    if isinstance(layer, ColumnParallelLinear):
+        if isinstance(layer, QKVParallelLinear) and index > 0:
+            replicas = int(getattr(layer, "num_kv_head_replicas", 1) or 1)
+            return (rank // replicas, size // replicas), (0, 1)
+        return (rank, size), (0, 1)
+    return (0, 1), (0, 1)  # ReplicatedLinear: every rank holds the whole weight
 
 
 def shard_index(layer, shard_id) -> int:

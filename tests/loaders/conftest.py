@@ -32,6 +32,17 @@ def dense_ckpt(bitmask_ckpt, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gqa_ckpt(tmp_path_factory) -> Path:
+    """A tiny Llama whose attention splits over 2 ranks (4 heads of 64, 2 KV heads; hidden 256,
+    intermediate 384 = 3 kernel row blocks), pruned as bitmask_ckpt is: the tensor-parallel tests."""
+    from tiny_model import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama-gqa", hidden_size=256,
+                             intermediate_size=384, num_heads=4, num_kv_heads=2)
+    return make_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny-gqa-w50x50-bitmask")
+
+
+@pytest.fixture(scope="session")
 def vllm_layers():
     """vLLM's distributed state (world size 1, gloo) and config context, to build its linear layers
     in this process without starting an engine."""
