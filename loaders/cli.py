@@ -6,7 +6,9 @@ requires an API key, bounds the request queue (2 x max_num_seqs in flight, HTTP 
 duoserve.loaders.admission), and this command prints the URL once the server answers.
 `--activation-sparsity P` serves the checkpoint at another p_x than the one it was pruned for
 (thresholds from its calibrated grid; duoserve.format.thresholds). Options it does not know go to
-vLLM unchanged (e.g. --max-num-seqs 8, --dtype float16).
+vLLM unchanged (e.g. --max-num-seqs 8, --dtype float16), vLLM's parallel options too
+(--tensor-parallel-size, --pipeline-parallel-size, --data-parallel-size: the launcher checks that
+they can serve the checkpoint and binds CPU threads per worker; docs/serving.md, "Parallel serving").
 """
 from __future__ import annotations
 

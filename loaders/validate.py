@@ -171,3 +171,47 @@ def validate_checkpoint(path: Path, hf_config: Any = None, *, verify_hashes: boo
              "activation rule %s (p_x %.2f): checks passed", path, q.format_version, q.weight_format,
              len(q.modules), q.global_sparsity, q.activation_sparsity.rule, q.activation_sparsity.target)
     return q
+
+
+# Last name of the linears vLLM builds as row-parallel (input columns split across ranks) in the
+# architectures duoserve prunes; every other target is column-parallel (output rows split).
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def tensor_parallel_problems(config: dict[str, Any], q: QuantizationConfig, tp: int) -> list[str]:
+    """Why tensor-parallel size `tp` cannot split this checkpoint (empty: it can).
+
+    vLLM splits attention by heads (KV heads too, or replicates each KV head on tp / num_kv_heads
+    ranks when tp is a multiple of them) and duoserve cuts each target linear into whole rows
+    (column-parallel) or whole columns (row-parallel), one block per rank.
+    """
+    problems = []
+    heads = config.get("num_attention_heads")
+    kv = config.get("num_key_value_heads") or heads
+    if heads and heads % tp:
+        problems.append(f"{heads} attention heads are not divisible by {tp}")
+    if kv and (kv % tp if tp <= kv else tp % kv):
+        problems.append(f"{kv} KV heads: {tp} neither divides them nor is a multiple of them")
+    for name, info in q.modules.items():
+        last = name.rsplit(".", 1)[-1]
+        if last in ("k_proj", "v_proj"):
+            continue  # split by KV heads (above)
+        n, k = info.shape
+        if last in ROW_PARALLEL and k % tp:
+            problems.append(f"{name} has {k} input columns, not divisible by {tp}")
+        elif last not in ROW_PARALLEL and n % tp:
+            problems.append(f"{name} has {n} output rows, not divisible by {tp}")
+    return problems
+
+
+def check_tensor_parallel(path: Path, config: dict[str, Any], q: QuantizationConfig, tp: int) -> None:
+    """Refuse (InputError) a tensor-parallel size that does not split the checkpoint, with the
+    reason and the sizes that would (so that a user does not wait for vLLM's start-up to learn it)."""
+    from duoserve.errors import InputError
+
+    problems = tensor_parallel_problems(config, q, tp)
+    if problems:
+        fits = [t for t in range(1, 17) if not tensor_parallel_problems(config, q, t)]
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise InputError(f"--tensor-parallel-size {tp} cannot split {path}: {'; '.join(problems[:3])}{more}. "
+                         f"Sizes up to 16 that split it: {', '.join(map(str, fits))}")

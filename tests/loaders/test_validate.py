@@ -104,8 +104,8 @@ def test_launcher_refuses_before_starting_vllm(bitmask_ckpt, tmp_path):
         d, lambda t: t.pop("model.layers.0.self_attn.v_proj.act_threshold")))
     with pytest.raises(CheckpointError, match="v_proj.act_threshold is missing"):
         launch(bad)
-    with pytest.raises(InputError, match="tensor parallel size 1 only"):
-        launch(bitmask_ckpt, extra_vllm_args=["--tensor-parallel-size", "2"])
+    with pytest.raises(InputError, match="--tensor-parallel-size 4 cannot split"):
+        launch(bitmask_ckpt, extra_vllm_args=["--tensor-parallel-size", "4"])
     with pytest.raises(InputError, match="not a model folder"):
         launch(tmp_path)
 
