@@ -158,15 +158,24 @@ def heldout_residual_scale(weight: torch.Tensor, fit: HessianStats, heldout: Hes
 
 @torch.no_grad()
 def heldout_pruned_scale(weight: torch.Tensor, fit: HessianStats, heldout: HessianStats, target: SparsityTarget,
-                         settings: ObsSettings, reference: float = 0.5) -> tuple[ResidualChoice, torch.Tensor]:
+                         settings: ObsSettings, reference: float = 0.5,
+                         max_rows: int | None = 256) -> tuple[ResidualChoice, torch.Tensor]:
     """The residual strength whose *pruned* weights do best on held-out tokens, in [0, 1].
 
     Prunes on the fit tokens at the reference scale (which chooses the mask), solves again with
     that mask at scale 0; with a fixed mask the weights are affine in the scale,
     W(s) = W(0) + s (W(ref) - W(0)) / ref, so the held-out objective ||W(s) X^_h - W0 X~_h||^2 is a
     quadratic in s and its minimum has a closed form. Returns the choice (explained: the held-out
-    objective's reduction relative to s = 0) and the mask."""
+    objective's reduction relative to s = 0) and the mask (of the rows used).
+
+    Rows are solved independently (the mask is chosen per block over all rows, a quantile that a
+    random subset of rows estimates), so with max_rows the choice uses a seeded random subset of
+    that many output rows: the two extra solves then cost a fraction of the final one.
+    """
     W0 = weight.float()
+    if max_rows is not None and W0.shape[0] > max_rows:
+        rows = torch.randperm(W0.shape[0], generator=torch.Generator().manual_seed(0))[:max_rows]
+        W0 = W0[rows.sort().values]
     at_ref = obs_prune(W0, fit, target, dataclasses.replace(settings, residual_scale=reference))
     mask = at_ref == 0
     at_zero = obs_prune(W0, fit, target, dataclasses.replace(settings, residual_scale=0.0), mask=mask)

@@ -249,7 +249,7 @@ def test_heldout_pruned_scale_minimizes_the_heldout_objective_of_the_pruned_weig
     w = torch.randn(24, k, generator=torch.Generator().manual_seed(11))
     fit, held = _stats(x[:2048], x_dense[:2048]), _stats(x[2048:], x_dense[2048:], with_gap=True)
     settings = ObsSettings(32, 0.1, True, 0.5, "original")
-    choice, mask = heldout_pruned_scale(w, fit, held, SparsityTarget(0.5), settings)
+    choice, mask = heldout_pruned_scale(w, fit, held, SparsityTarget(0.5), settings, max_rows=None)
     assert 0.0 <= choice.scale <= 1.0 and choice.explained >= choice.explained_at_1
 
     def heldout_error(s):
@@ -262,3 +262,18 @@ def test_heldout_pruned_scale_minimizes_the_heldout_objective_of_the_pruned_weig
     # The reported reduction is the measured one.
     measured = 1 - heldout_error(choice.scale) / heldout_error(0.0)
     assert choice.explained == pytest.approx(measured, rel=1e-2, abs=1e-3)
+
+
+def test_heldout_pruned_scale_from_a_subset_of_rows_is_close_to_all_rows():
+    from duoserve.prune.obs import heldout_pruned_scale
+
+    k = 96
+    x_dense = correlated_inputs(3072, k, seed=12)
+    x = sparsify_topk(x_dense + 0.3 * torch.randn_like(x_dense), 0.5)
+    w = torch.randn(512, k, generator=torch.Generator().manual_seed(12))
+    fit, held = _stats(x[:2048], x_dense[:2048]), _stats(x[2048:], x_dense[2048:], with_gap=True)
+    settings = ObsSettings(32, 0.1, True, 0.5, "original")
+    every, _ = heldout_pruned_scale(w, fit, held, SparsityTarget(0.5), settings, max_rows=None)
+    subset, mask = heldout_pruned_scale(w, fit, held, SparsityTarget(0.5), settings, max_rows=128)
+    assert mask.shape == (128, k)
+    assert abs(every.scale - subset.scale) < 0.1, (every, subset)
