@@ -20,10 +20,10 @@ thresholds with the ones DuoserveConfig selected from the checkpoint's grid.
 Why cut at arrival (the tensor-parallel cost): a rank's value count depends on where the non-zeros
 fall, which vLLM would need before reading a tensor; the format has per-module counts only, and a
 format change was ruled out. Cutting as each shard completes keeps a rank's resident weights at its
-own part (about 1/TP) plus, transiently, one shard's whole on-disk tensors (and for a row-parallel
-cut a bool [N, K] mask of it). The load-time cost: every rank reads every tensor of the modules it
-builds in full (as vLLM does for dense weights) and spends one popcount pass (and for row-parallel
-layers one mask decode) per shard.
+own part (about 1/TP) plus, transiently, one shard's whole on-disk tensors and a few byte-sized
+temporaries per bitmask byte. The load-time cost: every rank reads every tensor of the modules it
+builds in full (as vLLM does for dense weights) and runs byte-wise popcounts over each shard's
+bitmask (docs/serving.md, "Parallel serving", has the measured times).
 """
 from __future__ import annotations
 

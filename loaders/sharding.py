@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-from duoserve.format.bitmask import bitmask_to_bool
 
 
 @dataclass(frozen=True)
@@ -55,52 +54,70 @@ def rank_slice(full: tuple[int, int], local: tuple[int, int], row_part: int, col
     return RankSlice(row_part * n_loc, (row_part + 1) * n_loc, col_part * k_loc, (col_part + 1) * k_loc)
 
 
-def bool_to_bitmask(mask: torch.Tensor) -> torch.Tensor:
-    """bool [N, K] -> uint8 [N, ceil(K/8)], bit k % 8 (LSB first) of byte k // 8, pad bits clear."""
-    n, k = mask.shape
-    k8 = (k + 7) // 8
-    padded = torch.zeros(n, k8 * 8, dtype=torch.uint8, device=mask.device)
-    padded[:, :k] = mask
-    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=mask.device)
-    return (padded.view(n, k8, 8) * weights).sum(-1, dtype=torch.uint8)
-
-
 _POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)  # set bits per byte
+
+
+def _byte_popcounts(bitmask: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, B] -> uint8 [N, B]: set bits of each byte (a table lookup)."""
+    return _POPCOUNT8.to(bitmask.device)[bitmask.to(torch.int32)]
 
 
 def row_value_offsets(bitmask: torch.Tensor) -> torch.Tensor:
     """int64 [N + 1]: where each row's values start in the row-major values (prefix sum of the
-    per-row popcounts), so rows [a, b) own values [off[a], off[b]) and off[N] is the shard's nnz.
-    A byte lookup: 4 bytes of index per 8 weights, transient."""
-    per_byte = _POPCOUNT8.to(bitmask.device)[bitmask.to(torch.int32)]  # [N, ceil(K/8)] uint8
-    per_row = per_byte.sum(1, dtype=torch.int64)  # [N]
+    per-row popcounts), so rows [a, b) own values [off[a], off[b]) and off[N] is the shard's nnz."""
+    per_row = _byte_popcounts(bitmask).sum(1, dtype=torch.int64)  # [N]
     return torch.cat([per_row.new_zeros(1), torch.cumsum(per_row, 0)])
+
+
+def _bits_before(bitmask: torch.Tensor, col: int) -> torch.Tensor:
+    """int64 [N]: set bits of each row in columns [0, col)."""
+    full, rest = divmod(col, 8)
+    before = _byte_popcounts(bitmask[:, :full]).sum(1, dtype=torch.int64)
+    if rest:
+        before += _byte_popcounts(bitmask[:, full] & ((1 << rest) - 1)).to(torch.int64)
+    return before
+
+
+def _shift_columns(bitmask: torch.Tensor, col_start: int, cols: int) -> torch.Tensor:
+    """The bits of columns [col_start, col_start + cols) as a bitmask of its own (column col_start
+    becomes bit 0 of byte 0; pad bits clear), byte-wise: col_start need not be a multiple of 8."""
+    first, shift = divmod(col_start, 8)
+    nbytes = (cols + 7) // 8
+    src = bitmask[:, first:first + nbytes + 1].to(torch.int32)  # [n, <= nbytes + 1]
+    if src.shape[1] < nbytes + 1:  # past the last byte: zeros
+        src = torch.cat([src, src.new_zeros(src.shape[0], nbytes + 1 - src.shape[1])], 1)
+    out = ((src[:, :nbytes] >> shift) | (src[:, 1:nbytes + 1] << (8 - shift))) & 0xFF  # [n, nbytes]
+    if cols % 8:
+        out[:, -1] &= (1 << (cols % 8)) - 1
+    return out.to(torch.uint8)
 
 
 def slice_bitmask(bitmask: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], sl: RankSlice,
                   offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A shard's (bitmask [N, ceil(K/8)], values [nnz]) -> the same encoding of W[rows, cols].
 
-    Rows only (column-parallel layers): the bitmask's rows and one contiguous run of values, found
-    from the per-row popcounts: O(N * K / 8), no copy of the rest. Columns (row-parallel layers):
-    the rows' mask is decoded to bool [n, K] (1 byte per weight, transient), the values of the
-    kept columns picked in row-major order and the bitmask re-encoded from column col_start (which
-    need not be a multiple of 8). offsets: row_value_offsets(bitmask), if the caller has it.
+    Values are row-major, so a block of rows owns one contiguous run of values and, within a row,
+    a block of columns owns one contiguous run too: both are found from per-byte popcounts
+    (O(N * K / 8) byte work, no decode to one entry per weight). Rows only (column-parallel
+    layers): the bitmask's rows and a view of the values. Columns (row-parallel layers): the
+    bitmask bits shifted to start at col_start (which need not be a multiple of 8) and the values
+    gathered row by row. offsets: row_value_offsets(bitmask), if the caller has it.
     """
     n, k = shape
     if sl.is_whole(shape):
         return bitmask, values
     offsets = row_value_offsets(bitmask) if offsets is None else offsets
     bm = bitmask[sl.row_start:sl.row_end]  # [n, ceil(K/8)]
-    vals = values[int(offsets[sl.row_start]):int(offsets[sl.row_end])]  # this rows' non-zeros, row-major
+    vals = values[int(offsets[sl.row_start]):int(offsets[sl.row_end])]  # these rows' non-zeros, row-major
     if (sl.col_start, sl.col_end) == (0, k):
-        return bm.contiguous(), vals.contiguous()
-    mask = bitmask_to_bool(bm, k)  # [n, K]
-    keep = mask[:, sl.col_start:sl.col_end]  # [n, k_loc]
-    in_cols = torch.zeros_like(mask)
-    in_cols[:, sl.col_start:sl.col_end] = True
-    picked = vals[in_cols[mask]]  # mask's True entries in row-major order are exactly vals' order
-    return bool_to_bitmask(keep), picked.contiguous()
+        return bm, vals
+    row_off = offsets[sl.row_start:sl.row_end] - offsets[sl.row_start]  # [n] first value of each row in vals
+    start = row_off + _bits_before(bm, sl.col_start)  # [n]
+    length = _bits_before(bm, sl.col_end) - _bits_before(bm, sl.col_start)  # [n]
+    # Index of every kept value: row r contributes start[r], start[r] + 1, ..., start[r] + length[r] - 1.
+    first_out = torch.cumsum(length, 0) - length  # [n] where row r's values land in the part
+    index = torch.repeat_interleave(start - first_out, length) + torch.arange(int(length.sum()), device=vals.device)
+    return _shift_columns(bm, sl.col_start, sl.shape[1]), vals[index]
 
 
 def slice_dense(weight: torch.Tensor, sl: RankSlice) -> torch.Tensor:
