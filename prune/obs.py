@@ -120,40 +120,12 @@ def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ResidualChoice:
-    """The held-out choice of the residual strength, and what it buys on the held-out tokens:
-    the fraction of ||W0 dX_h||^2 (the gap between the dense model's output and the sparse
-    inputs' output) that the correction s C removes, at the chosen s and at the paper's s = 1
-    (negative: the correction makes held-out outputs worse). None without held-out gap statistics."""
+    """The held-out choice of the residual strength, and what it buys on the held-out tokens: how
+    much lower the pruned weights' held-out objective is than at scale 0, at the chosen scale and
+    at the paper's 1 (negative: worse than no residual). None without held-out gap statistics."""
     scale: float
     explained: float | None = None
     explained_at_1: float | None = None
-
-
-@torch.no_grad()
-def heldout_residual_scale(weight: torch.Tensor, fit: HessianStats, heldout: HessianStats,
-                           damp: float) -> ResidualChoice:
-    """The residual strength that held-out calibration tokens support, in [0, 1].
-
-    The residual correction is a K x K regression: without pruning, the W' minimizing
-    ||W' X^ - W0 X~|| on the fit tokens is W0 + C with C = W0 G H^-1 (G = dX X^T). With few tokens
-    per unknown it fits noise, so its strength s is chosen on tokens the fit did not see:
-    s* = argmin_s ||s C X^_h - W0 dX_h||^2 = tr(C G_h^T W0^T) / tr(C H_h C^T), clipped to [0, 1]
-    (0 = SparseGPT's target, 1 = the paper's full residual). Both traces use the held-out means
-    of the same scale, so the normalization cancels.
-    """
-    W0 = weight.float()
-    C = torch.linalg.solve(damped(fit.H, damp), (W0 @ fit.G).T).T  # W0 G H^-1 (H symmetric)
-    num = float(((C @ heldout.G.T) * W0).sum())
-    den = float(((C @ heldout.H) * C).sum())
-    scale = min(1.0, max(0.0, num / den)) if den > 0 and num == num else 0.0
-    if heldout.F is None:
-        return ResidualChoice(scale)
-    gap = float(((W0 @ heldout.F) * W0).sum())  # ||W0 dX_h||^2, the error at s = 0
-
-    def explained(s):  # 1 - ||s C X^_h - W0 dX_h||^2 / ||W0 dX_h||^2
-        return (2 * s * num - s * s * den) / gap if gap > 0 else 0.0
-
-    return ResidualChoice(scale, explained(scale), explained(1.0))
 
 
 @torch.no_grad()

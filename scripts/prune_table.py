@@ -17,6 +17,9 @@ Suites
 - dual: W50%+X50%: Wanda (dense calibration), SparseGPT (calibrated on sparsified inputs), DuoGPT;
   PPL with top-k and with calibrated-threshold activation sparsity; prune wall time and peak memory.
 - sweep: p_w = p_x in 30/40/50/55/60/65% for Wanda, SparseGPT and DuoGPT, both activation modes.
+- duogpt-ablation: DuoGPT's components at W50+X50 against dual-sparse SparseGPT: residual scale
+  (held-out choice "auto", 0.5, 0.25, 0) with the paper's damp 0.1 + act_order and with SparseGPT's
+  damp 0.01 without act_order (docs/pruning.md, "Robustness"; run it with --model for each model).
 - duogpt-residual: DuoGPT's residual term at W50+X50 and W60+X60: --residual-scale 0 / 0.25 /
   0.5 / 1 with --residual-target running (Algorithm 1 as printed) and original (docs/pruning.md).
 
@@ -42,8 +45,10 @@ SUITES = {
     # DuoGPT's components against dual-sparse SparseGPT at W50+X50 (docs/pruning.md, "Robustness").
     # Options are spelled out (not left to defaults), so cached results stay valid when defaults change.
     "duogpt-ablation": [("sparsegpt", "0.5", 0.5),
-                        *[("duogpt", "0.5", 0.5, {"damp": d, "act_order": o, "residual_scale": r})
-                          for r in ("auto", "auto-linear", 0.5, 0.0) for d, o in ((0.1, True), (0.01, False))]],
+                        *[("duogpt", "0.5", 0.5, {"damp": 0.1, "act_order": True, "residual_scale": r})
+                          for r in ("auto", 0.5, 0.0, 0.25)],
+                        *[("duogpt", "0.5", 0.5, {"damp": 0.01, "act_order": False, "residual_scale": r})
+                          for r in ("auto", 0.5)]],
     "duogpt-residual": [("duogpt", str(p), p, {"residual_scale": r, "residual_target": t})
                         for p in (0.5, 0.6) for t in ("running", "original") for r in (0.0, 0.25, 0.5, 1.0)
                         if not (r == 0.0 and t == "original")],  # scale 0: no residual, the target is moot

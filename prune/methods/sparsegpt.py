@@ -12,17 +12,15 @@ from dataclasses import dataclass, field
 
 from duoserve.errors import InputError
 from duoserve.prune.activation import sparsify_topk
-from duoserve.prune.obs import HessianStats, ObsSettings, heldout_pruned_scale, heldout_residual_scale, obs_prune
+from duoserve.prune.obs import HessianStats, ObsSettings, heldout_pruned_scale, obs_prune
 from duoserve.prune.registry import LinearObserver, PruningMethod, register
 
 log = logging.getLogger(__name__)
 
 # With residual_scale "auto", this fraction of every calibration batch's tokens (its last rows:
-# whole windows at the engine's default of 4 windows per batch) is held out to choose the scale.
+# whole windows at the engine's default of 4 windows per batch) is held out to choose the scale
+# whose pruned weights do best there (prune/obs.py, heldout_pruned_scale).
 HELDOUT_FRACTION = 0.25
-# "auto": the scale whose pruned weights do best on the held-out tokens (two extra solves on the
-# fit tokens); "auto-linear": the scale the unpruned K x K correction supports there (one solve).
-AUTO_SCALES = ("auto", "auto-linear")
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,7 @@ class ObsObserver(LinearObserver):
         # "auto": statistics of held-out tokens as well (they stay in self.stats: the final solve
         # uses every token, the held-out split only chooses the scale).
         self.heldout = (HessianStats(in_features, True, device, with_gap=True)
-                        if settings.residual_scale in AUTO_SCALES else None)
+                        if settings.residual_scale == "auto" else None)
 
     def add_batch(self, x, x_dense):
         p_x = self.method.activation_sparsity
@@ -60,16 +58,11 @@ class ObsObserver(LinearObserver):
     def prune(self, weight):
         settings = self.settings
         if self.heldout is not None:
-            fit = self.stats.without(self.heldout)
-            if settings.residual_scale == "auto":
-                choice, _ = heldout_pruned_scale(weight, fit, self.heldout, self.method.target, settings)
-                what = "pruned weights' held-out objective"
-            else:
-                choice = heldout_residual_scale(weight, fit, self.heldout, settings.damp)
-                what = "held-out dense-vs-sparse output gap removed by the unpruned correction"
-            log.info("%s: residual scale %.3f (chosen on %d held-out calibration tokens; %s: %.1f%% lower than "
-                     "at scale 0, %.1f%% at scale 1)", self.name, choice.scale, self.heldout.tokens, what,
-                     100 * choice.explained, 100 * choice.explained_at_1)
+            choice, _ = heldout_pruned_scale(weight, self.stats.without(self.heldout), self.heldout,
+                                             self.method.target, settings)
+            log.info("%s: residual scale %.3f (chosen on %d held-out calibration tokens, whose objective is %.1f%% "
+                     "lower than at scale 0 there, %.1f%% at scale 1)", self.name, choice.scale,
+                     self.heldout.tokens, 100 * choice.explained, 100 * choice.explained_at_1)
             settings = dataclasses.replace(settings, residual_scale=choice.scale)
         return obs_prune(weight, self.stats, self.method.target, settings)
 
