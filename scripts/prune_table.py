@@ -242,7 +242,8 @@ def render(rows: list[dict], dual: bool, settings: str) -> str:
         if r["method"] == "dense":
             if dual:
                 extra = ", ".join(f"{k[9:]}: {v['ppl']:.2f}" for k, v in r.items() if k.startswith("ppl_topk_"))
-                lines.append(f"| dense | 0 | 0 | {r['ppl_off']['ppl']:.2f} (dense weights, top-k p_x {extra}) | - | - | - | - |")
+                extra = f" (dense weights, top-k p_x {extra})" if extra else ""
+                lines.append(f"| dense | 0 | 0 | {r['ppl_off']['ppl']:.2f}{extra} | - | - | - | - |")
             else:
                 lines.append(f"| dense | 0 | {r['ppl_off']['ppl']:.2f} | - | - |")
             continue
@@ -255,7 +256,7 @@ def render(rows: list[dict], dual: bool, settings: str) -> str:
             name = label(r['method'], r['options'])
             if pr.get("residual_scales"):
                 sc = pr["residual_scales"]
-                name += f" [chosen scale median {sc['median']:.2f}, {sc['min']:.2f}-{sc['max']:.2f}]"
+                name += f" [chosen scales of {sc['n']} linears: median {sc['median']:.2f}, {sc['min']:.2f}-{sc['max']:.2f}]"
             lines.append(f"| {name} | {r['sparsity']} | {r['p_x']:g} | {ppl('ppl_topk')} | "
                          f"{ppl('ppl_threshold')} | {realized} | "
                          f"{pr['prune_seconds']:.0f} | {pr['peak_rss_mib']:.0f} |")

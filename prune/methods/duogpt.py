@@ -4,11 +4,11 @@ Calibrates W' to minimize ||W' X^ - W X~||: X^ is the pruned model's input with 
 p_x smallest-|x| entries zeroed, X~ the dense model's input (a second calibration stream the
 engine runs through the original layers). Algorithm 1 of the paper, in prune/obs.py. Defaults
 follow the paper's Appendix B (dampening 0.1, B = 128, act_order on) except for the residual term:
-it is attributed to the dense weights and scaled by 0.5 (`--residual-target running
+it is attributed to the dense weights and scaled by 0.25 (`--residual-target running
 --residual-scale 1` is Algorithm 1 as printed), because on SmolLM2 the printed form diverged at
-W60+X60 and lost to SparseGPT at W50+X50, and 0.5 beat a per-linear choice on held-out calibration
-tokens (`--residual-scale auto`) on SmolLM2 and Gemma-3-270M (docs/pruning.md, "The residual term"
-and "Robustness"; against SparseGPT it wins on SmolLM2 and is 1% behind on Gemma-3-270M).
+W60+X60 and lost to SparseGPT at W50+X50, and at W50+X50 0.25 was best of 0 / 0.25 / 0.5 / a
+per-linear choice on held-out calibration tokens (`--residual-scale auto`) on both SmolLM2 and
+Gemma-3-270M, and the only one ahead of SparseGPT on both (docs/pruning.md, "Robustness").
 """
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ class DuoGPTOptions:
     damp: float = field(default=0.1, metadata={"help": "dampening, as a fraction of mean(diag H)"})
     act_order: bool | None = field(default=None, metadata={
         "help": "process columns by decreasing diag(H) (default: on for unstructured as in the paper, off for N:M)"})
-    residual_scale: str = field(default="0.5", metadata={
-        "help": "factor on the residual dX (1 = the paper's objective; 0.5 beat the per-linear held-out choice on "
-                "SmolLM2 and Gemma-3, docs/pruning.md), or auto: per linear, the scale whose pruned weights do best "
-                "on held-out calibration tokens"})
+    residual_scale: str = field(default="0.25", metadata={
+        "help": "factor on the residual dX (1 = the paper's objective; 0.25 was best on SmolLM2 and Gemma-3, "
+                "docs/pruning.md), or auto: per linear, the scale whose pruned weights do best on held-out "
+                "calibration tokens"})
     residual_target: str = field(default="original", metadata={
         "help": "weights the residual W dX is attributed to: original (the dense weights: the fixed objective "
                 "||W' X^ - W X~||) or running (Algorithm 1 as printed; the target moves with every update and "

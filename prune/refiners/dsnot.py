@@ -15,7 +15,7 @@ from duoserve.prune.refiners import RefineObserver, Refiner, register_refiner
 from duoserve.prune.refiners.prune_grow import PruneGrowSettings, RefineStats, prune_and_grow
 
 RESIDUAL_SCALE_HELP = ("factor s on the residual in the refinement target X^ + s (X~ - X^) (default: the base method's "
-                       "residual_scale, e.g. DuoGPT's 0.5, so refiner and base minimize one objective; 1 for bases "
+                       "residual_scale, e.g. DuoGPT's 0.25, so refiner and base minimize one objective; 1 for bases "
                        "without one)")
 GUARD_HELP = ("accept a swap only if it lowers the row's squared reconstruction error on the calibration "
               "batch (off: the papers' rule, which tracks the mean error only)")

@@ -169,7 +169,7 @@ def test_auto_scale_is_chosen_on_the_last_quarter_of_each_calibration_batch(capl
     x = x_dense + 0.3 * torch.randn_like(x_dense)
     w = torch.randn(16, k, generator=torch.Generator().manual_seed(9))
     cls = get_method("duogpt")
-    assert build_options(cls, {}).residual_scale == 0.5  # the default is fixed (docs/pruning.md, "Robustness")
+    assert build_options(cls, {}).residual_scale == 0.25  # the default is fixed (docs/pruning.md, "Robustness")
     method = cls(SparsityTarget.parse("0.5"), 0.5, build_options(cls, {"residual_scale": "auto"}))
     obs = method.observer("mlp.down_proj", torch.nn.Linear(k, 16, bias=False))
     batches = list(zip(x.split(512), x_dense.split(512)))

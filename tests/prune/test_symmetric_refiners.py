@@ -226,7 +226,7 @@ def test_cli_refine_flags(tmp_path, tiny_llama_dir, capsys):
     producer = ck.qconfig.producer
     assert producer["method"] == "duogpt" and producer["refine"] == "dsnot"
     assert producer["refine_args"] == {"max_cycles": 5, "update_threshold": 0.1, "var_power": 1.0, "guard": False,
-                                     "residual_scale": None}  # None: the base method's (DuoGPT: 0.5)
+                                     "residual_scale": None}  # None: the base method's (DuoGPT: 0.25)
     assert ck.qconfig.global_sparsity == pytest.approx(0.5, abs=1e-6) and ck.qconfig.activation_sparsity.target == 0.5
     for extra, message in [(["--refine", "nope"], "unknown refiner 'nope'"),
                            (["--refine-gamma2", "0.1"], "--refine-gamma2 need(s) --refine NAME"),
