@@ -214,14 +214,19 @@ def test_with_a_fixed_mask_the_weights_are_affine_in_the_residual_scale(act_orde
     torch.testing.assert_close(at[0.25], (at[0.0] + at[0.5]) / 2, rtol=1e-4, atol=1e-4)
 
 
+def _heldout_case(rows, seed, k=96):
+    """Weights, inputs and statistics split 2048 fit / 1024 held-out tokens."""
+    x_dense = correlated_inputs(3072, k, seed=seed)
+    x = sparsify_topk(x_dense + 0.3 * torch.randn_like(x_dense), 0.5)
+    w = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed))
+    fit, held = _stats(x[:2048], x_dense[:2048]), _stats(x[2048:], x_dense[2048:], with_gap=True)
+    return w, x, x_dense, fit, held
+
+
 def test_heldout_pruned_scale_minimizes_the_heldout_objective_of_the_pruned_weights():
     from duoserve.prune.obs import heldout_pruned_scale
 
-    k = 96
-    x_dense = correlated_inputs(3072, k, seed=11)
-    x = sparsify_topk(x_dense + 0.3 * torch.randn_like(x_dense), 0.5)
-    w = torch.randn(24, k, generator=torch.Generator().manual_seed(11))
-    fit, held = _stats(x[:2048], x_dense[:2048]), _stats(x[2048:], x_dense[2048:], with_gap=True)
+    w, x, x_dense, fit, held = _heldout_case(24, seed=11)
     settings = ObsSettings(32, 0.1, True, 0.5, "original")
     choice, mask = heldout_pruned_scale(w, fit, held, SparsityTarget(0.5), settings, max_rows=None)
     assert 0.0 <= choice.scale <= 1.0 and choice.explained >= choice.explained_at_1
@@ -241,13 +246,9 @@ def test_heldout_pruned_scale_minimizes_the_heldout_objective_of_the_pruned_weig
 def test_heldout_pruned_scale_from_a_subset_of_rows_is_close_to_all_rows():
     from duoserve.prune.obs import heldout_pruned_scale
 
-    k = 96
-    x_dense = correlated_inputs(3072, k, seed=12)
-    x = sparsify_topk(x_dense + 0.3 * torch.randn_like(x_dense), 0.5)
-    w = torch.randn(512, k, generator=torch.Generator().manual_seed(12))
-    fit, held = _stats(x[:2048], x_dense[:2048]), _stats(x[2048:], x_dense[2048:], with_gap=True)
+    w, _, _, fit, held = _heldout_case(512, seed=12)
     settings = ObsSettings(32, 0.1, True, 0.5, "original")
     every, _ = heldout_pruned_scale(w, fit, held, SparsityTarget(0.5), settings, max_rows=None)
     subset, mask = heldout_pruned_scale(w, fit, held, SparsityTarget(0.5), settings, max_rows=128)
-    assert mask.shape == (128, k)
+    assert mask.shape == (128, w.shape[1])
     assert abs(every.scale - subset.scale) < 0.1, (every, subset)
