@@ -124,8 +124,8 @@ class ResidualChoice:
     much lower the pruned weights' held-out objective is than at scale 0, at the chosen scale and
     at the paper's 1 (negative: worse than no residual). None without held-out gap statistics."""
     scale: float
-    explained: float | None = None
-    explained_at_1: float | None = None
+    reduction: float | None = None
+    reduction_at_1: float | None = None
 
 
 @torch.no_grad()
@@ -137,7 +137,7 @@ def heldout_pruned_scale(weight: torch.Tensor, fit: HessianStats, heldout: Hessi
     Prunes on the fit tokens at the reference scale (which chooses the mask), solves again with
     that mask at scale 0; with a fixed mask the weights are affine in the scale,
     W(s) = W(0) + s (W(ref) - W(0)) / ref, so the held-out objective ||W(s) X^_h - W0 X~_h||^2 is a
-    quadratic in s and its minimum has a closed form. Returns the choice (explained: the held-out
+    quadratic in s and its minimum has a closed form. Returns the choice (reduction: the held-out
     objective's reduction relative to s = 0) and the mask (of the rows used).
 
     Rows are solved independently (the mask is chosen per block over all rows, a quantile that a

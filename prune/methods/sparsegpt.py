@@ -62,7 +62,7 @@ class ObsObserver(LinearObserver):
                                              self.method.target, settings)
             log.info("%s: residual scale %.3f (chosen on %d held-out calibration tokens, whose objective is %.1f%% "
                      "lower than at scale 0 there, %.1f%% at scale 1)", self.name, choice.scale,
-                     self.heldout.tokens, 100 * choice.explained, 100 * choice.explained_at_1)
+                     self.heldout.tokens, 100 * choice.reduction, 100 * choice.reduction_at_1)
             settings = dataclasses.replace(settings, residual_scale=choice.scale)
         return obs_prune(weight, self.stats, self.method.target, settings)
 

@@ -125,3 +125,24 @@ def duoserve_cli(args: list[str], env: dict[str, str] | None = None):
         if proc.stdout:
             proc.stdout.close()
 
+
+
+@pytest.fixture
+def recorded_launches(monkeypatch):
+    """launch() records its vLLM command and environment instead of starting vLLM: [(cmd, env), ...]."""
+    from duoserve.loaders import server
+
+    calls = []
+
+    class FakePopen:
+        pid = 4242
+
+        def __init__(self, cmd, env, **kwargs):
+            calls.append((cmd, env))
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(server.subprocess, "Popen", FakePopen)
+    yield calls
+    server._live.clear()

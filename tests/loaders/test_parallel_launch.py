@@ -11,28 +11,15 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def started(monkeypatch):
-    """Record launch()'s vLLM command and environment instead of starting it (a CPU build)."""
+def started(recorded_launches, monkeypatch):
+    """launch() on a 2-core CPU build with one NUMA node and no binding set by the user."""
     from duoserve.loaders import server
 
-    calls = []
-
-    class FakePopen:
-        pid = 4242
-
-        def __init__(self, cmd, env, **kwargs):
-            calls.append((cmd, env))
-
-        def poll(self):
-            return 0
-
-    monkeypatch.setattr(server.subprocess, "Popen", FakePopen)
     monkeypatch.setattr(server, "is_cpu_build", lambda: True)
     monkeypatch.setattr(server.os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(server, "_numa_nodes", lambda cpus: 1)
     monkeypatch.delenv(server.BIND_ENV, raising=False)
-    yield calls
-    server._live.clear()
+    return recorded_launches
 
 
 def test_cpu_thread_binding_splits_cores_per_worker():

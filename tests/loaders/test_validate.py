@@ -110,23 +110,12 @@ def test_launcher_refuses_before_starting_vllm(bitmask_ckpt, tmp_path):
         launch(tmp_path)
 
 
-def test_the_api_key_reaches_vllm_through_its_environment(dense_ckpt, monkeypatch):
+def test_the_api_key_reaches_vllm_through_its_environment(dense_ckpt, recorded_launches):
     """Not argv: vLLM's argparse read `--api-key -x...` as a missing value (a CI failure, 1 generated
     key in 64 started with '-'), and argv shows in `ps`."""
     from duoserve.loaders import server
 
-    started = []
-
-    class FakePopen:
-        pid = 4242
-
-        def __init__(self, cmd, env, **kwargs):
-            started.append((cmd, env))
-
-        def poll(self):
-            return 0
-
-    monkeypatch.setattr(server.subprocess, "Popen", FakePopen)
+    started = recorded_launches
     handle = server.launch(dense_ckpt, api_key="-starts-with-a-dash", log_path="-")
     cmd, env = started[-1]
     assert env["VLLM_API_KEY"] == handle.api_key == "-starts-with-a-dash"

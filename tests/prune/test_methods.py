@@ -229,7 +229,7 @@ def test_heldout_pruned_scale_minimizes_the_heldout_objective_of_the_pruned_weig
     w, x, x_dense, fit, held = _heldout_case(24, seed=11)
     settings = ObsSettings(32, 0.1, True, 0.5, "original")
     choice, mask = heldout_pruned_scale(w, fit, held, SparsityTarget(0.5), settings, max_rows=None)
-    assert 0.0 <= choice.scale <= 1.0 and choice.explained >= choice.explained_at_1
+    assert 0.0 <= choice.scale <= 1.0 and choice.reduction >= choice.reduction_at_1
 
     def heldout_error(s):
         pruned = obs_prune(w, fit, SparsityTarget(0.5), ObsSettings(32, 0.1, True, s, "original"), mask=mask)
@@ -240,7 +240,7 @@ def test_heldout_pruned_scale_minimizes_the_heldout_objective_of_the_pruned_weig
     assert abs(best - choice.scale) <= 0.05 + 1e-9, (best, choice)
     # The reported reduction is the measured one.
     measured = 1 - heldout_error(choice.scale) / heldout_error(0.0)
-    assert choice.explained == pytest.approx(measured, rel=1e-2, abs=1e-3)
+    assert choice.reduction == pytest.approx(measured, rel=1e-2, abs=1e-3)
 
 
 def test_heldout_pruned_scale_from_a_subset_of_rows_is_close_to_all_rows():
