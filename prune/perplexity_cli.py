@@ -13,7 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="duoserve checkpoint, HF folder or id (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--data", default="wikitext2",
-                   help="wikitext2 (HF, or a local copy), wiki (packaged sample), c4, or a text file (default wikitext2)")
+                   help="wikitext2 (HF, or a local copy), wiki (packaged sample), c4, c4-heldout (the calibration "
+                        "documents pruning never calibrates on: for choosing settings), or a text file (default wikitext2)")
     p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
     p.add_argument("--activation-mode", choices=["topk", "threshold", "off"], default=None,
                    help="activation sparsity at evaluation (default: the checkpoint's own; off for dense models)")

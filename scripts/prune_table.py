@@ -20,6 +20,8 @@ Suites
 - duogpt-ablation: DuoGPT's components at W50+X50 against dual-sparse SparseGPT: residual scale
   (held-out choice "auto", 0.5, 0.25, 0) with the paper's damp 0.1 + act_order and with SparseGPT's
   damp 0.01 without act_order (docs/pruning.md, "Robustness"; run it with --model for each model).
+- robustness: DuoGPT at its defaults against dual-sparse SparseGPT at W = X in 40/50/60% (run it with
+  --model for each model, and with a larger --nsamples for the second calibration size).
 - duogpt-residual: DuoGPT's residual term at W50+X50 and W60+X60: --residual-scale 0 / 0.25 /
   0.5 / 1 with --residual-target running (Algorithm 1 as printed) and original (docs/pruning.md).
 
@@ -49,6 +51,11 @@ SUITES = {
                           for r in ("auto", 0.5, 0.0, 0.25)],
                         *[("duogpt", "0.5", 0.5, {"damp": 0.01, "act_order": False, "residual_scale": r})
                           for r in ("auto", 0.5)]],
+    # The bars of DuoGPT's robustness (docs/pruning.md): its default against dual-sparse SparseGPT's at
+    # W = X in 40/50/60%. DuoGPT's defaults are spelled out so that cached rows stay valid if they change.
+    "robustness": [c for p in (0.4, 0.5, 0.6)
+                   for c in (("sparsegpt", str(p), p),
+                             ("duogpt", str(p), p, {"damp": 0.1, "act_order": True, "residual_scale": 0.25}))],
     "duogpt-residual": [("duogpt", str(p), p, {"residual_scale": r, "residual_target": t})
                         for p in (0.5, 0.6) for t in ("running", "original") for r in (0.0, 0.25, 0.5, 1.0)
                         if not (r == 0.0 and t == "original")],  # scale 0: no residual, the target is moot

@@ -58,3 +58,19 @@ def test_too_short_text_overlaps_with_a_warning(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         windows, _ = calibration_windows(str(text), _CountingTokenizer(), 4, 64, seed=0)
     assert windows.shape == (4, 64) and "windows overlap" in caplog.text
+
+
+def test_calibration_never_reads_the_held_out_documents(monkeypatch):
+    """Settings are chosen on `c4-heldout`: no token of it may be calibrated on, at any calibration size."""
+    from duoserve.prune import data
+
+    docs = [f"doc{i} " + "word " * 40 for i in range(40)]  # 41 tokens each
+    monkeypatch.setattr(data, "_source_documents", lambda source: (docs, "fake c4"))
+    fit, heldout = data.split_heldout(docs)
+    assert len(heldout) == 10 and fit + heldout == docs
+    text, desc = data.evaluation_text("c4-heldout")
+    assert text == "\n\n".join(docs[30:]) and "held-out" in desc
+    tokenizer = _CountingTokenizer()
+    windows, desc = calibration_windows("c4", tokenizer, 40, 64, seed=0)  # asks for more than the fit split holds
+    fit_tokens = sum(len(d.split()) for d in fit)
+    assert int(windows.max()) < fit_tokens and "held out" in desc
