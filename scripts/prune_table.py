@@ -101,6 +101,9 @@ def cached(path: Path, compute, cached_only: bool):
 
 
 def evaluate(args, target: str, mode: str | None, p_x: float | None, key: str) -> dict:
+    if args.data != "wikitext2":  # results on other text are cached beside, not instead of, WikiText-2's
+        key += "-" + re.sub(r"[^A-Za-z0-9.]+", "_", Path(args.data).name)
+
     def compute():
         out = args.work / f"eval-{key}.json"
         cmd = [sys.executable, "-m", "duoserve.cli", "eval", "ppl", target, "--data", args.data, "--seqlen",
@@ -175,6 +178,8 @@ def main() -> int:
     p.add_argument("--first", default="",
                    help="comma-separated sparsity levels to prune first (e.g. 0.5,0.6): the most wanted rows land "
                         "early in a long run")
+    p.add_argument("--only", default="",
+                   help="comma-separated sparsity levels: run and render only these rows of the suite (e.g. 0.5)")
     p.add_argument("--cached-only", action="store_true",
                    help="compute nothing: render the rows whose results are cached, list the others as not run")
     args = p.parse_args()
@@ -188,6 +193,9 @@ def main() -> int:
         for p_x in sorted({c[2] for c in SUITES[args.suite]}):
             rows[0][f"ppl_topk_{p_x:g}"] = evaluate(args, dense_model, "topk", p_x, f"dense-topk{p_x:g}")
     configs = SUITES[args.suite]
+    if args.only:
+        only = {f"{float(v):g}" for v in args.only.split(",")}
+        configs = [c for c in configs if (c[1] if ":" in c[1] else f"{float(c[1]):g}") in only]
     order = configs
     if args.first:  # compute these sparsity levels before the others; the table keeps its order
         first = [f"{float(v):g}" for v in args.first.split(",")]
