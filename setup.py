@@ -1,14 +1,14 @@
 """Build script: maps the top-level folders into the `duoserve` namespace and builds the CPU kernel.
 
-The folders `prune/`, `kernels/`, `loaders/` and `loadtest/` are installed as `duoserve.prune`,
-`duoserve.kernels`, ... because their bare names are taken on PyPI (and transformers imports a
+The folders `prune/`, `evaluation/`, `kernels/`, `loaders/` and `loadtest/` are installed as
+`duoserve.prune`, `duoserve.evaluation`, `duoserve.kernels`, ... because their bare names are taken on PyPI (and transformers imports a
 package called `kernels` when one is installed).
 """
 from pathlib import Path
 
 from setuptools import setup
 
-SUBPACKAGES = ["prune", "kernels", "loaders", "loadtest"]
+SUBPACKAGES = ["prune", "evaluation", "kernels", "loaders", "loadtest"]
 ROOT = Path(__file__).parent
 
 

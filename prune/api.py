@@ -22,9 +22,8 @@ from duoserve.errors import InputError
 from duoserve.format import DEFAULT_IGNORE, DEFAULT_TARGETS, ActivationSparsity, QuantizationConfig
 from duoserve.format.io import build_quant_config, save_checkpoint
 from duoserve.format.manifest import check_output_folder
-from duoserve.prune.architectures import decoder_layers, model_targets
+from duoserve.prune.architectures import bos_for, decoder_layers, model_targets
 from duoserve.prune.data import calibration_windows
-from duoserve.prune.perplexity import bos_for
 from duoserve.prune.engine import EngineSettings, SequentialEngine
 from duoserve.prune.models import load_model_and_tokenizer
 from duoserve.prune.refiners import RefinedMethod, build_refiner

@@ -58,3 +58,13 @@ def model_targets(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Li
         for rel, linear in layer_targets(layer, targets).items():
             out[f"{prefix}.{i}.{rel}"] = linear
     return out
+
+
+def bos_for(model: nn.Module, tokenizer) -> int | None:
+    """The BOS id when the model's family expects one at the start of every sequence (Gemma), else None.
+
+    Calibration windows (duoserve.prune.data) and perplexity windows (duoserve.evaluation) then
+    start with it, as serving does.
+    """
+    model_type = getattr(model.config, "model_type", "")
+    return tokenizer.bos_token_id if model_type.startswith("gemma") else None

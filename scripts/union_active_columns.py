@@ -38,7 +38,7 @@ KINDS = {"q_proj": "attn in (q/k/v)", "k_proj": None, "v_proj": None, "o_proj": 
 def record_inputs(ckpt: Path, data: str, sequences: int, length: int):
     """{module: inputs [S, L, K] fp32}, {module: threshold}, {module: dense weight} of every target linear
     whose kind is listed in KINDS (one per shared input)."""
-    from duoserve.prune.data import evaluation_tokens
+    from duoserve.evaluation.texts import evaluation_tokens
     from duoserve.prune.modeling import load_pruned_model
 
     model, tokenizer, loaded = load_pruned_model(ckpt, activation_mode="off", dtype="float32")

@@ -17,8 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from duoserve.prune.zeroshot.results import (compare_loglikelihoods, markdown_header, markdown_rows,
-                                             paired_accuracy_difference)
+from duoserve.evaluation.zeroshot.results import (compare_loglikelihoods, markdown_header, markdown_rows,
+                                                  paired_accuracy_difference)
 
 
 def _load(spec: str) -> tuple[str, dict]:

@@ -1,17 +1,21 @@
 """The folder boundaries of the design (README, "Layout"), enforced.
 
-Every import of every module under kernels/, prune/, duoserve/format/, loadtest/ and loaders/ is
+Every import of every module under kernels/, prune/, evaluation/, duoserve/format/, loadtest/ and
+loaders/ is
 read from its syntax tree: module-level and lazy (inside functions) imports, relative imports
 resolved to absolute names, and importlib.import_module / __import__ with a constant name. No
 module is executed, so the test needs neither vLLM nor a GPU.
 
     kernels          -> the standard library, torch, triton, numpy and itself (no vLLM, no duoserve.*)
-    prune            -> never vLLM, duoserve.loaders or duoserve.loadtest
+    prune            -> never vLLM, duoserve.loaders, duoserve.loadtest or duoserve.evaluation
+    evaluation       -> prune's model loading and data, format; never vLLM, duoserve.loaders,
+                        duoserve.loadtest or duoserve.kernels (an endpoint is reached over HTTP)
     duoserve/format  -> a leaf: the standard library, torch, safetensors, numpy, itself and
                         duoserve.errors (the exception classes, which import nothing of duoserve)
     loadtest         -> talks to servers over HTTP: no vLLM, torch, transformers or
-                        duoserve.loaders / prune / kernels
-    loaders          -> vLLM, kernels, format; never duoserve.prune or duoserve.loadtest
+                        duoserve.loaders / prune / evaluation / kernels
+    loaders          -> vLLM, kernels, format; never duoserve.prune, duoserve.evaluation or
+                        duoserve.loadtest
 """
 from __future__ import annotations
 
@@ -24,18 +28,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # folder (relative to the repository) -> the package it installs as
-PACKAGES = {"kernels": "duoserve.kernels", "prune": "duoserve.prune", "duoserve/format": "duoserve.format",
-            "loadtest": "duoserve.loadtest", "loaders": "duoserve.loaders"}
+PACKAGES = {"kernels": "duoserve.kernels", "prune": "duoserve.prune", "evaluation": "duoserve.evaluation",
+            "duoserve/format": "duoserve.format", "loadtest": "duoserve.loadtest", "loaders": "duoserve.loaders"}
 
 # Either "allow": the only top-level names (and duoserve.* prefixes) a folder may import, the
 # standard library always allowed; or "forbid": names it must not import.
 RULES = {
     "kernels": {"allow": {"torch", "triton", "numpy", "duoserve.kernels"}},
     "duoserve/format": {"allow": {"torch", "safetensors", "numpy", "duoserve.format", "duoserve.errors"}},
-    "prune": {"forbid": {"vllm", "duoserve.loaders", "duoserve.loadtest"}},
+    "prune": {"forbid": {"vllm", "duoserve.loaders", "duoserve.loadtest", "duoserve.evaluation"}},
+    "evaluation": {"forbid": {"vllm", "duoserve.loaders", "duoserve.loadtest", "duoserve.kernels"}},
     "loadtest": {"forbid": {"vllm", "torch", "transformers", "duoserve.loaders", "duoserve.prune",
-                            "duoserve.kernels"}},
-    "loaders": {"forbid": {"duoserve.prune", "duoserve.loadtest"}},
+                            "duoserve.evaluation", "duoserve.kernels"}},
+    "loaders": {"forbid": {"duoserve.prune", "duoserve.evaluation", "duoserve.loadtest"}},
 }
 
 

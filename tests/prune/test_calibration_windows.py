@@ -6,8 +6,9 @@ import types
 import torch
 from transformers import AutoTokenizer
 
+from duoserve.evaluation.texts import evaluation_text
+from duoserve.prune.architectures import bos_for
 from duoserve.prune.data import calibration_windows
-from duoserve.prune.perplexity import bos_for
 
 
 def test_windows_start_with_bos_when_the_model_expects_one(tmp_path, tiny_llama_dir):
@@ -68,7 +69,7 @@ def test_calibration_never_reads_the_held_out_documents(monkeypatch):
     monkeypatch.setattr(data, "_source_documents", lambda source: (docs, "fake c4"))
     fit, heldout = data.split_heldout(docs)
     assert len(heldout) == 10 and fit + heldout == docs
-    text, desc = data.evaluation_text("c4-heldout")
+    text, desc = evaluation_text("c4-heldout")
     assert text == "\n\n".join(docs[30:]) and "held-out" in desc
     tokenizer = _CountingTokenizer()
     windows, desc = calibration_windows("c4", tokenizer, 40, 64, seed=0)  # asks for more than the fit split holds

@@ -53,8 +53,8 @@ def test_dense_format_loads_in_plain_transformers(tmp_path, tiny_llama_dir):
 
 
 def test_thresholds_realize_the_target_on_held_out_text(tmp_path, tiny_llama_dir):
-    from duoserve.prune.data import evaluation_tokens
-    from duoserve.prune.perplexity import make_windows, perplexity
+    from duoserve.evaluation.perplexity import make_windows, perplexity
+    from duoserve.evaluation.texts import evaluation_tokens
 
     out = tmp_path / "duo"
     prune_model(PruneConfig(output=out, model=str(tiny_llama_dir), method="duogpt", activation_sparsity=0.5,

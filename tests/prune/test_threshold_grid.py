@@ -33,8 +33,8 @@ def ckpt(tiny_llama_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def held_out(ckpt):
-    from duoserve.prune.data import evaluation_tokens
-    from duoserve.prune.perplexity import make_windows
+    from duoserve.evaluation.perplexity import make_windows
+    from duoserve.evaluation.texts import evaluation_tokens
 
     _, tokenizer, _ = load_pruned_model(ckpt, activation_mode="off")
     ids, _ = evaluation_tokens("wiki", tokenizer)  # held out: Wikipedia, not the C4 calibration text
@@ -42,7 +42,7 @@ def held_out(ckpt):
 
 
 def _realized(ckpt, windows, p_x):
-    from duoserve.prune.perplexity import perplexity
+    from duoserve.evaluation.perplexity import perplexity
 
     model, _, _ = load_pruned_model(ckpt, activation_sparsity=p_x)
     result = perplexity(model, windows)

@@ -5,7 +5,7 @@ import json
 import math
 
 from duoserve.cli import main
-from duoserve.prune.zeroshot.tasks import SEVEN_TASKS, TASKS
+from duoserve.evaluation.zeroshot.tasks import SEVEN_TASKS, TASKS
 
 LIMIT = 3
 

@@ -6,8 +6,8 @@ import importlib
 
 # name -> (module exposing add_arguments(parser) and run(args), help)
 EVAL_COMMANDS = {
-    "ppl": ("duoserve.prune.perplexity_cli", "perplexity of a model or checkpoint on held-out text"),
-    "zeroshot": ("duoserve.prune.zeroshot.cli", "zero-shot accuracy with lm-evaluation-harness"),
+    "ppl": ("duoserve.evaluation.perplexity_cli", "perplexity of a model or checkpoint on held-out text"),
+    "zeroshot": ("duoserve.evaluation.zeroshot.cli", "zero-shot accuracy with lm-evaluation-harness"),
 }
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from duoserve.cli import main
-from duoserve.prune.zeroshot.results import compare_loglikelihoods
+from duoserve.evaluation.zeroshot.results import compare_loglikelihoods
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 

@@ -60,9 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from duoserve.errors import InputError
-    from duoserve.prune.zeroshot.results import check_finite, format_table, markdown_header, markdown_rows
-    from duoserve.prune.zeroshot.run import ZeroShotConfig, endpoint_lm, evaluate, in_process_lm
-    from duoserve.prune.zeroshot.tasks import parse_task_list
+    from duoserve.evaluation.zeroshot.results import check_finite, format_table, markdown_header, markdown_rows
+    from duoserve.evaluation.zeroshot.run import ZeroShotConfig, endpoint_lm, evaluate, in_process_lm
+    from duoserve.evaluation.zeroshot.tasks import parse_task_list
 
     config = ZeroShotConfig(tasks=tuple(parse_task_list(args.tasks)), limit=args.limit, data=args.data,
                             batch_size=args.batch_size, seed=args.seed)

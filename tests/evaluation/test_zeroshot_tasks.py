@@ -7,7 +7,7 @@ import pytest
 
 from duoserve.cli import main
 from duoserve.errors import InputError
-from duoserve.prune.zeroshot import results, tasks
+from duoserve.evaluation.zeroshot import results, tasks
 
 
 def test_parse_task_list():
@@ -147,7 +147,7 @@ def test_paired_accuracy_difference_bounds_the_standard_error():
 
 
 def test_normalize_endpoint():
-    from duoserve.prune.zeroshot.run import normalize_endpoint
+    from duoserve.evaluation.zeroshot.run import normalize_endpoint
 
     for url in ("http://127.0.0.1:8000", "http://127.0.0.1:8000/", "http://127.0.0.1:8000/v1",
                 "http://127.0.0.1:8000/v1/completions"):
@@ -161,7 +161,7 @@ def test_tokenizer_adds_bos(tiny_llama_dir, tmp_path):
     from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
 
-    from duoserve.prune.zeroshot.run import tokenizer_adds_bos
+    from duoserve.evaluation.zeroshot.run import tokenizer_adds_bos
 
     assert tokenizer_adds_bos(str(tiny_llama_dir)) is False
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)

@@ -34,7 +34,7 @@ class ZeroShotConfig:
     seed: int = 0
 
     def __post_init__(self):
-        from duoserve.prune.zeroshot.tasks import DATA_SOURCES, TASKS
+        from duoserve.evaluation.zeroshot.tasks import DATA_SOURCES, TASKS
 
         if not self.tasks:
             raise InputError("no tasks to evaluate")
@@ -171,7 +171,7 @@ def tokenizer_adds_bos(tokenizer: str) -> bool:
 
 def evaluate(lm, config: ZeroShotConfig, model_desc: dict[str, Any], *, root=None,
              keep_loglikelihoods: bool = False) -> dict[str, Any]:
-    """Run lm-eval on `lm` and return the summary (duoserve.prune.zeroshot.results.summarize).
+    """Run lm-eval on `lm` and return the summary (duoserve.evaluation.zeroshot.results.summarize).
 
     keep_loglikelihoods: also return, per task, each item's log-likelihood of every choice (in
     lm-eval's item order), so two runs of the same items (in-process vs endpoint) can be compared
@@ -179,8 +179,8 @@ def evaluate(lm, config: ZeroShotConfig, model_desc: dict[str, Any], *, root=Non
     """
     from lm_eval import simple_evaluate
 
-    from duoserve.prune.zeroshot.results import summarize
-    from duoserve.prune.zeroshot.tasks import build_tasks
+    from duoserve.evaluation.zeroshot.results import summarize
+    from duoserve.evaluation.zeroshot.tasks import build_tasks
 
     tasks, provenance, tm = build_tasks(list(config.tasks), config.data, root=root)
     start = time.perf_counter()

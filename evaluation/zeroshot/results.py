@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from duoserve.prune.zeroshot.tasks import FIVE_TASKS, SEVEN_TASKS, TASKS
+from duoserve.evaluation.zeroshot.tasks import FIVE_TASKS, SEVEN_TASKS, TASKS
 
 AVERAGES = {"avg5": FIVE_TASKS, "avg7": SEVEN_TASKS}
 

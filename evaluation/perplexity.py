@@ -1,7 +1,7 @@
-"""Perplexity with the standard protocol (algorithms.md): the evaluation text tokenized once,
+"""Perplexity with the standard protocol (docs/evaluation.md): the evaluation text tokenized once,
 cut into non-overlapping windows of `seqlen` tokens, mean next-token NLL over all predicted
 tokens, exp. Models whose family expects a BOS at the start of every sequence (Gemma) get one
-per window (the window then holds seqlen - 1 text tokens).
+per window (the window then holds seqlen - 1 text tokens; duoserve.prune.architectures.bos_for).
 """
 from __future__ import annotations
 
@@ -46,8 +46,3 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "p
         total_tokens += batch[:, 1:].numel()
     mean = total_nll / total_tokens
     return {"ppl": math.exp(mean), "mean_nll": mean, "windows": int(windows.shape[0]), "tokens": total_tokens}
-
-
-def bos_for(model, tokenizer) -> int | None:
-    model_type = getattr(model.config, "model_type", "")
-    return tokenizer.bos_token_id if model_type.startswith("gemma") else None

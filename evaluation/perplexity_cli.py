@@ -43,9 +43,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from duoserve.errors import InputError
-    from duoserve.prune.data import evaluation_tokens
+    from duoserve.evaluation.texts import evaluation_tokens
     from duoserve.prune.modeling import load_any_model
-    from duoserve.prune.perplexity import bos_for, make_windows, perplexity
+    from duoserve.evaluation.perplexity import make_windows, perplexity
+    from duoserve.prune.architectures import bos_for
 
     if args.activation_sparsity is not None and not 0 <= args.activation_sparsity < 1:
         raise InputError(f"--activation-sparsity {args.activation_sparsity} is outside [0, 1)")
