@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "inspect": ("duoserve.inspect_cli", "print a checkpoint's metadata and per-module sparsity; verify it"),
     "serve": ("duoserve.loaders.cli", "serve a checkpoint with vLLM behind the OpenAI-compatible API"),
     "bench": ("duoserve.loadtest.cli", "load-test dense vs dual-sparse servers and write a report"),
+    "frontier": ("duoserve.frontier.cli", "prune a grid of sparsities, measure quality and served speed, pick the operating point"),
     "quickstart": ("duoserve.quickstart", "prune the built-in model, serve it and chat with it (README command 1)"),
 }
 
