@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _checkpoint_path(args) -> Path:
-    from duoserve.prune.models import cache_root
+    from duoserve.prune.model_sources import cache_root
 
     if args.output is not None:
         return args.output
@@ -83,7 +83,7 @@ def chat_once(url: str, api_key: str, model: str, prompt: str, max_tokens: int, 
 
 def _dense_folder(model: str | None) -> tuple[Path | None, str]:
     """The dense source model as a local folder vLLM can serve, or (None, why not)."""
-    from duoserve.prune.models import resolve_model
+    from duoserve.prune.model_sources import resolve_model
 
     source = resolve_model(model)
     if (Path(source) / "config.json").is_file():

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     from duoserve.errors import InputError
     from duoserve.evaluation.texts import evaluation_tokens
-    from duoserve.prune.modeling import load_any_model
+    from duoserve.prune.pruned_models import load_any_model
     from duoserve.evaluation.perplexity import make_windows, perplexity
     from duoserve.prune.architectures import bos_for
 

@@ -25,7 +25,7 @@ from duoserve.format.manifest import check_output_folder
 from duoserve.prune.architectures import bos_for, decoder_layers, model_targets
 from duoserve.prune.data import calibration_windows
 from duoserve.prune.engine import EngineSettings, SequentialEngine
-from duoserve.prune.models import load_model_and_tokenizer
+from duoserve.prune.model_sources import load_model_and_tokenizer
 from duoserve.prune.refiners import RefinedMethod, build_refiner
 from duoserve.prune.registry import build_options, get_method
 from duoserve.prune.sparsity import SparsityTarget, check_nm_compatible

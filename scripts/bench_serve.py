@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from duoserve.prune.models import cache_root, default_model_dir
+    from duoserve.prune.model_sources import cache_root, default_model_dir
 
     args.workdir = Path(args.workdir or cache_root() / "bench")
     args.workdir.mkdir(parents=True, exist_ok=True)

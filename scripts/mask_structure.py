@@ -42,7 +42,7 @@ def target_weights(model: str | None):
     """(name, [out, in] float32 weight) of every linear `duoserve prune` targets, and the model's source."""
     from duoserve.format import DEFAULT_TARGETS
     from duoserve.prune.architectures import model_targets
-    from duoserve.prune.models import load_model_and_tokenizer
+    from duoserve.prune.model_sources import load_model_and_tokenizer
 
     loaded, _, source = load_model_and_tokenizer(model)
     return [(name, linear.weight.detach().float()) for name, linear in model_targets(loaded, DEFAULT_TARGETS).items()], source

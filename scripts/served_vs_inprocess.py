@@ -3,7 +3,7 @@
 
 Serves CKPT with `duoserve serve` machinery (vLLM + the duoserve plugin), asks for the prompt
 log-probabilities of N windows of held-out text (completions API, token ids, echo), and compares
-them with `duoserve.prune.modeling.load_pruned_model` in the given activation mode and dtype:
+them with `duoserve.prune.pruned_models.load_pruned_model` in the given activation mode and dtype:
 mean NLL per token on both sides, the mean absolute per-token difference, and how many tokens
 differ by more than 0.1 nats.
 
@@ -45,7 +45,7 @@ def main() -> int:
 
     from duoserve.loaders.server import launch
     from duoserve.evaluation.texts import evaluation_tokens
-    from duoserve.prune.modeling import load_pruned_model
+    from duoserve.prune.pruned_models import load_pruned_model
     from duoserve.evaluation.perplexity import make_windows
 
     model, tokenizer, _ = load_pruned_model(args.checkpoint, args.activation_mode, args.dtype)

@@ -99,7 +99,7 @@ class Runner:
 
         from duoserve.evaluation.texts import evaluation_tokens
         from duoserve.prune.data import calibration_windows
-        from duoserve.prune.models import default_model_dir, load_model_and_tokenizer
+        from duoserve.prune.model_sources import default_model_dir, load_model_and_tokenizer
         from duoserve.evaluation.perplexity import make_windows
         from duoserve.prune.architectures import bos_for
 
@@ -132,7 +132,7 @@ class Runner:
     def run(self, cfg: dict) -> dict:
         from duoserve.format import DEFAULT_TARGETS
         from duoserve.prune.engine import EngineSettings, SequentialEngine
-        from duoserve.prune.modeling import install_activation_sparsity
+        from duoserve.prune.pruned_models import install_activation_sparsity
         from duoserve.prune.refiners import RefinedMethod, build_refiner
         from duoserve.prune.registry import build_options, get_method
         from duoserve.prune.sparsity import SparsityTarget
@@ -175,7 +175,7 @@ class Runner:
     def check_cli(self, cfg: dict, work: Path) -> dict:
         """The same row through prune_model -> checkpoint -> load_any_model (the CLI path)."""
         from duoserve.prune.api import PruneConfig, prune_model
-        from duoserve.prune.modeling import load_any_model
+        from duoserve.prune.pruned_models import load_any_model
 
         out = work / "ckpt-check"
         prune_model(PruneConfig(output=out, model=self.model_source, method=cfg["method"], sparsity=cfg["sparsity"],

@@ -39,7 +39,7 @@ def record_inputs(ckpt: Path, data: str, sequences: int, length: int):
     """{module: inputs [S, L, K] fp32}, {module: threshold}, {module: dense weight} of every target linear
     whose kind is listed in KINDS (one per shared input)."""
     from duoserve.evaluation.texts import evaluation_tokens
-    from duoserve.prune.modeling import load_pruned_model
+    from duoserve.prune.pruned_models import load_pruned_model
 
     model, tokenizer, loaded = load_pruned_model(ckpt, activation_mode="off", dtype="float32")
     ids, source = evaluation_tokens(data, tokenizer)  # [N] int64

@@ -30,7 +30,7 @@ COMPARE_ARGS=()
 for cfg in "${CONFIGS[@]}"; do
   label=${cfg%%=*}; model=${cfg#*=}
   if [ "$model" = default ]; then
-    model=$(python -c "from duoserve.prune.models import default_model_dir; print(default_model_dir())")
+    model=$(python -c "from duoserve.prune.model_sources import default_model_dir; print(default_model_dir())")
   fi
   for stage in $STAGES; do
     json="$OUT/$label-$stage.json"

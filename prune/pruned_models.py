@@ -1,5 +1,7 @@
-"""In-process models for evaluation: a duoserve checkpoint (or a dense HF model) with activation
-sparsity applied as configured.
+"""Pruned models in-process: a duoserve checkpoint loaded back as a transformers model (or a dense
+model from model_sources.py), with activation sparsity applied as configured. What evaluation
+(duoserve.evaluation) and the tests run; the dense models that pruning starts from come from
+model_sources.py.
 
 `load_pruned_model(path)` validates the checkpoint, rebuilds the transformers model with exactly
 the pruned weights, and installs activation sparsity on the target linears:
@@ -101,7 +103,7 @@ def load_any_model(path_or_id: str | None, activation_mode: str | None = None, d
     if path_or_id is not None and is_duoserve_checkpoint(path_or_id):
         return load_pruned_model(path_or_id, activation_mode, dtype, activation_sparsity)
     from duoserve.format import DEFAULT_TARGETS
-    from duoserve.prune.models import load_model_and_tokenizer
+    from duoserve.prune.model_sources import load_model_and_tokenizer
 
     model, tokenizer, _ = load_model_and_tokenizer(path_or_id, dtype=dtype)
     mode = activation_mode or "off"

