@@ -22,7 +22,8 @@ from duoserve.errors import CheckpointError
 from duoserve.format.io import read_quant_config
 from duoserve.format.manifest import verify_manifest
 from duoserve.format.schema import (
-    BIAS_SUFFIX, BITMASK_SUFFIX, DENSE_SUFFIX, THRESHOLD_SUFFIX, VALUES_SUFFIX, QuantizationConfig, module_tensor_specs,
+    BIAS_SUFFIX, BITMASK_SUFFIX, DENSE_SUFFIX, SCALES_SUFFIX, THRESHOLD_SUFFIX, VALUES_SUFFIX, QuantizationConfig,
+    module_tensor_specs,
 )
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ def read_headers(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
 
 def expected_module_tensors(name: str, shape: tuple[int, int], nnz: int, q: QuantizationConfig) -> dict[str, tuple]:
     """The tensors one target module must have: name -> (shape, dtype or None for 'any float')."""
-    return {name + spec.suffix: (spec.shape, spec.dtype) for spec in module_tensor_specs(q.weight_format, shape, nnz)}
+    return {name + spec.suffix: (spec.shape, spec.dtype)
+            for spec in module_tensor_specs(q.weight_format, shape, nnz, q.weight_quant)}
 
 
 def _model_state_shapes(hf_config: Any) -> dict[str, tuple[int, ...]] | None:
@@ -136,7 +138,7 @@ def validate_checkpoint(path: Path, hf_config: Any = None, *, verify_hashes: boo
 
     for name in remaining:
         module = name.rsplit(".", 1)[0]
-        if name.endswith((BITMASK_SUFFIX, VALUES_SUFFIX, THRESHOLD_SUFFIX)):
+        if name.endswith((BITMASK_SUFFIX, VALUES_SUFFIX, SCALES_SUFFIX, THRESHOLD_SUFFIX)):
             raise CheckpointError(f"unexpected tensor {where(name)}: module {module} is not in "
                                   "quantization_config.modules")
         if module in q.modules:

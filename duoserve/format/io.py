@@ -21,9 +21,11 @@ from duoserve.format.bitmask import (
     bitmask_popcount, decode_bitmask, encode_bitmask, pad_bits_clear,
 )
 from duoserve.format.manifest import atomic_folder, verify_manifest, write_manifest
+from duoserve.format.quant import codes_from_dense, decode_quantized, int4_pad_clear, pack_codes
 from duoserve.format.schema import (
     BITMASK_SHARD_PATTERN, BITMASK_SUFFIX, DENSE_INDEX_NAME, DENSE_SHARD_PATTERN, DENSE_SINGLE_NAME,
-    DENSE_SUFFIX, THRESHOLD_SUFFIX, VALUES_SUFFIX, ModuleInfo, QuantizationConfig, is_target, module_tensor_specs,
+    DENSE_SUFFIX, SCALES_SUFFIX, THRESHOLD_SUFFIX, VALUES_SUFFIX, ModuleInfo, QuantizationConfig, is_target,
+    module_tensor_specs,
 )
 
 MAX_SHARD_BYTES = 2 << 30
@@ -71,12 +73,25 @@ def build_quant_config(state_dict, thresholds: dict[str, float], base: Quantizat
     return replace(base, modules=modules, global_sparsity=round(1.0 - nonzero / total, 6))
 
 
-def _encode_tensors(state_dict, qconfig: QuantizationConfig) -> dict[str, torch.Tensor]:
+def _encode_tensors(state_dict, qconfig: QuantizationConfig,
+                    quant_scales: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
+    wq = qconfig.weight_quant
+    if (wq is None) != (quant_scales is None):
+        raise ValueError("quant_scales and quantization_config.weight_quant come together")
     for key, value in state_dict.items():
         module = key[: -len(DENSE_SUFFIX)] if key.endswith(DENSE_SUFFIX) else None
         if module in qconfig.modules:
-            if qconfig.weight_format == "bitmask":
+            if wq is not None:
+                if module not in quant_scales:
+                    raise CheckpointError(f"no quantization scales for target linear {module}")
+                scales = quant_scales[module].to(torch.float16).contiguous()
+                bitmask, _ = encode_bitmask(value)
+                codes = codes_from_dense(value, scales, wq, module + DENSE_SUFFIX)  # exact, or raises
+                out[module + BITMASK_SUFFIX] = bitmask
+                out[module + VALUES_SUFFIX] = pack_codes(codes, wq.bits)
+                out[module + SCALES_SUFFIX] = scales
+            elif qconfig.weight_format == "bitmask":
                 bitmask, values = encode_bitmask(value)
                 out[module + BITMASK_SUFFIX], out[module + VALUES_SUFFIX] = bitmask, values
             else:
@@ -110,15 +125,18 @@ def save_checkpoint(
     save_extras: Callable[[Path], None] | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    quant_scales: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint folder atomically. `qconfig.modules` must already be filled.
 
     state_dict: dense pruned weights under HF names (tied weights removed by the caller).
     hf_config: the model's config.json as a dict (quantization_config is added here).
     save_extras(folder): writes tokenizer and generation config into the folder.
+    quant_scales: with qconfig.weight_quant, module -> its scales [N, ceil(K/G)]; the target weights
+    in state_dict are then the dequantized ones (duoserve.format.quant), whose codes are recovered.
     """
     out = Path(out)
-    tensors = _encode_tensors(state_dict, qconfig)
+    tensors = _encode_tensors(state_dict, qconfig, quant_scales)
     shards = _shard(tensors, max_shard_bytes)
     with atomic_folder(out, overwrite=overwrite) as tmp:
         config = dict(hf_config)
@@ -158,8 +176,44 @@ def _write_readme(folder: Path, name: str, q: QuantizationConfig) -> None:
                f"of p_x from 0 to {grid[-1]:g} and interpolated between them.\n")
     (folder / "README.md").write_text(_README.format(
         method=q.producer.get("method", "?"), sparsity=q.global_sparsity, structure=q.sparsity_structure,
-        act=act, weight_format=q.weight_format, version=q.format_version, name=name, plain_note=plain,
+        act=act, weight_format=q.weight_format + (
+            "" if q.weight_quant is None else f", {q.weight_quant.name} values, group {q.weight_quant.group_size}"),
+        version=q.format_version, name=name, plain_note=plain,
         px_note=px_note))
+
+
+def update_quant_config(src: Path, qconfig: QuantizationConfig, out: Path | None = None,
+                        overwrite: bool = False) -> Path:
+    """Write `qconfig` as the quantization_config of checkpoint `src`, in place (out None) or into a
+    copy at `out`, atomically: the new folder (files hard-linked in place, copied to another
+    folder; new config.json and manifest) replaces the target in one rename, so a failure leaves it
+    as it was. For metadata-only additions such as an allocation table; the tensors must not change."""
+    import os
+    import shutil
+
+    src = Path(src)
+    target = src if out is None else Path(out)
+    in_place = target.resolve() == src.resolve()
+    verify_manifest(src)  # never re-sign a corrupted checkpoint
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = qconfig.to_dict()
+    with atomic_folder(target, overwrite=in_place or overwrite) as tmp:
+        for f in sorted(src.iterdir()):
+            if f.name in ("config.json", MANIFEST_NAME):
+                continue
+            dst = tmp / f.name
+            if f.is_dir():
+                shutil.copytree(f, dst)
+            elif in_place:
+                try:
+                    os.link(f, dst)  # the old folder is removed after the swap: no shared writes
+                except OSError:
+                    shutil.copy2(f, dst)
+            else:
+                shutil.copy2(f, dst)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_manifest(tmp)
+    return target
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,10 +290,10 @@ def load_checkpoint(path: Path, verify: bool = True) -> LoadedCheckpoint:
     for module, info in q.modules.items():
         n, k = info.shape
         got: dict[str, torch.Tensor] = {}
-        for spec in module_tensor_specs(q.weight_format, info.shape, info.nnz):
+        for spec in module_tensor_specs(q.weight_format, info.shape, info.nnz, q.weight_quant):
             t = take(module + spec.suffix)
             wrong_shape = t.numel() != 1 if spec.shape == () else tuple(t.shape) != spec.shape
-            if wrong_shape or (spec.dtype == "U8" and t.dtype != torch.uint8):
+            if wrong_shape or (spec.dtype in _TORCH_DTYPES and t.dtype != _TORCH_DTYPES[spec.dtype]):
                 raise CheckpointError(f"{module + spec.suffix}: shape {tuple(t.shape)} {t.dtype}, expected "
                                       f"{spec.shape} {spec.dtype or q.dtype} for weight shape {info.shape} "
                                       f"with {info.nnz} non-zeros (quantization_config.modules)")
@@ -251,7 +305,10 @@ def load_checkpoint(path: Path, verify: bool = True) -> LoadedCheckpoint:
             if bitmask_popcount(bitmask) != info.nnz:
                 raise CheckpointError(f"{module + BITMASK_SUFFIX}: {bitmask_popcount(bitmask)} bits set, "
                                       f"but {info.nnz} values stored")
-            weight = decode_bitmask(bitmask, values, (n, k))
+            if q.weight_quant is not None:
+                weight = _decode_quantized(module, bitmask, values, got[SCALES_SUFFIX], q, info)
+            else:
+                weight = decode_bitmask(bitmask, values, (n, k))
         else:
             weight = got[DENSE_SUFFIX]
         state_dict[module + DENSE_SUFFIX] = weight
@@ -264,10 +321,29 @@ def load_checkpoint(path: Path, verify: bool = True) -> LoadedCheckpoint:
             raise CheckpointError(f"{module + THRESHOLD_SUFFIX}: tensor says {t}, metadata says {info.act_threshold}")
         thresholds[module] = t
     for name in list(tensors):
-        if name.endswith((BITMASK_SUFFIX, VALUES_SUFFIX, THRESHOLD_SUFFIX)):
+        if name.endswith((BITMASK_SUFFIX, VALUES_SUFFIX, SCALES_SUFFIX, THRESHOLD_SUFFIX)):
             raise CheckpointError(f"{path}: tensor {name} belongs to no module of quantization_config.modules")
         if name in state_dict:
             raise CheckpointError(f"{path}: unexpected tensor {name}: module {name.rsplit('.', 1)[0]} is stored "
                                   f"in the {q.weight_format} format")
         state_dict[name] = tensors.pop(name)
     return LoadedCheckpoint(path, config, q, state_dict, thresholds)
+
+
+_TORCH_DTYPES = {"U8": torch.uint8, "F16": torch.float16}  # fixed-dtype tensors checked on read
+
+
+def _decode_quantized(module: str, bitmask, packed, scales, q: QuantizationConfig, info: ModuleInfo) -> torch.Tensor:
+    """Format 3: codes + scales -> the dense dequantized weight in the checkpoint's dtype."""
+    from duoserve.format.bitmask import bitmask_to_bool
+
+    wq = q.weight_quant
+    if not int4_pad_clear(packed, info.nnz, wq.bits):
+        raise CheckpointError(f"{module + VALUES_SUFFIX}: the unused high nibble of the last byte is set (corrupted)")
+    s = scales.float()
+    if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
+        raise CheckpointError(f"{module + SCALES_SUFFIX}: a scale is not a finite number > 0")
+    dtype = getattr(torch, q.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"quantization_config.dtype {q.dtype!r} is not a torch dtype")
+    return decode_quantized(bitmask_to_bool(bitmask, info.shape[1]), packed, scales, wq, dtype)

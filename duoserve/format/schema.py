@@ -14,10 +14,19 @@ from typing import Any
 from duoserve.errors import CheckpointError
 
 QUANT_METHOD = "duoserve"
-# 2: per-module threshold grids (serve-time activation sparsity); 1: one threshold per module.
-FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+# 3: quantized values (int4/int8 codes + per-group scales, `weight_quant`); 2: per-module threshold
+# grids (serve-time activation sparsity); 1: one threshold per module. A writer writes the lowest
+# version that describes its checkpoint (3 only with quantized values), so that a reader of version
+# 2 still reads every unquantized checkpoint.
+FORMAT_VERSION = 3
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
 WEIGHT_FORMATS = ("bitmask", "dense")
+QUANT_BITS = (4, 8)
+QUANT_SCHEMES = ("symmetric",)
+# A group is a whole number of bitmask bytes (8 columns), so a group's kept values can be counted
+# from byte popcounts; 128 is the usual group of int4 weight-only formats (GPTQ, AWQ).
+QUANT_GROUP_MULTIPLE = 8
+DEFAULT_QUANT_GROUP = 128
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_IGNORE = ("lm_head", "embed_tokens")
@@ -26,6 +35,7 @@ DEFAULT_PX_GRID = tuple(round(0.05 * i, 2) for i in range(19))  # 0, 0.05, ..., 
 
 BITMASK_SUFFIX = ".weight_bitmask"
 VALUES_SUFFIX = ".weight_values"
+SCALES_SUFFIX = ".weight_scales"
 DENSE_SUFFIX = ".weight"
 THRESHOLD_SUFFIX = ".act_threshold"
 BIAS_SUFFIX = ".bias"
@@ -56,10 +66,60 @@ class TensorSpec:
         return self.suffix.lstrip(".")
 
 
-def module_tensor_specs(weight_format: str, shape: tuple[int, int], nnz: int) -> tuple[TensorSpec, ...]:
+@dataclass(frozen=True)
+class WeightQuant:
+    """Quantized values (format 3, bitmask only): `bits`-bit codes with one scale per group of
+    `group_size` input columns of a row (columns [g G, (g + 1) G) of row n share scale[n, g]).
+
+    scheme "symmetric": code c in [0, 2^bits) stands for (c - 2^(bits-1) + 1/2) * scale, a grid of
+    2^bits levels symmetric about 0 *without* a zero level (a stored value is a kept weight, so it
+    is never 0: "non-zero iff kept" holds for the dequantized weight too); the scale is the group's
+    largest kept |w| / (2^(bits-1) - 1/2), rounded to float16 (docs/checkpoint-format.md).
+    """
+
+    bits: int
+    group_size: int = DEFAULT_QUANT_GROUP
+    scheme: str = "symmetric"
+    scale_dtype: str = "float16"
+
+    def __post_init__(self):
+        if self.bits not in QUANT_BITS:
+            raise CheckpointError(f"weight_quant.bits {self.bits!r} is not one of {list(QUANT_BITS)}")
+        if (not isinstance(self.group_size, int) or self.group_size <= 0
+                or self.group_size % QUANT_GROUP_MULTIPLE):
+            raise CheckpointError(f"weight_quant.group_size {self.group_size!r} is not a positive multiple of "
+                                  f"{QUANT_GROUP_MULTIPLE}")
+        if self.scheme not in QUANT_SCHEMES:
+            raise CheckpointError(f"weight_quant.scheme {self.scheme!r} is not one of {list(QUANT_SCHEMES)}")
+        if self.scale_dtype != "float16":
+            raise CheckpointError(f"weight_quant.scale_dtype {self.scale_dtype!r} is not 'float16'")
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    def value_bytes(self, nnz: int) -> int:
+        """Bytes of `nnz` codes: one each (int8) or two per byte, low nibble first (int4)."""
+        return nnz if self.bits == 8 else (nnz + 1) // 2
+
+    def groups(self, k: int) -> int:
+        return -(-k // self.group_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def module_tensor_specs(weight_format: str, shape: tuple[int, int], nnz: int,
+                        quant: WeightQuant | None = None) -> tuple[TensorSpec, ...]:
     """The tensors a target module of weight shape [N, K] with `nnz` non-zeros has on disk."""
     n, k = shape
-    if weight_format == "bitmask":
+    if quant is not None and weight_format != "bitmask":
+        raise CheckpointError(f"weight_quant needs weight_format 'bitmask', not {weight_format!r}")
+    if weight_format == "bitmask" and quant is not None:
+        weights = (TensorSpec(BITMASK_SUFFIX, (n, (k + 7) // 8), "U8", "rows"),
+                   TensorSpec(VALUES_SUFFIX, (quant.value_bytes(nnz),), "U8", "values"),  # row-major codes
+                   TensorSpec(SCALES_SUFFIX, (n, quant.groups(k)), "F16", "rows"))
+    elif weight_format == "bitmask":
         weights = (TensorSpec(BITMASK_SUFFIX, (n, (k + 7) // 8), "U8", "rows"),  # bit k % 8 of byte k // 8
                    TensorSpec(VALUES_SUFFIX, (nnz,), None, "values"))  # row-major non-zeros
     elif weight_format == "dense":
@@ -182,10 +242,14 @@ class QuantizationConfig:
     global_sparsity: float = 0.0
     activation_sparsity: ActivationSparsity = field(default_factory=ActivationSparsity)
     producer: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    # None: the lowest version that describes this config (3 with weight_quant, else 2).
+    format_version: int | None = None
     quant_method: str = QUANT_METHOD
+    weight_quant: WeightQuant | None = None  # format 3: quantized values
 
     def __post_init__(self):
+        if self.format_version is None:
+            object.__setattr__(self, "format_version", 3 if self.weight_quant is not None else 2)
         if self.quant_method != QUANT_METHOD:
             raise CheckpointError(f"quant_method is {self.quant_method!r}, not {QUANT_METHOD!r}")
         if self.format_version not in SUPPORTED_FORMAT_VERSIONS:
@@ -196,6 +260,11 @@ class QuantizationConfig:
         if self.weight_format not in WEIGHT_FORMATS:
             raise CheckpointError(f"weight_format {self.weight_format!r} is not one of {list(WEIGHT_FORMATS)}")
         parse_structure(self.sparsity_structure)
+        if self.weight_quant is not None:
+            if self.format_version < 3:
+                raise CheckpointError(f"weight_quant needs format_version 3, the file says {self.format_version}")
+            if self.weight_format != "bitmask":
+                raise CheckpointError(f"weight_quant needs weight_format 'bitmask', not {self.weight_format!r}")
         self._check_grid()
 
     def _check_grid(self) -> None:
@@ -231,8 +300,10 @@ class QuantizationConfig:
         grid = d["activation_sparsity"].pop("grid")
         if grid is not None:  # format 1 files stay exactly as they were
             d["activation_sparsity"]["grid"] = list(grid)
-        order = ["quant_method", "format_version", "weight_format", "dtype", "targets", "ignore",
+        order = ["quant_method", "format_version", "weight_format", "dtype", "weight_quant", "targets", "ignore",
                  "sparsity_structure", "global_sparsity", "activation_sparsity", "producer", "modules"]
+        if d["weight_quant"] is None:  # format 1 and 2 files stay exactly as they were
+            order.remove("weight_quant")
         return {k: d[k] for k in order}
 
     @classmethod
@@ -256,7 +327,15 @@ class QuantizationConfig:
                 for name, m in d["modules"].items()
             }
             act = d.get("activation_sparsity") or {}
+            wq = d.get("weight_quant")
+            if wq is not None and not isinstance(wq, dict):
+                raise CheckpointError("quantization_config.weight_quant is not a JSON object")
+            if wq is not None and d["format_version"] < 3:
+                raise CheckpointError(f"weight_quant needs format_version 3, the file says {d['format_version']}")
             return cls(
+                weight_quant=None if wq is None else WeightQuant(
+                    bits=wq["bits"], group_size=wq.get("group_size", DEFAULT_QUANT_GROUP),
+                    scheme=wq.get("scheme", "symmetric"), scale_dtype=wq.get("scale_dtype", "float16")),
                 quant_method=d["quant_method"],
                 format_version=d["format_version"],
                 weight_format=d["weight_format"],
