@@ -23,7 +23,7 @@ from duoserve.format.bitmask import (
 from duoserve.format.manifest import atomic_folder, verify_manifest, write_manifest
 from duoserve.format.quant import codes_from_dense, decode_quantized, int4_pad_clear, pack_codes
 from duoserve.format.schema import (
-    BITMASK_SHARD_PATTERN, BITMASK_SUFFIX, DENSE_INDEX_NAME, DENSE_SHARD_PATTERN, DENSE_SINGLE_NAME,
+    BITMASK_SHARD_PATTERN, BITMASK_SUFFIX, DENSE_INDEX_NAME, DENSE_SHARD_PATTERN, DENSE_SINGLE_NAME, MANIFEST_NAME,
     DENSE_SUFFIX, SCALES_SUFFIX, THRESHOLD_SUFFIX, VALUES_SUFFIX, ModuleInfo, QuantizationConfig, is_target,
     module_tensor_specs,
 )

@@ -201,6 +201,62 @@ class ModuleInfo:
         return d
 
 
+ALLOCATION_METHODS = ("greedy",)  # besides "uniform" (every linear at the asked p_x), which needs no table
+# How close a stored table's parameter-weighted mean p_x must be to its target (rounding of 6 decimals).
+ALLOCATION_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class ActivationAllocation:
+    """Per-linear p_x for a list of average targets (`activation_sparsity.allocation`, optional).
+
+    method "greedy": TEAL's block-wise greedy allocation (duoserve.prune.allocation). For every
+    target T, `modules[name][i]` is the p_x of that linear at `targets[i]`; the mean of the p_x over
+    all target linears weighted by their K*N equals T. `info` says how it was computed (objective,
+    calibration windows): provenance only, readers do not interpret it.
+    """
+
+    method: str
+    targets: tuple[float, ...]
+    modules: dict[str, tuple[float, ...]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.method not in ALLOCATION_METHODS:
+            raise CheckpointError(f"activation_sparsity.allocation.method {self.method!r} is not one of "
+                                  f"{list(ALLOCATION_METHODS)}")
+        t = self.targets
+        if not t or any(not (isinstance(x, float) and 0.0 < x < 1.0) for x in t) or any(b <= a for a, b in zip(t, t[1:])):
+            raise CheckpointError(f"activation_sparsity.allocation.targets {list(t)} is not an increasing list of "
+                                  "average p_x in (0, 1)")
+        for name, ps in self.modules.items():
+            if len(ps) != len(t):
+                raise CheckpointError(f"activation_sparsity.allocation.modules[{name!r}] has {len(ps)} values, "
+                                      f"targets has {len(t)}")
+            if any(not (math.isfinite(p) and 0.0 <= p < 1.0) for p in ps) or any(b < a for a, b in zip(ps, ps[1:])):
+                raise CheckpointError(f"activation_sparsity.allocation.modules[{name!r}] {list(ps)} is not a "
+                                      "non-decreasing list of p_x in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "targets": list(self.targets), "info": dict(self.info),
+                "modules": {n: list(ps) for n, ps in self.modules.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ActivationAllocation":
+        if not isinstance(d, dict):
+            raise CheckpointError("activation_sparsity.allocation is not a JSON object")
+        return cls(method=d["method"], targets=tuple(float(x) for x in d["targets"]),
+                   modules={n: tuple(float(p) for p in ps) for n, ps in d["modules"].items()},
+                   info=dict(d.get("info", {})))
+
+
+def weighted_mean_px(modules: dict[str, "ModuleInfo"], px: dict[str, float]) -> float:
+    """The mean of per-module p_x weighted by each linear's K*N (the columns a kernel skips, in
+    weights: the speed model of activation sparsity)."""
+    total = sum(m.shape[0] * m.shape[1] for m in modules.values())
+    return sum(m.shape[0] * m.shape[1] * px[n] for n, m in modules.items()) / total
+
+
 @dataclass(frozen=True)
 class ActivationSparsity:
     """How inputs of target linears are sparsified at inference.
@@ -214,6 +270,7 @@ class ActivationSparsity:
     target: float = 0.0
     calibration: dict[str, Any] = field(default_factory=dict)
     grid: tuple[float, ...] | None = None
+    allocation: ActivationAllocation | None = None  # optional: layer-adaptive p_x (needs the grid)
 
     def __post_init__(self):
         if self.rule not in ("none", "threshold"):
@@ -266,6 +323,7 @@ class QuantizationConfig:
             if self.weight_format != "bitmask":
                 raise CheckpointError(f"weight_quant needs weight_format 'bitmask', not {self.weight_format!r}")
         self._check_grid()
+        self._check_allocation()
 
     def _check_grid(self) -> None:
         """Format 2's optional grid: on the config and on every module, or nowhere; consistent."""
@@ -292,6 +350,28 @@ class QuantizationConfig:
                 raise CheckpointError(f"modules[{name!r}].act_threshold_grid starts at {g[0]}; the threshold "
                                       "at p_x 0 is 0 (activation sparsity off)")
 
+    def _check_allocation(self) -> None:
+        """The optional allocation table: over a grid, for exactly the target modules, every target
+        met by the K*N-weighted mean, no p_x above the grid's last point."""
+        alloc, act = self.activation_sparsity.allocation, self.activation_sparsity
+        if alloc is None:
+            return
+        if act.grid is None:
+            raise CheckpointError("activation_sparsity.allocation needs activation_sparsity.grid (the thresholds "
+                                  "it selects from)")
+        if set(alloc.modules) != set(self.modules):
+            odd = sorted(set(alloc.modules) ^ set(self.modules))
+            raise CheckpointError(f"activation_sparsity.allocation.modules and modules differ (e.g. {odd[0]!r})")
+        top = max(max(ps) for ps in alloc.modules.values())
+        if top > act.grid[-1] + 1e-9:
+            raise CheckpointError(f"activation_sparsity.allocation has a p_x {top} above the grid's last point "
+                                  f"{act.grid[-1]}")
+        for i, t in enumerate(alloc.targets):
+            mean = weighted_mean_px(self.modules, {n: ps[i] for n, ps in alloc.modules.items()})
+            if abs(mean - t) > ALLOCATION_TOLERANCE:
+                raise CheckpointError(f"activation_sparsity.allocation at target {t}: the K*N-weighted mean p_x of "
+                                      f"the modules is {mean:.6f}, not the target")
+
     # -- (de)serialization -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -300,6 +380,9 @@ class QuantizationConfig:
         grid = d["activation_sparsity"].pop("grid")
         if grid is not None:  # format 1 files stay exactly as they were
             d["activation_sparsity"]["grid"] = list(grid)
+        d["activation_sparsity"].pop("allocation")
+        if self.activation_sparsity.allocation is not None:  # additive: absent unless computed
+            d["activation_sparsity"]["allocation"] = self.activation_sparsity.allocation.to_dict()
         order = ["quant_method", "format_version", "weight_format", "dtype", "weight_quant", "targets", "ignore",
                  "sparsity_structure", "global_sparsity", "activation_sparsity", "producer", "modules"]
         if d["weight_quant"] is None:  # format 1 and 2 files stay exactly as they were
@@ -348,6 +431,8 @@ class QuantizationConfig:
                 activation_sparsity=ActivationSparsity(
                     rule=act.get("rule", "none"), target=float(act.get("target", 0.0)),
                     calibration=dict(act.get("calibration", {})), grid=_floats(act.get("grid")),
+                    allocation=(None if act.get("allocation") is None
+                                else ActivationAllocation.from_dict(act["allocation"])),
                 ),
                 producer=dict(d.get("producer", {})),
             )
