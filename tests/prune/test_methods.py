@@ -139,6 +139,19 @@ def test_option_validation():
         get_method("sparsegpt")(SparsityTarget.parse("2:4"), 0.0, build_options(get_method("sparsegpt"), {"blocksize": 6}))
     with pytest.raises(InputError, match="unknown method 'nope'; valid methods: .*sparsegpt"):
         get_method("nope")
+    with pytest.raises(InputError, match="norm_inputs must be one of unsparsified, sparsified"):
+        build_options(get_method("wanda"), {"norm_inputs": "dense"})
+
+
+def test_wanda_scores_with_the_norms_of_the_inputs_it_is_told_to():
+    """`--norm-inputs sparsified` is Wanda on the top-k sparsified inputs; the default on the inputs before."""
+    torch.manual_seed(0)
+    w, x = torch.randn(24, 64), correlated_inputs(1024, 64)
+    default = prune_with("wanda", w, x, "0.5", p_x=0.5)
+    sparsified = prune_with("wanda", w, x, "0.5", p_x=0.5, norm_inputs="sparsified")
+    assert torch.equal(default, prune_with("wanda", w, x, "0.5"))  # p_x does not change the default's scores
+    assert torch.equal(sparsified, prune_with("wanda", w, sparsify_topk(x, 0.5), "0.5"))
+    assert not torch.equal(default == 0, sparsified == 0)
 
 
 def _stats(x_hat, x_dense, with_gap=False):
