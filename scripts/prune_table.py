@@ -22,6 +22,8 @@ Suites
   damp 0.01 without act_order (docs/pruning.md, "Robustness"; run it with --model for each model).
 - robustness: DuoGPT at its defaults against dual-sparse SparseGPT at W = X in 40/50/60% (run it with
   --model for each model, and with a larger --nsamples for the second calibration size).
+- baseline-settings: the dual-sparse baselines at W50+X50 with other settings: SparseGPT with DuoGPT's
+  damp 0.1 and act_order, Wanda with norms of unsparsified and of sparsified inputs.
 - duogpt-residual: DuoGPT's residual term at W50+X50 and W60+X60: --residual-scale 0 / 0.25 /
   0.5 / 1 with --residual-target running (Algorithm 1 as printed) and original (docs/pruning.md).
 
@@ -56,6 +58,11 @@ SUITES = {
     "robustness": [c for p in (0.4, 0.5, 0.6)
                    for c in (("sparsegpt", str(p), p),
                              ("duogpt", str(p), p, {"damp": 0.1, "act_order": True, "residual_scale": 0.25}))],
+    # The baselines at their own best settings (issue 29): SparseGPT with DuoGPT's damp/act_order,
+    # Wanda scoring with the norms of the sparsified inputs it is served with.
+    "baseline-settings": [("sparsegpt", "0.5", 0.5, {"damp": 0.1, "act_order": True}),
+                          ("wanda", "0.5", 0.5),
+                          ("wanda", "0.5", 0.5, {"norm_inputs": "sparsified"})],
     "duogpt-residual": [("duogpt", str(p), p, {"residual_scale": r, "residual_target": t})
                         for p in (0.5, 0.6) for t in ("running", "original") for r in (0.0, 0.25, 0.5, 1.0)
                         if not (r == 0.0 and t == "original")],  # scale 0: no residual, the target is moot
