@@ -46,7 +46,7 @@ def in_process_answers(model: str | None, activation_sparsity: float | None, pro
                        max_tokens: int = 64, dtype: str = "bfloat16") -> list[str]:
     import torch
 
-    from duoserve.prune.modeling import load_any_model
+    from duoserve.prune.pruned_models import load_any_model
 
     torch.manual_seed(0)
     lm, tokenizer, _ = load_any_model(model, None, dtype, activation_sparsity)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-import sys
 import time
 from pathlib import Path
+
+from duoserve.frontier.rule import MAX_PPL_RATIO
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,23 @@ def validate(args: argparse.Namespace, known_methods: list[str]):
     return grid, speed
 
 
-def command_line(argv: list[str]) -> str:
-    return "duoserve frontier " + " ".join(shlex.quote(a) for a in argv
-                                           if a not in ("--cached-only", "--dry-run"))
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run: MODEL and every option that differs from its default
+    (rebuilt from the parsed options, so it is exact however the run was started)."""
+    ref = argparse.ArgumentParser(add_help=False)
+    add_arguments(ref)
+    parts = ["duoserve", "frontier"] + ([shlex.quote(args.model)] if args.model else [])
+    for action in ref._actions:  # argparse keeps no public list of a parser's options
+        if not action.option_strings or action.dest in ("dry_run", "cached_only"):
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default or (action.dest == "max_ppl_ratio" and value == MAX_PPL_RATIO):
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            parts.append(action.option_strings[0])
+        else:
+            parts += [action.option_strings[0], shlex.quote(str(value))]
+    return " ".join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,7 +139,6 @@ def run(args: argparse.Namespace) -> int:
     from duoserve.prune.registry import available_methods
 
     grid, speed = validate(args, sorted(available_methods()))
-    argv = sys.argv[sys.argv.index("frontier") + 1:] if "frontier" in sys.argv else []
     runner = Runner(args, grid, speed)
     steps = runner.steps()
     if args.dry_run:
@@ -134,6 +148,6 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     runner.execute(steps)
     rows, choice = runner.rows()
-    paths = write_outputs(args, grid, rows, choice, runner.not_run, command_line(argv), time.time() - t0)
+    paths = write_outputs(args, grid, rows, choice, runner.not_run, command_line(args), time.time() - t0)
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0

@@ -53,11 +53,10 @@ def render_table(rows: list[dict], choice: dict | None) -> str:
     head = ["point", "method", "p_w", "p_x pruned for", "p_x served", "PPL"]
     head += ["zero-shot acc"] if has_zs else []
     head += ["TPOT b1 ms", f"tok/s {users} users"] if has_speed else []
-    head += ["answers", "rule"]
+    head += ["Pareto", "answers", "rule"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(rows):
         name = ("**" + r["point"] + "** (chosen)") if r.get("chosen") else r["point"]
-        name += " ·P" if r.get("pareto") else ""
         cells = [name, r["method"], f"{r['weight_sparsity']:g}",
                  "-" if r["pruned_px"] is None else f"{r['pruned_px']:g}", f"{r['p_x']:g}",
                  _f(r.get("ppl"), ".2f") + ("" if r["dense"] else _ratio(r.get("ppl"), dense.get("ppl")))]
@@ -70,15 +69,16 @@ def render_table(rows: list[dict], choice: dict | None) -> str:
             cells.append(_f(tp, ".1f", 1000) + speedup)
             cells.append(_f(r.get("throughput"), ".1f")
                          + ("" if r["dense"] else _ratio(r.get("throughput"), dense.get("throughput"))))
+        cells.append("yes" if r.get("pareto") else "")
         problems = [x for x in r.get("rule_reasons", []) if x.startswith("answer")]
         cells.append("-" if r.get("answers") is None else ("ok" if not problems else "; ".join(problems)))
         cells.append("dense" if r["dense"] else ("-" if "still_answers" not in r else
                                                  "passes" if r["still_answers"] else "fails"))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("PPL (x dense); TPOT (dense TPOT / TPOT: > 1 is faster); tok/s (x dense). ·P: on the Pareto front "
-                 "(no other point has both lower PPL and lower batch-1 TPOT" + ("" if has_speed else
-                 ", here (1 - p_w)(1 - p_x) in place of TPOT") + ").")
+    lines.append("PPL (x dense); TPOT (dense TPOT / TPOT: > 1 is faster); tok/s (x dense). Pareto: no other point "
+                 "is as good on both PPL and batch-1 TPOT and better on one" + ("" if has_speed else
+                 " (no speed measured: (1 - p_w)(1 - p_x) in place of TPOT)") + ".")
     if choice is not None:
         lines.append(f"Operating point: {choice['point'] or 'none'}: {choice['reason']}.")
     return "\n".join(lines)
@@ -89,6 +89,7 @@ def plot(rows: list[dict], choice: dict | None, path: Path, max_ratio: float) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     has_speed = any(r.get("tpot_s") for r in rows)
 
@@ -121,6 +122,8 @@ def plot(rows: list[dict], choice: dict | None, path: Path, max_ratio: float) ->
         ax.scatter([x_of(chosen)], [chosen["ppl"]], s=320, facecolors="none", edgecolors="red", lw=2,
                    label="operating point", zorder=5)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("batch-1 decode tokens/s (1 / TPOT), served" if has_speed else
                   "1 / ((1 - p_w)(1 - p_x))  (no speed measured)")
     ax.set_ylabel("perplexity" + (f" ({dense.get('ppl_data', '')[:40]})" if dense.get("ppl_data") else ""))

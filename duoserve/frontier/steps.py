@@ -193,7 +193,8 @@ class Runner:
             counts[st] = counts.get(st, 0) + 1
             lines.append(f"[{i:>3}/{len(steps)}] {st:7s} {s.label}")
             if st != "cached":
-                lines.append("          $ " + " ".join(s.command))
+                extra = prune_flags(self.ckpt_path(s.subject), Path()) if s.kind == "prune" else []
+                lines.append("          $ " + " ".join(s.command + extra))
         lines.append("; ".join(f"{n} {k}" for k, n in counts.items()))
         return "\n".join(lines)
 
