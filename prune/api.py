@@ -3,6 +3,11 @@
 Everything the user can get wrong is validated before the model is loaded, so bad input fails in
 a second and leaves nothing behind. The checkpoint is written atomically at the very end; until
 then the run lives in `OUT.partial/` and can be resumed.
+
+Its steps are callable on their own, for tools that prune many configurations of one loaded model
+without writing checkpoints (scripts/symmetric_table.py): `build_method(cfg)`, `seed_everything`,
+and `prune_loaded(model, tokenizer, cfg, method, device)` (calibration windows, the sequential
+engine, activation thresholds).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from duoserve.prune.model_sources import load_model_and_tokenizer
 from duoserve.prune.refiners import RefinedMethod, build_refiner
 from duoserve.prune.registry import build_options, get_method
 from duoserve.prune.sparsity import SparsityTarget, check_nm_compatible
-from duoserve.prune.thresholds import calibrate_threshold_grid
+from duoserve.prune.thresholds import ThresholdCalibration, calibrate_threshold_grid
 from duoserve.prune.workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -93,9 +98,17 @@ def _tied_free_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def prune_model(cfg: PruneConfig) -> dict[str, Any]:
-    """Run a prune; returns a summary dict (also written into the checkpoint's metadata)."""
-    t_start = time.time()
+@dataclass
+class PruneRun:
+    """What prune_loaded did to the model (pruned in place)."""
+    layer_logs: list[dict]  # per layer, from the sequential engine (duoserve-prune-log.json)
+    calibration: ThresholdCalibration | None  # None when not asked for (calibrate_thresholds=False)
+    calib_desc: str | None  # the calibration windows' description; None without calibration data
+    prune_seconds: float  # the engine's run
+
+
+def build_method(cfg: PruneConfig):
+    """(method, refiner or None, SparsityTarget) from the config: the method wrapped with its refiner."""
     method_cls = get_method(cfg.method)
     target = SparsityTarget.parse(cfg.sparsity)
     options = build_options(method_cls, cfg.method_options)
@@ -107,15 +120,70 @@ def prune_model(cfg: PruneConfig) -> dict[str, Any]:
     elif any(v is not None for v in cfg.refine_options.values()):
         given = ", ".join("--refine-" + k.replace("_", "-") for k, v in cfg.refine_options.items() if v is not None)
         raise InputError(f"{given} need(s) --refine NAME")
+    return method, refiner, target
+
+
+def seed_everything(seed: int, device: str) -> None:
+    """Seeds torch and random; on CUDA, TF32 off so that calibration math runs in true fp32."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def prune_loaded(model, tokenizer, cfg: PruneConfig, method, device: str, workdir: WorkDir | None = None, *,
+                 windows: torch.Tensor | None = None, threshold_windows: torch.Tensor | None = None,
+                 calibrate_thresholds: bool = True) -> PruneRun:
+    """Prune a loaded model in place with `method` (from build_method) and calibrate its thresholds.
+
+    Draws the calibration windows (seed cfg.seed) and the threshold windows (seed cfg.seed + 1)
+    unless given (a caller pruning many configurations draws them once); with a workdir, a method
+    that calibrates starts or resumes it and the threshold calibration is saved there.
+    calibrate_thresholds=False skips the threshold grid (nothing to serve: an in-memory comparison
+    without activation sparsity).
+    """
+    needs_data = method.needs_calibration or cfg.activation_sparsity > 0
+    desc = None
+    if needs_data and windows is None:
+        windows, desc = calibration_windows(cfg.calib_data, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed,
+                                            bos_for(model, tokenizer))
+        log.info("calibration data: %s", desc)
+    workdir = workdir if method.needs_calibration else None
+    if workdir is not None:
+        workdir.start(resume=cfg.resume, overwrite=cfg.overwrite)
+    engine_settings = EngineSettings(batch_size=cfg.batch_size, device=device)
+    engine = SequentialEngine(model, method, cfg.targets, engine_settings, workdir)
+    t_prune = time.time()
+    layer_logs = engine.run(windows)
+    prune_seconds = time.time() - t_prune
+    refiner = getattr(method, "refiner", None)
+    if refiner is not None and getattr(refiner, "totals", None):
+        log.info("%s: %s", refiner.name, ", ".join(f"{k} {v}" for k, v in refiner.totals.items()))
+
+    calibration = workdir.threshold_calibration if workdir is not None else None
+    if calibration is None and calibrate_thresholds:
+        # A separate draw (seed + 1) so thresholds are not fit on the pruning windows only. Also at
+        # p_x = 0: the grid lets the checkpoint be served with activation sparsity later.
+        if threshold_windows is None:
+            threshold_windows, _ = calibration_windows(cfg.calib_data, tokenizer, cfg.threshold_nsamples,
+                                                       cfg.seqlen, cfg.seed + 1, bos_for(model, tokenizer))
+        calibration = calibrate_threshold_grid(model, threshold_windows, cfg.activation_sparsity, cfg.targets,
+                                               batch_size=cfg.batch_size, device=device, seed=cfg.seed)
+        if workdir is not None:
+            workdir.save_threshold_calibration(calibration)
+    return PruneRun(layer_logs, calibration, desc, prune_seconds)
+
+
+def prune_model(cfg: PruneConfig) -> dict[str, Any]:
+    """Run a prune; returns a summary dict (also written into the checkpoint's metadata)."""
+    t_start = time.time()
+    method, refiner, target = build_method(cfg)
     check_output_folder(cfg.output, cfg.overwrite)
     if cfg.resume and cfg.overwrite:
         raise InputError("--resume and --overwrite contradict each other; pick one")
     device = _device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    if device.startswith("cuda"):  # calibration math in true fp32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    seed_everything(cfg.seed, device)
 
     model, tokenizer, source = load_model_and_tokenizer(cfg.model)
     decoder_layers(model)  # refuses unsupported architectures
@@ -130,32 +198,8 @@ def prune_model(cfg: PruneConfig) -> dict[str, Any]:
                 if k not in ("overwrite", "resume", "output", "device", "batch_size")}
     workdir = WorkDir(cfg.workdir_path, settings)
     needs_data = method.needs_calibration or cfg.activation_sparsity > 0
-    windows = desc = None
-    if needs_data:
-        windows, desc = calibration_windows(cfg.calib_data, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed,
-                                            bos_for(model, tokenizer))
-        log.info("calibration data: %s", desc)
-    if method.needs_calibration:
-        workdir.start(resume=cfg.resume, overwrite=cfg.overwrite)
-    engine_settings = EngineSettings(batch_size=cfg.batch_size, device=device)
-    engine = SequentialEngine(model, method, cfg.targets, engine_settings,
-                              workdir if method.needs_calibration else None)
-    t_prune = time.time()
-    layer_logs = engine.run(windows)
-    prune_seconds = time.time() - t_prune
-    if refiner is not None and getattr(refiner, "totals", None):
-        log.info("%s: %s", refiner.name, ", ".join(f"{k} {v}" for k, v in refiner.totals.items()))
-
-    calibration = workdir.threshold_calibration if method.needs_calibration else None
-    if calibration is None:
-        # A separate draw (seed + 1) so thresholds are not fit on the pruning windows only. Also at
-        # p_x = 0: the grid lets the checkpoint be served with activation sparsity later.
-        thr_windows, _ = calibration_windows(cfg.calib_data, tokenizer, cfg.threshold_nsamples, cfg.seqlen,
-                                             cfg.seed + 1, bos_for(model, tokenizer))
-        calibration = calibrate_threshold_grid(model, thr_windows, cfg.activation_sparsity, cfg.targets,
-                                               batch_size=cfg.batch_size, device=device, seed=cfg.seed)
-        if method.needs_calibration:
-            workdir.save_threshold_calibration(calibration)
+    run = prune_loaded(model, tokenizer, cfg, method, device, workdir)
+    layer_logs, calibration, desc, prune_seconds = run.layer_logs, run.calibration, run.calib_desc, run.prune_seconds
 
     state_dict = _tied_free_state_dict(model)
     dtype_name = str(next(iter(targets.values())).weight.dtype).replace("torch.", "")

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Reproduce docs/symmetric.md: the symmetric-pruning family on SmolLM2-135M (or --model).
 
-Every configuration is pruned with the library's sequential engine and evaluated in the same
-process: the engine is exactly what `duoserve prune` runs (weights rounded to the stored dtype
-after each group), then for p_x > 0 thresholds are calibrated as prune_model does and evaluation
-runs in threshold mode, as `duoserve eval ppl CKPT` does on the checkpoint. Skipping the
+Every configuration is pruned in the same process by the steps of `prune_model` (duoserve.prune.api:
+build_method, seed_everything, prune_loaded: the calibration windows, the sequential engine that
+`duoserve prune` runs, the thresholds), on a copy of the model loaded once, and for p_x > 0
+evaluated in threshold mode, as `duoserve eval ppl CKPT` does on the checkpoint. Skipping the
 checkpoint write/read saves most of the per-row time; `--check-cli` reruns one row through
 `prune_model` + `load_any_model` and reports both numbers.
 
@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import statistics
 import time
@@ -97,11 +96,11 @@ class Runner:
     def __init__(self, args):
         import torch
 
+        from duoserve.evaluation.perplexity import make_windows
         from duoserve.evaluation.texts import evaluation_tokens
+        from duoserve.prune.architectures import bos_for
         from duoserve.prune.data import calibration_windows
         from duoserve.prune.model_sources import default_model_dir, load_model_and_tokenizer
-        from duoserve.evaluation.perplexity import make_windows
-        from duoserve.prune.architectures import bos_for
 
         self.args = args
         self.torch = torch
@@ -129,43 +128,40 @@ class Runner:
         model = copy.deepcopy(self.model)
         return {"ppl": self.perplexity(model)}
 
+    def prune_config(self, cfg: dict, output: Path):
+        """The PruneConfig of a row: what `duoserve prune` would be given for it."""
+        from duoserve.prune.api import PruneConfig
+
+        return PruneConfig(output=output, model=self.model_source, method=cfg["method"], sparsity=cfg["sparsity"],
+                           activation_sparsity=cfg["p_x"], method_options=cfg["opts"], refine=cfg["refine"],
+                           refine_options=cfg.get("refine_opts") or {}, calib_data=self.args.calib_data,
+                           nsamples=self.args.nsamples, seqlen=self.args.seqlen,
+                           threshold_nsamples=self.args.threshold_nsamples, seed=self.args.seed,
+                           device=self.device, overwrite=True)
+
     def run(self, cfg: dict) -> dict:
         from duoserve.format import DEFAULT_TARGETS
-        from duoserve.prune.engine import EngineSettings, SequentialEngine
+        from duoserve.prune.api import build_method, prune_loaded, seed_everything
+        from duoserve.prune.architectures import model_targets
         from duoserve.prune.pruned_models import install_activation_sparsity
-        from duoserve.prune.refiners import RefinedMethod, build_refiner
-        from duoserve.prune.registry import build_options, get_method
-        from duoserve.prune.sparsity import SparsityTarget
-        from duoserve.prune.thresholds import calibrate_thresholds
 
-        torch = self.torch
-        torch.manual_seed(self.args.seed)  # as prune_model does
-        random.seed(self.args.seed)
-        cls = get_method(cfg["method"])
-        method = cls(SparsityTarget.parse(cfg["sparsity"]), cfg["p_x"], build_options(cls, cfg["opts"]))
-        refiner = None
-        if cfg["refine"]:
-            refiner = build_refiner(cfg["refine"], cfg.get("refine_opts") or {})
-            method = RefinedMethod(method, refiner)
+        pcfg = self.prune_config(cfg, self.args.work / "unused")  # nothing is written
+        seed_everything(pcfg.seed, self.device)  # as prune_model does
+        method, refiner, _ = build_method(pcfg)
         model = copy.deepcopy(self.model)
-        t0 = time.time()
-        engine = SequentialEngine(model, method, DEFAULT_TARGETS, EngineSettings(batch_size=4, device=self.device))
-        layer_logs = engine.run(self.windows)
-        seconds = time.time() - t0
-        zeros = total = 0
-        for layer in engine.layers:
-            for name, m in layer.named_modules():
-                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in DEFAULT_TARGETS:
-                    zeros += int((m.weight == 0).sum())
-                    total += m.weight.numel()
-        if cfg["p_x"] > 0:  # thresholds on a separate draw, evaluated in threshold mode (prune_model, eval ppl)
-            thresholds = calibrate_thresholds(model, self.thr_windows, cfg["p_x"], DEFAULT_TARGETS, batch_size=4,
-                                              device=self.device, seed=self.args.seed)
-            install_activation_sparsity(model, "threshold", targets=DEFAULT_TARGETS, thresholds=thresholds)
+        # thresholds on a separate draw, evaluated in threshold mode (prune_model, eval ppl)
+        result = prune_loaded(model, self.tokenizer, pcfg, method, self.device, windows=self.windows,
+                              threshold_windows=self.thr_windows, calibrate_thresholds=cfg["p_x"] > 0)
+        linears = model_targets(model, DEFAULT_TARGETS).values()
+        zeros = sum(int((m.weight == 0).sum()) for m in linears)
+        total = sum(m.weight.numel() for m in linears)
+        if cfg["p_x"] > 0:
+            install_activation_sparsity(model, "threshold", targets=DEFAULT_TARGETS,
+                                        thresholds=result.calibration.thresholds)
         ppl = self.perplexity(model)
         # None for methods that never see calibration inputs (magnitude): the engine measures no error
-        errors = [e["reconstruction_error"] for e in layer_logs if e["reconstruction_error"] is not None]
-        out = {"ppl": ppl, "weight_sparsity": zeros / total, "prune_seconds": round(seconds, 1),
+        errors = [e["reconstruction_error"] for e in result.layer_logs if e["reconstruction_error"] is not None]
+        out = {"ppl": ppl, "weight_sparsity": zeros / total, "prune_seconds": round(result.prune_seconds, 1),
                "mean_layer_error": statistics.fmean(errors) if errors else None,
                "method_args": method.describe(), "refine_args": refiner.describe() if refiner else None}
         if refiner is not None:
@@ -174,15 +170,11 @@ class Runner:
 
     def check_cli(self, cfg: dict, work: Path) -> dict:
         """The same row through prune_model -> checkpoint -> load_any_model (the CLI path)."""
-        from duoserve.prune.api import PruneConfig, prune_model
+        from duoserve.prune.api import prune_model
         from duoserve.prune.pruned_models import load_any_model
 
         out = work / "ckpt-check"
-        prune_model(PruneConfig(output=out, model=self.model_source, method=cfg["method"], sparsity=cfg["sparsity"],
-                                activation_sparsity=cfg["p_x"], method_options=cfg["opts"], refine=cfg["refine"],
-                                refine_options=cfg.get("refine_opts") or {},
-                                calib_data=self.args.calib_data, nsamples=self.args.nsamples,
-                                seqlen=self.args.seqlen, seed=self.args.seed, device=self.device, overwrite=True))
+        prune_model(self.prune_config(cfg, out))
         model, _, _ = load_any_model(str(out))
         return {"ppl_cli": self.perplexity(model)}
 

@@ -46,3 +46,22 @@ def test_render_replaces_only_the_table_between_the_markers_and_lists_rows_not_r
     assert "| Wanda | 48.50 |" in text and "Dense: **20.80**" in text
     n_grid = len(st.grid())
     assert f"Rows of the grid not run yet: {n_grid - 1} of {n_grid}" in text
+
+
+def test_a_row_runs_through_the_prune_api_as_prune_model_does(tmp_path, tiny_llama_dir):
+    """Runner.run prunes a copy of the loaded model with prune_model's steps (no checkpoint) and
+    reports the row's fields; with p_x > 0 its thresholds are those prune_model writes."""
+    import argparse
+
+    st = _script()
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"line {i} of some calibration text about topic {i % 5} and more" for i in range(400)))
+    args = argparse.Namespace(model=str(tiny_llama_dir), calib_data=str(text), nsamples=4, seqlen=32,
+                              threshold_nsamples=2, seed=0, data=str(text), eval_seqlen=32, max_windows=2,
+                              eval_batch_size=1, device="cpu", work=tmp_path)
+    runner = st.Runner(args)
+    cfg = st.row("wanda", "0.5", 0, p_x=0.5)
+    out = runner.run(cfg)
+    assert set(out) == {"ppl", "weight_sparsity", "prune_seconds", "mean_layer_error", "method_args", "refine_args"}
+    assert abs(out["weight_sparsity"] - 0.5) < 0.01 and out["ppl"] > 1 and out["refine_args"] is None
+    assert abs(runner.check_cli(cfg, tmp_path)["ppl_cli"] - out["ppl"]) < 1e-3 * out["ppl"]  # the CLI path agrees
