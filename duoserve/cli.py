@@ -18,6 +18,7 @@ from duoserve.errors import DuoserveError
 SUBCOMMANDS = {
     "prune": ("duoserve.prune.cli", "prune a Hugging Face model into a duoserve checkpoint"),
     "eval": ("duoserve.evaluation.cli", "evaluate a model or checkpoint (ppl, zeroshot)"),
+    "allocate": ("duoserve.prune.allocate_cli", "add a greedy per-linear activation-sparsity table to a checkpoint"),
     "inspect": ("duoserve.inspect_cli", "print a checkpoint's metadata and per-module sparsity; verify it"),
     "serve": ("duoserve.loaders.cli", "serve a checkpoint with vLLM behind the OpenAI-compatible API"),
     "bench": ("duoserve.loadtest.cli", "load-test dense vs dual-sparse servers and write a report"),

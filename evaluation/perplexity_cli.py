@@ -22,6 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="p_x in [0, 1): for a checkpoint, its thresholds at this p_x (from its calibrated grid, "
                         "interpolated between grid points; 0 = off); with --activation-mode topk, the fraction "
                         "of each token's inputs dropped (default: the checkpoint's target)")
+    p.add_argument("--allocation", choices=["uniform", "greedy"], default="uniform",
+                   help="uniform: every linear at --activation-sparsity (default); greedy: --activation-sparsity is "
+                        "the K*N-weighted average, each linear's p_x from the checkpoint's greedy allocation table "
+                        "(`duoserve allocate`; interpolated between its targets)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense source model's perplexity")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (quick checks)")
     p.add_argument("--batch-size", type=int, default=1)
@@ -36,7 +40,11 @@ def _summarize_realized(model) -> dict | None:
         return None
     realized = sparsity.realized()
     values = list(realized.values())
-    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "per_module": realized}
+    # weighted by each linear's K*N: the average the kernels' skipped weight columns follow
+    size = {n: m.in_features * m.out_features for n, m in sparsity.modules.items() if n in realized}
+    weighted = sum(realized[n] * k for n, k in size.items()) / sum(size.values())
+    return {"mean": sum(values) / len(values), "weighted_mean": weighted, "min": min(values), "max": max(values),
+            "per_module": realized}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_windows is not None and args.max_windows <= 0:
         raise InputError("--max-windows must be positive")
     torch.manual_seed(0)
-    model, tokenizer, ckpt = load_any_model(args.model, args.activation_mode, args.dtype, args.activation_sparsity)
+    model, tokenizer, ckpt = load_any_model(args.model, args.activation_mode, args.dtype, args.activation_sparsity,
+                                            allocation=args.allocation)
     ids, data_desc = evaluation_tokens(args.data, tokenizer)
     windows = make_windows(ids, args.seqlen, bos_for(model, tokenizer), args.max_windows)
     log.info("evaluating on %s: %d windows x %d tokens", data_desc, windows.shape[0], args.seqlen)
@@ -64,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if ckpt is not None and mode == "threshold":  # the p_x whose thresholds were used
         results["activation_sparsity"] = (ckpt.qconfig.activation_sparsity.target if args.activation_sparsity is None
                                           else args.activation_sparsity)
+        results["allocation"] = args.allocation
     label = "pruned" if ckpt is not None else "model"
     results[label] = perplexity(model, windows, args.batch_size, desc=label)
     realized = _summarize_realized(model)
@@ -88,9 +98,11 @@ def run(args: argparse.Namespace) -> int:
     if "dense" in results:
         lines.append(f"dense  PPL: {results['dense']['ppl']:.3f}")
     at = f" at p_x {results['activation_sparsity']:g}" if "activation_sparsity" in results else ""
+    at += " (greedy allocation: the K*N-weighted average)" if args.allocation == "greedy" else ""
     lines.append(f"{label:6s} PPL: {results[label]['ppl']:.3f}  (activation sparsity: {mode}{at})")
     if realized is not None:
-        lines.append(f"realized activation sparsity per linear: mean {realized['mean']:.3f}, "
+        lines.append(f"realized activation sparsity per linear: mean {realized['mean']:.3f} "
+                     f"(K*N-weighted {realized['weighted_mean']:.3f}), "
                      f"min {realized['min']:.3f}, max {realized['max']:.3f}")
     print("\n".join(lines))
     if args.json:

@@ -37,6 +37,11 @@ def _own_options(p: argparse.ArgumentParser) -> None:
                    help="serve at this activation sparsity p_x in [0, 1) instead of the calibrated one, without "
                         "re-pruning: thresholds from the checkpoint's calibrated grid (0-0.9; interpolated between "
                         "grid points); 0 = off (default: $DUOSERVE_ACTIVATION_SPARSITY, else the calibrated p_x)")
+    p.add_argument("--allocation", choices=["uniform", "greedy"], default=None,
+                   help="uniform: every linear at --activation-sparsity; greedy: --activation-sparsity is the "
+                        "K*N-weighted average and each linear's p_x comes from the checkpoint's greedy allocation "
+                        "table (`duoserve allocate CKPT`; interpolated between its targets) "
+                        "(default: $DUOSERVE_ACTIVATION_ALLOCATION, else uniform)")
     p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile / CUDA graphs (faster start)")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the server (default 900)")
     p.add_argument("--log-file", default=None, help="write vLLM's log here instead of the terminal")
@@ -65,7 +70,9 @@ def _interrupt(signum, frame):
 
 
 def run(args: argparse.Namespace) -> int:
-    from duoserve.format.thresholds import SERVE_ACTIVATION_SPARSITY_ENV, parse_activation_sparsity
+    from duoserve.format.thresholds import (
+        SERVE_ACTIVATION_SPARSITY_ENV, SERVE_ALLOCATION_ENV, check_allocation, parse_activation_sparsity,
+    )
     from duoserve.loaders import admission
     from duoserve.loaders.server import launch
 
@@ -74,11 +81,13 @@ def run(args: argparse.Namespace) -> int:
     px = opts.activation_sparsity
     if px is None and os.environ.get(SERVE_ACTIVATION_SPARSITY_ENV):
         px = parse_activation_sparsity(os.environ[SERVE_ACTIVATION_SPARSITY_ENV], SERVE_ACTIVATION_SPARSITY_ENV)
+    allocation = opts.allocation or check_allocation(os.environ.get(SERVE_ALLOCATION_ENV) or "uniform",
+                                                     SERVE_ALLOCATION_ENV)
     srv = launch(args.checkpoint, host=opts.host, port=opts.port, api_key=api_key, extra_vllm_args=vllm_args,
                  served_model_name=opts.served_model_name, enforce_eager=opts.enforce_eager,
                  kv_cache_gib=opts.kv_cache_gib, max_model_len=opts.max_model_len,
                  max_in_flight_per_seq=None if opts.no_queue_limit else admission.IN_FLIGHT_PER_SEQ,
-                 log_path=opts.log_file or "-", activation_sparsity=px)
+                 log_path=opts.log_file or "-", activation_sparsity=px, allocation=allocation)
     # SIGTERM (e.g. from a supervisor) must take vLLM's process group down with us.
     signal.signal(signal.SIGTERM, _interrupt)
     try:

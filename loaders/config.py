@@ -6,6 +6,8 @@ where we run the header-level checkpoint validation (duoserve.loaders.validate) 
 is read. A serve-time activation sparsity (`$DUOSERVE_ACTIVATION_SPARSITY`, which `duoserve serve
 --activation-sparsity P` sets for the vLLM processes) selects each module's threshold from the
 checkpoint's grid here; the linear method uses it instead of the loaded `act_threshold`.
+`$DUOSERVE_ACTIVATION_ALLOCATION=greedy` (`--allocation greedy`) takes each module's p_x from the
+checkpoint's allocation table at that average instead (duoserve.format.thresholds).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import torch
 from duoserve.errors import CheckpointError
 from duoserve.format.schema import QUANT_METHOD, QuantizationConfig as CheckpointQuantConfig
 from duoserve.format.thresholds import (
-    SERVE_ACTIVATION_SPARSITY_ENV, describe_selection, parse_activation_sparsity, select_thresholds,
+    SERVE_ACTIVATION_SPARSITY_ENV, SERVE_ALLOCATION_ENV, check_allocation, describe_selection,
+    parse_activation_sparsity, select_thresholds,
 )
 from duoserve.loaders.linear import DuoserveLinearMethod, LoadSummary, make_shards
 from duoserve.loaders.validate import validate_checkpoint
@@ -44,7 +47,8 @@ def hf_shard_names(prefix: str, packed_modules_mapping: dict[str, list[str]]) ->
 class DuoserveConfig(QuantizationConfig):
     """The checkpoint's quantization_config (validated by duoserve.format.schema) for vLLM."""
 
-    def __init__(self, checkpoint_config: CheckpointQuantConfig, activation_sparsity: float | None = None):
+    def __init__(self, checkpoint_config: CheckpointQuantConfig, activation_sparsity: float | None = None,
+                 allocation: str = "uniform"):
         super().__init__()
         self.checkpoint_config = checkpoint_config
         self._vllm_to_hf: dict[str, str] = {}  # module renames a model's hf_to_vllm_mapper applies
@@ -54,12 +58,15 @@ class DuoserveConfig(QuantizationConfig):
         self.activation_sparsity = activation_sparsity
         self._serve_thresholds: dict[str, float] | None = None
         act = checkpoint_config.activation_sparsity
+        self.allocation = check_allocation(allocation, SERVE_ALLOCATION_ENV)
+        if allocation != "uniform" and activation_sparsity is None:
+            activation_sparsity = self.activation_sparsity = act.target
         if activation_sparsity is not None:
             # Raises InputError for a p_x the checkpoint cannot offer (the launcher checked it first).
-            selected = select_thresholds(checkpoint_config, activation_sparsity)
-            if not (activation_sparsity == act.target and act.rule == "threshold"):
+            selected = select_thresholds(checkpoint_config, activation_sparsity, allocation=allocation)
+            if allocation != "uniform" or not (activation_sparsity == act.target and act.rule == "threshold"):
                 self._serve_thresholds = selected
-            log.info("duoserve: serving at %s", describe_selection(checkpoint_config, activation_sparsity))
+            log.info("duoserve: serving at %s", describe_selection(checkpoint_config, activation_sparsity, allocation))
 
     def __repr__(self) -> str:
         q = self.checkpoint_config
@@ -88,7 +95,7 @@ class DuoserveConfig(QuantizationConfig):
         # Raises CheckpointError naming the field (unknown format_version first).
         env = os.environ.get(SERVE_ACTIVATION_SPARSITY_ENV)
         px = parse_activation_sparsity(env, SERVE_ACTIVATION_SPARSITY_ENV) if env else None
-        return cls(CheckpointQuantConfig.from_dict(config), px)
+        return cls(CheckpointQuantConfig.from_dict(config), px, os.environ.get(SERVE_ALLOCATION_ENV) or "uniform")
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         """Remember module renames (HF name -> vLLM prefix) so get_quant_method can look up HF names."""

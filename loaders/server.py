@@ -19,7 +19,8 @@ served_model_name (default: the folder's name), enforce_eager, kv_cache_gib (CPU
 flight per max_num_seqs slot, HTTP 503 over it; default 2, None = vLLM's unbounded queue; ignored
 when extra_vllm_args has --max-num-queued-reqs or entrypoint is "vllm"), activation_sparsity (serve a
 duoserve checkpoint at this p_x instead of its calibrated one: thresholds from its grid, checked
-here before vLLM starts; None = the calibrated p_x), log_path ("-" inherits the terminal), env (extra environment), validate (check
+here before vLLM starts; None = the calibrated p_x), allocation ("greedy": activation_sparsity is the
+K*N-weighted average, each linear's p_x from the checkpoint's allocation table; default "uniform"), log_path ("-" inherits the terminal), env (extra environment), validate (check
 a duoserve checkpoint before starting, default True), entrypoint ("duoserve": vLLM's CLI through
 duoserve.loaders.vllm_main; "vllm": `python -m vllm.entrypoints.openai.api_server`, vLLM's own
 entry, to show the plugin needs nothing from duoserve at launch). A dense model folder works the
@@ -58,7 +59,7 @@ from pathlib import Path
 from typing import Sequence
 
 from duoserve.errors import DuoserveError, InputError
-from duoserve.format.thresholds import SERVE_ACTIVATION_SPARSITY_ENV
+from duoserve.format.thresholds import SERVE_ACTIVATION_SPARSITY_ENV, SERVE_ALLOCATION_ENV
 from duoserve.loaders import admission
 
 log = logging.getLogger(__name__)
@@ -308,7 +309,7 @@ def launch(ckpt, host: str = DEFAULT_HOST, port: int | None = 0, api_key: str | 
            enforce_eager: bool = False, kv_cache_gib: float | None = None, max_model_len: int | None = None,
            max_in_flight_per_seq: int | None = admission.IN_FLIGHT_PER_SEQ, log_path: str | Path | None = None,
            env: dict[str, str] | None = None, validate: bool = True, entrypoint: str = "duoserve",
-           activation_sparsity: float | None = None) -> ServerHandle:
+           activation_sparsity: float | None = None, allocation: str = "uniform") -> ServerHandle:
     """Start vLLM's OpenAI server for `ckpt` in a new process group; see the module docstring."""
     from duoserve.format.schema import is_duoserve_checkpoint
     from duoserve.loaders.validate import VERIFIED_ENV, folder_key, key_digest, validate_checkpoint
@@ -321,14 +322,17 @@ def launch(ckpt, host: str = DEFAULT_HOST, port: int | None = 0, api_key: str | 
     cpu = is_cpu_build()
     par = ParallelSizes.from_args(extra)
     _check_parallel(ckpt, par, duo, cpu, enforce_eager or _has_flag(extra, "--enforce-eager"))
-    if activation_sparsity is not None:
+    if activation_sparsity is not None or allocation != "uniform":
         if not duo:
-            raise InputError(f"--activation-sparsity {activation_sparsity:g}: {ckpt} is not a duoserve checkpoint "
+            raise InputError(f"--activation-sparsity / --allocation: {ckpt} is not a duoserve checkpoint "
                              "(no calibrated thresholds); prune it first with `duoserve prune`")
         from duoserve.format.io import read_quant_config
-        from duoserve.format.thresholds import select_thresholds
+        from duoserve.format.thresholds import check_allocation, select_thresholds
 
-        select_thresholds(read_quant_config(ckpt)[1], activation_sparsity, ckpt)  # InputError before vLLM starts
+        q = read_quant_config(ckpt)[1]
+        if check_allocation(allocation) != "uniform" and activation_sparsity is None:
+            activation_sparsity = q.activation_sparsity.target  # the average p_x defaults to the calibrated one
+        select_thresholds(q, activation_sparsity, ckpt, allocation)  # InputError before vLLM starts
     if duo and validate:
         validate_checkpoint(ckpt, json.loads((ckpt / "config.json").read_text()))
     port = port or free_port(host if host not in ("0.0.0.0", "::", "") else DEFAULT_HOST)
@@ -372,8 +376,11 @@ def launch(ckpt, host: str = DEFAULT_HOST, port: int | None = 0, api_key: str | 
     # Serve-time activation sparsity reaches every vLLM process through the environment (they all
     # inherit it; duoserve.loaders.config reads it). Only what was asked here: never a stale value.
     child_env.pop(SERVE_ACTIVATION_SPARSITY_ENV, None)
+    child_env.pop(SERVE_ALLOCATION_ENV, None)
     if activation_sparsity is not None:
         child_env[SERVE_ACTIVATION_SPARSITY_ENV] = repr(float(activation_sparsity))
+    if allocation != "uniform":
+        child_env[SERVE_ALLOCATION_ENV] = allocation
     child_env.update(env or {})
     # The key goes to vLLM through its environment, not argv: a key that starts with '-' (1 in 64 of
     # the generated ones) made vLLM's argparse reject `--api-key KEY` as a missing value, and argv is

@@ -52,18 +52,27 @@ def install_activation_sparsity(model, mode: str, *, targets, p: float = 0.0,
 
 
 def load_pruned_model(path: str | Path, activation_mode: str | None = None, dtype: str = "float32",
-                      activation_sparsity: float | None = None, verify: bool = True):
+                      activation_sparsity: float | None = None, verify: bool = True, allocation: str = "uniform"):
     """(model, tokenizer, LoadedCheckpoint) for a duoserve checkpoint folder.
 
     activation_mode None = threshold mode when activation_sparsity is given, else the checkpoint's
     own rule (threshold if it has thresholds, else off). activation_sparsity overrides p_x (default:
     the checkpoint's target): in "threshold" mode the thresholds come from the checkpoint's grid as
     `duoserve serve --activation-sparsity` selects them (duoserve.format.thresholds); in "topk" mode
-    it is the fraction dropped per token.
+    it is the fraction dropped per token. allocation "greedy": activation_sparsity (default: the
+    target) is the average p_x, each linear's own p_x from the checkpoint's allocation table.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if activation_mode in (None, "threshold") and activation_sparsity is not None:
+    if allocation != "uniform":
+        if activation_mode not in (None, "threshold"):
+            raise InputError(f"--allocation {allocation} selects per-linear thresholds; it needs "
+                             f"--activation-mode threshold, not {activation_mode}")
+        q0 = read_quant_config(Path(path))[1]
+        if activation_sparsity is None:
+            activation_sparsity = q0.activation_sparsity.target
+        select_thresholds(q0, activation_sparsity, path, allocation)  # fail before loading
+    elif activation_mode in (None, "threshold") and activation_sparsity is not None:
         select_thresholds(read_quant_config(Path(path))[1], activation_sparsity, path)  # fail before loading
     ckpt = load_checkpoint(Path(path), verify=verify)
     config = AutoConfig.for_model(**{k: v for k, v in ckpt.config.items() if k != "transformers_version"})
@@ -84,7 +93,10 @@ def load_pruned_model(path: str | Path, activation_mode: str | None = None, dtyp
     mode = activation_mode or ("threshold" if activation_sparsity is not None else default_activation_mode(ckpt))
     p = q.activation_sparsity.target if activation_sparsity is None else activation_sparsity
     thresholds = ckpt.thresholds  # the act_threshold tensors: exactly what vLLM loads at the default p_x
-    if mode == "threshold" and activation_sparsity is not None and not (
+    if allocation != "uniform":
+        thresholds = select_thresholds(q, p, path, allocation)
+        log.info("%s: %s", path, describe_selection(q, p, allocation))
+    elif mode == "threshold" and activation_sparsity is not None and not (
             p == q.activation_sparsity.target and q.activation_sparsity.rule == "threshold"):
         thresholds = select_thresholds(q, p, path)  # raises InputError for a p_x the checkpoint lacks
         log.info("%s: %s", path, describe_selection(q, p))
@@ -97,11 +109,14 @@ def load_pruned_model(path: str | Path, activation_mode: str | None = None, dtyp
 
 
 def load_any_model(path_or_id: str | None, activation_mode: str | None = None, dtype: str = "float32",
-                   activation_sparsity: float | None = None):
+                   activation_sparsity: float | None = None, allocation: str = "uniform"):
     """A duoserve checkpoint via load_pruned_model, or a dense HF model (optionally with top-k
     activation sparsity for dense-weight baselines). Returns (model, tokenizer, ckpt_or_None)."""
     if path_or_id is not None and is_duoserve_checkpoint(path_or_id):
-        return load_pruned_model(path_or_id, activation_mode, dtype, activation_sparsity)
+        return load_pruned_model(path_or_id, activation_mode, dtype, activation_sparsity, allocation=allocation)
+    if allocation != "uniform":
+        raise InputError(f"--allocation {allocation} needs a duoserve checkpoint with an allocation table; "
+                         f"{path_or_id or 'the default model'} is a dense model")
     from duoserve.format import DEFAULT_TARGETS
     from duoserve.prune.model_sources import load_model_and_tokenizer
 
