@@ -104,6 +104,14 @@ def test_folder_imports_stay_inside_its_boundary(folder):
     assert violations(folder) == [], f"{folder} crosses its boundary (see {Path(__file__).name})"
 
 
+def test_every_installed_folder_has_rules():
+    """A folder setup.py installs as duoserve.<name> (SUBPACKAGES) is checked here too."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    subpackages = next(ast.literal_eval(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                       and any(getattr(t, "id", None) == "SUBPACKAGES" for t in n.targets))
+    assert set(subpackages) <= set(RULES), f"no boundary rules for {sorted(set(subpackages) - set(RULES))}"
+
+
 def test_errors_is_a_leaf():
     """duoserve/errors.py is what format (and every part) may share: it imports nothing of duoserve."""
     path = ROOT / "duoserve" / "errors.py"
