@@ -25,11 +25,12 @@ import torch
 from duoserve import __version__
 from duoserve.errors import InputError
 from duoserve.format import DEFAULT_IGNORE, DEFAULT_TARGETS, ActivationSparsity, QuantizationConfig
+from duoserve.format.schema import DEFAULT_QUANT_GROUP, QUANT_GROUP_MULTIPLE, WeightQuant
 from duoserve.format.io import build_quant_config, save_checkpoint
 from duoserve.format.manifest import check_output_folder
 from duoserve.prune.architectures import bos_for, decoder_layers, model_targets
 from duoserve.prune.data import calibration_windows
-from duoserve.prune.engine import EngineSettings, SequentialEngine
+from duoserve.prune.engine import SCALES_ATTR, EngineSettings, SequentialEngine
 from duoserve.prune.model_sources import load_model_and_tokenizer
 from duoserve.prune.refiners import RefinedMethod, build_refiner
 from duoserve.prune.registry import build_options, get_method
@@ -57,6 +58,8 @@ class PruneConfig:
     threshold_nsamples: int = 16
     targets: tuple[str, ...] = DEFAULT_TARGETS
     weight_format: str = "bitmask"
+    quantize: str | None = None  # "int4" / "int8": kept weights stored as codes + group scales (issue 31)
+    group_size: int | None = None  # with quantize: input columns per scale (default 128)
     batch_size: int = 4
     device: str = "auto"
     overwrite: bool = False
@@ -69,9 +72,29 @@ class PruneConfig:
             raise InputError("--nsamples, --seqlen and --threshold-nsamples must be positive")
         if self.weight_format not in ("bitmask", "dense"):
             raise InputError(f"--weight-format {self.weight_format!r} is not 'bitmask' or 'dense'")
+        self.weight_quant  # noqa: B018 - validates --quantize / --group-size
         unknown = sorted(set(self.targets) - set(DEFAULT_TARGETS))
         if unknown or not self.targets:
             raise InputError(f"--targets {','.join(unknown) or '(empty)'}: choose among {','.join(DEFAULT_TARGETS)}")
+
+    @property
+    def weight_quant(self) -> WeightQuant | None:
+        """--quantize / --group-size as the checkpoint's weight_quant (InputError when invalid)."""
+        if self.quantize is None:
+            if self.group_size is not None:
+                raise InputError("--group-size needs --quantize int4|int8")
+            return None
+        bits = {"int4": 4, "int8": 8}.get(self.quantize)
+        if bits is None:
+            raise InputError(f"--quantize {self.quantize!r} is not int4 or int8")
+        if self.weight_format != "bitmask":
+            raise InputError(f"--quantize {self.quantize} stores codes and scales, which only the bitmask weight "
+                             f"format holds; drop --weight-format {self.weight_format}")
+        group = DEFAULT_QUANT_GROUP if self.group_size is None else self.group_size
+        if group <= 0 or group % QUANT_GROUP_MULTIPLE:
+            raise InputError(f"--group-size {group}: need a positive multiple of {QUANT_GROUP_MULTIPLE} (a group is "
+                             f"whole bitmask bytes), e.g. {DEFAULT_QUANT_GROUP}")
+        return WeightQuant(bits, group)
 
     @property
     def workdir_path(self) -> Path:
@@ -120,6 +143,9 @@ def build_method(cfg: PruneConfig):
     elif any(v is not None for v in cfg.refine_options.values()):
         given = ", ".join("--refine-" + k.replace("_", "-") for k, v in cfg.refine_options.items() if v is not None)
         raise InputError(f"{given} need(s) --refine NAME")
+    # OBS methods (joint_quantization) round inside their solve; the engine rounds the others' results,
+    # and a refined method's: a refiner moves weights after the base's solve.
+    method.quantize = cfg.weight_quant
     return method, refiner, target
 
 
@@ -204,7 +230,8 @@ def prune_model(cfg: PruneConfig) -> dict[str, Any]:
     state_dict = _tied_free_state_dict(model)
     dtype_name = str(next(iter(targets.values())).weight.dtype).replace("torch.", "")
     base = QuantizationConfig(
-        weight_format=cfg.weight_format, dtype=dtype_name, modules={}, targets=cfg.targets, ignore=DEFAULT_IGNORE,
+        weight_format=cfg.weight_format, weight_quant=cfg.weight_quant, dtype=dtype_name, modules={},
+        targets=cfg.targets, ignore=DEFAULT_IGNORE,
         sparsity_structure=target.structure,
         activation_sparsity=ActivationSparsity(
             rule="threshold" if cfg.activation_sparsity > 0 else "none", target=cfg.activation_sparsity,
@@ -228,7 +255,11 @@ def prune_model(cfg: PruneConfig) -> dict[str, Any]:
             model.generation_config.save_pretrained(folder)
         (folder / "duoserve-prune-log.json").write_text(json.dumps(layer_logs, indent=1) + "\n")
 
-    save_checkpoint(cfg.output, state_dict, hf_config, qconfig, save_extras=save_extras, overwrite=cfg.overwrite)
+    scales = None
+    if cfg.weight_quant is not None:  # each pruned linear holds its scales (prune/engine.py)
+        scales = {name: getattr(m, SCALES_ATTR) for name, m in model.named_modules() if name in qconfig.modules}
+    save_checkpoint(cfg.output, state_dict, hf_config, qconfig, save_extras=save_extras, overwrite=cfg.overwrite,
+                    quant_scales=scales)
     workdir.remove()
     summary = {"output": str(cfg.output), "method": method.name, "refine": cfg.refine,
                "sparsity": qconfig.global_sparsity,

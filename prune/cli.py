@@ -71,6 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated projections to prune and sparsify (default: all seven)")
     p.add_argument("--weight-format", choices=["bitmask", "dense"], default="bitmask",
                    help="on-disk weights: bitmask + packed values (default) or dense with zeros")
+    p.add_argument("--quantize", default=None, metavar="int4|int8",
+                   help="store the kept weights as int4 or int8 codes with a float16 scale per group of input "
+                        "columns (checkpoint format 3); sparsegpt and duogpt round inside their solve (GPTQ-style "
+                        "error feedback; --sparsity 0 is GPTQ), other methods round to nearest (default: off)")
+    p.add_argument("--group-size", type=int, default=None, metavar="G",
+                   help="with --quantize: input columns per scale, a positive multiple of 8 (default 128)")
     p.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -93,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         refine_options=refine_options, calib_data=args.calib_data,
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, threshold_nsamples=args.threshold_nsamples,
         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), weight_format=args.weight_format,
+        quantize=args.quantize, group_size=args.group_size,
         batch_size=args.batch_size, device=args.device, overwrite=args.overwrite, resume=args.resume,
     )
     summary = prune_model(cfg)

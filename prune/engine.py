@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from duoserve.format.quant import round_to_nearest
 from duoserve.prune.activation import ActivationSparsity, maybe
 from duoserve.prune.architectures import decoder_layers, layer_targets, sequential_groups
 from duoserve.prune.registry import PruningMethod
@@ -35,6 +36,8 @@ from duoserve.prune.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
+SCALES_KEY = ".weight_scales"  # a layer file's extra tensors with --quantize: "<linear>.weight_scales"
+SCALES_ATTR = "duoserve_weight_scales"  # --quantize: a pruned linear's scales [N, ceil(K/G)] fp16
 # Fault injection for the resume tests: the process kills itself (SIGKILL) after this layer.
 FAULT_ENV = "_DUOSERVE_TEST_FAULT_AFTER_LAYER"  # private: a test hook, not a setting (docs/configuration.md)
 
@@ -94,6 +97,8 @@ class SequentialEngine:
             saved = self.workdir.load_layer(i)
             for name, linear in found.items():
                 linear.weight.data = saved[name].to(device=s.device, dtype=s.dtype)
+                if self.method.quantize is not None:
+                    setattr(linear, SCALES_ATTR, saved[name + SCALES_KEY])
         else:
             for group in sequential_groups(found):
                 self._prune_group(layer, original, group, found, original_found, hidden, dense, kwargs)
@@ -125,7 +130,10 @@ class SequentialEngine:
         log.info("layer %d/%d: sparsity %.4f, reconstruction error %.3e, %.1f s", i + 1, len(self.layers),
                  entry["sparsity"], entry["reconstruction_error"], entry["seconds"])
         if self.workdir is not None:
-            self.workdir.save_layer(i, {n: m.weight.data.to(self.storage_dtype) for n, m in found.items()}, entry)
+            saved = {n: m.weight.data.to(self.storage_dtype) for n, m in found.items()}
+            if self.method.quantize is not None:
+                saved.update({n + SCALES_KEY: getattr(m, SCALES_ATTR) for n, m in found.items()})
+            self.workdir.save_layer(i, saved, entry)
         if os.environ.get(FAULT_ENV) == str(i):
             os.kill(os.getpid(), signal.SIGKILL)
         return entry
@@ -145,10 +153,24 @@ class SequentialEngine:
             with maybe(self._sparsity_ctx(found)), InputRecorder({n: found[n] for n in group}, observe) as rec:
                 rec.run(layer, hidden[b], kwargs)
         for name in group:
-            weight = observers[name].prune(found[name].weight.data.float())
+            weight = self._quantized(found[name], observers[name].prune(found[name].weight.data.float()))
             # Round to the stored dtype now, so later layers calibrate on the weights that ship.
             found[name].weight.data = weight.to(self.storage_dtype).to(self.settings.dtype)
         observers.clear()
+
+    def _quantized(self, linear: nn.Linear, result) -> torch.Tensor:
+        """A method's result -> the weight to keep; with --quantize, the linear keeps its scales
+        as `duoserve_weight_scales` (a joint method returns them; any other result is rounded to
+        the nearest level here), which the checkpoint writer reads."""
+        quant = self.method.quantize
+        if quant is None:
+            return result
+        if isinstance(result, tuple):
+            weight, scales = result
+        else:
+            weight, scales = round_to_nearest(result, quant)
+        setattr(linear, SCALES_ATTR, scales.to(torch.float16).cpu())
+        return weight
 
     @torch.no_grad()
     def _run_without_data(self) -> list[dict[str, Any]]:
@@ -157,7 +179,7 @@ class SequentialEngine:
             t0 = time.time()
             found = layer_targets(self.layers[i], self.targets)
             for name, linear in found.items():
-                weight = self.method.observer(name, linear).prune(linear.weight.data.float())
+                weight = self._quantized(linear, self.method.observer(name, linear).prune(linear.weight.data.float()))
                 linear.weight.data = weight.to(linear.weight.dtype)
             zeros = sum(int((m.weight == 0).sum()) for m in found.values())
             total = sum(m.weight.numel() for m in found.values())

@@ -29,6 +29,17 @@ applied to X^ and dX alike, so H, dX X^T and a share one scale. Scaling them all
 every score term by s and leaves D unchanged, so no extra factor is needed (GPTAQ's code
 multiplies its D by 0.25; `residual_scale` is that factor on dX. ObsSettings keeps the paper's
 literal defaults (1, running); DuoGPTOptions defaults to the measured best (0.5, original).
+
+Joint quantization (`quant`, issue 31; SparseGPT section 3.5, GPTQ): a kept weight is replaced by
+its nearest level of the group's grid (duoserve.format.quant) inside the column loop, so its
+rounding error is fed back to the later columns exactly like a pruned weight's (q = quantized w
+where kept, 0 where pruned; err = (w - q) / L_jj). The grid must fit the weights as they will be
+after compensation, which pruning changes a lot: scales taken from the weights at the start of
+each block (GPTQ's rule) left 2.5% of the kept weights of a 50% random layer outside the grid
+by the time they were rounded, and the clamping made int8 joint rounding 10x worse than rounding
+afterwards. So a joint solve runs twice: the float solve chooses the mask and its kept weights
+give the scales (the largest kept |w| per row and group); the second solve, with that mask and
+those scales, rounds in the loop. With p_w = 0 it is GPTQ with static groups.
 """
 from __future__ import annotations
 
@@ -37,6 +48,8 @@ from dataclasses import dataclass
 
 import torch
 
+from duoserve.format.quant import group_scales, half_range
+from duoserve.format.schema import WeightQuant
 from duoserve.prune.sparsity import SparsityTarget, prune_lowest_overall, prune_nm
 
 
@@ -171,14 +184,45 @@ def _block_mask(scores: torch.Tensor, target: SparsityTarget) -> torch.Tensor:
     return prune_lowest_overall(scores, target.fraction)
 
 
+class _GroupScales:
+    """The fixed per-group scales of joint quantization, in the solve's column order."""
+
+    def __init__(self, quant: WeightQuant, scales: torch.Tensor, perm: torch.Tensor | None):
+        self.quant, self.half = quant, half_range(quant.bits)
+        order = perm if perm is not None else torch.arange(scales.shape[1] * quant.group_size)
+        # [K (or more)] group of each processed column; _obs_solve resets it under act_order
+        self.col_group = (order // quant.group_size).to(scales.device)
+        self.scales = scales.float()  # [N, ceil(K/G)] (float16 values)
+
+    def quantize(self, w: torch.Tensor, col: int) -> torch.Tensor:
+        """Nearest grid level of column `col`'s weights w [N] (0 stays 0: inputs that never fire)."""
+        s = self.scales[:, self.col_group[col]]
+        top = 2 ** self.quant.bits - 1
+        q = (torch.floor(w / s + (self.half + 0.5)).clamp_(0, top) - self.half) * s
+        return torch.where(w != 0, q, torch.zeros_like(q))
+
+
 @torch.no_grad()
 def obs_prune(weight: torch.Tensor, stats: HessianStats, target: SparsityTarget, settings: ObsSettings,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
+              mask: torch.Tensor | None = None, quant: WeightQuant | None = None):
     """Prune W [N, K] (fp32) with SparseGPT's solver, or DuoGPT's when stats carry a residual.
 
     mask: [N, K] bool, True = prune: use this mask instead of choosing one (the updates still run).
     With a fixed mask the result is affine in residual_scale (every update is linear in W0 and D,
-    and D is linear in the scale), which the held-out choice of the scale relies on."""
+    and D is linear in the scale), which the held-out choice of the scale relies on.
+    quant: quantize the kept weights jointly (module docstring); returns (W, scales fp16
+    [N, ceil(K/G)]) then, W holding the dequantized values."""
+    if quant is not None:
+        floating = obs_prune(weight, stats, target, settings, mask=mask)  # chooses the mask, sizes the grid
+        kept = floating != 0
+        scales = group_scales(floating, quant.bits, quant.group_size, kept)  # [N, ceil(K/G)] fp16
+        return _obs_solve(weight, stats, target, settings, mask if mask is not None else ~kept,
+                          _GroupScales(quant, scales, None)), scales
+    return _obs_solve(weight, stats, target, settings, mask, None)
+
+
+def _obs_solve(weight: torch.Tensor, stats: HessianStats, target: SparsityTarget, settings: ObsSettings,
+               mask: torch.Tensor | None, groups: "_GroupScales | None") -> torch.Tensor:
     W = weight.clone().float()  # [N, K]
     n, k = W.shape
     H = stats.H.clone()
@@ -229,6 +273,8 @@ def obs_prune(weight: torch.Tensor, stats: HessianStats, target: SparsityTarget,
         w0 = W0[:, cols]
         return W1 ** 2 * inv_d2[cols] + w0 ** 2 * (a[cols] - b[cols]) + 2.0 * W1 * w0 * c[cols]
 
+    if groups is not None and perm is not None:
+        groups.col_group = perm.to(groups.scales.device) // groups.quant.group_size
     B = settings.blocksize
     for i1 in range(0, k, B):
         i2 = min(i1 + B, k)
@@ -252,7 +298,7 @@ def obs_prune(weight: torch.Tensor, stats: HessianStats, target: SparsityTarget,
                 if mask1 is None:
                     mask1 = torch.zeros_like(W1, dtype=torch.bool)
                 mask1[:, i:i + target.m] = prune_nm(group, target.n, target.m)
-            p = w.masked_fill(mask1[:, i], 0.0)
+            p = (groups.quantize(w, i1 + i) if groups is not None else w).masked_fill(mask1[:, i], 0.0)
             err = (w - p) / Lt1[i, i]
             update = err.unsqueeze(1) * Lt1[i, i:].unsqueeze(0)  # [N, B - i]
             if D1 is not None:

@@ -32,8 +32,12 @@ class LinearObserver(abc.ABC):
         x_dense: [T, K] the same tokens' input in the dense model (only if needs_dense_stream)."""
 
     @abc.abstractmethod
-    def prune(self, weight: torch.Tensor) -> torch.Tensor:
-        """weight: [N, K] fp32 -> the pruned (and possibly updated) weight, zeros where pruned."""
+    def prune(self, weight: torch.Tensor):
+        """weight: [N, K] fp32 -> the pruned (and possibly updated) weight, zeros where pruned.
+
+        A method with joint_quantization returns (weight, scales) when its `quantize` is set: the
+        kept weights dequantized from their codes and the scales [N, ceil(K/G)] (the engine rounds
+        the others' results to the nearest level itself, duoserve.format.quant)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +52,12 @@ class PruningMethod(abc.ABC):
     summary: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = True
     needs_dense_stream: ClassVar[bool] = False
+    # True: quantizes the kept weights inside its own solve when `quantize` is set (OBS methods);
+    # False: the engine rounds its result to the nearest level (round to nearest, RTN).
+    joint_quantization: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
+    # Values stored as int4/int8 (duoserve prune --quantize), set by the caller; None: float values.
+    quantize = None
 
     def __init__(self, target: SparsityTarget, activation_sparsity: float = 0.0, options: Any = None):
         self.target = target

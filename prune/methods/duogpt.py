@@ -57,6 +57,7 @@ class DuoGPTOptions:
 class DuoGPT(PruningMethod):
     summary = "dual-sparse OBS with dense-output residual correction (Yin et al. 2025)"
     needs_dense_stream = True
+    joint_quantization = True  # --quantize: rounding with the same column-by-column error feedback
     Options = DuoGPTOptions
 
     def __init__(self, target, activation_sparsity=0.0, options=None):

@@ -64,7 +64,8 @@ class ObsObserver(LinearObserver):
                      "lower than at scale 0 there, %.1f%% at scale 1)", self.name, choice.scale,
                      self.heldout.tokens, 100 * choice.reduction, 100 * choice.reduction_at_1)
             settings = dataclasses.replace(settings, residual_scale=choice.scale)
-        return obs_prune(weight, self.stats, self.method.target, settings)
+        quant = self.method.quantize if self.method.joint_quantization else None
+        return obs_prune(weight, self.stats, self.method.target, settings, quant=quant)
 
 
 def check_nm_blocksize(method: PruningMethod) -> None:
@@ -79,6 +80,7 @@ def check_nm_blocksize(method: PruningMethod) -> None:
 class SparseGPT(PruningMethod):
     summary = "blocked OBS with lazy updates (Frantar & Alistarh 2023)"
     Options = ObsOptions
+    joint_quantization = True  # --quantize: GPTQ-style rounding inside the column loop (prune/obs.py)
 
     def __init__(self, target, activation_sparsity=0.0, options=None):
         super().__init__(target, activation_sparsity, options)
