@@ -80,7 +80,8 @@ def render_table(rows: list[dict], choice: dict | None) -> str:
                  "is as good on both PPL and batch-1 TPOT and better on one" + ("" if has_speed else
                  " (no speed measured: (1 - p_w)(1 - p_x) in place of TPOT)") + ".")
     if choice is not None:
-        lines.append(f"Operating point: {choice['point'] or 'none'}: {choice['reason']}.")
+        lines.append(f"Operating point: {choice['point'] or 'none'}: {choice['reason']}."
+                     + (f" Serve it: `{choice['serve_command']}`." if choice.get("serve_command") else ""))
     return "\n".join(lines)
 
 

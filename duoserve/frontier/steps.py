@@ -260,7 +260,9 @@ class Runner:
             choice = {"index": None if c.index is None else c.index + 1, "reason": c.reason,
                       "point": None if c.index is None else sparse[c.index]["point"]}
             if c.index is not None:
-                sparse[c.index]["chosen"] = True
+                chosen = sparse[c.index]
+                chosen["chosen"] = True
+                choice["serve_command"] = f"duoserve serve {chosen['checkpoint']} --activation-sparsity {chosen['p_x']:g}"
         mark_pareto(rows)
         return rows, choice
 
