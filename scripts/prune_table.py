@@ -37,10 +37,12 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+# Cached results in the work folder and logged subprocesses: shared with `duoserve frontier`.
+from duoserve.workcache import NotCached as NotRun
+from duoserve.workcache import StepFailed, cached, prune_flags, run_logged
 
 SUITES = {
     "foundation": [(m, s, 0.0) for s in ("0.5", "2:4") for m in ("magnitude", "wanda", "sparsegpt")],
@@ -85,26 +87,10 @@ def label(method: str, options: dict) -> str:
 
 
 def run(cmd: list[str], log: Path) -> float:
-    t0 = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
-    if proc.returncode != 0:
-        sys.exit(f"command failed ({proc.returncode}), see {log}: {' '.join(cmd)}")
-    return time.time() - t0
-
-
-class NotRun(Exception):
-    """A result that is not cached while --cached-only is given."""
-
-
-def cached(path: Path, compute, cached_only: bool):
-    if path.is_file():
-        return json.loads(path.read_text())
-    if cached_only:
-        raise NotRun(path.name)
-    result = compute()
-    path.write_text(json.dumps(result, indent=2))
-    return result
+    try:
+        return run_logged(cmd, log)
+    except StepFailed as e:
+        sys.exit(str(e))
 
 
 def evaluate(args, target: str, mode: str | None, p_x: float | None, key: str) -> dict:
@@ -155,10 +141,7 @@ def prune(args, method: str, sparsity: str, p_x: float, options: dict) -> tuple[
         for k, v in options.items():
             flag = k.replace('_', '-')
             cmd += [f"--{flag}" if v is True else f"--no-{flag}"] if isinstance(v, bool) else [f"--{flag}", str(v)]
-        if ckpt.with_name(ckpt.name + ".partial").exists():
-            cmd.append("--resume")
-        elif ckpt.exists():
-            cmd.append("--overwrite")
+        cmd += prune_flags(ckpt, summary)
         seconds = run(cmd, args.work / f"prune-{key}.log")
         return {**json.loads(summary.read_text()), "wall_seconds": round(seconds, 1),
                 "residual_scales": chosen_scales(args.work / f"prune-{key}.log")}
