@@ -16,6 +16,8 @@ module is executed, so the test needs neither vLLM nor a GPU.
                         duoserve.loaders / prune / evaluation / kernels
     loaders          -> vLLM, kernels, format; never duoserve.prune, duoserve.evaluation or
                         duoserve.loadtest
+    duoserve/frontier -> runs prune, eval and serve as commands: never vLLM, duoserve.loaders,
+                        duoserve.evaluation or duoserve.kernels
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # folder (relative to the repository) -> the package it installs as
 PACKAGES = {"kernels": "duoserve.kernels", "prune": "duoserve.prune", "evaluation": "duoserve.evaluation",
-            "duoserve/format": "duoserve.format", "loadtest": "duoserve.loadtest", "loaders": "duoserve.loaders"}
+            "duoserve/format": "duoserve.format", "loadtest": "duoserve.loadtest", "loaders": "duoserve.loaders",
+            "duoserve/frontier": "duoserve.frontier"}
 
 # Either "allow": the only top-level names (and duoserve.* prefixes) a folder may import, the
 # standard library always allowed; or "forbid": names it must not import.
@@ -41,6 +44,7 @@ RULES = {
     "loadtest": {"forbid": {"vllm", "torch", "transformers", "duoserve.loaders", "duoserve.prune",
                             "duoserve.evaluation", "duoserve.kernels"}},
     "loaders": {"forbid": {"duoserve.prune", "duoserve.evaluation", "duoserve.loadtest"}},
+    "duoserve/frontier": {"forbid": {"vllm", "duoserve.loaders", "duoserve.evaluation", "duoserve.kernels"}},
 }
 
 
