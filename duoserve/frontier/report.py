@@ -41,7 +41,8 @@ def setting_lines(args, rows: list[dict], command: str, seconds: float | None) -
                  f"amx_bf16 {'yes' if h['amx_bf16'] else 'no'}")
     lines.append(f"- rule: the fastest point with PPL <= {args.max_ppl_ratio:g} x dense and no empty or looping "
                  f"greedy answer to the {len(rows[0].get('answers') or []) or 4} fixed prompts "
-                 f"(duoserve.frontier.rule){'' if seconds is None else f'; wall time {seconds / 60:.0f} min'}")
+                 f"(duoserve.frontier.rule)" + ("" if seconds is None else
+                                                 f"; this invocation took {seconds / 60:.0f} min (cached steps not rerun)"))
     return lines
 
 
@@ -79,6 +80,15 @@ def render_table(rows: list[dict], choice: dict | None) -> str:
     lines.append("PPL (x dense); TPOT (dense TPOT / TPOT: > 1 is faster); tok/s (x dense). Pareto: no other point "
                  "is as good on both PPL and batch-1 TPOT and better on one" + ("" if has_speed else
                  " (no speed measured: (1 - p_w)(1 - p_x) in place of TPOT)") + ".")
+    answered = [r for r in rows if r.get("answers")]
+    if answered:
+        lines += ["", f"Greedy answers to the first fixed prompt ({answered[0].get('answers_from', '')}), "
+                      "first 160 characters:", ""]
+        for r in answered:
+            text = " ".join(r["answers"][0].split())
+            text = text if len(text) <= 160 else text[:157] + "..."
+            lines.append(f"- {r['point']}: \"{text}\"" if text else f"- {r['point']}: (empty)")
+        lines.append("")
     if choice is not None:
         lines.append(f"Operating point: {choice['point'] or 'none'}: {choice['reason']}."
                      + (f" Serve it: `{choice['serve_command']}`." if choice.get("serve_command") else ""))
