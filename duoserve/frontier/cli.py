@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -146,8 +147,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    runner.execute(steps)
+    failed = runner.execute(steps)
     rows, choice = runner.rows()
     paths = write_outputs(args, grid, rows, choice, runner.not_run, command_line(args), time.time() - t0)
     print(f"wrote {', '.join(str(p) for p in paths)}")
+    if failed:
+        print(f"duoserve frontier: {len(failed)} step(s) failed (logs under {args.work / 'logs'}); the table "
+              "holds the rest, and a rerun retries only what is missing:\n  " + "\n  ".join(failed),
+              file=sys.stderr)
+        return 1
     return 0

@@ -153,7 +153,7 @@ def write_outputs(args, grid, rows: list[dict], choice: dict | None, not_run: li
     js = args.json or args.work / "frontier.json"
     text = "\n".join(setting_lines(args, rows, command, seconds)) + "\n\n" + render_table(rows, choice)
     if not_run:
-        text += "\n\nNot run (no cached result): " + ", ".join(not_run) + "."
+        text += "\n\nNot run or failed (no cached result): " + ", ".join(not_run) + "."
     print(text)
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(text + "\n")

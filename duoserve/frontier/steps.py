@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -127,7 +128,7 @@ class Runner:
         a = self.args
         key = f"{self.point_key(p)}-a{a.answer_tokens}-{a.eval_dtype}"
         out = self.work / "logs" / f"answers-{key}.out.json"
-        cmd = [sys_python(), "-m", "duoserve.frontier.answers", *self.target(p), "--max-tokens",
+        cmd = [sys.executable, "-m", "duoserve.frontier.answers", *self.target(p), "--max-tokens",
                str(a.answer_tokens), "--dtype", a.eval_dtype, "--json", str(out)]
 
         def compute():
@@ -198,11 +199,22 @@ class Runner:
         lines.append("; ".join(f"{n} {k}" for k, n in counts.items()))
         return "\n".join(lines)
 
-    def execute(self, steps: list[Step]) -> None:
+    def execute(self, steps: list[Step]) -> list[str]:
+        """Run (or read) every step; returns the failures. A failed step does not stop the others
+        (one server that fails to start leaves the rest of a long run measured), except the points of
+        a checkpoint whose prune failed, which are skipped."""
         import time
 
+        from duoserve.errors import DuoserveError
+
+        failed: list[str] = []
+        broken: set[Checkpoint] = set()
         for i, s in enumerate(steps, 1):
             st = self.status(s)
+            ckpt = s.subject if s.kind == "prune" else s.subject.checkpoint
+            if ckpt in broken:
+                self.not_run.append(f"{s.label.strip()} (its prune failed)")
+                continue
             if st != "cached" and self.args.cached_only:
                 self.not_run.append(s.label.strip())
                 continue
@@ -213,10 +225,18 @@ class Runner:
             except NotCached:
                 self.not_run.append(s.label.strip())
                 continue
+            except DuoserveError as e:
+                print(f"[{i:>3}/{len(steps)}] {s.label}: FAILED: {e}", file=sys.stderr, flush=True)
+                failed.append(f"{s.label.strip()}: {str(e).splitlines()[0]}")
+                self.not_run.append(f"{s.label.strip()} (failed)")
+                if s.kind == "prune":
+                    broken.add(s.subject)
+                continue
             self._results[(s.kind, s.subject)] = result
             if st != "cached":
                 print(f"[{i:>3}/{len(steps)}] {s.label}: done in {time.time() - t0:.0f} s{summary_of(s.kind, result)}",
                       flush=True)
+        return failed
 
     def rows(self):
         """One row per point (dense first) with what was measured, and the rule's choice."""
@@ -289,9 +309,3 @@ def summary_of(kind: str, r: dict) -> str:
     if kind == "zeroshot" and r.get("mean_acc") is not None:
         return f": mean acc {r['mean_acc']:.3f}"
     return ""
-
-
-def sys_python() -> str:
-    import sys
-
-    return sys.executable

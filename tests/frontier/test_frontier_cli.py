@@ -181,18 +181,33 @@ def test_checkpoint_without_summary_is_pruned_again(tmp_path):
     assert workcache.prune_flags(ckpt, tmp_path / "s.json") == ["--overwrite"]
 
 
-def test_failed_step_stops_with_its_log_and_keeps_earlier_results(tmp_path, capsys, monkeypatch):
+def test_failed_steps_are_reported_and_the_others_still_run(tmp_path, capsys, monkeypatch):
     fake = FakeCommands(fail_on="--activation-sparsity 0.3")
     monkeypatch.setattr(frontier_steps, "run_logged", fake)
     work = tmp_path / "work"
     assert frontier(work) == 1
-    assert "command failed with exit code 1" in capsys.readouterr().err
-    assert len(list(work.glob("prune-*.json"))) == 4 and list(work.glob("ppl-*px0-*.json"))
+    err = capsys.readouterr().err
+    assert "command failed with exit code 1" in err and "8 step(s) failed" in err  # 4 ppl + 4 answers at 0.3
+    assert len(list(work.glob("prune-*.json"))) == 4 and len(list(work.glob("ppl-*.json"))) == 9
+    assert "ppl      duogpt W0.2 X0.3 (pruned for X0.2) (failed)" in (work / "frontier.md").read_text()
+
+    # A failed prune skips its checkpoint's points (they cannot run) and nothing else.
+    fake = FakeCommands(fail_on="prune --method sparsegpt --sparsity 0.5")
+    monkeypatch.setattr(frontier_steps, "run_logged", fake)
+    work2 = tmp_path / "work2"
+    assert frontier(work2) == 1
+    assert len(fake.calls) == 30 - 6  # its 3 ppl and 3 answers steps are skipped
+    assert "(its prune failed)" in (work2 / "frontier.md").read_text()
+
     # --cached-only renders what there is and lists the rest as not run.
-    monkeypatch.setattr(frontier_steps, "run_logged", FakeCommands())
-    assert frontier(work, "--cached-only") == 0
+    fake = FakeCommands()
+    monkeypatch.setattr(frontier_steps, "run_logged", fake)
+    assert frontier(work, "--cached-only") == 0 and not fake.calls
     md = (work / "frontier.md").read_text()
-    assert "Not run (no cached result):" in md and "ppl      duogpt W0.2 X0.3" in md
+    assert "Not run or failed (no cached result):" in md and "ppl      duogpt W0.2 X0.3" in md
+    # The failed steps' results are missing: a rerun runs exactly those.
+    assert frontier(work) == 0
+    assert len(fake.calls) == 8 and all("0.3" in c for c in fake.calls)
 
 
 def test_speed_rows_rank_by_tpot_and_mark_dense(tmp_path, monkeypatch, fake):
