@@ -146,7 +146,7 @@ def prune(args, method: str, sparsity: str, p_x: float, options: dict) -> tuple[
         return {**json.loads(summary.read_text()), "wall_seconds": round(seconds, 1),
                 "residual_scales": chosen_scales(args.work / f"prune-{key}.log")}
 
-    return ckpt, cached(args.work / f"result-prune-{key}.json", compute, args.cached_only)
+    return ckpt, cached(args.work / f"result-prune-{key}.json", compute, args.cached_only or args.no_prune)
 
 
 def main() -> int:
@@ -170,6 +170,9 @@ def main() -> int:
                         "early in a long run")
     p.add_argument("--only", default="",
                    help="comma-separated sparsity levels: run and render only these rows of the suite (e.g. 0.5)")
+    p.add_argument("--no-prune", action="store_true",
+                   help="prune nothing: evaluate the configurations already pruned under --work (e.g. on other "
+                        "--data), list the others as not run")
     p.add_argument("--cached-only", action="store_true",
                    help="compute nothing: render the rows whose results are cached, list the others as not run")
     args = p.parse_args()
@@ -225,7 +228,7 @@ def main() -> int:
                 f"{rows[0]['ppl_off']['data']}, seqlen {args.eval_seqlen}, {rows[0]['ppl_off']['windows']} windows, "
                 f"{args.eval_dtype}; "
                 f"machine: {platform.machine()} {os.cpu_count()} cores; command: "
-                f"`python scripts/{Path(__file__).name} {' '.join(a for a in sys.argv[1:] if a != '--cached-only')}`")
+                f"`python scripts/{Path(__file__).name} {' '.join(a for a in sys.argv[1:] if a not in ('--cached-only', '--no-prune'))}`")
     table = render(rows, dual, settings)
     if not_run:
         table += "\n\nNot run yet (no cached result): " + ", ".join(not_run) + "."
