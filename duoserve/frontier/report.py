@@ -37,8 +37,12 @@ def setting_lines(args, rows: list[dict], command: str, seconds: float | None) -
                      f"median over {args.duration:g} s at 1 user, throughput is output tokens/s at "
                      f"{args.throughput_users} users over {args.duration:g} s; prompts {args.prompt_words} words of "
                      f"C4, exactly {args.max_tokens} output tokens; dense measured in the same run")
+    loads = [x for r in rows for x in r.get("load") or []]
+    times = sorted(r["measured_at"] for r in rows if r.get("measured_at"))
     lines.append(f"- host: {h['cpu']}, {h['cores']} cores, avx512_bf16 {'yes' if h['avx512_bf16'] else 'no'}, "
-                 f"amx_bf16 {'yes' if h['amx_bf16'] else 'no'}")
+                 f"amx_bf16 {'yes' if h['amx_bf16'] else 'no'}"
+                 + (f"; 1-minute load average around the load levels {min(loads):.1f}-{max(loads):.1f}" if loads else "")
+                 + (f"; served {times[0]} to {times[-1]}" if times else ""))
     lines.append(f"- rule: the fastest point with PPL <= {args.max_ppl_ratio:g} x dense and no empty or looping "
                  f"greedy answer to the {len(rows[0].get('answers') or []) or 4} fixed prompts "
                  f"(duoserve.frontier.rule)" + ("" if seconds is None else

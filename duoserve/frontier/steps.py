@@ -264,7 +264,9 @@ class Runner:
             if sp:
                 r.update(tpot_s=sp["tpot_s"], ttft_s=sp["ttft_s"], throughput=sp["throughput"],
                          throughput_users=sp["throughput_users"], answers=sp["answers"],
-                         answers_from=sp["answers_from"], host=sp["host"], measured_at=sp["measured_at"])
+                         answers_from=sp["answers_from"], host=sp["host"], measured_at=sp["measured_at"],
+                         load=[x for lv in sp.get("levels", {}).values()
+                               for x in (lv.get("load_before"), lv.get("load_after")) if x is not None])
             an = self._results.get(("answers", p))
             if an:
                 r.update(answers=an["answers"], answers_from=an["answers_from"])
