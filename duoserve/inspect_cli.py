@@ -44,6 +44,12 @@ def run(args: argparse.Namespace) -> int:
           f"({q.sparsity_structure}); activation sparsity {q.activation_sparsity.rule} p_x={q.activation_sparsity.target}")
     print(f"source {p.get('source_model')}; calibration {p.get('calib_data')}; seed {p.get('seed')}")
     print(f"weight files: {sum(files.values()) / 2**20:.1f} MiB for {target_params / 1e6:.2f} M target parameters")
+    disk, kernel = _bytes_per_weight(args.checkpoint, q)
+    report["bytes_per_weight"] = {"on_disk": round(disk, 4), "kernel_layout": round(kernel, 4)}
+    values = (f"{q.weight_quant.name} values, group {q.weight_quant.group_size}" if q.weight_quant is not None
+              else f"{q.dtype} values")
+    print(f"bytes per target weight: {disk:.3f} on disk, {kernel:.3f} in the kernel layout ({values}; "
+          f"dense {q.dtype}: {_DTYPE_BYTES.get(q.dtype, 2):g})")
     _print_grid(q)
     width = max(len(m["module"]) for m in modules)
     print(f"{'module':{width}s}  {'shape':>12s}  {'sparsity':>8s}  {'threshold':>10s}")
@@ -53,6 +59,46 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def _bytes_per_weight(path: Path, q) -> tuple[float, float]:
+    """(on disk, in the kernel's runtime layout) bytes per target weight element.
+
+    On disk: the target modules' weight tensors (safetensors headers). Kernel layout (built at load,
+    kernels/layout.py and kernels/qlayout.py): per 128-row block and input column 16 bytes of
+    bitmap and 4 of offset, the values (2 or 4 bytes, 1 for int8 codes, 1/2 for int4) plus 128 of
+    padding, and with codes 2 bytes of scale per row, group and row block."""
+    from safetensors import safe_open
+
+    from duoserve.format.schema import module_tensor_specs
+
+    disk = kernel = elements = 0
+    wanted = {}
+    for name, info in q.modules.items():
+        n, k = info.shape
+        elements += n * k
+        for spec in module_tensor_specs(q.weight_format, info.shape, info.nnz, q.weight_quant):
+            if spec.stacks != "shards":
+                wanted[name + spec.suffix] = True
+        nb = -(-n // 128)
+        wq = q.weight_quant
+        per_value = _DTYPE_BYTES.get(q.dtype, 2) if wq is None else wq.bits / 8
+        kernel += nb * k * 20 + (info.nnz + 128) * per_value
+        if wq is not None:
+            kernel += nb * wq.groups(k) * 128 * 2
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for t in h.keys():
+                if t in wanted:
+                    sl = h.get_slice(t)
+                    count = 1
+                    for d in sl.get_shape():
+                        count *= d
+                    disk += count * {"U8": 1, "F16": 2, "BF16": 2, "F32": 4}.get(sl.get_dtype(), 2)
+    return disk / max(elements, 1), kernel / max(elements, 1)
 
 
 def _print_grid(q) -> None:

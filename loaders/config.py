@@ -127,4 +127,4 @@ class DuoserveConfig(QuantizationConfig):
         serve = None if self._serve_thresholds is None else [self._serve_thresholds[n] for n in names]
         return DuoserveLinearMethod(self.checkpoint_config.weight_format,
                                     make_shards(names, [modules[n] for n in names]), prefix, self._summary,
-                                    serve_thresholds=serve)
+                                    serve_thresholds=serve, weight_quant=self.checkpoint_config.weight_quant)

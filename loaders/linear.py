@@ -36,14 +36,24 @@ from torch.nn import Parameter
 
 from duoserve.errors import CheckpointError
 from duoserve.format.bitmask import pad_bits_clear
-from duoserve.format.schema import BITMASK_SUFFIX, THRESHOLD_SUFFIX, ModuleInfo, TensorSpec, module_tensor_specs
-from duoserve.kernels import dual_sparse_linear_op, kernel_backend, pack_bitmask, pack_dense
+from duoserve.format.quant import int4_pad_clear, unpack_codes
+from duoserve.format.schema import (
+    BITMASK_SUFFIX, THRESHOLD_SUFFIX, VALUES_SUFFIX, ModuleInfo, TensorSpec, WeightQuant, module_tensor_specs,
+)
+from duoserve.kernels import (
+    dual_sparse_linear_op, dual_sparse_linear_q_op, kernel_backend, kernel_backend_q, pack_bitmask, pack_dense,
+    pack_quantized,
+)
 from duoserve.loaders.sharding import RankSlice, rank_slice, row_value_offsets, slice_bitmask, slice_dense
 from duoserve.loaders.vllm_compat import (
     LinearMethodBase, set_weight_attrs, shard_index, shard_parts, tp_rank_of, tp_size_of,
 )
 
 log = logging.getLogger(__name__)
+
+# On-disk tensors whose dtype the format fixes (the others have the checkpoint's dtype).
+_FIXED_DTYPES = {"U8": torch.uint8, "F16": torch.float16}
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -93,7 +103,7 @@ class LoadSummary:
         self.expected, self.layers, self.nbytes, self.elements = 0, 0, 0, 0
         self.tp = (0, 1)  # (rank, size) of this process's tensor-parallel group
 
-    def add(self, nbytes: int, elements: int, device: torch.device, dtype: torch.dtype) -> None:
+    def add(self, nbytes: int, elements: int, device: torch.device, dtype: torch.dtype | None) -> None:
         self.layers += 1
         self.nbytes += nbytes
         self.elements += elements
@@ -102,7 +112,7 @@ class LoadSummary:
             log.info("duoserve: %d linear layers repacked into the dual-sparse kernel layout%s "
                      "(%.1f MiB, %.3f bytes/weight); apply() runs torch.ops.duoserve.dual_sparse_linear: %s",
                      self.layers, rank, self.nbytes / 2**20, self.nbytes / max(self.elements, 1),
-                     kernel_backend(device, dtype))
+                     kernel_backend(device, dtype) if dtype is not None else kernel_backend_q(device))
 
 
 def make_shards(names: list[str], infos: list[ModuleInfo]) -> list[Shard]:
@@ -119,12 +129,14 @@ class DuoserveLinearMethod(LinearMethodBase):
     """create_weights (on-disk format) -> process_weights_after_loading (kernel layout) -> apply (op)."""
 
     def __init__(self, weight_format: str, shards: list[Shard], prefix: str, summary: LoadSummary | None = None,
-                 serve_thresholds: list[float] | None = None):
+                 serve_thresholds: list[float] | None = None, weight_quant: WeightQuant | None = None):
         self.weight_format = weight_format
+        self.weight_quant = weight_quant  # format 3: int4/int8 codes + group scales (issue 31)
         self.shards = shards
         # Per shard, its on-disk tensors by parameter name (the format's one spec, format/schema.py).
         self.specs: list[dict[str, TensorSpec]] = [
-            {spec.param: spec for spec in module_tensor_specs(weight_format, (s.rows, s.cols), s.nnz)} for s in shards]
+            {spec.param: spec for spec in module_tensor_specs(weight_format, (s.rows, s.cols), s.nnz, weight_quant)}
+            for s in shards]
         self.prefix = prefix
         self.summary = summary
         # One threshold per shard for a serve-time p_x other than the calibrated one (from the
@@ -163,8 +175,7 @@ class DuoserveLinearMethod(LinearMethodBase):
             else:
                 # A placeholder that vLLM's loader finds by name; the loader keeps each shard's part
                 # itself (its value count is known only once the shard's bitmask is read).
-                dtype = torch.uint8 if spec.dtype == "U8" else params_dtype
-                self._add(layer, spec.param, torch.empty(0, dtype=dtype))
+                self._add(layer, spec.param, torch.empty(0, dtype=_FIXED_DTYPES.get(spec.dtype, params_dtype)))
         layer._duoserve_loaded = set()
         layer._duoserve_pending = {}  # shard -> {param name: whole on-disk tensor}, until the shard is complete
         layer._duoserve_parts = {}  # shard -> {param name: this rank's part}
@@ -194,12 +205,12 @@ class DuoserveLinearMethod(LinearMethodBase):
         if tuple(loaded.shape) != want:
             raise CheckpointError(f"{tensor_name}: shape {list(loaded.shape)} in the checkpoint, expected "
                                   f"{list(want)} (from quantization_config.modules)")
-        if spec.dtype == "U8" and loaded.dtype != torch.uint8:
-            raise CheckpointError(f"{tensor_name}: dtype {loaded.dtype}, expected torch.uint8")
+        if spec.dtype in _FIXED_DTYPES and loaded.dtype != _FIXED_DTYPES[spec.dtype]:
+            raise CheckpointError(f"{tensor_name}: dtype {loaded.dtype}, expected {_FIXED_DTYPES[spec.dtype]}")
         if spec.stacks == "shards":
             param.data[i:i + 1].copy_(loaded)
         else:
-            dtype = torch.uint8 if spec.dtype == "U8" else layer._duoserve_params_dtype
+            dtype = _FIXED_DTYPES.get(spec.dtype, layer._duoserve_params_dtype)
             # Held whole only until the shard's other tensor arrives (the next one in file order).
             layer._duoserve_pending.setdefault(i, {})[name] = loaded.to(device=param.device, dtype=dtype)
             if all(n in layer._duoserve_pending[i] for n in self._weight_names()):
@@ -213,15 +224,29 @@ class DuoserveLinearMethod(LinearMethodBase):
         """Check shard i's whole on-disk tensors and return this rank's part of them (own storage,
         so the whole tensors are freed when the caller drops them)."""
         s, sl = self.shards[i], self.slices[i]
+        wq = self.weight_quant
+        if wq is not None and not int4_pad_clear(whole["weight_values"], s.nnz, wq.bits):
+            raise CheckpointError(f"tensor {s.hf_name}{VALUES_SUFFIX}: the unused high nibble of the last byte is set; "
+                                  "the checkpoint is corrupted")
         if self.weight_format == "bitmask":
             bitmask, values = whole["weight_bitmask"], whole["weight_values"]
+            if wq is not None:  # one code per byte from here on (int4 unpacked), sliced like values
+                values = unpack_codes(values, s.nnz, wq.bits)
             offsets = row_value_offsets(bitmask)  # [N + 1]; offsets[-1] is the popcount
             if not pad_bits_clear(bitmask, s.cols) or int(offsets[-1]) != s.nnz:
                 raise CheckpointError(f"tensor {s.hf_name}{BITMASK_SUFFIX}: {int(offsets[-1])} bits "
                                       f"set (pad bits clear: {pad_bits_clear(bitmask, s.cols)}), but nnz is "
                                       f"{s.nnz}; the checkpoint is corrupted")
             bm, vals = slice_bitmask(bitmask, values, (s.rows, s.cols), sl, offsets)
-            return {"weight_bitmask": bm.clone(), "weight_values": vals.clone()}
+            part = {"weight_bitmask": bm.clone(), "weight_values": vals.clone()}
+            if wq is not None:
+                g0, g1 = sl.col_start // wq.group_size, -(-sl.col_end // wq.group_size)
+                if sl.col_start % wq.group_size or (sl.col_end % wq.group_size and sl.col_end != s.cols):
+                    raise CheckpointError(f"{s.hf_name}: tensor parallelism cuts its {s.cols} input columns at "
+                                          f"{sl.col_start}..{sl.col_end}, inside a quantization group of "
+                                          f"{wq.group_size}; choose a tensor-parallel size that keeps groups whole")
+                part["weight_scales"] = whole["weight_scales"][sl.row_start:sl.row_end, g0:g1].clone()
+            return part
         return {"weight": slice_dense(whole["weight"], sl).clone()}
 
     def _expected(self) -> list[str]:
@@ -257,7 +282,10 @@ class DuoserveLinearMethod(LinearMethodBase):
             # is itself a valid (bitmask, values) encoding of the stacked [rows, K] matrix.
             members = [p for s, p in zip(local, parts) if g.row_offset <= s.row_offset < g.row_offset + g.rows]
             cat = lambda key: members[0][key] if len(members) == 1 else torch.cat([m[key] for m in members])  # noqa: E731
-            if self.weight_format == "bitmask":
+            if self.weight_quant is not None:
+                packed.append(pack_quantized(cat("weight_bitmask"), cat("weight_values"), cat("weight_scales"),
+                                             (g.rows, g.cols), self.weight_quant.bits, self.weight_quant.group_size))
+            elif self.weight_format == "bitmask":
                 packed.append(pack_bitmask(cat("weight_bitmask"), cat("weight_values"), (g.rows, g.cols)))
             else:
                 packed.append(pack_dense(cat("weight")))
@@ -280,7 +308,7 @@ class DuoserveLinearMethod(LinearMethodBase):
                   len(self.groups), layer.duoserve_nbytes, [round(float(t), 5) for t in thresholds])
         if self.summary is not None:
             self.summary.add(layer.duoserve_nbytes, sum(s.rows * s.cols for s in local), device,
-                             packed[0].values.dtype)
+                             None if self.weight_quant is not None else packed[0].values.dtype)
 
     # -- forward ---------------------------------------------------------------------------
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -292,6 +320,13 @@ class DuoserveLinearMethod(LinearMethodBase):
         outs = []
         for j, g in enumerate(self.groups):
             b = None if bias is None else bias[g.row_offset:g.row_offset + g.rows]
+            if self.weight_quant is not None:
+                outs.append(dual_sparse_linear_q_op(
+                    x2, getattr(layer, f"duoserve_g{j}_bitmap"), getattr(layer, f"duoserve_g{j}_offsets"),
+                    getattr(layer, f"duoserve_g{j}_codes"), getattr(layer, f"duoserve_g{j}_scales"),
+                    getattr(layer, f"duoserve_g{j}_threshold"), b, g.rows, g.cols, self.weight_quant.bits,
+                    self.weight_quant.group_size))  # [T, N_g]
+                continue
             outs.append(dual_sparse_linear_op(
                 x2, getattr(layer, f"duoserve_g{j}_bitmap"), getattr(layer, f"duoserve_g{j}_offsets"),
                 getattr(layer, f"duoserve_g{j}_values"), getattr(layer, f"duoserve_g{j}_threshold"),

@@ -1,0 +1,90 @@
+"""Quantized checkpoints (format 3, int4/int8 codes) in real vLLM layers through the duoserve
+linear method: packed into the quantized kernel layout and run by duoserve::dual_sparse_linear_q."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from duoserve.format.bitmask import bitmask_to_bool
+from duoserve.format.io import read_quant_config
+from duoserve.format.quant import decode_quantized
+from test_linear_method import _config, _hf_names, _layer, _load
+
+pytestmark = pytest.mark.timeout(300)
+FAST = dict(nsamples=4, seqlen=64, threshold_nsamples=2, batch_size=2)
+
+
+@pytest.fixture(scope="module", params=[("int4", 32), ("int8", 64)], ids=["int4", "int8"])
+def quant_ckpt(request, tiny_llama_dir, tmp_path_factory):
+    from duoserve.prune.api import PruneConfig, prune_model
+
+    quantize, group = request.param
+    out = tmp_path_factory.mktemp("qckpt") / f"tiny-w50x50-{quantize}"
+    prune_model(PruneConfig(output=out, model=str(tiny_llama_dir), method="magnitude", activation_sparsity=0.5,
+                            quantize=quantize, group_size=group, **FAST))
+    return out
+
+
+def _dequantized_fp32(ckpt, tensors, hf):
+    """The module's weight dequantized in fp32 (what the kernel multiplies), from the file."""
+    _, q = read_quant_config(ckpt)
+    info = q.modules[hf]
+    mask = bitmask_to_bool(tensors[hf + ".weight_bitmask"], info.shape[1])
+    return decode_quantized(mask, tensors[hf + ".weight_values"], tensors[hf + ".weight_scales"], q.weight_quant,
+                            torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["qkv_proj", "gate_up_proj", "down_proj"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantized_layer_matches_the_dequantized_reference(vllm_layers, quant_ckpt, kind, dtype):
+    cfg = _config(quant_ckpt)
+    layer = _layer(kind, cfg, dtype)
+    assert type(layer.quant_method).__name__ == "DuoserveLinearMethod"
+    tensors = {k: v for f in sorted(quant_ckpt.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    _load(layer, kind, tensors)
+    layer.quant_method.process_weights_after_loading(layer)
+    names = {n for n, _ in layer.named_parameters()}
+    assert not names & {"weight_bitmask", "weight_values", "weight_scales", "act_threshold"}, "on-disk form not freed"
+    assert any(n.endswith("_codes") for n in names) and any(n.endswith("_scales") for n in names)
+    assert layer.duoserve_nbytes / sum(_dequantized_fp32(quant_ckpt, tensors, hf).numel()
+                                       for hf, _ in _hf_names(kind)) < 0.75
+    torch.manual_seed(0)
+    k = 256 if kind == "down_proj" else 128
+    for tokens in (1, 7, 40):
+        x = torch.randn(tokens, k).to(dtype)
+        y, _ = layer(x)
+        outs = []
+        for hf, _ in _hf_names(kind):
+            t = float(tensors[hf + ".act_threshold"])
+            xm = torch.where(x.float().abs() > t, x.float(), 0.0)  # compared in fp32, as the kernels do
+            outs.append(xm @ _dequantized_fp32(quant_ckpt, tensors, hf).t())
+        ref = torch.cat(outs, -1)
+        assert y.dtype == dtype and y.shape == ref.shape
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+        torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_scales_in_the_wrong_dtype_are_refused(vllm_layers, quant_ckpt):
+    from duoserve.errors import CheckpointError
+
+    cfg = _config(quant_ckpt)
+    layer = _layer("down_proj", cfg)
+    tensors = {k: v for f in sorted(quant_ckpt.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    hf = _hf_names("down_proj")[0][0]
+    tensors[hf + ".weight_scales"] = tensors[hf + ".weight_scales"].float()
+    with pytest.raises(CheckpointError, match="weight_scales: dtype torch.float32, expected torch.float16"):
+        _load(layer, "down_proj", tensors)
+
+
+def test_validator_accepts_it_and_inspect_shows_bytes_per_weight(quant_ckpt, capsys):
+    import argparse
+
+    from duoserve.inspect_cli import run
+    from duoserve.loaders.validate import validate_checkpoint
+
+    q = validate_checkpoint(quant_ckpt)
+    assert q.format_version == 3 and q.weight_quant is not None
+    run(argparse.Namespace(checkpoint=quant_ckpt, no_verify=False, json=None))
+    out = capsys.readouterr().out
+    assert "bytes per target weight" in out and f"{q.weight_quant.name} values" in out
