@@ -8,6 +8,9 @@
     python -m duoserve.kernels.bench --bar --cold-mib 512 --rounds 9   # ... medians of alternated rounds
     python -m duoserve.kernels.bench --device cuda --variants --shapes 11008x4096 --batch 1
                                                              # every decode kernel configuration
+    python -m duoserve.loaders.kernel_bench --int4 --bar --cold-mib 512 --baseline vllm
+                                                             # int4 dual-sparse vs torch's dense int4
+                                                             # and vLLM's dense bf16 GEMM (bench_quant.py)
 
 For every shape (N, K), weight sparsity p_w, activation sparsity p_x and batch B: random weights of
 the real shape with a fraction p_w of zeros (speed depends on shapes and sparsity, not values),
@@ -384,6 +387,9 @@ def main(argv=None, extra_baselines: dict | None = None, prog: str = "duoserve.k
     ap.add_argument("--baseline", default="torch", choices=sorted(baselines),
                     help="dense baseline: torch.matmul; vLLM's CPU GEMM (pre-packed oneDNN) is 'vllm' "
                          "through python -m duoserve.loaders.kernel_bench")
+    ap.add_argument("--int4", action="store_true",
+                    help="CPU: the int4 dual-sparse op (duoserve::dual_sparse_linear_q) against torch's dense int4 "
+                         "weight-only matmul and the dense baseline, in the same run (kernels/bench_quant.py)")
     ap.add_argument("--markdown", help="append the results as a markdown table to this file")
     args = ap.parse_args(argv)
     if args.rounds > 1 and not (args.cold_mib and args.device.type == "cpu"):
@@ -409,12 +415,18 @@ def main(argv=None, extra_baselines: dict | None = None, prog: str = "duoserve.k
             md.flush()
 
     sink(markdown_header(args, device, bw, os.getloadavg()[0]))
-    sink(CUTOVER_HEADERS[device.type] if args.cutover else VARIANTS_HEADER if args.variants else SWEEP_HEADER)
-    if args.cutover:
+    if args.int4:
+        from .bench_quant import HEADER, run_int4
+        sink(HEADER)
+        run_int4(args, device, timer, sink, make_input, args.dense, make_weight, cold_time)
+    elif args.cutover:
+        sink(CUTOVER_HEADERS[device.type])
         run_cutover(args, device, timer, sink)
     elif args.variants:
+        sink(VARIANTS_HEADER)
         run_variants(args, device, timer, sink)
     else:
+        sink(SWEEP_HEADER)
         run_sweep(args, device, timer, bw, sink)
     print(f"# load average after: {os.getloadavg()}")
     sink(f"\nLoad average at the end: {os.getloadavg()[0]:.2f}.\n")
