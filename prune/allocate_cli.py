@@ -65,9 +65,7 @@ def allocate_checkpoint(path: Path, output: Path | None = None, *, targets, nsam
 
     from duoserve.errors import InputError
     from duoserve.format.io import read_quant_config, update_quant_config
-    from duoserve.prune.allocation import check_targets, greedy_allocation
-    from duoserve.prune.architectures import bos_for
-    from duoserve.prune.data import calibration_windows
+    from duoserve.prune.allocation import check_targets, with_greedy_allocation
     from duoserve.prune.pruned_models import load_pruned_model
 
     path = Path(path)
@@ -85,13 +83,9 @@ def allocate_checkpoint(path: Path, output: Path | None = None, *, targets, nsam
     seed = int(act.calibration.get("seed", 1)) + 1 if seed is None else seed  # prune seed + 2
     torch.manual_seed(seed)
     model, tokenizer, ckpt = load_pruned_model(path, activation_mode="off")
-    windows, desc = calibration_windows(source, tokenizer, nsamples, seqlen, seed, bos_for(model, tokenizer))
-    log.info("allocation calibration data: %s", desc)
-    grid_thresholds = {n: list(m.act_threshold_grid) for n, m in q.modules.items()}
-    alloc = greedy_allocation(model, windows, act.grid, grid_thresholds, targets, q.targets, batch_size=batch_size,
-                              lazy=lazy, calibration={"data": source, "description": desc, "nsamples": nsamples,
-                                                      "seqlen": seqlen, "seed": seed})
-    new_q = replace(q, activation_sparsity=replace(act, allocation=alloc))
+    new_q = with_greedy_allocation(model, tokenizer, q, calib_data=source, seed=seed, targets=targets,
+                                   nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, lazy=lazy)
+    alloc = new_q.activation_sparsity.allocation
     written = update_quant_config(path, new_q, output, overwrite=overwrite)
     return {"checkpoint": str(written), "targets": list(alloc.targets), "seconds": alloc.info["seconds"],
             "block_forwards": alloc.info["block_forwards"],

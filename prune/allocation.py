@@ -256,3 +256,33 @@ def greedy_allocation(model: nn.Module, windows: torch.Tensor, grid: tuple[float
             t: [sum(r[t][0] for r in block_errors), sum(r[t][1] for r in block_errors)] for t in block_errors[0]}
     return ActivationAllocation(method="greedy", targets=targets,
                                 modules={n: tuple(ps) for n, ps in table.items()}, info=info)
+
+
+def with_greedy_allocation(model: nn.Module, tokenizer, q, *, calib_data: str, seed: int,
+                           targets=DEFAULT_ALLOCATION_TARGETS, nsamples: int = DEFAULT_ALLOCATION_NSAMPLES,
+                           seqlen: int = DEFAULT_ALLOCATION_SEQLEN, batch_size: int = 4, device="cpu",
+                           lazy: bool = True):
+    """`q` (a QuantizationConfig with a threshold grid, of `model`'s pruned weights) with the greedy
+    table added, measured on `nsamples` windows of the calibration source (its fit split for a
+    named source; never evaluation text). Used by `duoserve allocate` and `duoserve prune
+    --allocation greedy`."""
+    from dataclasses import replace
+
+    from duoserve.errors import InputError
+    from duoserve.prune.architectures import bos_for
+    from duoserve.prune.data import calibration_windows
+
+    act = q.activation_sparsity
+    if act.grid is None:
+        raise InputError(f"format v{q.format_version} without a threshold grid: nothing to allocate from")
+    targets = check_targets(targets, act.grid)
+    if nsamples <= 0 or seqlen < 8:
+        raise InputError("--allocation-nsamples must be positive and --allocation-seqlen at least 8")
+    windows, desc = calibration_windows(calib_data, tokenizer, nsamples, seqlen, seed, bos_for(model, tokenizer))
+    log.info("greedy allocation on %s", desc)
+    grid_thresholds = {n: list(m.act_threshold_grid) for n, m in q.modules.items()}
+    alloc = greedy_allocation(model, windows, act.grid, grid_thresholds, targets, q.targets, batch_size=batch_size,
+                              device=device, lazy=lazy,
+                              calibration={"data": calib_data, "description": desc, "nsamples": nsamples,
+                                           "seqlen": seqlen, "seed": seed})
+    return replace(q, activation_sparsity=replace(act, allocation=alloc))

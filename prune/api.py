@@ -28,6 +28,9 @@ from duoserve.format import DEFAULT_IGNORE, DEFAULT_TARGETS, ActivationSparsity,
 from duoserve.format.schema import DEFAULT_QUANT_GROUP, QUANT_GROUP_MULTIPLE, WeightQuant
 from duoserve.format.io import build_quant_config, save_checkpoint
 from duoserve.format.manifest import check_output_folder
+from duoserve.prune.allocation import (
+    DEFAULT_ALLOCATION_NSAMPLES, DEFAULT_ALLOCATION_SEQLEN, DEFAULT_ALLOCATION_TARGETS,
+)
 from duoserve.prune.architectures import bos_for, decoder_layers, model_targets
 from duoserve.prune.data import calibration_windows
 from duoserve.prune.engine import SCALES_ATTR, EngineSettings, SequentialEngine
@@ -58,6 +61,10 @@ class PruneConfig:
     threshold_nsamples: int = 16
     targets: tuple[str, ...] = DEFAULT_TARGETS
     weight_format: str = "bitmask"
+    allocation: str = "uniform"  # "greedy": also store a layer-adaptive p_x table (prune/allocation.py)
+    allocation_targets: tuple[float, ...] = DEFAULT_ALLOCATION_TARGETS
+    allocation_nsamples: int = DEFAULT_ALLOCATION_NSAMPLES
+    allocation_seqlen: int = DEFAULT_ALLOCATION_SEQLEN
     quantize: str | None = None  # "int4" / "int8": kept weights stored as codes + group scales (issue 31)
     group_size: int | None = None  # with quantize: input columns per scale (default 128)
     batch_size: int = 4
@@ -73,6 +80,15 @@ class PruneConfig:
         if self.weight_format not in ("bitmask", "dense"):
             raise InputError(f"--weight-format {self.weight_format!r} is not 'bitmask' or 'dense'")
         self.weight_quant  # noqa: B018 - validates --quantize / --group-size
+        if self.allocation not in ("uniform", "greedy"):
+            raise InputError(f"--allocation {self.allocation!r} is not uniform or greedy")
+        if self.allocation == "greedy":
+            from duoserve.format.schema import px_grid
+            from duoserve.prune.allocation import check_targets
+
+            check_targets(self.allocation_targets, px_grid(self.activation_sparsity))
+            if self.allocation_nsamples <= 0 or self.allocation_seqlen < 8:
+                raise InputError("--allocation-nsamples must be positive and --allocation-seqlen at least 8")
         unknown = sorted(set(self.targets) - set(DEFAULT_TARGETS))
         if unknown or not self.targets:
             raise InputError(f"--targets {','.join(unknown) or '(empty)'}: choose among {','.join(DEFAULT_TARGETS)}")
@@ -221,7 +237,8 @@ def prune_model(cfg: PruneConfig) -> dict[str, Any]:
              len(targets))
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
-                if k not in ("overwrite", "resume", "output", "device", "batch_size")}
+                if k not in ("overwrite", "resume", "output", "device", "batch_size")
+                and not k.startswith("allocation")}  # the allocation runs after the prune: resumable either way
     workdir = WorkDir(cfg.workdir_path, settings)
     needs_data = method.needs_calibration or cfg.activation_sparsity > 0
     run = prune_loaded(model, tokenizer, cfg, method, device, workdir)
@@ -244,6 +261,13 @@ def prune_model(cfg: PruneConfig) -> dict[str, Any]:
                   "seed": cfg.seed, "source_model": source},
     )
     qconfig = build_quant_config(state_dict, calibration.thresholds, base, calibration.grid_thresholds)
+    if cfg.allocation == "greedy":
+        from duoserve.prune.allocation import ALLOCATION_SEED_OFFSET, with_greedy_allocation
+
+        qconfig = with_greedy_allocation(model, tokenizer, qconfig, calib_data=cfg.calib_data,
+                                         seed=cfg.seed + ALLOCATION_SEED_OFFSET, targets=cfg.allocation_targets,
+                                         nsamples=cfg.allocation_nsamples, seqlen=cfg.allocation_seqlen,
+                                         batch_size=cfg.batch_size, device=device)
     hf_config = json.loads(model.config.to_json_string())
     theta = (hf_config.get("rope_parameters") or {}).get("rope_theta")
     if theta is not None:

@@ -77,6 +77,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "error feedback; --sparsity 0 is GPTQ), other methods round to nearest (default: off)")
     p.add_argument("--group-size", type=int, default=None, metavar="G",
                    help="with --quantize: input columns per scale, a positive multiple of 8 (default 128)")
+    p.add_argument("--allocation", choices=["uniform", "greedy"], default="uniform",
+                   help="greedy: also store a layer-adaptive activation-sparsity table (TEAL's greedy allocation "
+                        "on calibration windows; serve it with --allocation greedy); uniform: no table (default; "
+                        "`duoserve allocate CKPT` adds one later)")
+    from duoserve.prune.allocate_cli import add_targets_options
+
+    add_targets_options(p)
     p.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -101,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), weight_format=args.weight_format,
         quantize=args.quantize, group_size=args.group_size,
         batch_size=args.batch_size, device=args.device, overwrite=args.overwrite, resume=args.resume,
+        allocation=args.allocation, allocation_targets=args.allocation_targets,
+        allocation_nsamples=args.allocation_nsamples, allocation_seqlen=args.allocation_seqlen,
     )
     summary = prune_model(cfg)
     if args.json:

@@ -168,3 +168,26 @@ def test_cli_errors_exit_2(ckpt, greedy, tmp_path):
         proc = cli(*args)
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
+
+
+def test_prune_time_allocation_equals_allocating_the_checkpoint_later(tiny_llama_dir, ckpt, tmp_path):
+    """`duoserve prune --allocation greedy` and `duoserve allocate` on the same prune: same windows
+    (calibration seed + 2, fit split), same weights and grid, so the same table."""
+    out = tmp_path / "pruned-greedy"
+    prune_model(PruneConfig(output=out, model=str(tiny_llama_dir), method="magnitude", activation_sparsity=0.5,
+                            allocation="greedy", allocation_targets=TARGETS, allocation_nsamples=2,
+                            allocation_seqlen=32, **FAST))
+    at_prune = read_quant_config(out)[1].activation_sparsity.allocation
+    allocate_checkpoint(ckpt, tmp_path / "later", targets=TARGETS, **ALLOC)
+    later = read_quant_config(tmp_path / "later")[1].activation_sparsity.allocation
+    assert at_prune.targets == later.targets
+    for name, ps in later.modules.items():
+        assert at_prune.modules[name] == pytest.approx(ps, abs=1e-6), name
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(allocation="best"), "not uniform or greedy"),
+                                          (dict(allocation="greedy", allocation_targets=(0.95,)), "above"),
+                                          (dict(allocation="greedy", allocation_nsamples=0), "must be positive")])
+def test_prune_refuses_bad_allocation_options_before_loading(tmp_path, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        PruneConfig(output=tmp_path / "x", model="/nonexistent", activation_sparsity=0.5, **kwargs)
