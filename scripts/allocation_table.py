@@ -9,6 +9,12 @@ reports the realized K*N-weighted mean p_x on the evaluated text (the thresholds
 on other text, so it drifts a little from P), and the greedy table's block-error ratio on its
 calibration windows (from the metadata). Prints a Markdown table; --json keeps everything.
 
+The greedy table realizes a little less than P where it sets a linear far from the p_x its
+upstream linears have (each grid threshold was calibrated with the linears before it at the same
+p_x), so --match-realized adds, per P, the uniform rule at P + (greedy's realized - uniform's
+realized): the uniform model that skips as many weight columns as the greedy one did.
+--matched-from JSON takes the uniform and greedy rows of an earlier run and evaluates only those.
+
     OMP_NUM_THREADS=1 DUOSERVE_WIKITEXT2=/work/shared/data/wikitext-2-raw-test.raw \\
         python scripts/allocation_table.py CKPT --px 0.3,0.5 --max-windows 5 --dtype bfloat16
 """
@@ -64,6 +70,10 @@ def main() -> int:
     p.add_argument("--max-windows", type=int, default=5)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--no-off", action="store_true", help="skip the activation-sparsity-off row")
+    p.add_argument("--match-realized", action="store_true",
+                   help="add a uniform row at the nominal p_x that realizes what greedy realized")
+    p.add_argument("--matched-from", type=Path, default=None,
+                   help="reuse the rows of this earlier --json and evaluate only the realized-matched ones")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
 
@@ -82,13 +92,13 @@ def main() -> int:
     alloc = q.activation_sparsity.allocation
     ids, desc = evaluation_tokens(args.data, tokenizer)
     windows = make_windows(ids, args.seqlen, bos_for(model, tokenizer), args.max_windows)
-    rows = []
-    if not args.no_off:
-        rows.append({"px": 0.0, "allocation": "off", **evaluate(model, windows, None)})
-    for px in (float(x) for x in args.px.split(",")):
+
+    def pair(px: float) -> list[dict]:
+        """The uniform and the greedy row at average p_x `px`."""
+        out = []
         for allocation in ("uniform", "greedy"):
-            thresholds = select_thresholds(q, px, args.checkpoint, allocation)
-            row = {"px": px, "allocation": allocation, **evaluate(model, windows, thresholds)}
+            row = {"px": px, "allocation": allocation,
+                   **evaluate(model, windows, select_thresholds(q, px, args.checkpoint, allocation))}
             if allocation == "greedy":
                 per = allocated_px(q, px)
                 row["table_weighted"] = weighted_mean_px(q.modules, per)
@@ -96,8 +106,29 @@ def main() -> int:
                 ratio = (alloc.info.get("block_error_greedy_vs_uniform") or {}).get(f"{px:g}")
                 if ratio:
                     row["calib_block_error_ratio"] = ratio[0] / ratio[1]
+            out.append(row)
+            print(json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}), flush=True)
+        return out
+
+    pxs = [float(x) for x in args.px.split(",")]
+    if args.matched_from:
+        rows = [r for r in json.loads(args.matched_from.read_text())["rows"]
+                if r["allocation"] != "uniform (realized-matched)"]
+    else:
+        rows = [] if args.no_off else [{"px": 0.0, "allocation": "off", **evaluate(model, windows, None)}]
+        for px in pxs:
+            rows += pair(px)
+    if args.match_realized or args.matched_from:
+        for px in pxs:
+            u = next(r for r in rows if r["px"] == px and r["allocation"] == "uniform")
+            g = next(r for r in rows if r["px"] == px and r["allocation"] == "greedy")
+            p_u = round(px + g["realized_weighted"] - u["realized_weighted"], 4)
+            row = {"px": p_u, "for_px": px, "allocation": "uniform (realized-matched)",
+                   **evaluate(model, windows, select_thresholds(q, p_u, args.checkpoint))}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}), flush=True)
+    rows.sort(key=lambda r: (r.get("for_px", r["px"]), ["off", "uniform", "greedy",
+                                                         "uniform (realized-matched)"].index(r["allocation"])))
     print(f"\n{args.checkpoint.name}: {desc}, {windows.shape[0]} x {args.seqlen} tokens, {args.dtype}; "
           f"host {_cpu()}, torch threads {torch.get_num_threads()}\n")
     print("| avg p_x | allocation | PPL | realized p_x (K*N-weighted) | per-linear p_x range | "
