@@ -51,6 +51,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"bytes per target weight: {disk:.3f} on disk, {kernel:.3f} in the kernel layout ({values}; "
           f"dense {q.dtype}: {_DTYPE_BYTES.get(q.dtype, 2):g})")
     _print_grid(q)
+    alloc = q.activation_sparsity.allocation
+    if alloc is not None:  # layer-adaptive p_x (duoserve allocate): which average p_x it covers, how spread
+        report["activation_sparsity"]["allocation"] = alloc.to_dict()
+        spread = ", ".join(f"{t:g}: {min(v[i] for v in alloc.modules.values()):.2f}-"
+                           f"{max(v[i] for v in alloc.modules.values()):.2f}" for i, t in enumerate(alloc.targets))
+        print(f"--allocation {alloc.method}: average p_x up to {alloc.targets[-1]:g} (per-linear p_x range at "
+              f"each target: {spread})")
     width = max(len(m["module"]) for m in modules)
     print(f"{'module':{width}s}  {'shape':>12s}  {'sparsity':>8s}  {'threshold':>10s}")
     for m in modules:

@@ -191,3 +191,12 @@ def test_prune_time_allocation_equals_allocating_the_checkpoint_later(tiny_llama
 def test_prune_refuses_bad_allocation_options_before_loading(tmp_path, kwargs, match):
     with pytest.raises(InputError, match=match):
         PruneConfig(output=tmp_path / "x", model="/nonexistent", activation_sparsity=0.5, **kwargs)
+
+
+def test_inspect_shows_the_table(greedy, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "duoserve.cli", "inspect", str(greedy), "--json",
+                           str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--allocation greedy: average p_x up to 0.6" in proc.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["activation_sparsity"]["allocation"]["targets"] == list(TARGETS)
