@@ -67,7 +67,10 @@ CASES = [  # (n, k, group, p_w, empty columns, all-zero group)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("tokens", [1, 2, 3, 8, 9, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_op_matches_the_fp32_oracle_on_the_dequantized_weight(bits, case, tokens, dtype):
+@pytest.mark.parametrize("decode", ["default", "scalar"])  # the CPU kernel's AVX-512 and scalar walks
+def test_op_matches_the_fp32_oracle_on_the_dequantized_weight(bits, case, tokens, dtype, decode, monkeypatch):
+    if decode == "scalar":
+        monkeypatch.setenv("DUOSERVE_CPU_QUANT_DECODE", "scalar")
     n, k, group, p_w, empty, zero_group = case
     codes, mask, scales = random_quantized(n, k, p_w, bits, group, seed=tokens, empty_cols=empty,
                                            zero_group=zero_group)
