@@ -20,5 +20,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         importlib.import_module(module).add_arguments(p)
 
 
+def add_activation_arguments(p) -> None:
+    """--activation-mode and --activation-sparsity (a parser or argument group): how an in-process
+    model's activation sparsity is applied, the same in `eval ppl` and `eval zeroshot`."""
+    p.add_argument("--activation-mode", choices=["topk", "threshold", "off"], default=None,
+                   help="activation sparsity at evaluation (default: the checkpoint's own; off for dense models)")
+    p.add_argument("--activation-sparsity", type=float, default=None, metavar="P_X",
+                   help="p_x in [0, 1): for a checkpoint, its thresholds at this p_x (from its calibrated grid, "
+                        "interpolated between grid points; 0 = off); with --activation-mode topk, the fraction "
+                        "of each token's inputs dropped (default: the checkpoint's target)")
+
+
 def run(args: argparse.Namespace) -> int:
     return importlib.import_module(EVAL_COMMANDS[args.eval_command][0]).run(args)

@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+from duoserve.evaluation.cli import add_activation_arguments
+
 log = logging.getLogger(__name__)
 
 
@@ -16,12 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="wikitext2 (HF, or a local copy), wiki (packaged sample), c4, c4-heldout (the calibration "
                         "documents pruning never calibrates on: for choosing settings), or a text file (default wikitext2)")
     p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
-    p.add_argument("--activation-mode", choices=["topk", "threshold", "off"], default=None,
-                   help="activation sparsity at evaluation (default: the checkpoint's own; off for dense models)")
-    p.add_argument("--activation-sparsity", type=float, default=None, metavar="P_X",
-                   help="p_x in [0, 1): for a checkpoint, its thresholds at this p_x (from its calibrated grid, "
-                        "interpolated between grid points; 0 = off); with --activation-mode topk, the fraction "
-                        "of each token's inputs dropped (default: the checkpoint's target)")
+    add_activation_arguments(p)
     p.add_argument("--allocation", choices=["uniform", "greedy"], default="uniform",
                    help="uniform: every linear at --activation-sparsity (default); greedy: --activation-sparsity is "
                         "the K*N-weighted average, each linear's p_x from the checkpoint's greedy allocation table "

@@ -13,6 +13,8 @@ import logging
 import os
 from pathlib import Path
 
+from duoserve.evaluation.cli import add_activation_arguments
+
 log = logging.getLogger(__name__)
 
 _TASKS_HELP = "piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,boolq"
@@ -31,12 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="requests per forward pass / per HTTP request")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("in-process model (ignored with --endpoint)")
-    g.add_argument("--activation-mode", choices=["topk", "threshold", "off"], default=None,
-                   help="activation sparsity at evaluation (default: the checkpoint's own; off for dense models)")
-    g.add_argument("--activation-sparsity", type=float, default=None, metavar="P_X",
-                   help="p_x in [0, 1): for a checkpoint, its thresholds at this p_x (from its calibrated grid, "
-                        "interpolated between grid points; 0 = off); with --activation-mode topk, the fraction "
-                        "of each token's inputs dropped (default: the checkpoint's target)")
+    add_activation_arguments(g)
     g.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16",
                    help="compute dtype (default bfloat16: what the server computes in)")
     e = p.add_argument_group("endpoint")
