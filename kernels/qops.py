@@ -12,8 +12,11 @@ and every caller of it stay as they are. Dispatch:
     CPU, native extension with this op  -> the C++ walk (kernels/csrc/dual_sparse_q_cpu.cpp,
                                             registered by the extension): codes dequantized in
                                             registers, every token count
-    CPU otherwise, CUDA, DUOSERVE_KERNEL=reference -> the reference (dequantize to dense fp32,
-                                            matmul); one warning (no Triton kernel yet)
+    CUDA, Triton importable             -> the Triton GEMM of kernels/triton_q.py (any token
+                                            count; correct under TRITON_INTERPRET=1, never timed
+                                            on a GPU)
+    otherwise, DUOSERVE_KERNEL=reference -> the reference (dequantize to dense fp32, matmul);
+                                            one warning
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import logging
 
 import torch
 
-from . import cpu
+from . import cpu, gpu
 from .qlayout import QPackedWeight, unpack_dequantized
 from .reference import as_threshold, dual_sparse_linear_reference
 from .settings import kernel_choice
@@ -60,6 +63,16 @@ def _warn_then_reference(key, msg):
     return impl
 
 
+def _cuda_impl(x, bitmap, offsets, codes, scales, threshold, bias, n, k, bits, group_size):
+    _check(x, k)
+    if not _FORCE_REFERENCE and gpu.available():
+        from .triton_q import linear_q
+        return linear_q(x, bitmap, offsets, codes, scales, threshold, bias, n, k, bits, group_size)
+    return _warn_then_reference("cuda", f"duoserve: Triton unavailable ({gpu.import_error()}); quantized weights "
+                                "run the pure-torch reference (not CUDA-graph safe)")(
+        x, bitmap, offsets, codes, scales, threshold, bias, n, k, bits, group_size)
+
+
 def _fake(x, bitmap, offsets, codes, scales, threshold, bias, n, k, bits, group_size):
     torch._check(x.shape[-1] == k)
     return x.new_empty((x.shape[0], n))
@@ -84,9 +97,7 @@ def _register() -> None:
         why = cpu.import_error() or "the extension was built before it existed: rebuild it"
         torch.library.impl(OP, "CPU")(_warn_then_reference(
             "cpu", f"duoserve: no native CPU kernel for quantized weights ({why}); using the pure-torch reference"))
-    torch.library.impl(OP, "CUDA")(_warn_then_reference(
-        "cuda", "duoserve: quantized weights on CUDA run the pure-torch reference (no Triton kernel yet; "
-                "not CUDA-graph safe)"))
+    torch.library.impl(OP, "CUDA")(_cuda_impl)
     torch.library.register_fake(OP)(_fake)
 
 
@@ -112,6 +123,9 @@ def dual_sparse_linear_q(x: torch.Tensor, packed: QPackedWeight, threshold,
 
 def kernel_backend_q(device) -> str:
     device = torch.device(device)
+    if device.type == "cuda" and not _FORCE_REFERENCE and gpu.available():
+        return "Triton GEMM for int4/int8 codes (codes dequantized in registers, any token count)"
     if device.type == "cpu" and native_cpu():
-        return "native CPU kernel for int4/int8 codes (scalar walk, codes dequantized in registers)"
+        return ("native CPU kernel for int4/int8 codes (a walk for any token count, codes dequantized in "
+                "registers; AVX-512 VBMI2 decode where the CPU has it, else scalar)")
     return "pure-torch reference for int4/int8 codes (dequantize + fp32 matmul)"
