@@ -88,3 +88,28 @@ def test_validator_accepts_it_and_inspect_shows_bytes_per_weight(quant_ckpt, cap
     run(argparse.Namespace(checkpoint=quant_ckpt, no_verify=False, json=None))
     out = capsys.readouterr().out
     assert "bytes per target weight" in out and f"{q.weight_quant.name} values" in out
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(600)
+def test_vllm_completes_a_request_on_a_quantized_checkpoint(quant_ckpt, tmp_path):
+    """The whole load path in vLLM's engine (its weight loader, fused layers, the op under its model
+    runner), in a fresh interpreter as tests/loaders/test_checkpoint_kinds_served.py runs the other kinds."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_checkpoint_kinds_served import _GENERATE
+
+    script = tmp_path / "generate.py"
+    script.write_text(_GENERATE)
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONFAULTHANDLER": "1",
+           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    proc = subprocess.run([sys.executable, str(script), str(quant_ckpt)], capture_output=True, text=True, env=env,
+                          timeout=540)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, tail
+    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result and len(json.loads(result[-1][len("RESULT "):])["tokens"]) == 8, tail
+    assert "dual_sparse_linear_q" in tail or "int4/int8 codes" in tail, "the load log names the quantized kernel"
