@@ -201,6 +201,9 @@ def tensor_parallel_problems(config: dict[str, Any], q: QuantizationConfig, tp: 
         n, k = info.shape
         if last in ROW_PARALLEL and k % tp:
             problems.append(f"{name} has {k} input columns, not divisible by {tp}")
+        elif last in ROW_PARALLEL and q.weight_quant is not None and (k // tp) % q.weight_quant.group_size:
+            problems.append(f"{name}: {k // tp} input columns per rank would cut its quantization groups of "
+                            f"{q.weight_quant.group_size}")
         elif last not in ROW_PARALLEL and n % tp:
             problems.append(f"{name} has {n} output rows, not divisible by {tp}")
     return problems

@@ -113,3 +113,51 @@ def test_vllm_completes_a_request_on_a_quantized_checkpoint(quant_ckpt, tmp_path
     result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert result and len(json.loads(result[-1][len("RESULT "):])["tokens"]) == 8, tail
     assert "dual_sparse_linear_q" in tail or "int4/int8 codes" in tail, "the load log names the quantized kernel"
+
+
+@pytest.mark.parametrize("kind", ["qkv_proj", "gate_up_proj", "o_proj", "down_proj"])
+def test_tensor_parallel_ranks_compute_their_share(vllm_layers, quant_ckpt, kind):
+    """TP 2: column-parallel ranks hold their rows of codes and scales, row-parallel ranks their
+    columns and whole groups; together they give the single-device result."""
+    from test_tensor_parallel import SHARDS, _build, _feed
+
+    tensors = {k: v for f in sorted(quant_ckpt.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    parent = f"model.layers.0.{'self_attn' if kind in ('qkv_proj', 'o_proj') else 'mlp'}"
+    torch.manual_seed(1)
+    single = _build(kind, quant_ckpt, 0, 1, torch.float32)
+    _feed(single, kind, tensors)
+    single.quant_method.process_weights_after_loading(single)
+    x = torch.randn(5, single.input_size)
+    whole = single.quant_method.apply(single, x)
+    ref = []
+    for hf, _ in SHARDS[kind]:
+        t = float(tensors[f"{parent}.{hf}.act_threshold"])
+        ref.append(torch.where(x.abs() > t, x, 0.0) @ _dequantized_fp32(quant_ckpt, tensors, f"{parent}.{hf}").t())
+    torch.testing.assert_close(whole, torch.cat(ref, 1), rtol=1e-4, atol=1e-4 * whole.abs().max().item())
+    outs = []
+    for rank in range(2):
+        layer = _build(kind, quant_ckpt, rank, 2, torch.float32)
+        _feed(layer, kind, tensors)
+        layer.quant_method.process_weights_after_loading(layer)
+        outs.append(layer.quant_method.apply(layer, x.chunk(2, dim=1)[rank] if kind in ("o_proj", "down_proj") else x))
+    if kind in ("o_proj", "down_proj"):
+        torch.testing.assert_close(outs[0] + outs[1], whole, rtol=1e-4, atol=1e-4 * whole.abs().max().item())
+    elif kind == "gate_up_proj":
+        want = [torch.cat([r.chunk(2, 1)[rank] for r in ref], 1) for rank in range(2)]
+        for got, w in zip(outs, want):
+            torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
+
+
+def test_a_tensor_parallel_cut_inside_a_group_is_refused(vllm_layers, quant_ckpt):
+    from duoserve.errors import CheckpointError
+    from duoserve.format.io import read_quant_config
+    from duoserve.loaders.validate import tensor_parallel_problems
+    from test_tensor_parallel import _build, _feed
+
+    config, q = read_quant_config(quant_ckpt)
+    tp = 128 // q.weight_quant.group_size * 2  # o_proj's 128 columns cut into pieces smaller than a group
+    assert any("quantization groups" in p for p in tensor_parallel_problems(config, q, tp))
+    tensors = {k: v for f in sorted(quant_ckpt.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    layer = _build("o_proj", quant_ckpt, 0, tp, torch.float32)
+    with pytest.raises(CheckpointError, match="inside a quantization group"):
+        _feed(layer, "o_proj", tensors)
