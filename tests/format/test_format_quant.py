@@ -187,3 +187,17 @@ def test_writer_refuses_weights_off_the_grid(tmp_path):
                                                             weight_quant=wq))
     with pytest.raises(CheckpointError, match="not on its int4 grid"):
         save_checkpoint(tmp_path / "x", sd, {"model_type": "llama"}, q, quant_scales={Q: scales})
+
+
+def test_version_1_and_2_checkpoints_still_load(tmp_path):
+    from checkpoint_versions import as_format_v1
+
+    sd = {Q + ".weight": sparse_weight((64, 96), dtype=torch.bfloat16),
+          "model.norm.weight": torch.ones(96, dtype=torch.bfloat16)}
+    q = build_quant_config(sd, {Q: 0.125}, QuantizationConfig(weight_format="bitmask", dtype="bfloat16", modules={}))
+    v2 = save_checkpoint(tmp_path / "v2", sd, {"model_type": "llama"}, q)
+    v1 = as_format_v1(v2, tmp_path / "v1")
+    for path, version in ((v2, 2), (v1, 1)):
+        ck = load_checkpoint(path)
+        assert ck.qconfig.format_version == version and ck.qconfig.weight_quant is None
+        assert torch.equal(ck.state_dict[Q + ".weight"], sd[Q + ".weight"])
