@@ -71,3 +71,13 @@ def test_cli_refuses_bad_quantize_before_loading(tmp_path, tiny_llama_dir, capsy
 
     code = main(["prune", str(tiny_llama_dir), "-o", str(tmp_path / "o"), "--quantize", "int4", "--group-size", "12"])
     assert code == 2 and "--group-size 12" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_a_refined_method_is_rounded_after_the_refiner(tmp_path, tiny_llama_dir):
+    # the refiner moves weights after the base's solve, so the base solves in float and the engine
+    # rounds the refined result (RTN): still on the grid, sparsity still exact
+    out = tmp_path / "refined"
+    summary = prune_model(PruneConfig(output=out, model=str(tiny_llama_dir), method="sparsegpt", refine="dsnot",
+                                      quantize="int4", group_size=32, **FAST))
+    ck = load_checkpoint(out)
+    assert ck.qconfig.weight_quant == WeightQuant(4, 32) and summary["sparsity"] == pytest.approx(0.5, abs=1e-6)
