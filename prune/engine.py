@@ -50,14 +50,6 @@ class EngineSettings:
     error_batches: int = 2  # batches used for the logged reconstruction error
 
 
-def _batch_size_dividing(n: int, requested: int) -> int:
-    """All batches must share a shape (the captured masks/rotary tables are per batch shape)."""
-    b = max(1, min(requested, n))
-    while n % b:
-        b -= 1
-    return b
-
-
 class SequentialEngine:
     def __init__(self, model: nn.Module, method: PruningMethod, targets: tuple[str, ...],
                  settings: EngineSettings, workdir: WorkDir | None = None):
@@ -72,8 +64,7 @@ class SequentialEngine:
         if not self.method.needs_calibration:
             return self._run_without_data()
         s = self.settings
-        bs = _batch_size_dividing(windows.shape[0], s.batch_size)
-        streams = capture_layer_inputs(self.model, windows, bs, s.device, s.dtype)
+        streams = capture_layer_inputs(self.model, windows, s.batch_size, s.device, s.dtype)
         dense = [b.clone() for b in streams.batches] if self.method.needs_dense_stream else None
         logs = []
         for i in tqdm(range(len(self.layers)), desc=f"{self.method.name}: layers", unit="layer"):

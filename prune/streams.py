@@ -54,8 +54,20 @@ def _move(obj, device, dtype):
 
 
 @torch.no_grad()
+def batch_size_dividing(n: int, requested: int) -> int:
+    """The largest batch size <= requested that divides n: all batches must share a shape (the
+    captured masks and rotary tables are per batch shape)."""
+    b = max(1, min(requested, n))
+    while n % b:
+        b -= 1
+    return b
+
+
 def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int, device, dtype) -> Streams:
-    """Inputs of decoder layer 0 for every batch of `windows` [S, T], plus each layer's kwargs."""
+    """Inputs of decoder layer 0 for every batch of `windows` [S, T], plus each layer's kwargs.
+
+    Batches hold batch_size_dividing(S, batch_size) windows each."""
+    batch_size = batch_size_dividing(windows.shape[0], batch_size)
     layers = decoder_layers(model)
     streams = Streams()
     originals = list(layers)

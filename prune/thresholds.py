@@ -101,7 +101,6 @@ def calibrate_threshold_grid(model: nn.Module, windows: torch.Tensor, p_x: float
     layers = decoder_layers(model)
     prefix = next(name for name, m in model.named_modules() if m is layers)
     storage = {i: next(layer.parameters()).dtype for i, layer in enumerate(layers)}
-    batch_size = max(b for b in range(1, min(batch_size, windows.shape[0]) + 1) if windows.shape[0] % b == 0)
     streams = capture_layer_inputs(model, windows, batch_size, device, dtype)
     hidden = streams.batches
     per_batch = max(1, max_values_per_linear // len(hidden))
