@@ -145,23 +145,6 @@ def _software() -> str:
             f"duoserve {_version('duoserve')}")
 
 
-def _warm_up(target, spec) -> None:
-    """Two requests before measuring: the first pays for lazy initialisation; both must succeed."""
-    import requests
-
-    from duoserve.loadtest.client import build_payload, send
-    from duoserve.loadtest.prompts import PromptSampler
-
-    sampler = PromptSampler.from_source(spec.prompt_source, spec.prompt_words, seed="warmup")
-    with requests.Session() as s:
-        for _ in range(2):
-            body = build_payload(spec.api, target.model, sampler.sample(), spec.max_tokens, stream=spec.stream,
-                                 fixed_length=not spec.natural_length)
-            rec = send(s, target.url, spec.api, body, target.api_key, spec.request_timeout_s)
-            if not rec.ok:
-                raise InputError(f"the {target.label} server at {target.url} failed a warm-up request: {rec.error}")
-
-
 def _quality(target, args, out: Path) -> None:
     from duoserve.loadtest import quality
 
@@ -183,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     if args.rebuild_report:
         print(build_report(Path(args.rebuild_report)))
         return 0
-    from duoserve.loadtest.runner import Distribution, LoadSpec, run_level, run_workers
+    from duoserve.loadtest.runner import Distribution, LoadSpec, run_level, run_workers, warm_up
     from duoserve.loadtest.servers import StartOptions, default_api_key, open_target
 
     if args.worker_of is not None:
@@ -223,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or default_api_key()
     for label, where in targets:
         with open_target(label, where, api_key, allow_remote=args.allow_remote, start=start) as target:
-            _warm_up(target, spec)
+            warm_up(target, spec)
             for u in users:
                 # The 1-minute load average before and after each level: on a shared machine it
                 # tells a reader which numbers other work may have disturbed.

@@ -145,6 +145,24 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+def warm_up(target, spec: LoadSpec) -> None:
+    """Two requests to a server (`target`: url, model, api_key, label) before measuring it: the first
+    pays for lazy initialisation; both must succeed."""
+    import requests
+
+    from duoserve.loadtest.client import build_payload, send
+    from duoserve.loadtest.prompts import PromptSampler
+
+    sampler = PromptSampler.from_source(spec.prompt_source, spec.prompt_words, seed="warmup")
+    with requests.Session() as s:
+        for _ in range(2):
+            body = build_payload(spec.api, target.model, sampler.sample(), spec.max_tokens, stream=spec.stream,
+                                 fixed_length=not spec.natural_length)
+            rec = send(s, target.url, spec.api, body, target.api_key, spec.request_timeout_s)
+            if not rec.ok:
+                raise DuoserveError(f"the {target.label} server at {target.url} failed a warm-up request: {rec.error}")
+
+
 def run_level(url: str, users: int, spec: LoadSpec, out_dir: Path, api_key: str | None = None,
               model: str | None = None, dist: Distribution = Distribution()) -> Path:
     """Run one level; returns the per-request CSV. Locust's own CSVs land next to it."""

@@ -53,28 +53,11 @@ def host() -> dict:
             "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
 
 
-def _warm_up(target, spec) -> None:
-    import requests
-
-    from duoserve.errors import DuoserveError
-    from duoserve.loadtest.client import build_payload, send
-    from duoserve.loadtest.prompts import PromptSampler
-
-    sampler = PromptSampler.from_source(spec.prompt_source, spec.prompt_words, seed="warmup")
-    with requests.Session() as s:
-        for _ in range(2):
-            body = build_payload(spec.api, target.model, sampler.sample(), spec.max_tokens, stream=spec.stream,
-                                 fixed_length=not spec.natural_length)
-            rec = send(s, target.url, spec.api, body, target.api_key, spec.request_timeout_s)
-            if not rec.ok:
-                raise DuoserveError(f"{target.label}: a warm-up request failed: {rec.error}")
-
-
 def measure(folder: Path, label: str, serve_px: float | None, settings: SpeedSettings, out_dir: Path) -> dict:
     """Serve `folder` (at serve_px when given), measure it and return the numbers and the answers."""
     from duoserve.frontier.answers import FIXED_PROMPTS, endpoint_answers
     from duoserve.loadtest.metrics import read_records, summarize
-    from duoserve.loadtest.runner import LoadSpec, run_level
+    from duoserve.loadtest.runner import LoadSpec, run_level, warm_up
     from duoserve.loadtest.servers import StartOptions, open_target
 
     extra = ["--activation-sparsity", f"{serve_px:g}"] if serve_px is not None else []
@@ -86,7 +69,7 @@ def measure(folder: Path, label: str, serve_px: float | None, settings: SpeedSet
     levels = {}
     with open_target(label, str(folder), None, start=start) as target:
         started = time.time() - t0
-        _warm_up(target, spec)
+        warm_up(target, spec)
         answers = endpoint_answers(target.url, target.api_key, target.model, FIXED_PROMPTS, settings.answer_tokens)
         for users in sorted({1, settings.throughput_users}):
             load = os.getloadavg()[0]
