@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from duoserve.format.schema import ActivationAllocation
+from duoserve.format.allocation_table import ActivationAllocation
 from duoserve.prune.activation import ActivationSparsity
 from duoserve.prune.architectures import decoder_layers, layer_targets
 from duoserve.prune.streams import capture_layer_inputs, run_layer

@@ -81,7 +81,7 @@ def main() -> int:
 
     from duoserve.evaluation.perplexity import make_windows
     from duoserve.evaluation.texts import evaluation_tokens
-    from duoserve.format.schema import weighted_mean_px
+    from duoserve.format.allocation_table import weighted_mean_px
     from duoserve.format.thresholds import allocated_px, select_thresholds
     from duoserve.prune.architectures import bos_for
     from duoserve.prune.pruned_models import load_pruned_model

@@ -11,7 +11,7 @@ import pytest
 
 from duoserve.errors import CheckpointError, InputError
 from duoserve.format import ActivationSparsity, ModuleInfo, QuantizationConfig
-from duoserve.format.schema import ActivationAllocation, weighted_mean_px
+from duoserve.format.allocation_table import ActivationAllocation, weighted_mean_px
 from duoserve.format.thresholds import allocated_px, grid_threshold, select_thresholds
 
 GRID = (0.0, 0.25, 0.5, 0.75)
