@@ -112,3 +112,25 @@ def with_split_thresholds(ckpt: Path, out: Path) -> Path:
         state.pop("lm_head.weight", None)  # as the pruner writes it
     return save_checkpoint(out, state, loaded.config, replace(loaded.qconfig, modules=modules),
                            save_extras=_copy_extras(ckpt), overwrite=True)
+
+
+def served_greedy_tokens(extra_args: list[str], ckpt: Path, log: Path) -> dict[str, list[int]]:
+    """Serve `ckpt` with `duoserve serve` (float32, eager, plus extra_args) and return the 12 greedy
+    tokens it answers to each of PROMPTS (EOS ignored, so every answer has 12)."""
+    import re
+
+    from openai import OpenAI
+
+    from conftest import duoserve_cli
+
+    args = ["serve", str(ckpt), "--port", "0", "--api-key", "k", "--served-model-name", "tiny", *extra_args,
+            "--enforce-eager", "--max-model-len", "256", "--log-file", str(log), "--dtype", "float32"]
+    with duoserve_cli(args) as (proc, out):
+        url = re.search(r"ready at (\S+)", out.wait_for("duoserve serve: ready at", 420)).group(1)
+        client = OpenAI(base_url=url, api_key="k", timeout=120, max_retries=0)
+        served = {}
+        for text in PROMPTS:
+            r = client.completions.create(model="tiny", prompt=text, max_tokens=12, temperature=0,
+                                          extra_body={"ignore_eos": True, "return_token_ids": True})
+            served[text] = list(r.choices[0].token_ids)
+    return served

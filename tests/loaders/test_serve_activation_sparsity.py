@@ -10,7 +10,6 @@ points, must produce the in-process reference's greedy tokens at 0.33.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 
@@ -19,11 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from checkpoint_versions import as_format_v1
-from conftest import duoserve_cli
 from duoserve.errors import InputError
 from duoserve.format.io import load_checkpoint
 from duoserve.format.thresholds import SERVE_ACTIVATION_SPARSITY_ENV, select_thresholds
-from serving_helpers import PROMPTS
 
 pytestmark = pytest.mark.timeout(600)
 QKV = [("model.layers.1.self_attn.q_proj", "q"), ("model.layers.1.self_attn.k_proj", "k"),
@@ -119,22 +116,11 @@ def test_serve_refuses_bad_activation_sparsity_before_vllm_starts(bitmask_ckpt, 
 @pytest.mark.vllm
 def test_served_at_another_p_x_gives_the_reference_tokens(bitmask_ckpt, tmp_path):
     """The one server of this module: --activation-sparsity 0.33 (interpolated) through the real CLI."""
-    from openai import OpenAI
-
     from duoserve.prune.pruned_models import load_pruned_model
+    from serving_helpers import served_greedy_tokens
 
     log = tmp_path / "vllm.log"
-    args = ["serve", str(bitmask_ckpt), "--port", "0", "--api-key", "k", "--served-model-name", "tiny",
-            "--activation-sparsity", "0.33", "--enforce-eager", "--max-model-len", "256", "--log-file", str(log),
-            "--dtype", "float32"]
-    with duoserve_cli(args) as (proc, out):
-        url = re.search(r"ready at (\S+)", out.wait_for("duoserve serve: ready at", 420)).group(1)
-        client = OpenAI(base_url=url, api_key="k", timeout=120, max_retries=0)
-        served = {}
-        for text in PROMPTS:
-            r = client.completions.create(model="tiny", prompt=text, max_tokens=12, temperature=0,
-                                          extra_body={"ignore_eos": True, "return_token_ids": True})
-            served[text] = list(r.choices[0].token_ids)
+    served = served_greedy_tokens(["--activation-sparsity", "0.33"], bitmask_ckpt, log)
     assert "serving at activation sparsity p_x=0.33 (interpolated" in log.read_text(errors="replace")
     at_033, tokenizer, _ = load_pruned_model(bitmask_ckpt, activation_sparsity=0.33)
     default, _, _ = load_pruned_model(bitmask_ckpt)

@@ -81,27 +81,13 @@ def test_the_table_is_metadata_only(bitmask_ckpt, greedy_ckpt):
 def test_served_greedy_gives_the_in_process_greedy_tokens(greedy_ckpt, tmp_path):
     """One server (float32, where vLLM and transformers agree token for token) at average 0.4 with
     --allocation greedy: its greedy tokens are the in-process greedy allocation's, not uniform's."""
-    import re
-
     import torch
-    from openai import OpenAI
 
-    from conftest import duoserve_cli
     from duoserve.prune.pruned_models import load_pruned_model
-    from serving_helpers import PROMPTS
+    from serving_helpers import served_greedy_tokens
 
     log = tmp_path / "vllm.log"
-    args = ["serve", str(greedy_ckpt), "--port", "0", "--api-key", "k", "--served-model-name", "tiny",
-            "--activation-sparsity", "0.4", "--allocation", "greedy", "--enforce-eager", "--max-model-len", "256",
-            "--log-file", str(log), "--dtype", "float32"]
-    with duoserve_cli(args) as (proc, out):
-        url = re.search(r"ready at (\S+)", out.wait_for("duoserve serve: ready at", 420)).group(1)
-        client = OpenAI(base_url=url, api_key="k", timeout=120, max_retries=0)
-        served = {}
-        for text in PROMPTS:
-            r = client.completions.create(model="tiny", prompt=text, max_tokens=12, temperature=0,
-                                          extra_body={"ignore_eos": True, "return_token_ids": True})
-            served[text] = list(r.choices[0].token_ids)
+    served = served_greedy_tokens(["--activation-sparsity", "0.4", "--allocation", "greedy"], greedy_ckpt, log)
     assert "p_x=0.4 on average (greedy allocation" in log.read_text(errors="replace")
     greedy, tokenizer, _ = load_pruned_model(greedy_ckpt, activation_sparsity=0.4, allocation="greedy")
     uniform, _, _ = load_pruned_model(greedy_ckpt, activation_sparsity=0.4)
