@@ -1,0 +1,64 @@
+"""Every relative link in the docs points at a file that is in the repository.
+
+The docs are README.md, CHANGELOG.md, docs/*.md and every markdown file under docs/reports. A link is
+a markdown `[text](target)` outside fenced code blocks; web addresses (`https:`, `mailto:` ...)
+and in-page anchors (`#...`) are not checked. Reports keep their README, plots and summary tables
+only (raw output is ignored by .gitignore), so a link to a raw file fails here on a fresh clone:
+the target must be committed, not merely present in this working tree.
+"""
+from __future__ import annotations
+
+import re
+import functools
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+
+
+def doc_files() -> list[Path]:
+    return [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md")),
+            *sorted((ROOT / "docs" / "reports").rglob("*.md"))]
+
+
+@functools.lru_cache(maxsize=1)
+def committed_or_added() -> frozenset[Path] | None:
+    """The files git tracks (with what is staged); None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "ls-files", "--cached"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    files = {(ROOT / line).resolve() for line in out.splitlines()}
+    return frozenset(files | {parent for f in files for parent in f.parents})
+
+
+def relative_links(path: Path) -> list[str]:
+    text = FENCE.sub("", path.read_text(encoding="utf-8"))
+    targets = []
+    for match in LINK.finditer(text):
+        target = match.group(1).split("#", 1)[0]
+        if target and not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", target):
+            targets.append(target)
+    return targets
+
+
+def test_the_checker_reads_links_and_skips_code_and_addresses(tmp_path):
+    page = tmp_path / "p.md"
+    page.write_text("[a](x.md) [b](https://e.org) [c](#top) [d](y.md#s \"t\")\n```\n[e](z.md)\n```\n")
+    assert relative_links(page) == ["x.md", "y.md"]
+
+
+@pytest.mark.parametrize("doc", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(doc):
+    tracked = committed_or_added()
+    missing = []
+    for target in relative_links(doc):
+        resolved = (doc.parent / target).resolve()
+        if not resolved.exists() or (tracked is not None and resolved not in tracked):
+            missing.append(target)
+    assert not missing, f"{doc.relative_to(ROOT)} links to files not in the repository: {missing}"
