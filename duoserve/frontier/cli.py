@@ -3,6 +3,7 @@
     duoserve frontier --methods duogpt,sparsegpt --sparsities 0.4,0.5,0.6 --serve-px 0,0.3,0.5 --work out/fr
     duoserve frontier --work out/fr --dry-run          # what would run, what is cached
     duoserve frontier --work out/fr --no-speed         # quality and in-process answers only (no vLLM)
+    duoserve frontier --work out/fr --speed-for candidates  # serve only the points the rule can choose
 
 Prunes each (method, weight sparsity, p_x pruned for) once with `duoserve prune`, evaluates each
 checkpoint at every serve-time p_x (its stored threshold grid: no re-pruning) and the dense model
@@ -37,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prune-px", default="same", metavar="P_X,...",
                    help="activation sparsities to prune (calibrate) each checkpoint for: 'same' = its weight "
                         "sparsity (default), or a list such as 0.3,0.5 (every sparsity x every value)")
+    g.add_argument("--also-prune", default=None, metavar="P_W:P_X,...",
+                   help="extra checkpoints beside the grid, for every method: weight sparsity P_W pruned for "
+                        "activation sparsity P_X (e.g. 0.5:0.3 next to --prune-px same's W0.5 pruned for 0.5: "
+                        "pruned-for against served-at without pruning every W twice)")
     g.add_argument("--serve-px", default="0,0.3,0.5", metavar="P_X,...",
                    help="activation sparsities to evaluate and serve each checkpoint at, from its stored "
                         "threshold grid (default 0,0.3,0.5; at most 0.9)")
@@ -56,6 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-speed", action="store_true",
                    help="skip serving: no TPOT/throughput; the rule's answers come in-process and it ranks by "
                         "(1 - p_w)(1 - p_x) instead of TPOT")
+    g.add_argument("--speed-for", choices=["all", "candidates"], default="all",
+                   help="which points to serve: all (default), or candidates: the dense model and the points "
+                        "that pass the rule in-process (PPL bound and in-process answers, computed for every "
+                        "point first), the only ones the rule can choose; a vLLM start costs a minute or two, so "
+                        "this cuts a large grid's speed phase to what decides the operating point")
     g.add_argument("--throughput-users", type=int, default=4, help="concurrent users of the throughput level "
                    "(default 4)")
     g.add_argument("--duration", type=float, default=30.0, help="seconds per load level (default 30)")
@@ -86,7 +96,8 @@ def validate(args: argparse.Namespace, known_methods: list[str]):
     from duoserve.frontier.rule import MAX_PPL_RATIO
     from duoserve.frontier.speed import SpeedSettings
 
-    grid = build_grid(args.methods, args.sparsities, args.prune_px, args.serve_px, known_methods)
+    grid = build_grid(args.methods, args.sparsities, args.prune_px, args.serve_px, known_methods,
+                      args.also_prune)
     positive = {"--nsamples": args.nsamples, "--seqlen": args.seqlen, "--eval-seqlen": args.eval_seqlen,
                 "--throughput-users": args.throughput_users, "--max-tokens": args.max_tokens,
                 "--prompt-words": args.prompt_words, "--answer-tokens": args.answer_tokens,
@@ -104,6 +115,8 @@ def validate(args: argparse.Namespace, known_methods: list[str]):
         raise InputError(f"--max-ppl-ratio must be >= 1 (a multiple of dense), got {args.max_ppl_ratio}")
     if args.zeroshot_tasks is not None and not [t for t in args.zeroshot_tasks.split(",") if t.strip()]:
         raise InputError("--zeroshot-tasks is empty")
+    if args.no_speed and args.speed_for != "all":
+        raise InputError("--speed-for chooses which points to serve; --no-speed serves none")
     if args.dry_run and args.cached_only:
         raise InputError("--dry-run and --cached-only contradict each other; pick one")
     if args.work.exists() and not args.work.is_dir():

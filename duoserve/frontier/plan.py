@@ -106,6 +106,8 @@ class Grid:
     sparsities: tuple[float, ...]
     prune_px: tuple[float, ...] | None  # None: each checkpoint is pruned for p_x = its weight sparsity
     serve_px: tuple[float, ...]
+    # (p_w, p_x pruned for) pairs pruned beside the grid, for every method (--also-prune)
+    also_prune: tuple[tuple[float, float], ...] = ()
     checkpoints: tuple[Checkpoint, ...] = field(init=False)
 
     def __post_init__(self):
@@ -117,6 +119,12 @@ class Grid:
                         raise InputError(f"cannot prune for p_x {px:g} with --prune-px same: above the grid top "
                                          f"{GRID_TOP:g}")
                     ckpts.append(Checkpoint(method, w, px))
+            ckpts += [Checkpoint(method, w, px) for w, px in self.also_prune
+                      if Checkpoint(method, w, px) not in ckpts]
+        # Method by method (in --methods order), then by p_w and the p_x pruned for: the table reads
+        # W0.5 pruned for 0.3 next to W0.5 pruned for 0.5.
+        order = {m: i for i, m in enumerate(self.methods)}
+        ckpts.sort(key=lambda c: (order[c.method], c.weight_sparsity, c.pruned_px))
         object.__setattr__(self, "checkpoints", tuple(ckpts))
 
     def points(self) -> list[Point]:
@@ -124,10 +132,32 @@ class Grid:
         return [Point(None)] + [Point(c, px) for c in self.checkpoints for px in self.serve_px]
 
 
-def build_grid(methods: str, sparsities: str, prune_px: str, serve_px: str, known_methods: list[str]) -> Grid:
+def parse_pairs(text: str | None, option: str) -> tuple[tuple[float, float], ...]:
+    """'0.5:0.3,0.4:0.2' -> ((0.4, 0.2), (0.5, 0.3)): (p_w, p_x pruned for) pairs, each a fraction in
+    [0, 1) and p_x at most the grid top; None or '' -> ()."""
+    if text is None or not str(text).strip():
+        return ()
+    pairs = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part.count(":") != 1:
+            raise InputError(f"{option}: {part!r} is not P_W:P_X (e.g. 0.5:0.3: weight sparsity 0.5 pruned for "
+                             "activation sparsity 0.3)")
+        w, px = part.split(":")
+        pairs.append((parse_fractions(w, option)[0], parse_fractions(px, option, top=GRID_TOP)[0]))
+    if len(set(pairs)) != len(pairs):
+        raise InputError(f"{option}: {text!r} lists a pair twice")
+    return tuple(sorted(pairs))
+
+
+def build_grid(methods: str, sparsities: str, prune_px: str, serve_px: str, known_methods: list[str],
+               also_prune: str | None = None) -> Grid:
     """The grid from the command-line strings; InputError (exit code 2) for anything unusable."""
     return Grid(methods=parse_methods(methods, known_methods),
                 sparsities=parse_fractions(sparsities, "--sparsities"),
                 prune_px=None if str(prune_px).strip() == "same" else parse_fractions(prune_px, "--prune-px",
                                                                                     top=GRID_TOP),
-                serve_px=parse_fractions(serve_px, "--serve-px", top=GRID_TOP))
+                serve_px=parse_fractions(serve_px, "--serve-px", top=GRID_TOP),
+                also_prune=parse_pairs(also_prune, "--also-prune"))

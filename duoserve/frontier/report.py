@@ -36,7 +36,10 @@ def setting_lines(args, rows: list[dict], command: str, seconds: float | None) -
         lines.append(f"- speed: each point served by `duoserve serve` (vLLM), one at a time; batch-1 TPOT is the "
                      f"median over {args.duration:g} s at 1 user, throughput is output tokens/s at "
                      f"{args.throughput_users} users over {args.duration:g} s; prompts {args.prompt_words} words of "
-                     f"C4, exactly {args.max_tokens} output tokens; dense measured in the same run")
+                     f"C4, exactly {args.max_tokens} output tokens; dense measured in the same run"
+                     + ("; served: the dense model and the points that pass the rule in-process (--speed-for "
+                        "candidates: PPL bound and in-process answers), the others keep their in-process answers"
+                        if getattr(args, "speed_for", "all") == "candidates" else ""))
     loads = [x for r in rows for x in r.get("load") or []]
     times = sorted(r["measured_at"] for r in rows if r.get("measured_at"))
     lines.append(f"- host: {h['cpu']}, {h['cores']} cores, avx512_bf16 {'yes' if h['avx512_bf16'] else 'no'}, "
@@ -86,12 +89,15 @@ def render_table(rows: list[dict], choice: dict | None) -> str:
                  " (no speed measured: (1 - p_w)(1 - p_x) in place of TPOT)") + ".")
     answered = [r for r in rows if r.get("answers")]
     if answered:
-        lines += ["", f"Greedy answers to the first fixed prompt ({answered[0].get('answers_from', '')}), "
+        sources = {r.get("answers_from", "") for r in answered}
+        mixed = len(sources) > 1  # --speed-for candidates: served points answer from the endpoint
+        lines += ["", f"Greedy answers to the first fixed prompt ({'source per line' if mixed else sources.pop()}), "
                       "first 160 characters:", ""]
         for r in answered:
             text = " ".join(r["answers"][0].split())
             text = text if len(text) <= 160 else text[:157] + "..."
-            lines.append(f"- {r['point']}: \"{text}\"" if text else f"- {r['point']}: (empty)")
+            where = f" [{r.get('answers_from', '').split(' ')[0]}]" if mixed else ""
+            lines.append(f"- {r['point']}{where}: \"{text}\"" if text else f"- {r['point']}{where}: (empty)")
         lines.append("")
     if choice is not None:
         lines.append(f"Operating point: {choice['point'] or 'none'}: {choice['reason']}."
@@ -168,14 +174,15 @@ def write_outputs(args, grid, rows: list[dict], choice: dict | None, not_run: li
         written.append(png)
     summary = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": args.model,
                "grid": {"methods": grid.methods, "sparsities": grid.sparsities, "prune_px": grid.prune_px or "same",
-                        "serve_px": grid.serve_px},
+                        "also_prune": grid.also_prune, "serve_px": grid.serve_px},
                "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen},
                "quality": {"data": args.data, "seqlen": args.eval_seqlen, "max_windows": args.max_windows,
                            "dtype": args.eval_dtype, "zeroshot_tasks": args.zeroshot_tasks,
                            "zeroshot_limit": args.zeroshot_limit},
                "speed": None if args.no_speed else {"throughput_users": args.throughput_users,
                                                     "duration_s": args.duration, "max_tokens": args.max_tokens,
-                                                    "prompt_words": args.prompt_words},
+                                                    "prompt_words": args.prompt_words,
+                                                    "speed_for": getattr(args, "speed_for", "all")},
                "rule": {"max_ppl_ratio": args.max_ppl_ratio}, "choice": choice, "rows": rows, "not_run": not_run,
                "wall_seconds": None if seconds is None else round(seconds, 1)}
     write_json_atomic(js, summary)

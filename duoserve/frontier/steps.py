@@ -28,6 +28,8 @@ class Step:
     result: Path  # the cached JSON
     command: list[str]  # shown by --dry-run (speed: the serve command, load comes from loadtest)
     compute: Callable[[], dict]
+    # Evaluated when the step is due and not cached: a reason not to run it, or None (--speed-for).
+    skip: Callable[[], str | None] | None = None
 
     @property
     def label(self) -> str:
@@ -65,11 +67,26 @@ class Runner:
         steps += [self._ppl(p) for p in points]
         if a.zeroshot_tasks:
             steps += [self._zeroshot(p) for p in points]
-        if a.no_speed:
+        if a.no_speed or a.speed_for == "candidates":
             steps += [self._answers(p) for p in points]
-        else:
+        if not a.no_speed:
             steps += [self._speed(p) for p in points]
         return steps
+
+    def not_a_candidate(self, p: Point) -> str | None:
+        """Why the rule cannot choose p on what is measured in-process (its perplexity against dense's,
+        its in-process answers), or None when it can (--speed-for candidates serves only those)."""
+        from duoserve.frontier.rule import judge
+
+        if p.dense:
+            return None
+        dense_ppl = (self._results.get(("ppl", Point(None))) or {}).get("ppl")
+        if not dense_ppl:
+            return "no dense perplexity to compare with"
+        row = {"ppl": (self._results.get(("ppl", p)) or {}).get("ppl"),
+               "answers": (self._results.get(("answers", p)) or {}).get("answers")}
+        v = judge(row, dense_ppl, self.args.max_ppl_ratio)
+        return None if v.ok else "; ".join(v.reasons)
 
     def _prune(self, c: Checkpoint) -> Step:
         a, key, ckpt = self.args, self.ckpt_key(c), self.ckpt_path(c)
@@ -151,7 +168,9 @@ class Runner:
             return measure(folder, "dense" if p.dense else "sparse", px, self.speed_settings,
                            self.work / "logs" / f"speed-{key}")
 
-        return Step("speed", p, self.work / f"speed-{key}.json", shown, compute)
+        skip = ((lambda: self.not_a_candidate(p)) if getattr(self.args, "speed_for", "all") == "candidates"
+                else None)
+        return Step("speed", p, self.work / f"speed-{key}.json", shown, compute, skip)
 
     def dense_folder(self) -> Path:
         """The dense model as a folder `duoserve serve` can start: MODEL if it is one, else the source
@@ -195,7 +214,9 @@ class Runner:
             lines.append(f"[{i:>3}/{len(steps)}] {st:7s} {s.label}")
             if st != "cached":
                 extra = prune_flags(self.ckpt_path(s.subject), Path()) if s.kind == "prune" else []
-                lines.append("          $ " + " ".join(s.command + extra))
+                lines.append("          $ " + " ".join(s.command + extra)
+                             + ("   (only if it passes the rule in-process)" if s.skip and not s.subject.dense
+                                else ""))
         lines.append("; ".join(f"{n} {k}" for k, n in counts.items()))
         return "\n".join(lines)
 
@@ -217,6 +238,11 @@ class Runner:
                 continue
             if st != "cached" and self.args.cached_only:
                 self.not_run.append(s.label.strip())
+                continue
+            why = s.skip() if st != "cached" and s.skip is not None else None
+            if why:
+                print(f"[{i:>3}/{len(steps)}] {s.label}: not served: the rule cannot choose it ({why})", flush=True)
+                self.not_run.append(f"{s.label.strip()} (not served, --speed-for candidates: {why})")
                 continue
             print(f"[{i:>3}/{len(steps)}] {s.label}: {'cached' if st == 'cached' else st + ' ...'}", flush=True)
             t0 = time.time()
@@ -260,16 +286,18 @@ class Runner:
             zs = self._results.get(("zeroshot", p))
             if zs:
                 r.update(zeroshot_acc=zs["mean_acc"], zeroshot_tasks=zs["tasks"], zeroshot_limit=zs["limit"])
+            an = self._results.get(("answers", p))
+            if an:
+                r.update(answers=an["answers"], answers_from=an["answers_from"])
             sp = self._results.get(("speed", p))
-            if sp:
+            if sp:  # a served point is judged on what the endpoint answered (--speed-for candidates: both kept)
+                if an:
+                    r["answers_in_process"] = an["answers"]
                 r.update(tpot_s=sp["tpot_s"], ttft_s=sp["ttft_s"], throughput=sp["throughput"],
                          throughput_users=sp["throughput_users"], answers=sp["answers"],
                          answers_from=sp["answers_from"], host=sp["host"], measured_at=sp["measured_at"],
                          load=[x for lv in sp.get("levels", {}).values()
                                for x in (lv.get("load_before"), lv.get("load_after")) if x is not None])
-            an = self._results.get(("answers", p))
-            if an:
-                r.update(answers=an["answers"], answers_from=an["answers_from"])
             rows.append(r)
         dense = rows[0]
         choice = None

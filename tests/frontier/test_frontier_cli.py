@@ -97,6 +97,10 @@ def frontier(work: Path, *extra: str) -> int:
     (["--duration", "0"], "--duration must be positive"),
     (["--max-ppl-ratio", "0.9"], "--max-ppl-ratio must be >= 1"),
     (["--dry-run", "--cached-only"], "contradict"),
+    (["--also-prune", "0.5"], "'0.5' is not P_W:P_X"),
+    (["--also-prune", "0.5:0.95"], "above 0.9"),
+    (["--also-prune", "0.5:0.3,0.5:0.3"], "lists a pair twice"),
+    (["--speed-for", "candidates", "--no-speed"], "--no-speed serves none"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, argv, message):
     work = tmp_path / "work"
@@ -253,3 +257,54 @@ def test_workcache_atomic_and_cached_only(tmp_path):
 
 def test_fake_loop_is_a_loop():
     assert is_looping(LOOP) and not any(is_looping(a) for a in GOOD)
+
+
+def test_also_prune_adds_checkpoints_beside_the_grid(tmp_path, capsys, fake):
+    """--also-prune 0.5:0.3: W0.5 pruned for 0.3 next to the grid's W0.5 pruned for 0.5 (issue 30's
+    pruned-for vs served-at question), for each method, without pruning every W twice."""
+    work = tmp_path / "work"
+    argv = ["frontier", "--work", str(work), "--methods", "duogpt", "--sparsities", "0.2,0.5", "--serve-px", "0,0.3",
+            "--no-speed", "--also-prune", "0.5:0.3,0.2:0.2"]  # 0.2:0.2 is already in the grid
+    assert main(argv) == 0
+    rows = json.loads((work / "frontier.json").read_text())["rows"]
+    assert [r["point"] for r in rows] == ["dense"] + [f"duogpt W{w} X{px} (pruned for X{pf})" for w, pf in
+                                                     (("0.2", "0.2"), ("0.5", "0.3"), ("0.5", "0.5"))
+                                                     for px in ("0", "0.3")]
+    assert sum("prune" in c for c in fake.calls) == 3
+    assert any("--sparsity" in c and _value(c, "--sparsity") == "0.5" and _value(c, "--activation-sparsity") == "0.3"
+               for c in fake.calls if "prune" in c)
+
+
+def test_speed_for_candidates_serves_only_points_the_rule_can_choose(tmp_path, monkeypatch, fake):
+    from duoserve.frontier import speed
+
+    served = []
+
+    def measure(folder, label, serve_px, settings, out_dir):
+        served.append((label, Path(folder).name, serve_px))
+        return {"tpot_s": 0.01, "ttft_s": 0.1, "throughput": 300.0, "throughput_users": settings.throughput_users,
+                "levels": {}, "answers": GOOD, "answers_from": "endpoint (chat, greedy)", "measured_at": "now",
+                "host": speed.host()}
+
+    monkeypatch.setattr(speed, "measure", measure)
+    monkeypatch.setattr(frontier_steps.Runner, "dense_folder", lambda self: tmp_path / "dense")
+    work = tmp_path / "work"
+    argv = ["frontier", "--work", str(work), "--methods", "duogpt", "--sparsities", "0.2,0.4", "--serve-px", "0,0.2,0.5",
+            "--speed-for", "candidates"]
+    assert main(argv) == 0
+    # PPL <= 30 and in-process answers ok (the fake loops at 0.5): W0.2 X0 (24), W0.2 X0.2 (28.8), W0.4 X0 (28);
+    # W0.4 X0.2 (33.6) fails on PPL, the X0.5 points on PPL and a looping answer.
+    assert [(lab, px) for lab, _, px in served] == [("dense", None), ("sparse", 0.0), ("sparse", 0.2), ("sparse", 0.0)]
+    rows = json.loads((work / "frontier.json").read_text())["rows"]
+    by = {r["point"]: r for r in rows}
+    assert by["duogpt W0.4 X0.2 (pruned for X0.4)"].get("tpot_s") is None
+    assert by["duogpt W0.4 X0.2 (pruned for X0.4)"]["answers_from"].startswith("in-process")
+    assert by["duogpt W0.2 X0 (pruned for X0.2)"]["answers_from"].startswith("endpoint")
+    assert by["duogpt W0.2 X0 (pruned for X0.2)"]["answers_in_process"] == GOOD
+    md = (work / "frontier.md").read_text()
+    assert "not served, --speed-for candidates: PPL 33.60 > 1.5 x dense 20.00" in md
+    assert "source per line" in md and "[in-process]" in md and "[endpoint]" in md
+    # A rerun reuses every result: nothing is pruned, evaluated or served again.
+    served.clear()
+    n = len(fake.calls)
+    assert main(argv) == 0 and not served and len(fake.calls) == n
