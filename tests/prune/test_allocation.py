@@ -19,20 +19,17 @@ from duoserve.errors import InputError
 from duoserve.format.io import load_checkpoint, read_quant_config
 from duoserve.format.manifest import verify_manifest
 from duoserve.prune.allocate_cli import allocate_checkpoint
-from duoserve.prune.api import PruneConfig, prune_model
+from duoserve.prune.api import PruneConfig
 from duoserve.prune.pruned_models import load_pruned_model
+from pruning_helpers import prune_tiny
 
-FAST = dict(nsamples=4, seqlen=64, threshold_nsamples=8, batch_size=2)
 ALLOC = dict(nsamples=2, seqlen=32)
 TARGETS = (0.2, 0.4, 0.6)
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_llama_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("alloc") / "w50x50"
-    prune_model(PruneConfig(output=out, model=str(tiny_llama_dir), method="magnitude", activation_sparsity=0.5,
-                            **FAST))
-    return out
+def ckpt(magnitude_w50x50):
+    return magnitude_w50x50
 
 
 @pytest.fixture(scope="module")
@@ -174,9 +171,8 @@ def test_prune_time_allocation_equals_allocating_the_checkpoint_later(tiny_llama
     """`duoserve prune --allocation greedy` and `duoserve allocate` on the same prune: same windows
     (calibration seed + 2, fit split), same weights and grid, so the same table."""
     out = tmp_path / "pruned-greedy"
-    prune_model(PruneConfig(output=out, model=str(tiny_llama_dir), method="magnitude", activation_sparsity=0.5,
-                            allocation="greedy", allocation_targets=TARGETS, allocation_nsamples=2,
-                            allocation_seqlen=32, **FAST))
+    prune_tiny(tiny_llama_dir, out, activation_sparsity=0.5, allocation="greedy", allocation_targets=TARGETS,
+               allocation_nsamples=2, allocation_seqlen=32)
     at_prune = read_quant_config(out)[1].activation_sparsity.allocation
     allocate_checkpoint(ckpt, tmp_path / "later", targets=TARGETS, **ALLOC)
     later = read_quant_config(tmp_path / "later")[1].activation_sparsity.allocation

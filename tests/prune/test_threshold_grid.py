@@ -16,19 +16,14 @@ from duoserve.errors import InputError
 from duoserve.format.io import load_checkpoint
 from duoserve.format.schema import px_grid
 from duoserve.format.thresholds import select_thresholds
-from duoserve.prune.api import PruneConfig, prune_model
 from duoserve.prune.pruned_models import load_pruned_model
-
-FAST = dict(nsamples=4, seqlen=64, threshold_nsamples=8, batch_size=2)
+from pruning_helpers import prune_tiny
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_llama_dir, tmp_path_factory):
+def ckpt(magnitude_w50x50):
     """magnitude W50% pruned for p_x 0.5 (the grid's p_x != target points are the interesting ones)."""
-    out = tmp_path_factory.mktemp("grid") / "w50x50"
-    prune_model(PruneConfig(output=out, model=str(tiny_llama_dir), method="magnitude", activation_sparsity=0.5,
-                            **FAST))
-    return out
+    return magnitude_w50x50
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +80,7 @@ def test_serve_time_p_x_equal_to_prune_time_gives_the_prune_time_thresholds(ckpt
 
 def test_a_prune_without_activation_sparsity_still_offers_the_grid(tiny_llama_dir, tmp_path, held_out):
     out = tmp_path / "w50x0"
-    prune_model(PruneConfig(output=out, model=str(tiny_llama_dir), method="magnitude", **FAST))
+    prune_tiny(tiny_llama_dir, out)
     loaded = load_checkpoint(out)
     q = loaded.qconfig
     assert q.activation_sparsity.rule == "none" and q.activation_sparsity.grid == px_grid(0.0)
