@@ -9,12 +9,11 @@ from pathlib import Path
 from duoserve.format import DEFAULT_TARGETS
 
 
-def _method_option_fields():
-    """Every option of every registered method, merged by name (same name = same meaning)."""
-    from duoserve.prune.registry import available_methods
-
+def _option_fields(registry: dict) -> dict[str, tuple[dataclasses.Field, list[str]]]:
+    """Every option of every registered method (or refiner), merged by name (same name = same
+    meaning), with the names of those that have it."""
     fields: dict[str, tuple[dataclasses.Field, list[str]]] = {}
-    for name, cls in available_methods().items():
+    for name, cls in registry.items():
         for f in dataclasses.fields(cls.Options):
             fields.setdefault(f.name, (f, []))[1].append(name)
     return fields
@@ -32,16 +31,6 @@ def _add_option_flags(group, fields, prefix: str, dest_prefix: str) -> None:
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
             group.add_argument(flag, dest=f"{dest_prefix}{name}", type=kind, default=None, metavar=name.upper(),
                                help=help_text)
-
-
-def _refiner_option_fields():
-    from duoserve.prune.refiners import available_refiners
-
-    fields: dict[str, tuple[dataclasses.Field, list[str]]] = {}
-    for name, cls in available_refiners().items():
-        for f in dataclasses.fields(cls.Options):
-            fields.setdefault(f.name, (f, []))[1].append(name)
-    return fields
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,9 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.partial")
     p.add_argument("--json", type=Path, help="also write the run summary to this file")
     group = p.add_argument_group("method options (each applies to the methods named in brackets)")
-    _add_option_flags(group, _method_option_fields(), "", "opt_")
+    _add_option_flags(group, _option_fields(methods), "", "opt_")
     group = p.add_argument_group("refiner options (with --refine; each applies to the refiners named in brackets)")
-    _add_option_flags(group, _refiner_option_fields(), "refine-", "ropt_")
+    _add_option_flags(group, _option_fields(refiners), "refine-", "ropt_")
 
 
 def run(args: argparse.Namespace) -> int:
