@@ -5,13 +5,19 @@ thresholds; compare with `duoserve prune --quantize int4` (joint) by `duoserve e
 
     python scripts/quant_rtn_gauge.py BF16_CKPT OUT amax|clip
 """
+import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
+
 import torch
+
 from duoserve.format.io import load_checkpoint, save_checkpoint
 from duoserve.format.quant import expand_groups, fake_quantize, group_scales, half_range, MIN_SCALE
 from duoserve.format.schema import WeightQuant
 
+if len(sys.argv) != 4 or sys.argv[3] not in ("amax", "clip"):
+    sys.exit(__doc__)
 src, dst, clip = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "clip"
 ck = load_checkpoint(src)
 wq = WeightQuant(4, 128)
