@@ -15,7 +15,8 @@ What is checked, without running anything:
 - `python -m MODULE`: the module's file exists (duoserve.<sub> maps to the repository's <sub>/
   folders as setup.py installs them) and every long option appears as a string literal in it or in
   a duoserve module it imports. The same for `python scripts/X.py` and `scripts/X`.
-- `scripts/X`: the file exists, unless the same passage says it is in git history.
+- `scripts/X`: the file exists, unless the same passage says it is in git history; a Python script
+  binds every name it reads (a forgotten import is a NameError the reader meets first).
 Placeholders (`CKPT`, `[MODEL]`, `...`, `{a|b}`) are fine: only names are checked, not values.
 """
 from __future__ import annotations
@@ -314,3 +315,41 @@ def test_named_scripts_and_modules_exist(page):
             missing.append(m.group(0))
     missing += [m.group(1) for m in NAMED_MODULE.finditer(text) if module_file(m.group(1), runnable=True) is None]
     assert not missing, f"{page.relative_to(ROOT)} names what is not in the repository: {sorted(set(missing))}"
+
+
+def unbound_names(source: str) -> set[str]:
+    """Names a Python file reads that nothing in it binds (no import, assignment, def, parameter...)
+    and that are not builtins: a NameError waiting for the line that reads them. Scope-blind, so it
+    misses a name bound in one function and read in another, but not a forgotten import."""
+    import builtins
+
+    tree = ast.parse(source)
+    bound = set(dir(builtins)) | {"__file__", "__name__", "__doc__", "__spec__", "__path__"}
+    read = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (read if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            bound.update(node.names)
+        elif isinstance(node, (ast.MatchAs, ast.MatchStar)) and node.name:
+            bound.add(node.name)
+    return read - bound
+
+
+def test_the_name_check_finds_a_forgotten_import():
+    assert unbound_names("from pathlib import Path\nPath(sys.argv[1])\n") == {"sys"}
+    assert unbound_names("import sys\ndef f(a):\n    return [b for b in a] + sys.argv\n") == set()
+
+
+@pytest.mark.parametrize("script", sorted({m.group(0) for page in PAGES for m in NAMED_SCRIPT.finditer(
+    page.read_text(encoding="utf-8")) if m.group(0).endswith(".py") and (ROOT / m.group(0)).is_file()}))
+def test_python_scripts_the_docs_name_bind_every_name_they_read(script):
+    assert not unbound_names((ROOT / script).read_text(encoding="utf-8")), script
