@@ -15,7 +15,7 @@ p_x), so --match-realized adds, per P, the uniform rule at P + (greedy's realize
 realized): the uniform model that skips as many weight columns as the greedy one did.
 --matched-from JSON takes the uniform and greedy rows of an earlier run and evaluates only those.
 
-    OMP_NUM_THREADS=1 DUOSERVE_WIKITEXT2=/work/shared/data/wikitext-2-raw-test.raw \\
+    OMP_NUM_THREADS=1 DUOSERVE_WIKITEXT2=PATH/wiki.test.raw \\
         python scripts/allocation_table.py CKPT --px 0.3,0.5 --max-windows 5 --dtype bfloat16
 """
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Every relative link in the docs points at a file that is in the repository.
+"""Every relative link in the docs points at a file that is in the repository, and no doc or script
+names a folder of this machine outside it (/work/..., ../shared/...).
 
 The docs are README.md, CHANGELOG.md, docs/*.md and every markdown file under docs/reports. A link is
 a markdown `[text](target)` outside fenced code blocks; web addresses (`https:`, `mailto:` ...)
@@ -62,3 +63,16 @@ def test_relative_links_resolve(doc):
         if not resolved.exists() or (tracked is not None and resolved not in tracked):
             missing.append(target)
     assert not missing, f"{doc.relative_to(ROOT)} links to files not in the repository: {missing}"
+
+
+OUTSIDE = re.compile(r"(?<![\w.])(/work/|\.\./shared/|/home/\w+/)")
+
+
+@pytest.mark.parametrize("path", [*doc_files()[:2], *sorted((ROOT / "docs").glob("*.md")),
+                                  *sorted(p for p in (ROOT / "scripts").iterdir() if p.is_file())],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_path_outside_the_repository(path):
+    """A reader's machine has none of this machine's folders: name a placeholder (PATH/...) instead."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    found = [text[max(m.start() - 30, 0):m.end() + 30].replace("\n", " ") for m in OUTSIDE.finditer(text)]
+    assert not found, f"{path.relative_to(ROOT)}: {found}"
