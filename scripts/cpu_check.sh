@@ -35,6 +35,8 @@
 #                      batch-cold-panel4.md the panel walk at 4 tokens (against the FMA walk in
 #                      batch-cold.md: whether the panel's start, 5, should be 4 on this CPU)
 #   decode.md          a 2-layer Llama-2-7B-shape decode step, eager, one thread
+# The *.txt files but machine.txt are console output: .gitignore keeps them out of a committed report
+# (quote what a claim needs in the report's README).
 # Usage: scripts/cpu_check.sh   (about 7 minutes on the 2-core VM)
 set -euo pipefail
 cd "$(dirname "$0")/.."
