@@ -240,6 +240,9 @@ def run_cutover(args, device, timer, sink) -> list[dict]:
     """Per batch size, at p_w = p_x = 0.5: every path against dense (picks the cutovers).
     CPU: spMspV vs the tiled path. CUDA: decode (T <= 8) vs GEMM vs tiled."""
     rows = []
+    amx_mode = cpu.amx()[0] if device.type == "cpu" and cpu.available() else "off"
+    if amx_mode == "tiles":
+        cpu.set_amx("off")  # the spMspV column: the walks / panel walk; the AMX column turns it on
     for n, k, w, p, b, x, thr in half_sparse_points(args, device):
         op_args = (x, p.bitmap, p.offsets, p.values, thr, None, n)
         dense = timer(lambda: torch.matmul(x, w.t()))
@@ -248,13 +251,30 @@ def run_cutover(args, device, timer, sink) -> list[dict]:
                      "gemm": timer(lambda: gpu.gemm(*op_args)),
                      "tiled": timer(lambda: gpu.tiled(*op_args))}
         else:
-            paths = {"spmspv": timer(lambda: cpu.spmspv(*op_args)), "tiled": timer(lambda: cpu.tiled(*op_args))}
+            paths = {"spmspv": timer(lambda: cpu.spmspv(*op_args)), "tiled": timer(lambda: cpu.tiled(*op_args)),
+                     "amx": _amx_time(timer, op_args)}
         us = {name: t * 1e6 for name, t in paths.items()}
         rows.append(dict(n=n, k=k, batch=b, dense_us=dense * 1e6, **{f"{p_}_us": v for p_, v in us.items()}))
         sink(f"| {n}x{k} | {b} | {dense * 1e6:.1f} | " + " | ".join(f"{v:.1f}" for v in us.values()) + " |")
         print(f"{n:>6}x{k:<6} B={b:<4} dense {dense * 1e6:9.1f} us  "
               + "  ".join(f"{name} {v:9.1f} us" for name, v in us.items()), flush=True)
+    if amx_mode == "tiles":
+        cpu.set_amx("auto")
     return rows
+
+
+def _amx_time(timer, op_args) -> float:
+    """The AMX panel path alone at any batch (nan where the CPU has no AMX tiles); the other spMspV
+    column is timed with it off, so the two compare the paths, not the dispatch."""
+    if cpu.amx()[0] != "tiles":
+        return float("nan")
+    cpu.set_amx("on")
+    cpu.set_amx_min_tokens(1)
+    try:
+        return timer(lambda: cpu.spmspv(*op_args))
+    finally:
+        cpu.set_amx("off")
+        cpu.set_amx_min_tokens(None)
 
 
 def run_variants(args, device, timer, sink) -> list[dict]:
@@ -316,6 +336,8 @@ def machine(device: torch.device) -> str:
             kernel += ", tiled path multiplies bf16 in fp32"
         if cpu.panel_walk_tokens():
             kernel += ", bf16 panel walk at {}-{} tokens".format(*cpu.panel_walk_tokens())
+        amx, why = cpu.amx()
+        kernel += (f", AMX tiles from {cpu.amx_min_tokens()} tokens" if amx == "tiles" else f", AMX {amx} ({why})")
         mode = cpu.prefetch_mode(torch.bfloat16)
         kernel += f", prefetch {mode}" if mode != "off" else ", no software prefetch"
         max_inactive, min_span = cpu.walk_all()
@@ -347,7 +369,8 @@ def markdown_header(args, device, bw, load) -> str:
 SWEEP_HEADER = ("| N x K | p_w | p_x | batch | dense us | dual us | speedup | dense bw | dual bw |\n"
                 "|---|---|---|---|---|---|---|---|---|")
 CUTOVER_HEADERS = {  # run_cutover's columns per device type
-    "cpu": "| N x K | batch | dense us | spMspV us | tiled path us |\n|---|---|---|---|---|",
+    "cpu": ("| N x K | batch | dense us | spMspV us (AMX off) | tiled path us | AMX panel path us |\n"
+            "|---|---|---|---|---|---|"),
     "cuda": ("| N x K | batch | cuBLAS us | decode path us | GEMM path us | tiled path us |\n"
              "|---|---|---|---|---|---|"),
 }

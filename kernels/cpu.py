@@ -16,6 +16,9 @@ costs ~20 us a call, more than the whole 576x576 product). Behind that kernel:
     process (`walk_all_calibration`; docs/kernels.md).
   bf16 on CPUs with AVX512-BF16, 4 or 5 (measured) to 256 tokens (`set_bf16_dot_tokens`): the panel walk (every
     word decoded once into an L1 panel, multiplied like a dense GEMM).
+  bf16 on CPUs with AMX-BF16 tiles (self-checked once), from 2-4 tokens (measured) with no upper bound
+    (`set_amx`, DUOSERVE_CPU_AMX): the AMX panel path (the panel decoded once per K-chunk of 512
+    active columns, multiplied by tile instructions).
   larger T, or fp16: row-block chunks are decompressed into a bounded W^T scratch [K, rows] and
     multiplied with torch.matmul (never a dense copy of the whole weight).
 The cutover is measured with `python -m duoserve.kernels.bench --cutover`.
@@ -44,6 +47,7 @@ _error: str | None = None
 
 
 DEFAULT_PREFETCH = (48, 3, -1)  # (ahead, lines, stream): see set_prefetch
+AMX_MODES = ("auto", "off", "on")  # DUOSERVE_CPU_AMX; set_amx also takes "emulate" (tests)
 
 
 def parse_prefetch(text: str) -> tuple[int, int, int]:
@@ -92,7 +96,8 @@ def _int_settings() -> dict[str, int]:
     """The integer settings given in the environment, by variable; bad text raises, naming the
     variable (the extension's setters then check the ranges)."""
     names = ("DUOSERVE_CPU_SPARSE_MAX_TOKENS", "DUOSERVE_CPU_SLICES_MAX_TOKENS",
-             "DUOSERVE_CPU_BF16_DOT_MIN_TOKENS", "DUOSERVE_CPU_BF16_DOT_MAX_TOKENS")
+             "DUOSERVE_CPU_BF16_DOT_MIN_TOKENS", "DUOSERVE_CPU_BF16_DOT_MAX_TOKENS",
+             "DUOSERVE_CPU_AMX_MIN_TOKENS")
     return {name: env_int(name) for name in names if name in os.environ}
 
 
@@ -105,6 +110,8 @@ def _apply_int_settings(ext, settings: dict[str, int]) -> None:
         # the unset half keeps its default (the minimum: -1, measured on first use)
         ext.set_bf16_dot_tokens(settings.get("DUOSERVE_CPU_BF16_DOT_MIN_TOKENS", -1),
                                 settings.get("DUOSERVE_CPU_BF16_DOT_MAX_TOKENS", ext.get_bf16_dot_max_tokens()))
+    if "DUOSERVE_CPU_AMX_MIN_TOKENS" in settings:
+        ext.set_amx_min_tokens(settings["DUOSERVE_CPU_AMX_MIN_TOKENS"])
 
 
 def _load():
@@ -133,6 +140,11 @@ def _load():
             ext.set_walk_all(*(v if v is not None else m for v, m in zip(walk_all, measured)))
         if prefetch is not None:
             ext.set_prefetch(*prefetch)
+        amx = os.environ.get("DUOSERVE_CPU_AMX")
+        if amx and amx not in AMX_MODES:
+            raise ValueError(f"DUOSERVE_CPU_AMX must be one of {', '.join(AMX_MODES)}, got {amx!r}")
+        if amx:
+            ext.set_amx(amx)  # "on" where AMX is unavailable raises, with the reason
         if os.environ.get("DUOSERVE_CPU_DECODER"):
             ext.set_decoder(os.environ["DUOSERVE_CPU_DECODER"])  # a bad name raises, naming the choices
         _ext = ext
@@ -334,3 +346,38 @@ def tiled_bf16_in_fp32() -> bool:
     """Whether the tiled (prefill) path multiplies bf16 in fp32: on CPUs without AVX512-BF16, where
     torch's bf16 matmul is no real GEMM (about 9-10 GFLOP/s at any batch on a Zen 3 host)."""
     return not _load().has_fast_bf16_gemm()
+
+
+def set_amx(mode: str) -> None:
+    """bf16 batches on the CPU's matrix engine (AMX-BF16 tiles): 'auto' (the default: where the CPU,
+    the OS and a one-time self-check in a child process allow), 'off', 'on' (refused, with the
+    reason, where unavailable) or 'emulate' (the same path with the tile operations in scalar C++,
+    on any CPU with AVX512-BF16: for tests, slow)."""
+    _load().set_amx(mode)
+
+
+def amx() -> tuple[str, str]:
+    """(what bf16 batches run on: 'tiles', 'emulated' or 'off', why)."""
+    what, why = _load().amx_info()
+    return what, why
+
+
+def set_amx_min_tokens(tokens: int | None) -> None:
+    """bf16 calls of at least `tokens` tokens take the AMX path where it runs; None: measured on first
+    use (the first of 2 and 3 tokens where it beats the walk, else 4; 1 when emulated)."""
+    _load().set_amx_min_tokens(-1 if tokens is None else int(tokens))
+
+
+def amx_min_tokens() -> int:
+    return _load().get_amx_min_tokens()
+
+
+def amx_probe(mode: str = "tiles") -> float:
+    """The AMX path ('tiles', or 'emulate') on a fixed irregular problem (2 row blocks, one partial;
+    601 columns with some inactive; 19 tokens): the largest difference from an fp32 reference
+    relative to the largest output. The self-check behind 'auto' requires <= `amx_probe_tolerance()`."""
+    return _load().amx_probe(mode)
+
+
+def amx_probe_tolerance() -> float:
+    return _load().amx_probe_tolerance()

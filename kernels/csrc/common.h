@@ -51,6 +51,9 @@ struct Problem {
   const uint32_t* xpairs = nullptr;
   int64_t pairs = 0;
   int64_t n_values = 0;  // elements of values: where the stream prefetch stops (0: no stream prefetch)
+  // With xpairs: 0 the panel walk, else the AMX panel path (amx_dispatch.h's AmxKind: 1 the tile
+  // instructions, 2 their scalar emulation).
+  int amx = 0;
 };
 
 inline float bf16_to_float(uint16_t h) {

@@ -260,37 +260,47 @@ DS_AVX512_DOT void panel_tokens(const __m512i* panel, int64_t n_pairs, const uin
     for (int r = 0; r < 4; ++r) _mm512_store_ps(out + t * R + 16 * r, acc[t][r]);
 }
 
-DS_AVX512_DOT void block_bf16_dot_panel(const Problem& p, int64_t rb, float* out /* [T, R], zeroed */) {
-  alignas(64) __m512i panel[PANEL_COLUMNS / 2 * 2 * WORDS];  // [pair][16-row group of the block]
+// Active columns [j0, j1) of row block rb -> the pair panel: line 8 i + g holds rows 16 g .. 16 g + 15
+// of columns j0 + 2 i and j0 + 2 i + 1 (absent rows, and the second column past j1, zero). Prefetches
+// the column g_prefetch_ahead active columns ahead when `prefetch` (the panel walk does so only in a
+// row block's first chunk, its multiply prefetches the next; the AMX path in every chunk).
+DS_AVX512_DOT __attribute__((always_inline)) inline void decode_pair_panel(const Problem& p, int64_t rb, int64_t j0, int64_t j1, __m512i* panel,
+                                                                              bool prefetch) {
   const uint16_t* vals = static_cast<const uint16_t*>(p.values);
   const __m512i pairs = below_pairs();
+  for (int64_t j = j0; j < j1; j += 2) {
+    const int64_t col0 = rb * p.K + p.active[j];
+    const bool has1 = j + 1 < j1;
+    const int64_t col1 = has1 ? rb * p.K + p.active[j + 1] : col0;
+    const int32_t* w0 = p.bitmap + col0 * WORDS;
+    const int32_t* w1 = p.bitmap + col1 * WORDS;
+    const uint16_t* v0 = vals + p.offsets[col0];
+    const uint16_t* v1 = vals + p.offsets[col1];
+    if (prefetch) {
+      prefetch_column<uint16_t>(p, rb, j + g_prefetch_ahead);
+      prefetch_column<uint16_t>(p, rb, j + 1 + g_prefetch_ahead);
+    }
+    __m512i* dst = panel + 4 * (j - j0);  // pair (j - j0) / 2
+    DS_UNROLL for (int c = 0; c < WORDS; ++c) {
+      const uint32_t m0 = static_cast<uint32_t>(w0[c]);
+      const uint32_t m1 = has1 ? static_cast<uint32_t>(w1[c]) : 0u;
+      __m512i lo, hi;  // rows 32c + i and 32c + 16 + i, (column 0, column 1) in 32-bit lane i
+      gather_word_pair_bf16(m0, v0, m1, v1, pairs, lo, hi);
+      v0 += _mm_popcnt_u32(m0);
+      v1 += _mm_popcnt_u32(m1);
+      _mm512_store_si512(dst + 2 * c, lo);
+      _mm512_store_si512(dst + 2 * c + 1, hi);
+    }
+  }
+}
+
+DS_AVX512_DOT void block_bf16_dot_panel(const Problem& p, int64_t rb, float* out /* [T, R], zeroed */) {
+  alignas(64) __m512i panel[PANEL_COLUMNS / 2 * 2 * WORDS];  // [pair][16-row group of the block]
   const int halves = block_rows(p, rb) > 64 ? 2 : 1;  // those holding rows
   for (int64_t j0 = 0; j0 < p.n_active; j0 += PANEL_COLUMNS) {
     const int64_t j1 = std::min(p.n_active, j0 + PANEL_COLUMNS);
-    for (int64_t j = j0; j < j1; j += 2) {
-      const int64_t col0 = rb * p.K + p.active[j];
-      const bool has1 = j + 1 < j1;
-      const int64_t col1 = has1 ? rb * p.K + p.active[j + 1] : col0;
-      const int32_t* w0 = p.bitmap + col0 * WORDS;
-      const int32_t* w1 = p.bitmap + col1 * WORDS;
-      const uint16_t* v0 = vals + p.offsets[col0];
-      const uint16_t* v1 = vals + p.offsets[col1];
-      if (j0 == 0) {  // later chunks were fetched while the one before was multiplied
-        prefetch_column<uint16_t>(p, rb, j + g_prefetch_ahead);
-        prefetch_column<uint16_t>(p, rb, j + 1 + g_prefetch_ahead);
-      }
-      __m512i* dst = panel + 4 * (j - j0);  // pair (j - j0) / 2
-      DS_UNROLL for (int c = 0; c < WORDS; ++c) {
-        const uint32_t m0 = static_cast<uint32_t>(w0[c]);
-        const uint32_t m1 = has1 ? static_cast<uint32_t>(w1[c]) : 0u;
-        __m512i lo, hi;  // rows 32c + i and 32c + 16 + i, (column 0, column 1) in 32-bit lane i
-        gather_word_pair_bf16(m0, v0, m1, v1, pairs, lo, hi);
-        v0 += _mm_popcnt_u32(m0);
-        v1 += _mm_popcnt_u32(m1);
-        _mm512_store_si512(dst + 2 * c, lo);
-        _mm512_store_si512(dst + 2 * c + 1, hi);
-      }
-    }
+    // later chunks were fetched while the one before was multiplied
+    decode_pair_panel(p, rb, j0, j1, panel, j0 == 0);
     const int64_t n_pairs = (j1 - j0 + 1) / 2;
     const uint32_t* x = p.xpairs + (j0 / PANEL_COLUMNS) * p.T * p.pairs;  // this chunk's [T, pairs]
     for (int half = 0; half < halves; ++half)

@@ -9,6 +9,7 @@
 #include "decode_avx512_expand.h"
 #include "decode_avx2.h"
 #include "decode_avx512_permute.h"
+#include "amx_panel.h"
 
 namespace {
 
@@ -113,7 +114,12 @@ void run_block(const Problem& p, int64_t rb, bool bf16, Decoder d) {
     thread_local std::vector<float> scratch;
     scratch.assign(p.T * R + 16, 0.f);
     float* out = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
-    block_bf16_dot_panel(p, rb, out);
+    if (p.amx == 1)
+      block_amx_panel<AmxTiles>(p, rb, out);
+    else if (p.amx == 2)
+      block_amx_panel<EmulatedTiles>(p, rb, out);
+    else
+      block_bf16_dot_panel(p, rb, out);
     store_block(p, rb, 0, p.T, out);
     return;
   }

@@ -44,7 +44,9 @@
 //   decode_avx512_expand.h    AVX-512 vpexpand decoder: walks, tile unpack
 //   decode_avx2.h             AVX2 decoder: walk, tile unpack
 //   decode_avx512_permute.h   AVX-512 permute decoder: walks, slices walk, bf16 panel walk, tile unpack
+//   amx_panel.h               the AMX panel path: tile operations (instructions / emulated), the block
 //   dispatch.h                CPU features, the decoder choice (measured), the walk of one row block
+//   amx_dispatch.h            whether and from how many tokens bf16 calls take the AMX path
 //   walk_all.h                skip the inactive columns or walk them all: policies, measurement
 // This file: input masking, the spmspv and tiled entry points, settings, the Python bindings.
 #include "common.h"
@@ -54,6 +56,7 @@
 #include "decode_avx2.h"
 #include "decode_avx512_permute.h"
 #include "dispatch.h"
+#include "amx_dispatch.h"
 
 namespace {
 
@@ -213,7 +216,10 @@ torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, con
   // walk's passes at any count) reads every line whether it skips the inactive columns or not, so
   // walking them all would only add decoding: the measured policy does not apply (a requested one,
   // set_walk_all, still does).
-  const bool streams = decoder != Decoder::kScalar && !(bf16 && panel_enabled(T)) &&
+  // pair inputs: the AMX panel path, or the vdpbf16ps panel walk
+  const AmxKind amx = bf16 ? amx_kind_for(T, decoder) : kNoAmx;
+  const bool pair_inputs = amx != kNoAmx || (bf16 && decoder != Decoder::kScalar && panel_enabled(T));
+  const bool streams = decoder != Decoder::kScalar && !pair_inputs &&
                        (T <= MAX_TB || decoder == Decoder::kAvx2) &&
                        stream_bytes(decoder == Decoder::kAvx2, n_on, K) > 0;
   const bool walk_all = (g_walk_all_requested || !streams) && walk_all_columns(K - n_on, K, mean_span);
@@ -229,7 +235,7 @@ torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, con
   p.n_values = values.numel();
   std::vector<float> xc;          // the walks' inputs, column-major [A, T]
   std::vector<uint32_t> xpairs;   // the panel's, chunk-major [ceil(A / 64), T, 32] (Problem::xpairs)
-  if (bf16 && decoder != Decoder::kScalar && panel_enabled(T)) {
+  if (pair_inputs) {
     // per chunk and token, the masked bf16 inputs of the active columns in order (exact: they
     // came from bf16), two to a 32-bit word, zeros after the last column (Problem::xpairs)
     const int64_t chunks = (A + PANEL_COLUMNS - 1) / PANEL_COLUMNS;
@@ -250,6 +256,7 @@ torch::Tensor spmspv(const torch::Tensor& x_in, const torch::Tensor& bitmap, con
     }
     p.xpairs = xpairs.data();
     p.pairs = PANEL_COLUMNS / 2;
+    p.amx = amx;
   } else {
     xc.resize(A * T);
     for (int64_t j = 0; j < A; ++j)
@@ -369,6 +376,9 @@ torch::Tensor linear_cpu(const torch::Tensor& x, const torch::Tensor& bitmap, co
     return spmspv(x, bitmap, offsets, values, threshold, bias, n, 0);
   if (x.scalar_type() == torch::kBFloat16 && x.size(0) <= g_bf16_dot_max_tb && panel_enabled(x.size(0)))
     return spmspv(x, bitmap, offsets, values, threshold, bias, n, 0);
+  // the AMX panel path has no upper bound: prefill chunks stay bound by the packed bytes
+  if (x.scalar_type() == torch::kBFloat16 && amx_kind_for(x.size(0), active_decoder(true)) != kNoAmx)
+    return spmspv(x, bitmap, offsets, values, threshold, bias, n, 0);
   return tiled_linear(x.contiguous(), bitmap, offsets, values, threshold, bias, n);
 }
 
@@ -473,6 +483,44 @@ std::vector<std::string> available_decoders() {
   return out;
 }
 
+// "auto" (the default: the tile instructions where the CPU, the OS and the self-check allow),
+// "off", "on" (refused where unavailable, with the reason) or "emulate" (tests).
+void set_amx(const std::string& mode) {
+  if (mode == "auto") { g_amx_request = -1; return; }
+  if (mode == "off") { g_amx_request = 0; return; }
+  if (mode == "emulate") {
+    TORCH_CHECK(cpu_has_bf16_dot(), "the emulated AMX path needs the panel walk's AVX-512 BF16 / BITALG instructions");
+    g_amx_request = 2;
+    return;
+  }
+  TORCH_CHECK(mode == "on", "AMX mode must be auto, off, on or emulate, got '", mode, "'");
+  TORCH_CHECK(amx_availability().ok, "AMX requested but unavailable: ", amx_availability().why);
+  g_amx_request = 1;
+}
+// [what bf16 batches run on: "tiles", "emulated" or "off", why]
+std::vector<std::string> amx_info() {
+  const AmxKind kind = amx_kind();
+  const std::string what = kind == kAmxTiles ? "tiles" : kind == kAmxEmulated ? "emulated" : "off";
+  if (g_amx_request == 0) return {what, "turned off (set_amx / DUOSERVE_CPU_AMX)"};
+  if (g_amx_request == 2) return {what, kind == kAmxEmulated ? "scalar emulation of the tile operations (tests)"
+                                                              : "emulation needs AVX-512 BF16"};
+  return {what, amx_availability().why};
+}
+void set_amx_min_tokens(int64_t t) {
+  TORCH_CHECK(t == -1 || t >= 1, "AMX minimum tokens: -1 (measured) or >= 1, got ", t);
+  g_amx_min_tb = t;
+}
+// "tiles" (refused where unavailable) or "emulate" -> the probe's largest relative error.
+double amx_probe(const std::string& mode) {
+  if (mode == "emulate") {
+    TORCH_CHECK(cpu_has_bf16_dot(), "the emulated AMX probe needs AVX-512 BF16 / BITALG");
+    return amx_probe_error<EmulatedTiles>();
+  }
+  TORCH_CHECK(mode == "tiles", "probe mode must be tiles or emulate, got '", mode, "'");
+  TORCH_CHECK(amx_availability().ok, "AMX unavailable: ", amx_availability().why);
+  return amx_probe_error<AmxTiles>();
+}
+
 // The op's schema has one definition, in Python (kernels/ops.py, SCHEMA), made before this
 // extension is loaded; this file registers only its CPU kernel.
 TORCH_LIBRARY_IMPL(duoserve, CPU, m) { m.impl("dual_sparse_linear", &linear_cpu); }
@@ -522,4 +570,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decoder", &decoder, "the spMspV decoder in use for a dtype ('bf16'/'fp32'), measured on first use");
   m.def("set_decoder", &set_decoder, "force a decoder (scalar, expand, permute) or '' to measure");
   m.def("available_decoders", &available_decoders, "the decoders this CPU can run");
+  m.def("set_amx", &set_amx, "bf16 batches on AMX tiles: auto, off, on or emulate (tests)");
+  m.def("amx_info", &amx_info, "[tiles | emulated | off, why]");
+  m.def("set_amx_min_tokens", &set_amx_min_tokens, "AMX from this many tokens (-1: measured)");
+  m.def("get_amx_min_tokens", &amx_min_tokens, "the AMX path's minimum tokens in use (measured on first use)");
+  m.def("amx_probe", &amx_probe, "largest relative error of the AMX path ('tiles' or 'emulate') on a fixed problem");
+  m.def("amx_probe_tolerance", []() { return kAmxProbeTolerance; });
 }
