@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Reproduce docs/symmetric.md: the symmetric-pruning family on SmolLM2-135M (or --model).
+"""Reproduce the symmetric-pruning table (docs/reports/symmetric-smollm2/README.md, read in docs/symmetric.md and
+docs/results.md): the symmetric-pruning family on SmolLM2-135M (or --model).
 
 Every configuration is pruned in the same process by the steps of `prune_model` (duoserve.prune.api:
 build_method, seed_everything, prune_loaded: the calibration windows, the sequential engine that
@@ -54,7 +55,7 @@ def row(method, sparsity, tier, opts=None, refine=None, p_x=0.0, ropts=None):
 
 
 def grid() -> list[dict]:
-    """All configurations, tier 1 first (see docs/symmetric.md for what was trimmed)."""
+    """All configurations, tier 1 first (docs/reports/symmetric-smollm2 lists the rows not run)."""
     rows = []
     seeds = [{"sample_seed": s} for s in (0, 1, 2)]
     for sp in SPARSITIES:  # tier 1: the paper's headline comparisons
@@ -74,7 +75,7 @@ def grid() -> list[dict]:
     rows += [row("ria", "0.5", 2, {"relative": r}) for r in ("col", "row")]
     rows += [row(m, "0.6", 2, refine="r2dsnot", ropts={"update_threshold": 0.0}) for m in ("wanda", "ria")]
     # RIA choosing per output row, as Wanda does: tests the explanation that layer-wide selection is
-    # what makes RIA lose to Wanda on this model at 50-60% (docs/symmetric.md "Layer-wide selection")
+    # what makes RIA lose to Wanda on this model at 50-60% (docs/results.md, "Symmetric family")
     rows += [row("ria", sp, 2, {"mask_scope": "row"}) for sp in ("0.5", "0.6")]
     for sp in SPARSITIES:  # tier 3: refiners on stochRIA (3 seeds) and SymWanda (sum)
         for refine in REFINES[1:]:
@@ -188,7 +189,7 @@ def write_json(path: Path, data: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "reports" / "symmetric-smollm2",
-                   help="cache folder (results/*.json); the default is the committed cache of docs/symmetric.md")
+                   help="cache folder (results/*.json); the default is the committed cache of the report")
     p.add_argument("--model", default=None, help="HF folder or id (default: the built-in SmolLM2-135M)")
     p.add_argument("--calib-data", default="c4")
     p.add_argument("--nsamples", type=int, default=32)
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=None, help="stop starting rows after this many seconds")
     p.add_argument("--check-cli", action="store_true", help="also run one row through prune_model + checkpoint")
     p.add_argument("--report-only", action="store_true", help="only render the markdown from the cache")
-    p.add_argument("--markdown", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "symmetric.md")
+    p.add_argument("--markdown", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "reports" / "symmetric-smollm2" / "README.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("duoserve.prune.engine", "duoserve.prune.api", "duoserve.prune.thresholds"):
@@ -284,7 +285,7 @@ def tables(res: dict) -> str:
            f" evaluation {re.sub(r'[^ (]*/', '', st.get('eval', '?'))} at seqlen {st.get('eval_seqlen')}, first {st.get('max_windows')} "
            f"windows, fp32; device {st.get('device')}.",
            "", f"Dense: **{dense['ppl']:.2f}**" if dense else "Dense: n/r", "",
-           "WikiText-2 perplexity (lower is better); n/r = not run (see \"Coverage\"); † = run on "
+           "WikiText-2 perplexity (lower is better); n/r = not run; † = run on "
            "another device than the dense reference (same settings and code; each row's device is in its "
            "results/*.json).", ""]
     head = "| method | " + " | ".join(f"{sp} {name}" for sp in SPARSITIES for name in ("base", "+DSnoT", "+R²-DSnoT"))
@@ -294,11 +295,11 @@ def tables(res: dict) -> str:
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     out += ["", "DuoGPT at W50% + X50% (activation sparsity by calibrated thresholds at evaluation):", "",
             "| method | base | +DSnoT | +R²-DSnoT |", "|---|---|---|---|",
-            "| DuoGPT (defaults: residual on the dense weights, scale 0.5) | "
+            "| DuoGPT (residual on the dense weights, scale 0.5: the default when it ran) | "
             + " | ".join(_cell(res, "duogpt", "0.5", None, r, 0.5) for r in REFINES) + " |",
-            "| DuoGPT (defaults), refiner aiming at the full dense stream (--refine-residual-scale 1) | n/a | "
+            "| the same, refiner aiming at the full dense stream (--refine-residual-scale 1) | n/a | "
             + " | ".join(_cell(res, "duogpt", "0.5", None, r, 0.5, FULL_RESIDUAL) for r in REFINES[1:]) + " |",
-            "| DuoGPT (defaults), refiner with update threshold 0 (--refine-update-threshold 0) | n/a | "
+            "| the same, refiner with update threshold 0 (--refine-update-threshold 0) | n/a | "
             + " | ".join(_cell(res, "duogpt", "0.5", None, r, 0.5, {"update_threshold": 0.0}) for r in REFINES[1:])
             + " |",
             "| DuoGPT, Algorithm 1 as printed (residual_target running, scale 1) | "
