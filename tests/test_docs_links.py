@@ -69,8 +69,8 @@ OUTSIDE = re.compile(r"(?<![\w.])(/work/|\.\./shared/|/home/\w+/)")
 
 
 def outside_checked_files() -> list[Path]:
-    """README, CHANGELOG, docs/*.md, and the code: scripts and every package folder (reports are
-    records of past runs and keep the paths they ran with)."""
+    """README, CHANGELOG, docs/*.md, and the code: scripts and every package folder (report READMEs
+    have their own, stricter check below; a report's raw tables and JSON keep the paths they ran with)."""
     code = [p for folder in ("scripts", "duoserve", "prune", "evaluation", "kernels", "loaders", "loadtest", "tests")
             for p in sorted((ROOT / folder).rglob("*"))
             if p.is_file() and p.suffix in {".py", ".sh", ".c", ".cpp", ".h", ".md"} and "__pycache__" not in p.parts
@@ -83,4 +83,18 @@ def test_no_path_outside_the_repository(path):
     """A reader's machine has none of this machine's folders: name a placeholder (PATH/...) instead."""
     text = path.read_text(encoding="utf-8", errors="replace")
     found = [text[max(m.start() - 30, 0):m.end() + 30].replace("\n", " ") for m in OUTSIDE.finditer(text)]
+    assert not found, f"{path.relative_to(ROOT)}: {found}"
+
+
+# A report's README shows the commands that made it: this machine's home, cache and temporary
+# folders mean nothing to a reader, who gets a placeholder that says what the path is (CKPT, DENSE,
+# BIN ...). /tmp/ is allowed in scripts (they build probes there), not in what a report tells you to run.
+REPORT_OUTSIDE = re.compile(r"(?<![\w.])(/work/|\.\./shared/|/home/\w+/|/root/|/tmp/)")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "docs" / "reports").rglob("README.md")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_report_readmes_name_no_path_of_this_machine(path):
+    text = path.read_text(encoding="utf-8", errors="replace")
+    found = [text[max(m.start() - 30, 0):m.end() + 30].replace("\n", " ") for m in REPORT_OUTSIDE.finditer(text)]
     assert not found, f"{path.relative_to(ROOT)}: {found}"
