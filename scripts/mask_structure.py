@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""How evenly do data-free scores spread the zeros over rows and columns? (docs/symmetric.md)
+"""How evenly do data-free scores spread the zeros over rows and columns? (docs/results.md, "Symmetric family")
 
 SymWanda's weight variant (Cor. 3.4) scored 3649.53 on SmolLM2-135M at 50%, far worse than
 magnitude (402.94) and RI (RIA with alpha 0, 146.31). This script checks the suspected cause: with

@@ -48,10 +48,10 @@ def target_residual_scale(options: DSnoTOptions, method) -> float:
     """The refiner's factor on X~ - X^: its own option if given, else the base method's, else 1.
 
     DuoGPT calibrates toward X^ + s (X~ - X^) with s < 1; a refiner aiming at the full X~ would
-    pull the weights back toward the objective the base deliberately shrank (docs/symmetric.md has
-    both measured). DuoGPT's default s is chosen per linear only when the base solves, after the
-    refiner's statistics are collected, so with it the refiner aims at 0.5 (the fixed default
-    that "auto" replaced)."""
+    pull the weights back toward the objective the base deliberately shrank (docs/results.md,
+    "Symmetric family", has both measured). With `--residual-scale auto` DuoGPT's s is chosen per
+    linear only when the base solves, after the refiner's statistics are collected, so the refiner
+    then aims at 0.5."""
     if options.residual_scale is not None:
         return options.residual_scale
     scale = getattr(method.options, "residual_scale", 1.0)

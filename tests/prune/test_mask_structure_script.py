@@ -1,4 +1,4 @@
-"""scripts/mask_structure.py: the numbers behind docs/symmetric.md's SymWanda-weight note."""
+"""scripts/mask_structure.py: the numbers behind the SymWanda-weight note of docs/results.md, "Symmetric family"."""
 from __future__ import annotations
 
 import subprocess

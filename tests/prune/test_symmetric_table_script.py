@@ -1,4 +1,4 @@
-"""scripts/symmetric_table.py: how cached rows become docs/symmetric.md's table (no pruning run)."""
+"""scripts/symmetric_table.py: how cached rows become the table of docs/reports/symmetric-smollm2 (no pruning run)."""
 from __future__ import annotations
 
 import json
