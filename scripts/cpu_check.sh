@@ -34,6 +34,8 @@
 #                      panel walk (DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=0: the fp32 FMA walk up to 12, tiled above);
 #                      batch-cold-panel4.md the panel walk at 4 tokens (against the FMA walk in
 #                      batch-cold.md: whether the panel's start, 5, should be 4 on this CPU)
+#   batch-cold-vllm-amx.md, batch-cold-vllm-amx-off.md   (AMX hosts) the op against vLLM's GEMM at 1..512
+#                      tokens with the AMX panel path, and with it off (DUOSERVE_CPU_AMX=off)
 #   decode.md          a 2-layer Llama-2-7B-shape decode step, eager, one thread
 # The *.txt files but machine.txt are console output: .gitignore keeps them out of a committed report
 # (quote what a claim needs in the report's README).
@@ -50,6 +52,7 @@ STATE="commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ":(exclu
   echo "AVX-512 flags: $(grep -m1 flags /proc/cpuinfo | tr ' ' '\n' | grep -E 'avx512' | sort | tr '\n' ' ')"
   lscpu | grep -E "^(L1d|L2|L3)" || true
   echo "decoders: $($PY -c 'from duoserve.kernels import cpu; import torch; print(cpu.available_decoders(), "chosen:", cpu.decoder(torch.bfloat16), cpu.decoder(torch.float32))')"
+  echo "AMX: $($PY -c 'from duoserve.kernels import cpu; what, why = cpu.amx(); print(what, "-", why + (f" - from {cpu.amx_min_tokens()} tokens" if what == "tiles" else ""))')"
   echo "walk-all policy: $($PY -c 'from duoserve.kernels import cpu; print(cpu.walk_all(), "measured:", cpu.walk_all_calibration())')"
   echo "date: $(date -u +%FT%TZ); $STATE"
 } > "$OUT/machine.txt"
@@ -97,6 +100,16 @@ DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=4 $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batc
   --markdown "$OUT/batch-cold-panel4.md"
 DUOSERVE_CPU_BF16_DOT_MIN_TOKENS=0 DUOSERVE_CPU_SLICES_MAX_TOKENS=0 $B --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 4,5 --cold-mib 512 \
   --markdown "$OUT/batch-cold-passes3.md"
+# AMX hosts (issue 28's bars): the AMX panel path against vLLM's GEMM from 1 token to prefill chunks, and
+# the same calls with AMX off (the walks and the panel walk) for the gain; the tests of the instructions first
+rm -f "$OUT/batch-cold-vllm-amx.md" "$OUT/batch-cold-vllm-amx-off.md"
+if [ "$($PY -c 'from duoserve.kernels import cpu; print(cpu.amx()[0])')" = tiles ] && $PY -c "import vllm" 2> /dev/null; then
+  $PY -m pytest -q tests/kernels/test_cpu_amx.py
+  $BV --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 1,2,3,4,8,16,32,64,128,256,512 --cold-mib 512 --baseline vllm --rounds 3 \
+    --markdown "$OUT/batch-cold-vllm-amx.md"
+  DUOSERVE_CPU_AMX=off $BV --shapes $SHAPES4 --pw 0.5 --px 0.5 --batch 2,3,4,8,16,64,256,512 --cold-mib 512 --baseline vllm \
+    --rounds 3 --markdown "$OUT/batch-cold-vllm-amx-off.md"
+fi
 $PY -m duoserve.kernels.bench_decode --device cpu --layers 2 --markdown "$OUT/decode.md"
 if gcc -O2 -o /tmp/duoserve_simd_throughput scripts/simd_throughput.c 2> /dev/null; then
   /tmp/duoserve_simd_throughput | tee "$OUT/simd.txt"
