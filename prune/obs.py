@@ -40,6 +40,19 @@ by the time they were rounded, and the clamping made int8 joint rounding 10x wor
 afterwards. So a joint solve runs twice: the float solve chooses the mask and its kept weights
 give the scales (the largest kept |w| per row and group); the second solve, with that mask and
 those scales, rounds in the loop. With p_w = 0 it is GPTQ with static groups.
+
+Scale refit (`refit_scales`): the joint solve fixes the codes; each row's group scales are then
+re-chosen by least squares on the fixed objective ||W' X^ - W0 (X^ + s dX)||^2 (s the
+residual scale; SparseGPT: s = 0), with the full H, not its diagonal: with w = sum_g t_g v_g (v_g
+the row's dequantized group g) it is a quadratic in the ceil(K/G) multipliers t, solved per row.
+The codes, the mask and the format do not change (a scale is any positive float16). A per-group
+clipping search on the float solve's weights (the RTN remedy) bought nothing here: the joint solve
+already feeds a group's rounding error forward: on SmolLM2's first three layers (DuoGPT W50+X50,
+int4, G 128, calibration tokens) the joint rounding raised the 21 linears' objective by 36.4 in
+total over the float solve with the group max, 36.2 with a diag(H)-weighted clipping search, 3.1
+after the refit (a second solve with the refit scales and a second refit: 1.8, not worth a third
+solve). With fixed codes the refit also acts as a per-group gain on the pruning's compensation, so
+it can end below the float solve (docs/pruning.md, "Quantized values").
 """
 from __future__ import annotations
 
@@ -48,7 +61,7 @@ from dataclasses import dataclass
 
 import torch
 
-from duoserve.format.quant import group_scales, half_range
+from duoserve.format.quant import MIN_SCALE, expand_groups, group_scales, half_range
 from duoserve.format.schema import WeightQuant
 from duoserve.prune.sparsity import SparsityTarget, prune_lowest_overall, prune_nm
 
@@ -216,9 +229,55 @@ def obs_prune(weight: torch.Tensor, stats: HessianStats, target: SparsityTarget,
         floating = obs_prune(weight, stats, target, settings, mask=mask)  # chooses the mask, sizes the grid
         kept = floating != 0
         scales = group_scales(floating, quant.bits, quant.group_size, kept)  # [N, ceil(K/G)] fp16
-        return _obs_solve(weight, stats, target, settings, mask if mask is not None else ~kept,
-                          _GroupScales(quant, scales, None)), scales
+        rounded = _obs_solve(weight, stats, target, settings, mask if mask is not None else ~kept,
+                             _GroupScales(quant, scales, None))
+        return refit_scales(rounded, scales, weight, stats, settings, quant)
     return _obs_solve(weight, stats, target, settings, mask, None)
+
+
+@torch.no_grad()
+def refit_scales(W: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor, stats: HessianStats,
+                 settings: ObsSettings, quant: WeightQuant) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares group scales for the fixed codes of a joint solve's result W [N, K] (module
+    docstring): per row, minimise t^T A t - 2 t^T b over the multipliers t of its group scales,
+    A[g, h] = v_g H v_h^T, b[g] = v_g E w0^T, E = H + s G^T (the objective's cross term). A row keeps
+    its old scales where the refit (after rounding to float16) would not lower its objective or
+    gives a multiplier that is not finite and positive. -> (W with the new scales, scales fp16)."""
+    n, k = W.shape
+    gs = quant.group_size
+    ng = scales.shape[1]
+    W = W.float()
+    H = stats.H.float()
+    E = H.clone()
+    if stats.G is not None and settings.residual_scale:
+        E += settings.residual_scale * stats.G.float().T
+    target = weight.float() @ E.T  # [N, K]: row r is (E w0_r^T)^T
+    pad = ng * gs - k
+    Wp = torch.nn.functional.pad(W, (0, pad))  # [N, ng * G]
+    b = (Wp * torch.nn.functional.pad(target, (0, pad))).view(n, ng, gs).sum(-1)  # [N, ng]
+    A = torch.empty(n, ng, ng, dtype=torch.float32, device=W.device)
+    for h in range(ng):
+        c0, c1 = h * gs, min((h + 1) * gs, k)
+        Y = W[:, c0:c1] @ H[c0:c1, :]  # [N, K]: sum over group h's columns of w_l H_l,:
+        A[:, :, h] = (Wp * torch.nn.functional.pad(Y, (0, pad))).view(n, ng, gs).sum(-1)
+    A = 0.5 * (A + A.transpose(1, 2))
+    ridge = 1e-6 * A.diagonal(dim1=1, dim2=2).abs().mean(-1, keepdim=True) + 1e-30  # [N, 1]
+    empty = A.diagonal(dim1=1, dim2=2) <= 0  # groups with nothing kept (or inputs that never fire)
+    A.diagonal(dim1=1, dim2=2).add_(ridge + empty.float())
+    t = torch.linalg.solve(A, b.unsqueeze(-1)).squeeze(-1)  # [N, ng]
+    old = scales.float()
+    new = (old * t).to(torch.float16)
+    bad = ~torch.isfinite(new) | ~torch.isfinite(t) | (t <= 0) | empty
+    new = torch.where(bad, scales.to(torch.float16), new.clamp_min(MIN_SCALE))
+    t16 = new.float() / old  # the multipliers that ship
+
+    def objective(m):  # [N]: t^T A t - 2 t^T b per row
+        return (m.unsqueeze(1) @ A @ m.unsqueeze(-1)).reshape(n) - 2 * (m * b).sum(-1)
+
+    better = objective(t16) < objective(torch.ones_like(t16))
+    new = torch.where(better.unsqueeze(1), new, scales.to(torch.float16))
+    levels = torch.round(2 * W / expand_groups(old, k, gs)) / 2  # the codes' levels (half-integers; 0 where pruned)
+    return levels * expand_groups(new.float(), k, gs), new
 
 
 def _obs_solve(weight: torch.Tensor, stats: HessianStats, target: SparsityTarget, settings: ObsSettings,

@@ -4,8 +4,9 @@ For W [N, K] with kept (non-zero) weights, groups of G input columns of a row sh
 scale s[n, g] (g = k // G). Scheme "symmetric": a kept weight is stored as a code c in [0, 2^b),
 standing for (c - 2^(b-1) + 1/2) * s: 2^b levels symmetric about 0 and no zero level, so a
 dequantized kept weight is never 0 and "non-zero iff kept" holds for the dequantized matrix as it
-does for the float one. s = (largest kept |w| of the group) / (2^(b-1) - 1/2), rounded to float16
-and at least 2^-14 (the smallest normal float16). Pruned positions have no code and no part in
+does for the float one. Round to nearest (`group_scales`) takes s = (largest kept |w| of the group)
+/ (2^(b-1) - 1/2), rounded to float16 and at least 2^-14 (the smallest normal float16); the format
+accepts any float16 s > 0 (the joint OBS methods refit s, prune/obs.py). Pruned positions have no code and no part in
 the scale.
 
 Codes are laid out like float values: row-major over the kept positions; int4 packs two per byte,

@@ -74,8 +74,9 @@ class WeightQuant:
 
     scheme "symmetric": code c in [0, 2^bits) stands for (c - 2^(bits-1) + 1/2) * scale, a grid of
     2^bits levels symmetric about 0 *without* a zero level (a stored value is a kept weight, so it
-    is never 0: "non-zero iff kept" holds for the dequantized weight too); the scale is the group's
-    largest kept |w| / (2^(bits-1) - 1/2), rounded to float16 (docs/checkpoint-format.md).
+    is never 0: "non-zero iff kept" holds for the dequantized weight too); the scale is any float16
+    > 0: round to nearest uses the group's largest kept |w| / (2^(bits-1) - 1/2), the joint OBS
+    methods refit it by least squares (prune/obs.py; docs/checkpoint-format.md).
     """
 
     bits: int
