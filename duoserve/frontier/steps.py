@@ -73,6 +73,14 @@ class Runner:
             steps += [self._speed(p) for p in points]
         return steps
 
+    def over_ppl_bound(self, p: Point) -> str | None:
+        """'PPL x > bound' when p's perplexity is known and over the rule's bound, else None."""
+        dense_ppl = (self._results.get(("ppl", Point(None))) or {}).get("ppl")
+        ppl = (self._results.get(("ppl", p)) or {}).get("ppl")
+        if p.dense or not dense_ppl or ppl is None or ppl <= self.args.max_ppl_ratio * dense_ppl:
+            return None
+        return f"PPL {ppl:.2f} > {self.args.max_ppl_ratio:g} x dense {dense_ppl:.2f}"
+
     def not_a_candidate(self, p: Point) -> str | None:
         """Why the rule cannot choose p on what is measured in-process (its perplexity against dense's,
         its in-process answers), or None when it can (--speed-for candidates serves only those)."""
@@ -80,6 +88,8 @@ class Runner:
 
         if p.dense:
             return None
+        if self.over_ppl_bound(p):
+            return self.over_ppl_bound(p)
         dense_ppl = (self._results.get(("ppl", Point(None))) or {}).get("ppl")
         if not dense_ppl:
             return "no dense perplexity to compare with"
@@ -153,7 +163,11 @@ class Runner:
             return {**json.loads(out.read_text()), "answers_from": f"in-process ({a.eval_dtype}, greedy)",
                     "seconds": round(seconds, 1)}
 
-        return Step("answers", p, self.work / f"answers-{key}.json", cmd, compute)
+        # --speed-for candidates: the in-process answers only decide which points to serve, and a point over
+        # the PPL bound is out whatever it answers (a --no-speed run answers for every point).
+        skip = ((lambda: self.over_ppl_bound(p)) if not a.no_speed and getattr(a, "speed_for", "all") == "candidates"
+                else None)
+        return Step("answers", p, self.work / f"answers-{key}.json", cmd, compute, skip)
 
     def _speed(self, p: Point) -> Step:
         key = f"{self.point_key(p)}-{self.speed_settings.key()}"
@@ -215,8 +229,8 @@ class Runner:
             if st != "cached":
                 extra = prune_flags(self.ckpt_path(s.subject), Path()) if s.kind == "prune" else []
                 lines.append("          $ " + " ".join(s.command + extra)
-                             + ("   (only if it passes the rule in-process)" if s.skip and not s.subject.dense
-                                else ""))
+                             + ("" if not s.skip or s.subject.dense else "   (only if it passes the rule in-process)"
+                                if s.kind == "speed" else "   (only if its PPL is within the bound)"))
         lines.append("; ".join(f"{n} {k}" for k, n in counts.items()))
         return "\n".join(lines)
 
@@ -241,8 +255,9 @@ class Runner:
                 continue
             why = s.skip() if st != "cached" and s.skip is not None else None
             if why:
-                print(f"[{i:>3}/{len(steps)}] {s.label}: not served: the rule cannot choose it ({why})", flush=True)
-                self.not_run.append(f"{s.label.strip()} (not served, --speed-for candidates: {why})")
+                done = "not served" if s.kind == "speed" else "not run"
+                print(f"[{i:>3}/{len(steps)}] {s.label}: {done}: the rule cannot choose it ({why})", flush=True)
+                self.not_run.append(f"{s.label.strip()} ({done}, --speed-for candidates: {why})")
                 continue
             print(f"[{i:>3}/{len(steps)}] {s.label}: {'cached' if st == 'cached' else st + ' ...'}", flush=True)
             t0 = time.time()

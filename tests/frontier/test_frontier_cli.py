@@ -289,20 +289,22 @@ def test_speed_for_candidates_serves_only_points_the_rule_can_choose(tmp_path, m
     monkeypatch.setattr(speed, "measure", measure)
     monkeypatch.setattr(frontier_steps.Runner, "dense_folder", lambda self: tmp_path / "dense")
     work = tmp_path / "work"
-    argv = ["frontier", "--work", str(work), "--methods", "duogpt", "--sparsities", "0.2,0.4", "--serve-px", "0,0.2,0.5",
+    argv = ["frontier", "--work", str(work), "--methods", "duogpt", "--sparsities", "0,0.4", "--serve-px", "0,0.2,0.5",
             "--speed-for", "candidates"]
     assert main(argv) == 0
-    # PPL <= 30 and in-process answers ok (the fake loops at 0.5): W0.2 X0 (24), W0.2 X0.2 (28.8), W0.4 X0 (28);
-    # W0.4 X0.2 (33.6) fails on PPL, the X0.5 points on PPL and a looping answer.
+    # PPL <= 30 and in-process answers ok (the fake loops at 0.5): W0 X0 (20), W0 X0.2 (24), W0.4 X0 (28);
+    # W0 X0.5 (30) is within the bound but loops in-process; W0.4 X0.2 (33.6) and W0.4 X0.5 fail on PPL.
     assert [(lab, px) for lab, _, px in served] == [("dense", None), ("sparse", 0.0), ("sparse", 0.2), ("sparse", 0.0)]
     rows = json.loads((work / "frontier.json").read_text())["rows"]
     by = {r["point"]: r for r in rows}
     assert by["duogpt W0.4 X0.2 (pruned for X0.4)"].get("tpot_s") is None
-    assert by["duogpt W0.4 X0.2 (pruned for X0.4)"]["answers_from"].startswith("in-process")
-    assert by["duogpt W0.2 X0 (pruned for X0.2)"]["answers_from"].startswith("endpoint")
-    assert by["duogpt W0.2 X0 (pruned for X0.2)"]["answers_in_process"] == GOOD
+    assert "answers" not in by["duogpt W0.4 X0.2 (pruned for X0.4)"]  # over the PPL bound: no answers asked
+    assert by["duogpt W0 X0.5 (pruned for X0)"]["answers_from"].startswith("in-process")
+    assert by["duogpt W0 X0 (pruned for X0)"]["answers_from"].startswith("endpoint")
+    assert by["duogpt W0 X0 (pruned for X0)"]["answers_in_process"] == GOOD
     md = (work / "frontier.md").read_text()
-    assert "not served, --speed-for candidates: PPL 33.60 > 1.5 x dense 20.00" in md
+    assert "not served, --speed-for candidates: PPL 33.60 > 1.5 x dense 20.00)" in md
+    assert "answers  duogpt W0.4 X0.2 (pruned for X0.4) (not run, --speed-for candidates: PPL 33.60" in md
     assert "source per line" in md and "[in-process]" in md and "[endpoint]" in md
     # A rerun reuses every result: nothing is pruned, evaluated or served again.
     served.clear()
