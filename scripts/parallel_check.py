@@ -22,12 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-PROMPTS = [
+PROMPTS = [  # plain continuations (the completions API: no chat template needed)
     "The history of the city begins",
-    "In 1998, the company announced that",
     "Water boils at a temperature of",
-    "She opened the door and saw",
-    "The main reason for the decline of",
+    "The three largest planets of the solar system are",
+    "A good way to learn a new language is",
+    "The recipe calls for two cups of flour and",
     "A list of the largest rivers in Europe:",
     "def fibonacci(n):",
     "The theory of relativity states that",
