@@ -129,6 +129,19 @@ def kernel_backend(device: torch.device | str, dtype: torch.dtype) -> str:
             f"{most} tokens a call{panel}, decompress + matmul above; {walk})")
 
 
+def checked_call(x: torch.Tensor, n: int, k: int, threshold, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checks and conversions both linear ops make: x [..., K] -> ([T, K], the threshold as an fp32
+    0-dim tensor on x's device, kept as is when it already is one: no copy per call)."""
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} input features, the weight has {k}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must be [{n}] (one per output), got {tuple(bias.shape)}")
+    if not (isinstance(threshold, torch.Tensor) and threshold.dim() == 0
+            and threshold.dtype == torch.float32 and threshold.device == x.device):
+        threshold = as_threshold(threshold, x.device)
+    return (x if x.dim() == 2 else x.reshape(-1, k)), threshold
+
+
 def dual_sparse_linear(x: torch.Tensor, packed: PackedWeight, threshold,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] -> y [..., N] = W @ where(|x| > t, x, 0) + bias, in x.dtype.
@@ -136,14 +149,7 @@ def dual_sparse_linear(x: torch.Tensor, packed: PackedWeight, threshold,
     threshold: an fp32 0-dim tensor on x's device (no copy per call; what CUDA graphs need) or a
     float.
     """
-    if x.shape[-1] != packed.k:
-        raise ValueError(f"x has {x.shape[-1]} input features, the weight has {packed.k}")
-    if bias is not None and tuple(bias.shape) != (packed.n,):
-        raise ValueError(f"bias must be [{packed.n}] (one per output), got {tuple(bias.shape)}")
-    if not (isinstance(threshold, torch.Tensor) and threshold.dim() == 0
-            and threshold.dtype == torch.float32 and threshold.device == x.device):
-        threshold = as_threshold(threshold, x.device)
-    x2 = x if x.dim() == 2 else x.reshape(-1, packed.k)  # [T, K]
+    x2, threshold = checked_call(x, packed.n, packed.k, threshold, bias)
     y = dual_sparse_linear_op(x2, packed.bitmap, packed.offsets, packed.values, threshold, bias,
                               packed.n, packed.k)  # [T, N]
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], packed.n)

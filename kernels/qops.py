@@ -26,7 +26,8 @@ import torch
 
 from . import cpu, gpu
 from .qlayout import QPackedWeight, unpack_dequantized
-from .reference import as_threshold, dual_sparse_linear_reference
+from .ops import checked_call
+from .reference import dual_sparse_linear_reference
 from .settings import kernel_choice
 
 log = logging.getLogger(__name__)
@@ -108,14 +109,7 @@ dual_sparse_linear_q_op = torch.ops.duoserve.dual_sparse_linear_q
 def dual_sparse_linear_q(x: torch.Tensor, packed: QPackedWeight, threshold,
                          bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] -> y [..., N] = Wq @ where(|x| > t, x, 0) + bias, in x.dtype."""
-    if x.shape[-1] != packed.k:
-        raise ValueError(f"x has {x.shape[-1]} input features, the weight has {packed.k}")
-    if bias is not None and tuple(bias.shape) != (packed.n,):
-        raise ValueError(f"bias must be [{packed.n}], got {tuple(bias.shape)}")
-    if not (isinstance(threshold, torch.Tensor) and threshold.dim() == 0
-            and threshold.dtype == torch.float32 and threshold.device == x.device):
-        threshold = as_threshold(threshold, x.device)
-    x2 = x if x.dim() == 2 else x.reshape(-1, packed.k)
+    x2, threshold = checked_call(x, packed.n, packed.k, threshold, bias)
     y = dual_sparse_linear_q_op(x2, packed.bitmap, packed.offsets, packed.codes, packed.scales, threshold, bias,
                                 packed.n, packed.k, packed.bits, packed.group_size)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], packed.n)

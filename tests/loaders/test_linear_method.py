@@ -61,6 +61,17 @@ def _load(layer, kind, tensors, skip=()):
                 param.weight_loader(param, t, sid)
 
 
+def _loaded_layer(ckpt, kind: str, dtype):
+    """A vLLM layer of `kind` built for ckpt's config with duoserve's linear method, its shards loaded
+    from ckpt's files and processed as after loading -> (layer, the checkpoint's tensors)."""
+    layer = _layer(kind, _config(ckpt), dtype)
+    assert type(layer.quant_method).__name__ == "DuoserveLinearMethod"
+    tensors = {k: v for f in sorted(ckpt.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    _load(layer, kind, tensors)
+    layer.quant_method.process_weights_after_loading(layer)
+    return layer, tensors
+
+
 def _reference(kind, loaded, x):
     outs = []
     for hf, _ in _hf_names(kind):
@@ -76,12 +87,7 @@ def _reference(kind, loaded, x):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_layer_matches_reference(vllm_layers, bitmask_ckpt, dense_ckpt, fmt, kind, dtype):
     ckpt = bitmask_ckpt if fmt == "bitmask" else dense_ckpt
-    cfg = _config(ckpt)
-    layer = _layer(kind, cfg, dtype)
-    assert type(layer.quant_method).__name__ == "DuoserveLinearMethod"
-    tensors = {k: v for f in sorted(ckpt.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-    _load(layer, kind, tensors)
-    layer.quant_method.process_weights_after_loading(layer)
+    layer, tensors = _loaded_layer(ckpt, kind, dtype)
     names = {n for n, _ in layer.named_parameters()}
     assert not names & {"weight", "weight_bitmask", "weight_values", "act_threshold"}, "on-disk form not freed"
     assert any(n.endswith("_bitmap") for n in names)

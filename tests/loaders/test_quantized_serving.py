@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from duoserve.format.bitmask import bitmask_to_bool
 from duoserve.format.io import read_quant_config
 from duoserve.format.quant import decode_quantized
-from test_linear_method import _config, _hf_names, _layer, _load
+from test_linear_method import _config, _hf_names, _layer, _load, _loaded_layer
 
 pytestmark = pytest.mark.timeout(300)
 FAST = dict(nsamples=4, seqlen=64, threshold_nsamples=2, batch_size=2)
@@ -38,12 +38,7 @@ def _dequantized_fp32(ckpt, tensors, hf):
 @pytest.mark.parametrize("kind", ["qkv_proj", "gate_up_proj", "down_proj"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_quantized_layer_matches_the_dequantized_reference(vllm_layers, quant_ckpt, kind, dtype):
-    cfg = _config(quant_ckpt)
-    layer = _layer(kind, cfg, dtype)
-    assert type(layer.quant_method).__name__ == "DuoserveLinearMethod"
-    tensors = {k: v for f in sorted(quant_ckpt.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-    _load(layer, kind, tensors)
-    layer.quant_method.process_weights_after_loading(layer)
+    layer, tensors = _loaded_layer(quant_ckpt, kind, dtype)
     names = {n for n, _ in layer.named_parameters()}
     assert not names & {"weight_bitmask", "weight_values", "weight_scales", "act_threshold"}, "on-disk form not freed"
     assert any(n.endswith("_codes") for n in names) and any(n.endswith("_scales") for n in names)
