@@ -99,7 +99,12 @@ bool amx_self_check(std::string& why) {
     return false;
   }
   int status = 0;
-  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  pid_t waited;
+  while ((waited = waitpid(pid, &status, 0)) < 0 && errno == EINTR) {
+  }
+  if (waited != pid) {  // e.g. a process-wide SIGCHLD reaper took the child's status first
+    why = std::string("could not wait for the AMX self-check: ") + std::strerror(errno);
+    return false;
   }
   if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return true;
   why = WIFSIGNALED(status) ? "the AMX self-check died of signal " + std::to_string(WTERMSIG(status))
