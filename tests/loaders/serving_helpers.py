@@ -121,7 +121,7 @@ def served_greedy_tokens(extra_args: list[str], ckpt: Path, log: Path) -> dict[s
 
     from openai import OpenAI
 
-    from conftest import duoserve_cli
+    from process_helpers import duoserve_cli
 
     args = ["serve", str(ckpt), "--port", "0", "--api-key", "k", "--served-model-name", "tiny", *extra_args,
             "--enforce-eager", "--max-model-len", "256", "--log-file", str(log), "--dtype", "float32"]

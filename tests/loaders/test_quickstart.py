@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import duoserve_cli
+from process_helpers import duoserve_cli
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 

@@ -14,7 +14,7 @@ import pytest
 import requests
 import torch
 
-from conftest import duoserve_cli
+from process_helpers import duoserve_cli
 from serving_helpers import PROMPTS, ReferenceModel
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]

@@ -24,7 +24,7 @@ import time
 import pytest
 import requests
 
-from conftest import kill_group
+from process_helpers import kill_group
 from serving_helpers import PROMPTS, ReferenceModel, corrupt, rewrite_tensors
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
