@@ -36,13 +36,31 @@ def make_windows(ids: torch.Tensor, seqlen: int, bos_id: int | None = None,
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "perplexity") -> dict:
+    """Perplexity over all windows, and each window's mean NLL (window_nll): two models evaluated on
+    the same windows are compared by their per-window differences (paired_nll_difference), whose
+    spread says whether a gap is larger than the text's own variation."""
     device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
+    window_nll: list[float] = []
     for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="batch"):
         batch = windows[start:start + batch_size].to(device)  # [b, T]
         logits = model(input_ids=batch, use_cache=False).logits.float()  # [b, T, V]
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        total_nll += float(nll)
-        total_tokens += batch[:, 1:].numel()
-    mean = total_nll / total_tokens
-    return {"ppl": math.exp(mean), "mean_nll": mean, "windows": int(windows.shape[0]), "tokens": total_tokens}
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+        window_nll += nll.view(batch.shape[0], -1).mean(dim=1).tolist()
+    total_tokens = windows.shape[0] * (windows.shape[1] - 1)
+    mean = sum(window_nll) / len(window_nll)  # every window predicts the same number of tokens
+    return {"ppl": math.exp(mean), "mean_nll": mean, "windows": int(windows.shape[0]), "tokens": total_tokens,
+            "window_nll": window_nll}
+
+
+def paired_nll_difference(a: list[float], b: list[float]) -> dict:
+    """How much lower b's NLL is than a's on the same windows: the mean per-window difference
+    (a - b), its standard error, and the perplexity ratio exp(b - a) with a ~95% interval
+    (+-2 standard errors). Needs at least two windows, the same ones in the same order."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired comparison needs the same windows (>= 2) on both sides, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
+    return {"windows": n, "mean": mean, "se": se, "ppl_ratio": math.exp(-mean),
+            "ppl_ratio_interval": (math.exp(-mean - 2 * se), math.exp(-mean + 2 * se))}
