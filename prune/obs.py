@@ -67,6 +67,7 @@ from duoserve.prune.sparsity import SparsityTarget, prune_lowest_overall, prune_
 
 
 RESIDUAL_TARGETS = ("running", "original")
+RESIDUAL_FITS = ("obs", "ridge")
 
 
 def check_residual_target(value: str) -> None:
@@ -105,6 +106,12 @@ class HessianStats:
         rest.F = None
         return rest
 
+    def first_order(self) -> "HessianStats":
+        """The same tokens' H alone (no residual statistics): what SparseGPT's solve reads."""
+        plain = HessianStats.__new__(HessianStats)
+        plain.H, plain.G, plain.a, plain.F, plain.tokens = self.H, None, None, None, self.tokens
+        return plain
+
     def add(self, x_hat: torch.Tensor, x_dense: torch.Tensor | None = None) -> None:
         """x_hat, x_dense: [T, K] fp32."""
         t = x_hat.shape[0]
@@ -130,9 +137,36 @@ class ObsSettings:
     act_order: bool = False
     residual_scale: float = 1.0
     residual_target: str = "running"  # "running" (Algorithm 1 as printed) or "original" (dense W0)
+    # "obs": the residual inside the OBS loop (Algorithm 1); "ridge": the residual first, as dense
+    # weights (residual_corrected_weights, with its own ridge), then the plain SparseGPT solve.
+    residual_fit: str = "obs"
+    residual_ridge: float = 0.1  # "ridge": the regression's dampening, as a fraction of mean(diag H)
 
     def __post_init__(self):
         check_residual_target(self.residual_target)
+        if self.residual_fit not in RESIDUAL_FITS:
+            raise ValueError(f"residual_fit must be one of {', '.join(RESIDUAL_FITS)}, got {self.residual_fit!r}")
+        if not self.residual_ridge > 0:
+            raise ValueError(f"residual_ridge must be > 0, got {self.residual_ridge}")
+
+
+@torch.no_grad()
+def residual_corrected_weights(weight: torch.Tensor, stats: "HessianStats", scale: float,
+                               ridge: float) -> torch.Tensor:
+    """W_c = W0 + s W0 G (H + ridge mean(diag H) I)^-1: the dense weights that best map the pruned
+    model's inputs X^ to the target W0 (X^ + s dX), a ridge regression of the residual on X^.
+
+    For any W, ||W X^ - W0 (X^ + s dX)||^2 = ||(W - W_c) X^||^2 + const when the ridge is 0, so
+    pruning W_c with SparseGPT's objective minimizes DuoGPT's: the residual's regularization (the
+    ridge) and the pruning solve's dampening and column order are then separate settings, and at
+    s = 0 the result is exactly SparseGPT's."""
+    W0 = weight.float()
+    if stats.G is None or scale == 0:
+        return W0.clone()
+    H = damped(stats.H.float(), ridge)
+    M = W0 @ stats.G.float()  # [N, K]: W0 G, G = mean 2 dx x^T
+    correction = torch.cholesky_solve(M.T.contiguous(), torch.linalg.cholesky(H)).T  # M H^-1 (H symmetric)
+    return W0 + scale * correction
 
 
 def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -225,6 +259,12 @@ def obs_prune(weight: torch.Tensor, stats: HessianStats, target: SparsityTarget,
     and D is linear in the scale), which the held-out choice of the scale relies on.
     quant: quantize the kept weights jointly (module docstring); returns (W, scales fp16
     [N, ceil(K/G)]) then, W holding the dequantized values."""
+    if stats.G is not None and settings.residual_fit == "ridge":
+        # the residual as dense weights, then SparseGPT's solve on them (H only); still affine in
+        # the residual scale, as heldout_pruned_scale needs
+        weight = residual_corrected_weights(weight, stats, settings.residual_scale, settings.residual_ridge)
+        stats = stats.first_order()
+        settings = dataclasses.replace(settings, residual_scale=0.0)
     if quant is not None:
         floating = obs_prune(weight, stats, target, settings, mask=mask)  # chooses the mask, sizes the grid
         kept = floating != 0

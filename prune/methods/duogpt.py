@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 
 from duoserve.prune.methods.sparsegpt import ObsObserver, check_nm_blocksize
-from duoserve.prune.obs import ObsSettings, check_residual_target
+from duoserve.prune.obs import RESIDUAL_FITS, ObsSettings, check_residual_target
 from duoserve.prune.registry import PruningMethod, register
 
 log = logging.getLogger(__name__)
@@ -25,13 +25,23 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DuoGPTOptions:
     blocksize: int = field(default=128, metadata={"help": "columns per block of mask selection and lazy update"})
-    damp: float = field(default=0.1, metadata={"help": "dampening, as a fraction of mean(diag H)"})
+    damp: float | None = field(default=None, metadata={
+        "help": "dampening, as a fraction of mean(diag H) (default: 0.1 as in the paper; 0.01 as SparseGPT's "
+                "with --residual-fit ridge)"})
     act_order: bool | None = field(default=None, metadata={
-        "help": "process columns by decreasing diag(H) (default: on for unstructured as in the paper, off for N:M)"})
+        "help": "process columns by decreasing diag(H) (default: on for unstructured as in the paper; off for N:M and "
+                "with --residual-fit ridge)"})
     residual_scale: str = field(default="0.25", metadata={
         "help": "factor on the residual dX (1 = the paper's objective; 0.25 was best on SmolLM2 and Gemma-3, "
                 "docs/pruning.md), or auto: per linear, the scale whose pruned weights do best on held-out "
                 "calibration tokens"})
+    residual_fit: str = field(default="obs", metadata={
+        "help": "how the residual is fitted: obs (inside the OBS loop, Algorithm 1; damp and act_order apply to "
+                "both) or ridge (first as dense weights W0 + s W0 G (H + r I)^-1 with --residual-ridge r, then "
+                "SparseGPT's solve with its own damp 0.01 and column order unless given; prune/obs.py)"})
+    residual_ridge: float = field(default=0.1, metadata={
+        "help": "--residual-fit ridge: the residual regression's dampening, as a fraction of mean(diag H) "
+                "(the paper's 0.1)"})
     residual_target: str = field(default="original", metadata={
         "help": "weights the residual W dX is attributed to: original (the dense weights: the fixed objective "
                 "||W' X^ - W X~||) or running (Algorithm 1 as printed; the target moves with every update and "
@@ -40,8 +50,14 @@ class DuoGPTOptions:
     def __post_init__(self):
         if self.blocksize <= 0:
             raise ValueError(f"blocksize must be positive, got {self.blocksize}")
+        if self.residual_fit not in RESIDUAL_FITS:
+            raise ValueError(f"residual_fit must be one of {', '.join(RESIDUAL_FITS)}, got {self.residual_fit!r}")
+        if self.damp is None:
+            object.__setattr__(self, "damp", 0.01 if self.residual_fit == "ridge" else 0.1)
         if not self.damp > 0:
             raise ValueError(f"damp must be > 0 (Cholesky of H needs it), got {self.damp}")
+        if not self.residual_ridge > 0:
+            raise ValueError(f"residual_ridge must be > 0, got {self.residual_ridge}")
         if self.residual_scale != "auto":
             try:
                 scale = float(self.residual_scale)
@@ -70,6 +86,9 @@ class DuoGPT(PruningMethod):
 
     def observer(self, name, linear):
         o = self.options
-        act_order = (not self.target.is_nm) if o.act_order is None else o.act_order
+        # act_order: the paper's (on for unstructured) in the OBS-loop fit, SparseGPT's (off) in the ridge fit
+        default_order = not self.target.is_nm and o.residual_fit == "obs"
+        act_order = default_order if o.act_order is None else o.act_order
         return ObsObserver(self, linear.in_features, linear.weight.device, True,
-                           ObsSettings(o.blocksize, o.damp, act_order, o.residual_scale, o.residual_target), name)
+                           ObsSettings(o.blocksize, o.damp, act_order, o.residual_scale, o.residual_target,
+                                       o.residual_fit, o.residual_ridge), name)
