@@ -1,0 +1,176 @@
+"""Choose DuoGPT's default residual scale from held-out calibration text only (issue 29).
+
+Reads the per-window NLLs that `scripts/prune_table.py residual-default --data c4-heldout` left under
+each --work folder (one folder per model), for each candidate scale (0 = no residual, then 0.25,
+0.5) at each level that has all of them, and applies the one-standard-error rule: among the
+candidates whose held-out NLL, averaged over every (model, level) cell, is within one standard error
+of the best one's (the paired per-window differences give the error), take the simplest (the
+smallest scale: the least fitted to the calibration windows). Evaluation text (WikiText-2) is
+refused: a default chosen there would be tuned on what it is judged on.
+
+    python scripts/prune_table.py residual-default --work out/abl/smol --nsamples 16 --seqlen 512 \\
+        --max-windows 10 --modes threshold --only 0.5            # prune the candidates
+    python scripts/prune_table.py residual-default --work out/abl/smol ... --data c4-heldout --no-prune
+    python scripts/residual_default.py --work out/abl/smol --work out/abl/gemma
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prune_table import SUITES, _fmt  # noqa: E402  (the suite names the candidates and their cache keys)
+
+SUITES_OF_FIT = {"obs": "residual-default", "ridge": "residual-fit"}
+HELDOUT_DATA = "c4_heldout"  # prune_table's cache suffix for --data c4-heldout
+HELDOUT_MARK = "held-out"  # what the eval JSON's data description says for that split (prune/data.py)
+
+
+class NotHeldOut(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One model at one level: each candidate scale's per-window NLLs on the same held-out windows."""
+    model: str
+    level: str
+    window_nll: dict[float, list[float]]
+
+
+def candidates(fit: str = "obs") -> list[tuple[str, float, float, str]]:
+    """(level, p_x, residual scale, cache key) of every candidate of the fit's ladder. The ridge fit
+    at scale 0 is SparseGPT by construction (prune/obs.py), so its rung 0 is the SparseGPT checkpoint."""
+    out = []
+    if fit == "ridge":
+        levels = sorted({(c[1], c[2]) for c in SUITES["residual-fit"]})
+        out += [(level, p_x, 0.0, f"sparsegpt-{level}-x{p_x:g}") for level, p_x in levels]
+    for c in SUITES[SUITES_OF_FIT[fit]]:
+        level, p_x, options = c[1], c[2], c[3]
+        key = f"duogpt-{level}-x{p_x:g}" + "".join(f"-{k.replace('_', '')}{_fmt(v)}" for k, v in options.items())
+        out.append((level, p_x, float(options["residual_scale"]), key))
+    return out
+
+
+def eval_path(work: Path, key: str) -> Path:
+    return work / f"eval-{key}-threshold-{HELDOUT_DATA}.json"
+
+
+def read_window_nll(path: Path) -> list[float]:
+    data = json.loads(path.read_text())
+    if HELDOUT_MARK not in data.get("data", ""):
+        raise NotHeldOut(f"{path}: evaluated on {data.get('data')!r}, not the held-out calibration split; "
+                         f"evaluate with --data c4-heldout")
+    result = data.get("pruned") or data.get("model")
+    if "window_nll" not in result:
+        raise ValueError(f"{path}: no per-window NLLs (evaluated before they were recorded); delete the cached "
+                         f"result-eval-*-{HELDOUT_DATA}.json beside it and evaluate again")
+    return result["window_nll"]
+
+
+def load_cells(works: list[Path], fit: str = "obs") -> tuple[list[Cell], list[str]]:
+    """Every (model, level) with all candidates evaluated on held-out text, and what is missing."""
+    cells, missing = [], []
+    ladder = candidates(fit)
+    for work in works:
+        for level, p_x in sorted({(c[0], c[1]) for c in ladder}):
+            found, absent = {}, []
+            for _, _, scale, key in (c for c in ladder if (c[0], c[1]) == (level, p_x)):
+                path = eval_path(work, key)
+                if path.is_file():
+                    found[scale] = read_window_nll(path)
+                else:
+                    absent.append(path.name)
+            if absent and found:
+                missing.append(f"{work.name} at {level}: {', '.join(absent)}")
+            if not absent:
+                cells.append(Cell(work.name, level, found))
+    return cells, missing
+
+
+def cells_from_json(data: dict) -> list[Cell]:
+    """The cells a --json file holds (its evidence), to rerun the rule on."""
+    return [Cell(c["model"], c["level"], {float(k): v for k, v in c["window_nll"].items()}) for c in data["cells"]]
+
+
+def choose(cells: list[Cell]) -> dict:
+    """The one-standard-error rule over the cells' averaged held-out NLL (module docstring)."""
+    if not cells:
+        raise ValueError("no (model, level) has every candidate evaluated on held-out calibration text")
+    scales = sorted(cells[0].window_nll)
+    if any(sorted(c.window_nll) != scales for c in cells):
+        raise ValueError("cells differ in their candidate scales")
+
+    def mean_nll(scale):  # each cell weighs the same, whatever its window count
+        return sum(sum(c.window_nll[scale]) / len(c.window_nll[scale]) for c in cells) / len(cells)
+
+    best = min(scales, key=mean_nll)
+    rows = {}
+    for scale in scales:
+        means, variances = [], []
+        for c in cells:  # paired per-window differences against the best, per cell
+            a, b = c.window_nll[scale], c.window_nll[best]
+            if len(a) != len(b) or len(a) < 2:
+                raise ValueError(f"{c.model} at {c.level}: candidates were evaluated on different windows")
+            d = [x - y for x, y in zip(a, b)]
+            m = sum(d) / len(d)
+            means.append(m)
+            variances.append(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
+        gap = sum(means) / len(cells)
+        se = math.sqrt(sum(variances)) / len(cells)
+        rows[scale] = {"mean_nll": mean_nll(scale), "gap_to_best": gap, "se": se,
+                       "ppl_ratio_to_best": math.exp(gap), "within_1se": gap <= se}
+    chosen = min(s for s in scales if rows[s]["within_1se"])
+    return {"best": best, "chosen": chosen, "rows": rows,
+            "cells": [f"{c.model} at {c.level} ({len(c.window_nll[best])} windows)" for c in cells]}
+
+
+def render(result: dict, cells: list[Cell]) -> str:
+    head = "| residual scale | " + " | ".join(f"{c.model} W{c.level}" for c in cells) + \
+           " | mean NLL gap to best (± 1 SE) | PPL ratio to best | within 1 SE |"
+    lines = [head, "|" + "---|" * (len(cells) + 4)]
+    for scale, row in sorted(result["rows"].items()):
+        ppl = [f"{math.exp(sum(c.window_nll[scale]) / len(c.window_nll[scale])):.2f}" for c in cells]
+        mark = " (chosen)" if scale == result["chosen"] else ""
+        lines.append(f"| {scale:g}{mark} | " + " | ".join(ppl) +
+                     f" | {row['gap_to_best']:+.4f} ± {row['se']:.4f} | {row['ppl_ratio_to_best']:.3f} | "
+                     f"{'yes' if row['within_1se'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, action="append", required=True,
+                   help="a prune_table work folder (one per model); repeat for each model")
+    p.add_argument("--fit", choices=sorted(SUITES_OF_FIT), default="obs",
+                   help="the residual fit whose scales are compared (ridge: rung 0 is the SparseGPT checkpoint)")
+    p.add_argument("--json", type=Path, help="write the choice and its numbers here")
+    args = p.parse_args()
+    for work in args.work:
+        if not work.is_dir():
+            p.error(f"--work {work}: no such folder (run scripts/prune_table.py {SUITES_OF_FIT[args.fit]} --work "
+                    f"{work} first)")
+    try:
+        cells, missing = load_cells(args.work, args.fit)
+        result = choose(cells)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(render(result, cells))
+    print(f"\nbest on held-out calibration text: {result['best']:g}; chosen by the one-standard-error rule: "
+          f"{result['chosen']:g} (cells: {'; '.join(result['cells'])})")
+    if missing:
+        print("incomplete (left out): " + "; ".join(missing))
+    if args.json:  # the evidence with the choice: tests/prune/test_residual_default_script.py reruns the rule on it
+        cells_out = [{"model": c.model, "level": c.level, "window_nll": {f"{k:g}": v for k, v in c.window_nll.items()}}
+                     for c in cells]
+        args.json.write_text(json.dumps({**result, "fit": args.fit, "cells": cells_out}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""scripts/residual_default.py: DuoGPT's default residual scale is chosen on held-out calibration text only."""
+import json
+
+import pytest
+
+from script_module import load_script
+
+rd = load_script("residual_default")
+
+
+def cell(model, nll_by_scale, level="0.5"):
+    return rd.Cell(model, level, nll_by_scale)
+
+
+def test_one_standard_error_rule_prefers_the_simpler_scale_inside_the_noise():
+    # 0.5 is best on average by 0.01 nats, but the windows disagree by far more: 0.25 is within 1 SE
+    noisy = [cell("a", {0.0: [5.3, 5.1, 5.5, 5.2], 0.25: [5.0, 4.8, 5.2, 4.9], 0.5: [4.9, 4.9, 5.1, 4.9]}),
+             cell("b", {0.0: [4.6, 4.4, 4.5, 4.7], 0.25: [4.2, 4.0, 4.1, 4.3], 0.5: [4.3, 4.0, 4.0, 4.3]})]
+    result = rd.choose(noisy)
+    assert result["best"] == 0.5 and result["chosen"] == 0.25
+    assert not result["rows"][0.0]["within_1se"]
+
+
+def test_a_clear_gain_is_taken():
+    clear = [cell("a", {0.0: [5.0, 5.2, 5.1], 0.25: [4.8, 5.0, 4.9], 0.5: [4.6, 4.8, 4.7]})]
+    assert rd.choose(clear)["chosen"] == 0.5
+    flat = [cell("a", {0.0: [5.0, 5.2, 5.1], 0.25: [5.0, 5.2, 5.1], 0.5: [5.0, 5.2, 5.1]})]
+    assert rd.choose(flat)["chosen"] == 0.0  # no gain at all: no residual
+
+
+def test_evaluation_text_is_refused(tmp_path):
+    path = rd.eval_path(tmp_path, rd.candidates()[0][3])
+    path.write_text(json.dumps({"data": "wikitext-2 raw test (x.raw)", "pruned": {"window_nll": [1.0, 2.0]}}))
+    with pytest.raises(rd.NotHeldOut, match="c4-heldout"):
+        rd.read_window_nll(path)
+    path.write_text(json.dumps({"data": HELD, "pruned": {"ppl": 3.0}}))
+    with pytest.raises(ValueError, match="per-window"):
+        rd.read_window_nll(path)
+
+
+HELD = "C4 sample packaged in exllamav3 (584 documents), held-out last 146 of 584 documents"
+
+
+@pytest.mark.parametrize("fit", ["obs", "ridge"])
+def test_load_cells_reads_the_suites_cache_keys_and_reports_gaps(tmp_path, fit):
+    ladder = [c for c in rd.candidates(fit) if c[0] == "0.5"]
+    assert sorted(c[2] for c in ladder) == [0.0, 0.25, 0.5]
+    if fit == "ridge":  # rung 0 of the ridge fit is SparseGPT itself
+        assert next(c for c in ladder if c[2] == 0.0)[3] == "sparsegpt-0.5-x0.5"
+    for level, p_x, scale, key in ladder:
+        if scale != 0.5:
+            rd.eval_path(tmp_path, key).write_text(json.dumps({"data": HELD, "pruned": {"window_nll": [1.0 + scale, 2.0]}}))
+    cells, missing = rd.load_cells([tmp_path], fit)
+    assert cells == [] and len(missing) == 1 and "residualscale0.5" in missing[0]
+    key = next(c[3] for c in ladder if c[2] == 0.5)
+    rd.eval_path(tmp_path, key).write_text(json.dumps({"data": HELD, "pruned": {"window_nll": [1.5, 2.5]}}))
+    cells, missing = rd.load_cells([tmp_path], fit)
+    assert [c.level for c in cells] == ["0.5"] and not missing
+    assert cells[0].window_nll[0.25] == [1.25, 2.0]
