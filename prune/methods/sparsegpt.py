@@ -42,7 +42,8 @@ class ObsObserver(LinearObserver):
         self.method, self.name = method, name
         self.stats = HessianStats(in_features, with_residual, device)
         self.settings = settings
-        # "auto": statistics of the held-out tokens as well, which no layer's solve fits on (prune).
+        # "auto": statistics of held-out tokens as well (they stay in self.stats: the final solve
+        # uses every token, the held-out split only chooses the scale).
         self.heldout = (HessianStats(in_features, True, device, with_gap=True)
                         if settings.residual_scale == "auto" else None)
 
@@ -55,21 +56,16 @@ class ObsObserver(LinearObserver):
             self.heldout.add(x_hat[-h:], x_dense[-h:])
 
     def prune(self, weight):
-        settings, stats = self.settings, self.stats
+        settings = self.settings
         if self.heldout is not None:
-            # The held-out windows stay out of every layer's solve, the final one's too. Had the
-            # layers above fitted on them, they would reach this layer carrying errors those layers
-            # were fitted to correct, and the residual would look better on them than on new text:
-            # with the final solves on every token, the choice (median scale 0.84 on SmolLM2) lost
-            # to a fixed 0.25 by 11% in perplexity.
-            stats = self.stats.without(self.heldout)
-            choice, _ = heldout_pruned_scale(weight, stats, self.heldout, self.method.target, settings)
+            choice, _ = heldout_pruned_scale(weight, self.stats.without(self.heldout), self.heldout,
+                                             self.method.target, settings)
             log.info("%s: residual scale %.3f (chosen on %d held-out calibration tokens, whose objective is %.1f%% "
                      "lower than at scale 0 there, %.1f%% at scale 1)", self.name, choice.scale,
                      self.heldout.tokens, 100 * choice.reduction, 100 * choice.reduction_at_1)
             settings = dataclasses.replace(settings, residual_scale=choice.scale)
         quant = self.method.quantize if self.method.joint_quantization else None
-        return obs_prune(weight, stats, self.method.target, settings, quant=quant)
+        return obs_prune(weight, self.stats, self.method.target, settings, quant=quant)
 
 
 def check_nm_blocksize(method: PruningMethod) -> None:
