@@ -26,8 +26,6 @@ Suites
   the candidates scripts/residual_default.py chooses the default among (run it with --data c4-heldout).
 - residual-fit: DuoGPT with --residual-fit ridge (the residual as dense weights, then SparseGPT's solve) at
   W = X in 40/50/60%, residual scales 0.25 and 0.5.
-- residual-auto: DuoGPT with --residual-scale auto (held-out windows out of every layer's fit) at W = X in
-  40/50/60%; use a fresh --work (results of the earlier auto, which fitted on those windows, share its key).
 - baseline-settings: the dual-sparse baselines at W50+X50 with other settings: SparseGPT with DuoGPT's
   damp 0.1 and act_order, Wanda with norms of unsparsified and of sparsified inputs.
 - duogpt-residual: DuoGPT's residual term at W50+X50 and W60+X60: --residual-scale 0 / 0.25 /
@@ -75,9 +73,6 @@ SUITES = {
     "residual-fit": [("duogpt", str(p), p, {"residual_fit": "ridge", "damp": 0.01, "act_order": False,
                                             "residual_ridge": 0.1, "residual_scale": r})
                      for p in (0.4, 0.5, 0.6) for r in (0.25, 0.5)],
-    # DuoGPT's residual scale chosen per linear on held-out calibration windows that no layer fits on.
-    "residual-auto": [("duogpt", str(p), p, {"damp": 0.1, "act_order": True, "residual_scale": "auto"})
-                      for p in (0.4, 0.5, 0.6)],
     # The baselines at their own best settings (issue 29): SparseGPT with DuoGPT's damp/act_order,
     # Wanda scoring with the norms of the sparsified inputs it is served with.
     "baseline-settings": [("sparsegpt", "0.5", 0.5, {"damp": 0.1, "act_order": True}),
