@@ -1,11 +1,15 @@
 """scripts/residual_default.py: DuoGPT's default residual scale is chosen on held-out calibration text only."""
 import json
+import math
+from pathlib import Path
 
 import pytest
 
 from script_module import load_script
 
 rd = load_script("residual_default")
+EVIDENCE = (Path(__file__).resolve().parents[2] / "docs" / "reports" / "duogpt-residual-2026-12-07"
+            / "residual-default.json")
 
 
 def cell(model, nll_by_scale, level="0.5"):
@@ -57,3 +61,18 @@ def test_load_cells_reads_the_suites_cache_keys_and_reports_gaps(tmp_path, fit):
     cells, missing = rd.load_cells([tmp_path], fit)
     assert [c.level for c in cells] == ["0.5"] and not missing
     assert cells[0].window_nll[0.25] == [1.25, 2.0]
+
+
+def test_duogpts_default_is_the_rules_choice_on_the_committed_evidence():
+    """The default in the code is what the rule picks on the held-out evidence committed with it:
+    changing one without the other fails here."""
+    from duoserve.prune.methods.duogpt import DuoGPTOptions
+
+    data = json.loads(EVIDENCE.read_text())
+    cells = rd.cells_from_json(data)
+    assert {c.model for c in cells} >= {"smol", "gemma"}, "the evidence must cover both models"
+    result = rd.choose(cells)
+    assert result["chosen"] == data["chosen"]
+    defaults = DuoGPTOptions()
+    assert data["fit"] == defaults.residual_fit
+    assert math.isclose(float(defaults.residual_scale), result["chosen"])
