@@ -92,6 +92,12 @@ def _fmt(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def config_key(method: str, sparsity: str, p_x: float, options: dict) -> str:
+    """The name a configuration's checkpoint and cached results carry under --work."""
+    key = f"{method}-{sparsity.replace(':', 'of')}-x{p_x:g}"
+    return key + "".join(f"-{k.replace('_', '')}{_fmt(v)}" for k, v in options.items())
+
+
 def label(method: str, options: dict) -> str:
     """'duogpt (residual-scale 0.5, residual-target original)': the options as the CLI spells them."""
     if not options:
@@ -140,8 +146,7 @@ def chosen_scales(log: Path) -> dict | None:
 
 
 def prune(args, method: str, sparsity: str, p_x: float, options: dict) -> tuple[Path, dict]:
-    key = f"{method}-{sparsity.replace(':', 'of')}-x{p_x:g}"
-    key += "".join(f"-{k.replace('_', '')}{_fmt(v)}" for k, v in options.items())
+    key = config_key(method, sparsity, p_x, options)
     ckpt = args.work / f"ckpt-{key}"
 
     def compute():

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prune_table import SUITES, _fmt  # noqa: E402  (the suite names the candidates and their cache keys)
+from duoserve.evaluation.perplexity import paired_nll_difference  # noqa: E402
+from prune_table import SUITES, config_key  # noqa: E402  (the suites name the candidates and their cache keys)
 
 SUITES_OF_FIT = {"obs": "residual-default", "ridge": "residual-fit"}
 HELDOUT_DATA = "c4_heldout"  # prune_table's cache suffix for --data c4-heldout
@@ -48,11 +49,9 @@ def candidates(fit: str = "obs") -> list[tuple[str, float, float, str]]:
     out = []
     if fit == "ridge":
         levels = sorted({(c[1], c[2]) for c in SUITES["residual-fit"]})
-        out += [(level, p_x, 0.0, f"sparsegpt-{level}-x{p_x:g}") for level, p_x in levels]
-    for c in SUITES[SUITES_OF_FIT[fit]]:
-        level, p_x, options = c[1], c[2], c[3]
-        key = f"duogpt-{level}-x{p_x:g}" + "".join(f"-{k.replace('_', '')}{_fmt(v)}" for k, v in options.items())
-        out.append((level, p_x, float(options["residual_scale"]), key))
+        out += [(level, p_x, 0.0, config_key("sparsegpt", level, p_x, {})) for level, p_x in levels]
+    for method, level, p_x, options in SUITES[SUITES_OF_FIT[fit]]:
+        out.append((level, p_x, float(options["residual_scale"]), config_key(method, level, p_x, options)))
     return out
 
 
@@ -111,17 +110,15 @@ def choose(cells: list[Cell]) -> dict:
     best = min(scales, key=mean_nll)
     rows = {}
     for scale in scales:
-        means, variances = [], []
-        for c in cells:  # paired per-window differences against the best, per cell
-            a, b = c.window_nll[scale], c.window_nll[best]
-            if len(a) != len(b) or len(a) < 2:
-                raise ValueError(f"{c.model} at {c.level}: candidates were evaluated on different windows")
-            d = [x - y for x, y in zip(a, b)]
-            m = sum(d) / len(d)
-            means.append(m)
-            variances.append(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
-        gap = sum(means) / len(cells)
-        se = math.sqrt(sum(variances)) / len(cells)
+        # paired per-window differences against the best, per cell (evaluation.perplexity)
+        diffs = []
+        for c in cells:
+            try:
+                diffs.append(paired_nll_difference(c.window_nll[scale], c.window_nll[best]))
+            except ValueError as e:
+                raise ValueError(f"{c.model} at {c.level}: {e}") from None
+        gap = sum(d["mean"] for d in diffs) / len(cells)
+        se = math.sqrt(sum(d["se"] ** 2 for d in diffs)) / len(cells)
         rows[scale] = {"mean_nll": mean_nll(scale), "gap_to_best": gap, "se": se,
                        "ppl_ratio_to_best": math.exp(gap), "within_1se": gap <= se}
     chosen = min(s for s in scales if rows[s]["within_1se"])
