@@ -121,5 +121,6 @@ def kernel_backend_q(device) -> str:
         return "Triton GEMM for int4/int8 codes (codes dequantized in registers, any token count)"
     if device.type == "cpu" and native_cpu():
         return ("native CPU kernel for int4/int8 codes (a walk for any token count, codes dequantized in "
-                "registers; AVX-512 VBMI2 decode where the CPU has it, else scalar)")
+                "registers; int4 with bf16 inputs: two columns per vdpbf16ps where the CPU has AVX512-BF16 and "
+                "VBMI2; else an AVX-512 VBMI2 decode where it has VBMI2, else scalar)")
     return "pure-torch reference for int4/int8 codes (dequantize + fp32 matmul)"

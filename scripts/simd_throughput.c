@@ -10,7 +10,7 @@
 #include <stdio.h>
 #include <time.h>
 
-#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vpopcntdq,avx512bitalg,avx512bf16"), noinline))
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,avx512vpopcntdq,avx512bitalg,avx512bf16"), noinline))
 #define ROUNDS 20000000L
 // The stream loop must be unrolled, or GCC keeps the accumulators in memory and every round waits
 // on a store and a reload (the version before 2026-11-28 measured that: its FMA "reference" was
@@ -68,6 +68,9 @@ TARGET static double expandps(void) {
 INT_CHAIN(permw, _mm512_permutexvar_epi16(idx, src[i]))
 INT_CHAIN(permt2w, _mm512_permutex2var_epi16(src[i], idx, idx))
 INT_CHAIN(popcntd, _mm512_popcnt_epi32(src[i]))
+INT_CHAIN(permt2b, _mm512_permutex2var_epi8(src[i], idx, idx))
+INT_CHAIN(zxbw, _mm512_cvtepu8_epi16(_mm512_castsi512_si256(src[i])))
+INT_CHAIN(expandb_ymm, _mm512_castsi256_si512(_mm256_mask_expand_epi8(_mm512_castsi512_si256(idx), (__mmask32)(0x5a5a5a5au ^ (uint32_t)(n + i)), _mm512_castsi512_si256(src[i]))))
 INT_CHAIN(popcntw, _mm512_popcnt_epi16(src[i]))
 
 TARGET static double fmadd(void) {
@@ -105,6 +108,9 @@ int main(void) {
   printf("vexpandps zmm{k}{z}      %.3f   (expand decoder, fp32)\n", expandps());
   printf("vpermw zmm               %.3f   (permute decoder)\n", permw());
   printf("vpermt2w zmm             %.3f   (panel walk decoder: two columns' words in one permute)\n", permt2w());
+  printf("vpermt2b zmm             %.3f   (int4 walks: nibbles to bytes, two columns' bytes interleaved)\n", permt2b());
+  printf("vpmovzxbw ymm->zmm       %.3f   (int4 pair walk: codes to 16-bit indices)\n", zxbw());
+  printf("vpexpandb ymm{k}         %.3f   (int4 walks: a word's codes into their rows)\n", expandb_ymm());
   printf("vpopcntd zmm             %.3f   (permute decoder, fp32)\n", popcntd());
   printf("vpopcntw zmm             %.3f   (permute decoder, bf16)\n", popcntw());
   printf("vdpbf16ps zmm            %.3f   (panel walk micro-kernel; 24 streams)\n", dpbf16());

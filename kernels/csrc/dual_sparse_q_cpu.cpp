@@ -4,15 +4,16 @@
 //   y[t, n] = sum_k Wq[n, k] * where(|x[t, k]| > thr, x[t, k], 0) + bias[n]   (fp32 accumulation)
 //   Wq[n, k] = (c - 2^(b-1) + 1/2) * scale[rb, k / G, n % R]   for the code c of a kept (n, k)
 //
-// One walk for every token count: per row block (in parallel) and per chunk of up to TB tokens,
-// the active columns (some token's |x| > thr) are walked in order; per column and 32-row word the
-// set bits give the rows, each code is read (int8: a byte; int4: a nibble), turned into its level
-// and multiplied by its row's scale in registers, and FMA'd into the chunk's fp32 accumulators
-// [TB][R] (on the stack, in L1). No dequantized weight is ever written to memory. The scales of
-// a row block's current group are converted from fp16 once per group (128 floats). Inactive
-// columns are skipped without reading a byte of them. Portable C++ (baseline x86-64): a first,
-// scalar-decoded version; the SIMD decoders of dual_sparse_cpu.cpp are not applied to codes yet.
-//
+// A walk for every token count: per row block (in parallel) and per chunk of tokens, the active
+// columns (some token's |x| > thr) are walked in order; per column and 32-row word the set bits
+// give the rows and each code is turned into its level in registers; no dequantized weight is ever
+// written to memory, and inactive columns are skipped without reading a byte of them. Three walks
+// (quant_decode below says which runs):
+// - pairs (int4 codes, bf16 inputs, AVX512-BF16 + VBMI2): two columns of a group per `vdpbf16ps`,
+//   sums in level units per group, scaled when the group ends (walk_block_pairs);
+// - expand (AVX-512 VBMI2): per word one vpexpandb, levels times scales by one FMA per 16 rows,
+//   fp32 FMAs into 3 tokens' accumulators (walk_block_simd);
+// - scalar: a loop over set bits, 8 tokens a pass (walk_block).
 // Its own translation unit: the extension's Python module is defined in dual_sparse_cpu.cpp; this
 // file only registers the op's CPU kernel (the schema is defined in kernels/qops.py).
 #include <torch/extension.h>
@@ -101,14 +102,16 @@ void walk_block(const QProblem& p, int64_t rb) {
 constexpr int64_t QSIMD_TB = 3;
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2")))
-inline __m256i word_codes_int4(const uint8_t* codes, int64_t pos, __m512i idx_even, __m512i idx_odd) {
+inline __m256i word_codes_int4(const uint8_t* codes, int64_t pos, const uint8_t* nibble_order) {
   // 32 bytes hold nibbles [pos & ~1, pos & ~1 + 64): enough for the 32 codes from pos (padding
   // of R codes at the end of the stream keeps the load in bounds)
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (pos >> 1)));
   const __m256i nib = _mm256_set1_epi8(0x0F);
   const __m512i lo = _mm512_castsi256_si512(_mm256_and_si256(raw, nib));
   const __m512i hi = _mm512_castsi256_si512(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nib));
-  const __m512i ordered = _mm512_permutex2var_epi8(lo, (pos & 1) ? idx_odd : idx_even, hi);
+  // the indices for an even or odd first nibble are loaded by address: a branch on the parity
+  // mispredicts half the time (it cost 2.2x at one token on the Zen 4 host)
+  const __m512i ordered = _mm512_permutex2var_epi8(lo, _mm512_load_si512(nibble_order + 64 * (pos & 1)), hi);
   return _mm512_castsi512_si256(ordered);  // code of nibble pos + j in byte j
 }
 
@@ -116,12 +119,11 @@ template <int BITS, int TB>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2")))
 void walk_block_simd_tb(const QProblem& p, int64_t rb, int64_t t0) {
   const float half = static_cast<float>((1 << (BITS - 1))) - 0.5f;
-  alignas(64) uint8_t even[64], odd[64];
+  alignas(64) uint8_t order[2][64];
   for (int j = 0; j < 64; ++j) {  // byte j <- nibble j (+1): lo (index < 64) or hi (index >= 64) half
-    even[j] = static_cast<uint8_t>((j >> 1) + ((j & 1) ? 64 : 0));
-    odd[j] = static_cast<uint8_t>(((j + 1) >> 1) + (((j + 1) & 1) ? 64 : 0));
+    order[0][j] = static_cast<uint8_t>((j >> 1) + ((j & 1) ? 64 : 0));
+    order[1][j] = static_cast<uint8_t>(((j + 1) >> 1) + (((j + 1) & 1) ? 64 : 0));
   }
-  const __m512i idx_even = _mm512_load_si512(even), idx_odd = _mm512_load_si512(odd);
   __m512 acc[TB][8];
   for (int t = 0; t < TB; ++t)
     for (int h = 0; h < 8; ++h) acc[t][h] = _mm512_setzero_ps();
@@ -149,7 +151,7 @@ void walk_block_simd_tb(const QProblem& p, int64_t rb, int64_t t0) {
       if constexpr (BITS == 8) {
         c32 = _mm256_maskz_expandloadu_epi8(m, p.codes + pos);
       } else {
-        c32 = _mm256_maskz_expand_epi8(m, word_codes_int4(p.codes, pos, idx_even, idx_odd));
+        c32 = _mm256_maskz_expand_epi8(m, word_codes_int4(p.codes, pos, order[0]));
       }
       pos += __builtin_popcount(m);
       const __m512 c_lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(c32)));
@@ -185,6 +187,176 @@ void walk_block_simd(const QProblem& p, int64_t rb) {
   }
 }
 
+// ---- int4 pair walk (AVX512-BF16 + VBMI2): the products of two active columns of one group in one
+// `vdpbf16ps`. A level c - 7.5 of a 4-bit code is exact in bf16, and so is a bf16 input, so each
+// product is exact and only the fp32 sums round. Per pair of columns and 32-row word: each column's
+// codes are split into bytes and expanded into their rows (as the walk above, but absent rows get
+// code 16, whose level in the table is 0); one `vpermt2b` interleaves the two columns' bytes, two
+// widenings to 16 bits and two `vpermw` over a 17-entry bf16 table give per row the pair (level of
+// column 1, level of column 2), which one `vdpbf16ps` per 16 rows and token multiplies with the
+// broadcast pair of inputs. Sums are kept per group in level units and multiplied by the group's
+// row scales when the group ends, so no scale is applied per word. A group with an odd number of
+// active columns pairs its last one with itself and an input of 0. About a third of the
+// instructions per column and word of the fp32 walk above.
+constexpr int64_t QPAIR_TB = 2;
+#ifndef QPAIR_AHEAD_DEFAULT
+#define QPAIR_AHEAD_DEFAULT 16
+#endif
+constexpr int64_t QPAIR_AHEAD = QPAIR_AHEAD_DEFAULT;  // pairs
+
+struct QPairs {
+  std::vector<int32_t> k1, k2, group;  // [P]
+  std::vector<uint32_t> x;             // [P, T]: bf16(x of k1) | bf16(x of k2) << 16
+};
+
+inline uint16_t to_bf16_bits(float v) {  // inputs come from bf16, so this is exact (no rounding needed)
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+QPairs make_pairs(const std::vector<int32_t>& active, const std::vector<float>& xc, int64_t T, int64_t G) {
+  QPairs q;
+  const int64_t A = static_cast<int64_t>(active.size());
+  q.k1.reserve(A / 2 + 1); q.k2.reserve(A / 2 + 1); q.group.reserve(A / 2 + 1); q.x.reserve((A / 2 + 1) * T);
+  for (int64_t j = 0; j < A;) {
+    const int64_t g = active[j] / G;
+    const bool two = j + 1 < A && active[j + 1] / G == g;
+    q.k1.push_back(active[j]);
+    q.k2.push_back(two ? active[j + 1] : active[j]);
+    q.group.push_back(static_cast<int32_t>(g));
+    for (int64_t t = 0; t < T; ++t) {
+      const uint32_t lo = to_bf16_bits(xc[j * T + t]);
+      const uint32_t hi = two ? to_bf16_bits(xc[(j + 1) * T + t]) : 0u;
+      q.x.push_back(lo | (hi << 16));
+    }
+    j += two ? 2 : 1;
+  }
+  return q;
+}
+
+// The codes of 64 rows of one column (a half row block: two bitmap words) in their rows, one byte
+// each: the 64 nibbles from `pos` are split into bytes in nibble order (one vpermt2b; the index
+// table for an odd first nibble is loaded by address, since a branch on the parity mispredicts half
+// the time) and one vpexpandb puts them under the mask; absent rows get 16.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,avx512bf16")))
+inline __m512i half_rows_int4(const uint8_t* codes, int64_t pos, uint64_t m, const uint8_t* nibble_order,
+                              __m512i nib, __m512i absent) {
+  // 64 bytes from the byte of nibble pos: the stream's R codes of padding keep this in bounds
+  const __m512i raw = _mm512_loadu_si512(codes + (pos >> 1));
+  const __m512i lo = _mm512_and_si512(raw, nib);
+  const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nib);
+  const __m512i idx = _mm512_load_si512(nibble_order + 64 * (pos & 1));
+  return _mm512_mask_expand_epi8(absent, m, _mm512_permutex2var_epi8(lo, idx, hi));
+}
+
+// The pair walk's constant permute indices and level table, built once.
+struct PairTables {
+  alignas(64) uint8_t order[2][64];  // nibbles to bytes in nibble order, for an even / odd first nibble
+  alignas(64) uint8_t inter[4][64];  // two columns' row codes to 32-bit lanes, rows 16i.. for inter[i]
+  alignas(64) uint16_t levels[32];   // bf16 of c - 7.5 for a code c < 16; 0 for 16 (an absent row)
+  PairTables() {
+    for (int j = 0; j < 64; ++j) {
+      order[0][j] = static_cast<uint8_t>((j >> 1) + ((j & 1) ? 64 : 0));
+      order[1][j] = static_cast<uint8_t>(((j + 1) >> 1) + (((j + 1) & 1) ? 64 : 0));
+      // byte 4r <- column 1's row r, byte 4r + 2 <- column 2's (the odd bytes are zeroed by the
+      // permute's mask), so each 16-bit half of lane r holds one column's code
+      for (int i = 0; i < 4; ++i) inter[i][j] = static_cast<uint8_t>(16 * i + (j >> 2) + ((j & 2) ? 64 : 0));
+    }
+    for (int c = 0; c < 32; ++c) levels[c] = to_bf16_bits(c < 16 ? static_cast<float>(c) - 7.5f : 0.0f);
+  }
+};
+
+const PairTables& pair_tables() {
+  static const PairTables tables;
+  return tables;
+}
+
+// A group's sums, in level units, times its row scales into the row block's outputs; the sums restart.
+template <int TB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,avx512bf16")))
+inline void flush_group(const QProblem& p, int64_t rb, int64_t g, __m512 (&acc)[TB][8], float (&out)[TB][QR]) {
+  const c10::Half* s = p.scales + (rb * p.NG + g) * QR;
+  for (int h = 0; h < 8; ++h) {
+    const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 16 * h)));
+    for (int t = 0; t < TB; ++t) {
+      _mm512_store_ps(out[t] + 16 * h, _mm512_fmadd_ps(acc[t][h], sc, _mm512_load_ps(out[t] + 16 * h)));
+      acc[t][h] = _mm512_setzero_ps();
+    }
+  }
+}
+
+template <int TB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,avx512bf16")))
+void walk_block_pairs_tb(const QProblem& p, const QPairs& pairs, int64_t rb, int64_t t0) {
+  const PairTables& tab = pair_tables();
+  const __m512i inter0 = _mm512_load_si512(tab.inter[0]), inter1 = _mm512_load_si512(tab.inter[1]);
+  const __m512i inter2 = _mm512_load_si512(tab.inter[2]), inter3 = _mm512_load_si512(tab.inter[3]);
+  const __mmask64 even_bytes = 0x5555555555555555ull;
+  const __m512i levels = _mm512_load_si512(tab.levels);
+  const __m512i absent = _mm512_set1_epi8(16), nib = _mm512_set1_epi8(0x0F);
+  alignas(64) float out[TB][QR];
+  std::memset(out, 0, sizeof(out));
+  __m512 acc[TB][8];
+  for (int t = 0; t < TB; ++t)
+    for (int h = 0; h < 8; ++h) acc[t][h] = _mm512_setzero_ps();
+  const int64_t P = static_cast<int64_t>(pairs.k1.size());
+  int64_t group = P ? pairs.group[0] : 0;
+  for (int64_t q = 0; q < P; ++q) {
+    if (pairs.group[q] != group) {
+      flush_group<TB>(p, rb, group, acc, out);
+      group = pairs.group[q];
+    }
+    if (q + QPAIR_AHEAD < P) {  // the bitmap words and first codes of the pair QPAIR_AHEAD ahead: skipped
+      // columns leave gaps in the streams that the hardware prefetchers do not follow
+      const int64_t a1 = rb * p.K + pairs.k1[q + QPAIR_AHEAD], a2 = rb * p.K + pairs.k2[q + QPAIR_AHEAD];
+      _mm_prefetch(reinterpret_cast<const char*>(p.bitmap + a1 * QWORDS), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p.bitmap + a2 * QWORDS), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p.codes + (p.offsets[a1] >> 1)), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p.codes + (p.offsets[a2] >> 1)), _MM_HINT_T0);
+    }
+    const int64_t k1 = pairs.k1[q], k2 = pairs.k2[q];
+    const int32_t* w1 = p.bitmap + (rb * p.K + k1) * QWORDS;
+    const int32_t* w2 = p.bitmap + (rb * p.K + k2) * QWORDS;
+    int64_t pos1 = p.offsets[rb * p.K + k1], pos2 = p.offsets[rb * p.K + k2];
+    __m512i xv[TB];
+    for (int t = 0; t < TB; ++t) xv[t] = _mm512_set1_epi32(static_cast<int>(pairs.x[q * p.T + t0 + t]));
+    for (int h = 0; h < 2; ++h) {  // 64-row halves
+      const uint64_t m1 = static_cast<uint32_t>(w1[2 * h]) | static_cast<uint64_t>(static_cast<uint32_t>(w1[2 * h + 1])) << 32;
+      const uint64_t m2 = static_cast<uint32_t>(w2[2 * h]) | static_cast<uint64_t>(static_cast<uint32_t>(w2[2 * h + 1])) << 32;
+      if (!(m1 | m2)) continue;
+      const __m512i c1 = half_rows_int4(p.codes, pos1, m1, tab.order[0], nib, absent);
+      const __m512i c2 = half_rows_int4(p.codes, pos2, m2, tab.order[0], nib, absent);
+      pos1 += __builtin_popcountll(m1);
+      pos2 += __builtin_popcountll(m2);
+      const __m512i lv[4] = {  // per 16 rows, the pair (level of column 1, level of column 2) in bf16
+          _mm512_permutexvar_epi16(_mm512_maskz_permutex2var_epi8(even_bytes, c1, inter0, c2), levels),
+          _mm512_permutexvar_epi16(_mm512_maskz_permutex2var_epi8(even_bytes, c1, inter1, c2), levels),
+          _mm512_permutexvar_epi16(_mm512_maskz_permutex2var_epi8(even_bytes, c1, inter2, c2), levels),
+          _mm512_permutexvar_epi16(_mm512_maskz_permutex2var_epi8(even_bytes, c1, inter3, c2), levels)};
+      for (int t = 0; t < TB; ++t)
+        for (int i = 0; i < 4; ++i) acc[t][4 * h + i] = _mm512_dpbf16_ps(acc[t][4 * h + i], (__m512bh)lv[i], (__m512bh)xv[t]);
+    }
+  }
+  if (P) flush_group<TB>(p, rb, group, acc, out);
+  const int64_t rows = std::min<int64_t>(QR, p.N - rb * QR);
+  for (int t = 0; t < TB; ++t) std::memcpy(p.y + (t0 + t) * p.N + rb * QR, out[t], rows * sizeof(float));
+}
+
+void walk_block_pairs(const QProblem& p, const QPairs& pairs, int64_t rb) {
+  for (int64_t t0 = 0; t0 < p.T; t0 += QPAIR_TB) {
+    if (p.T - t0 >= 2) walk_block_pairs_tb<2>(p, pairs, rb, t0);
+    else walk_block_pairs_tb<1>(p, pairs, rb, t0);
+  }
+}
+
+bool cpu_has_pair_decode() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
+                         __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
 bool cpu_has_simd_decode() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
@@ -192,10 +364,28 @@ bool cpu_has_simd_decode() {
   return ok;
 }
 
-// DUOSERVE_CPU_QUANT_DECODE=scalar forces the scalar walk (tests compare both; read per call).
-bool use_simd_decode() {
+enum class QDecode { kScalar, kExpand, kPairs };
+
+// Which walk runs: the pair walk for int4 codes with bf16 inputs where the CPU has AVX512-BF16 and
+// VBMI2, the expand walk (fp32 FMAs) for the rest where it has VBMI2, else the scalar walk.
+// DUOSERVE_CPU_QUANT_DECODE=scalar|expand|pairs forces one (read per call; the tests run each):
+// `pairs` applies to int4 with bf16 inputs only (elsewhere the automatic choice runs), and a forced
+// walk the CPU cannot run is an error, never silently replaced.
+QDecode quant_decode(int bits, bool bf16_inputs) {
+  const bool pairs_apply = bits == 4 && bf16_inputs;
   const char* v = std::getenv("DUOSERVE_CPU_QUANT_DECODE");
-  return cpu_has_simd_decode() && !(v && std::strcmp(v, "scalar") == 0);
+  if (v && *v) {
+    if (std::strcmp(v, "scalar") == 0) return QDecode::kScalar;
+    if (std::strcmp(v, "expand") == 0) {
+      TORCH_CHECK(cpu_has_simd_decode(), "DUOSERVE_CPU_QUANT_DECODE=expand needs AVX-512 VBMI and VBMI2, which this CPU lacks");
+      return QDecode::kExpand;
+    }
+    TORCH_CHECK(std::strcmp(v, "pairs") == 0, "DUOSERVE_CPU_QUANT_DECODE must be scalar, expand or pairs, got '", v, "'");
+    TORCH_CHECK(cpu_has_pair_decode(), "DUOSERVE_CPU_QUANT_DECODE=pairs needs AVX-512 VBMI2 and BF16, which this CPU lacks");
+    if (pairs_apply) return QDecode::kPairs;
+  }
+  if (pairs_apply && cpu_has_pair_decode()) return QDecode::kPairs;
+  return cpu_has_simd_decode() ? QDecode::kExpand : QDecode::kScalar;
 }
 
 at::Tensor linear_q_cpu(const at::Tensor& x, const at::Tensor& bitmap, const at::Tensor& offsets,
@@ -232,17 +422,22 @@ at::Tensor linear_q_cpu(const at::Tensor& x, const at::Tensor& bitmap, const at:
       xc.push_back(std::fabs(v) > thr ? v : 0.0f);
     }
   }
-  at::Tensor y = at::zeros({T, n}, x.options().dtype(at::kFloat));
+  // every row block writes all its rows for every token
+  at::Tensor y = at::empty({T, n}, x.options().dtype(at::kFloat));
   if (T > 0 && n > 0) {
     QProblem p{bitmap.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), codes.data_ptr<uint8_t>(),
                scales.data_ptr<c10::Half>(), active.data(), static_cast<int64_t>(active.size()), xc.data(),
                T, k, n, ng, group_size, static_cast<int>(bits), y.data_ptr<float>()};
     // a task of about 256k weights, as the float walk
     const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, QR * k));
-    const bool simd = use_simd_decode();
+    const QDecode decode = quant_decode(static_cast<int>(bits), x.scalar_type() == at::kBFloat16);
+    QPairs pairs;
+    if (decode == QDecode::kPairs) pairs = make_pairs(active, xc, T, group_size);
     at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
       for (int64_t rb = b0; rb < b1; ++rb) {
-        if (simd) {
+        if (decode == QDecode::kPairs) {
+          walk_block_pairs(p, pairs, rb);
+        } else if (decode == QDecode::kExpand) {
           if (p.bits == 8) walk_block_simd<8>(p, rb); else walk_block_simd<4>(p, rb);
         } else {
           if (p.bits == 8) walk_block<8>(p, rb); else walk_block<4>(p, rb);

@@ -67,10 +67,11 @@ CASES = [  # (n, k, group, p_w, empty columns, all-zero group)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("tokens", [1, 2, 3, 8, 9, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("decode", ["default", "scalar"])  # the CPU kernel's AVX-512 and scalar walks
+@pytest.mark.parametrize("decode", ["default", "pairs", "expand", "scalar"])  # the CPU kernel's walks
 def test_op_matches_the_fp32_oracle_on_the_dequantized_weight(bits, case, tokens, dtype, decode, monkeypatch):
-    if decode == "scalar":
-        monkeypatch.setenv("DUOSERVE_CPU_QUANT_DECODE", "scalar")
+    if decode != "default":
+        skip_unless_cpu_runs(decode)
+        monkeypatch.setenv("DUOSERVE_CPU_QUANT_DECODE", decode)
     n, k, group, p_w, empty, zero_group = case
     codes, mask, scales = random_quantized(n, k, p_w, bits, group, seed=tokens, empty_cols=empty,
                                            zero_group=zero_group)
@@ -88,6 +89,52 @@ def test_op_matches_the_fp32_oracle_on_the_dequantized_weight(bits, case, tokens
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got.float(), want.float(), **tol)
     torch.testing.assert_close(dual_sparse_linear_q_reference(x, q, thr, bias).float(), want.float(), **tol)
+
+
+# What each forced walk of the CPU kernel needs (kernels/csrc/dual_sparse_q_cpu.cpp, quant_decode).
+WALK_FLAGS = {"scalar": set(), "expand": {"avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_vbmi2"},
+              "pairs": {"avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_vbmi2", "avx512_bf16"}}
+
+
+def skip_unless_cpu_runs(walk):
+    from duoserve.kernels import cpu
+    from duoserve.kernels.cpu_features import cpu_flags
+
+    if not (cpu.available() and native_cpu()):
+        pytest.skip("the native CPU kernel is not built")
+    missing = WALK_FLAGS[walk] - cpu_flags()
+    if missing:
+        pytest.skip(f"the {walk} walk needs {', '.join(sorted(missing))}, which this CPU lacks")
+
+
+@pytest.mark.parametrize("group", [8, 16, 128])
+@pytest.mark.parametrize("tokens", [1, 2, 5])
+def test_pair_walk_pairs_columns_within_groups(group, tokens, monkeypatch):
+    """The pair walk multiplies two active columns of one group at a time: groups with an odd number of
+    active columns, groups with one, groups with none, and the last group cut short by K."""
+    skip_unless_cpu_runs("pairs")
+    monkeypatch.setenv("DUOSERVE_CPU_QUANT_DECODE", "pairs")
+    n, k = 131, 5 * group + 3
+    codes, mask, scales = random_quantized(n, k, 0.5, 4, group, seed=group + tokens)
+    q = pack_quantized_dense(codes, mask, scales, 4, group)
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, k, generator=g)
+    x[:, group:2 * group] = 0.0  # a group with no active column
+    x[:, 2 * group + 1:3 * group] = 0.0  # one active column (paired with itself)
+    x[:, 3 * group:4 * group:2] = 0.0  # an odd or even count of active columns, depending on G
+    x[:, 3 * group + 1] = 0.0
+    x = x.to(torch.bfloat16)
+    want = dual_sparse_linear_reference(x, dequantized(codes, mask, scales, 4, group), 0.0)
+    torch.testing.assert_close(dual_sparse_linear_q(x, q, 0.0).float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_an_unknown_decode_setting_is_refused(monkeypatch):
+    skip_unless_cpu_runs("scalar")
+    monkeypatch.setenv("DUOSERVE_CPU_QUANT_DECODE", "fast")
+    codes, mask, scales = random_quantized(8, 16, 0.5, 4, 8)
+    q = pack_quantized_dense(codes, mask, scales, 4, 8)
+    with pytest.raises(RuntimeError, match="must be scalar, expand or pairs"):
+        dual_sparse_linear_q(torch.randn(1, 16), q, 0.0)
 
 
 def test_threshold_zero_and_inf():
