@@ -198,7 +198,7 @@ void walk_block_simd(const QProblem& p, int64_t rb) {
 // row scales when the group ends, so no scale is applied per word. A group with an odd number of
 // active columns pairs its last one with itself and an input of 0. About a third of the
 // instructions per column and word of the fp32 walk above.
-constexpr int64_t QPAIR_TB = 2;
+constexpr int64_t QPAIR_TB = 6;  // tokens a pass from 3 tokens on
 #ifndef QPAIR_AHEAD_DEFAULT
 #define QPAIR_AHEAD_DEFAULT 16
 #endif
@@ -272,23 +272,29 @@ const PairTables& pair_tables() {
   return tables;
 }
 
-// A group's sums, in level units, times its row scales into the row block's outputs; the sums restart.
-template <int TB>
+// A group's sums, in level units, times its row scales into the row block's outputs (the NH 64-row
+// halves from h0); the sums restart.
+template <int TB, int NH>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,avx512bf16")))
-inline void flush_group(const QProblem& p, int64_t rb, int64_t g, __m512 (&acc)[TB][8], float (&out)[TB][QR]) {
-  const c10::Half* s = p.scales + (rb * p.NG + g) * QR;
-  for (int h = 0; h < 8; ++h) {
-    const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 16 * h)));
+inline void flush_group(const QProblem& p, int64_t rb, int64_t g, int h0, __m512 (&acc)[TB][4 * NH],
+                        float (&out)[TB][QR]) {
+  const c10::Half* s = p.scales + (rb * p.NG + g) * QR + 64 * h0;
+  for (int i = 0; i < 4 * NH; ++i) {
+    const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 16 * i)));
     for (int t = 0; t < TB; ++t) {
-      _mm512_store_ps(out[t] + 16 * h, _mm512_fmadd_ps(acc[t][h], sc, _mm512_load_ps(out[t] + 16 * h)));
-      acc[t][h] = _mm512_setzero_ps();
+      float* o = out[t] + 64 * h0 + 16 * i;
+      _mm512_store_ps(o, _mm512_fmadd_ps(acc[t][i], sc, _mm512_load_ps(o)));
+      acc[t][i] = _mm512_setzero_ps();
     }
   }
 }
 
-template <int TB>
+// One pass of the pair walk over row block rb for tokens t0..t0+TB and the NH 64-row halves from h0
+// (NH 2: the whole block, each pair's decode shared by TB <= 2 tokens; NH 1: one half, so that TB up
+// to 4 tokens' accumulators fit the registers and share it).
+template <int TB, int NH>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,avx512bf16")))
-void walk_block_pairs_tb(const QProblem& p, const QPairs& pairs, int64_t rb, int64_t t0) {
+void walk_block_pairs_tb(const QProblem& p, const QPairs& pairs, int64_t rb, int64_t t0, int h0) {
   const PairTables& tab = pair_tables();
   const __m512i inter0 = _mm512_load_si512(tab.inter[0]), inter1 = _mm512_load_si512(tab.inter[1]);
   const __m512i inter2 = _mm512_load_si512(tab.inter[2]), inter3 = _mm512_load_si512(tab.inter[3]);
@@ -297,14 +303,14 @@ void walk_block_pairs_tb(const QProblem& p, const QPairs& pairs, int64_t rb, int
   const __m512i absent = _mm512_set1_epi8(16), nib = _mm512_set1_epi8(0x0F);
   alignas(64) float out[TB][QR];
   std::memset(out, 0, sizeof(out));
-  __m512 acc[TB][8];
+  __m512 acc[TB][4 * NH];
   for (int t = 0; t < TB; ++t)
-    for (int h = 0; h < 8; ++h) acc[t][h] = _mm512_setzero_ps();
+    for (int i = 0; i < 4 * NH; ++i) acc[t][i] = _mm512_setzero_ps();
   const int64_t P = static_cast<int64_t>(pairs.k1.size());
   int64_t group = P ? pairs.group[0] : 0;
   for (int64_t q = 0; q < P; ++q) {
     if (pairs.group[q] != group) {
-      flush_group<TB>(p, rb, group, acc, out);
+      flush_group<TB, NH>(p, rb, group, h0, acc, out);
       group = pairs.group[q];
     }
     if (q + QPAIR_AHEAD < P) {  // the bitmap words and first codes of the pair QPAIR_AHEAD ahead: skipped
@@ -319,9 +325,14 @@ void walk_block_pairs_tb(const QProblem& p, const QPairs& pairs, int64_t rb, int
     const int32_t* w1 = p.bitmap + (rb * p.K + k1) * QWORDS;
     const int32_t* w2 = p.bitmap + (rb * p.K + k2) * QWORDS;
     int64_t pos1 = p.offsets[rb * p.K + k1], pos2 = p.offsets[rb * p.K + k2];
+    if (h0 == 1) {  // the second half's codes follow the first half's
+      pos1 += __builtin_popcount(static_cast<uint32_t>(w1[0])) + __builtin_popcount(static_cast<uint32_t>(w1[1]));
+      pos2 += __builtin_popcount(static_cast<uint32_t>(w2[0])) + __builtin_popcount(static_cast<uint32_t>(w2[1]));
+    }
     __m512i xv[TB];
     for (int t = 0; t < TB; ++t) xv[t] = _mm512_set1_epi32(static_cast<int>(pairs.x[q * p.T + t0 + t]));
-    for (int h = 0; h < 2; ++h) {  // 64-row halves
+    for (int j = 0; j < NH; ++j) {
+      const int h = h0 + j;
       const uint64_t m1 = static_cast<uint32_t>(w1[2 * h]) | static_cast<uint64_t>(static_cast<uint32_t>(w1[2 * h + 1])) << 32;
       const uint64_t m2 = static_cast<uint32_t>(w2[2 * h]) | static_cast<uint64_t>(static_cast<uint32_t>(w2[2 * h + 1])) << 32;
       if (!(m1 | m2)) continue;
@@ -335,18 +346,34 @@ void walk_block_pairs_tb(const QProblem& p, const QPairs& pairs, int64_t rb, int
           _mm512_permutexvar_epi16(_mm512_maskz_permutex2var_epi8(even_bytes, c1, inter2, c2), levels),
           _mm512_permutexvar_epi16(_mm512_maskz_permutex2var_epi8(even_bytes, c1, inter3, c2), levels)};
       for (int t = 0; t < TB; ++t)
-        for (int i = 0; i < 4; ++i) acc[t][4 * h + i] = _mm512_dpbf16_ps(acc[t][4 * h + i], (__m512bh)lv[i], (__m512bh)xv[t]);
+        for (int i = 0; i < 4; ++i) acc[t][4 * j + i] = _mm512_dpbf16_ps(acc[t][4 * j + i], (__m512bh)lv[i], (__m512bh)xv[t]);
     }
   }
-  if (P) flush_group<TB>(p, rb, group, acc, out);
-  const int64_t rows = std::min<int64_t>(QR, p.N - rb * QR);
-  for (int t = 0; t < TB; ++t) std::memcpy(p.y + (t0 + t) * p.N + rb * QR, out[t], rows * sizeof(float));
+  if (P) flush_group<TB, NH>(p, rb, group, h0, acc, out);
+  const int64_t first = 64 * h0, rows = std::min<int64_t>(64 * NH, p.N - rb * QR - first);
+  if (rows <= 0) return;
+  for (int t = 0; t < TB; ++t)
+    std::memcpy(p.y + (t0 + t) * p.N + rb * QR + first, out[t] + first, rows * sizeof(float));
 }
 
+// 1-2 tokens: whole row blocks, 2 tokens a pass; 3 and more: each 64-row half in its own pass, 4
+// tokens a pass (a half's decode shared by 4 tokens instead of 2; the pair's scalar work is repeated).
 void walk_block_pairs(const QProblem& p, const QPairs& pairs, int64_t rb) {
+  if (p.T <= 2) {
+    if (p.T == 2) walk_block_pairs_tb<2, 2>(p, pairs, rb, 0, 0);
+    else walk_block_pairs_tb<1, 2>(p, pairs, rb, 0, 0);
+    return;
+  }
   for (int64_t t0 = 0; t0 < p.T; t0 += QPAIR_TB) {
-    if (p.T - t0 >= 2) walk_block_pairs_tb<2>(p, pairs, rb, t0);
-    else walk_block_pairs_tb<1>(p, pairs, rb, t0);
+    const int64_t tb = std::min<int64_t>(QPAIR_TB, p.T - t0);
+    for (int h0 = 0; h0 < 2; ++h0) {
+      if (tb == 6) walk_block_pairs_tb<6, 1>(p, pairs, rb, t0, h0);
+      else if (tb == 5) walk_block_pairs_tb<5, 1>(p, pairs, rb, t0, h0);
+      else if (tb == 4) walk_block_pairs_tb<4, 1>(p, pairs, rb, t0, h0);
+      else if (tb == 3) walk_block_pairs_tb<3, 1>(p, pairs, rb, t0, h0);
+      else if (tb == 2) walk_block_pairs_tb<2, 1>(p, pairs, rb, t0, h0);
+      else walk_block_pairs_tb<1, 1>(p, pairs, rb, t0, h0);
+    }
   }
 }
 
