@@ -415,6 +415,30 @@ QDecode quant_decode(int bits, bool bf16_inputs) {
   return cpu_has_simd_decode() ? QDecode::kExpand : QDecode::kScalar;
 }
 
+// The columns active for some token (|x| > thr; NaN fails the comparison), increasing, and their
+// masked inputs [A, T] in fp32, read from x [T, K] in its own dtype. Branch-free: every column is
+// written and the count advances only for an active one (a branch on random activity mispredicts
+// half the time and cost more than the rest of the scan).
+template <typename X>
+void active_columns(const X* x, int64_t T, int64_t K, float thr, std::vector<int32_t>& active, std::vector<float>& xc) {
+  active.resize(K + 1);
+  xc.resize((K + 1) * T);
+  int64_t count = 0;
+  for (int64_t c = 0; c < K; ++c) {
+    bool any = false;
+    for (int64_t t = 0; t < T; ++t) {
+      const float v = static_cast<float>(x[t * K + c]);
+      const bool on = std::fabs(v) > thr;
+      xc[count * T + t] = on ? v : 0.0f;
+      any |= on;
+    }
+    active[count] = static_cast<int32_t>(c);
+    count += any;
+  }
+  active.resize(count);
+  xc.resize(count * T);
+}
+
 at::Tensor linear_q_cpu(const at::Tensor& x, const at::Tensor& bitmap, const at::Tensor& offsets,
                         const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& threshold,
                         const c10::optional<at::Tensor>& bias, int64_t n, int64_t k, int64_t bits,
@@ -432,22 +456,17 @@ at::Tensor linear_q_cpu(const at::Tensor& x, const at::Tensor& bitmap, const at:
               "scales must be contiguous float16 [NB, NG, R]");
   const int64_t T = x.size(0);
   const float thr = threshold.item<float>();
-  at::Tensor xf = x.to(at::kFloat).contiguous();  // [T, K]
-  const float* xp = xf.data_ptr<float>();
   // Active columns (any token's |x| > thr; NaN fails the comparison) and their masked inputs.
   std::vector<int32_t> active;
   std::vector<float> xc;
-  active.reserve(k);
-  xc.reserve(k * T);
-  for (int64_t c = 0; c < k; ++c) {
-    bool any = false;
-    for (int64_t t = 0; t < T; ++t) any |= std::fabs(xp[t * k + c]) > thr;
-    if (!any) continue;
-    active.push_back(static_cast<int32_t>(c));
-    for (int64_t t = 0; t < T; ++t) {
-      const float v = xp[t * k + c];
-      xc.push_back(std::fabs(v) > thr ? v : 0.0f);
-    }
+  const at::Tensor xs = x.contiguous();
+  if (xs.scalar_type() == at::kBFloat16) {
+    active_columns(xs.data_ptr<at::BFloat16>(), T, k, thr, active, xc);
+  } else if (xs.scalar_type() == at::kHalf) {
+    active_columns(xs.data_ptr<at::Half>(), T, k, thr, active, xc);
+  } else {
+    const at::Tensor xf = xs.to(at::kFloat);
+    active_columns(xf.data_ptr<float>(), T, k, thr, active, xc);
   }
   // every row block writes all its rows for every token
   at::Tensor y = at::empty({T, n}, x.options().dtype(at::kFloat));
