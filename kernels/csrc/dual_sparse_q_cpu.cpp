@@ -189,20 +189,17 @@ void walk_block_simd(const QProblem& p, int64_t rb) {
 
 // ---- int4 pair walk (AVX512-BF16 + VBMI2): the products of two active columns of one group in one
 // `vdpbf16ps`. A level c - 7.5 of a 4-bit code is exact in bf16, and so is a bf16 input, so each
-// product is exact and only the fp32 sums round. Per pair of columns and 32-row word: each column's
-// codes are split into bytes and expanded into their rows (as the walk above, but absent rows get
-// code 16, whose level in the table is 0); one `vpermt2b` interleaves the two columns' bytes, two
-// widenings to 16 bits and two `vpermw` over a 17-entry bf16 table give per row the pair (level of
-// column 1, level of column 2), which one `vdpbf16ps` per 16 rows and token multiplies with the
-// broadcast pair of inputs. Sums are kept per group in level units and multiplied by the group's
-// row scales when the group ends, so no scale is applied per word. A group with an odd number of
-// active columns pairs its last one with itself and an input of 0. About a third of the
-// instructions per column and word of the fp32 walk above.
-constexpr int64_t QPAIR_TB = 6;  // tokens a pass from 3 tokens on
-#ifndef QPAIR_AHEAD_DEFAULT
-#define QPAIR_AHEAD_DEFAULT 16
-#endif
-constexpr int64_t QPAIR_AHEAD = QPAIR_AHEAD_DEFAULT;  // pairs
+// product is exact and only the fp32 sums round. Per pair of columns and 64-row half: each column's
+// codes are split into bytes and expanded into their rows (half_rows_int4; absent rows get code 16,
+// whose level in the table is 0); per 16 rows one masked `vpermt2b` puts the two columns' codes into
+// the 16-bit halves of each row's 32-bit lane and one `vpermw` over a 17-entry bf16 table turns them
+// into levels, which one `vdpbf16ps` per token multiplies with the broadcast pair of inputs. Sums are
+// kept per group in level units and multiplied by the group's row scales when the group ends, so no
+// scale is applied per word. A group with an odd number of active columns pairs its last one with
+// itself and an input of 0. Per 64 rows of a pair: 12 shuffles, which set its speed (Zen 4: one a cycle).
+constexpr int64_t QPAIR_TB = 6;  // tokens a pass from 3 tokens on (24 accumulators for a 64-row half)
+// Prefetch distance in pairs; 6, 16 and 32 measured within noise of each other (Zen 4, one token).
+constexpr int64_t QPAIR_AHEAD = 16;
 
 struct QPairs {
   std::vector<int32_t> k1, k2, group;  // [P]
