@@ -63,7 +63,8 @@ SUITES = {
     # W = X in 40/50/60%. DuoGPT's defaults are spelled out so that cached rows stay valid if they change.
     "robustness": [c for p in (0.4, 0.5, 0.6)
                    for c in (("sparsegpt", str(p), p),
-                             ("duogpt", str(p), p, {"damp": 0.1, "act_order": True, "residual_scale": 0.25}))],
+                             ("duogpt", str(p), p, {"residual_fit": "ridge", "damp": 0.01, "act_order": False,
+                                                    "residual_ridge": 0.1, "residual_scale": 0.25}))],
     # The candidates for DuoGPT's default residual scale, simplest first (0: no residual), at the
     # robustness levels: scripts/residual_default.py chooses among them on held-out calibration text.
     "residual-default": [("duogpt", str(p), p, {"damp": 0.1, "act_order": True, "residual_scale": r})

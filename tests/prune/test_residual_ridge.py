@@ -78,5 +78,6 @@ def test_settings_and_options_validate():
     with pytest.raises(ValueError, match="residual_ridge"):
         DuoGPTOptions(residual_fit="ridge", residual_ridge=0.0)
     assert DuoGPTOptions(residual_fit="ridge").damp == 0.01
-    assert DuoGPTOptions().damp == 0.1
+    assert DuoGPTOptions().damp == 0.01  # the default fit is ridge
+    assert DuoGPTOptions(residual_fit="obs").damp == 0.1
     assert DuoGPTOptions(residual_fit="ridge", damp=0.05).damp == 0.05
