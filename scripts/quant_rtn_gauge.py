@@ -41,7 +41,9 @@ for name in ck.qconfig.modules:
 q = replace(ck.qconfig, weight_quant=wq, format_version=3)
 def extras(folder):
     for f in src.iterdir():
-        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "generation_config.json"):
+        # the tokenizer and the chat template: without the template a served checkpoint refuses chat requests
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "generation_config.json",
+                                                        "chat_template.jinja"):
             shutil.copy(f, folder / f.name)
 save_checkpoint(dst, sd, ck.config, q, save_extras=extras, overwrite=True, quant_scales=scales)
 print("wrote", dst)
