@@ -287,8 +287,8 @@ inline void flush_group(const QProblem& p, int64_t rb, int64_t g, int h0, __m512
 }
 
 // One pass of the pair walk over row block rb for tokens t0..t0+TB and the NH 64-row halves from h0
-// (NH 2: the whole block, each pair's decode shared by TB <= 2 tokens; NH 1: one half, so that TB up
-// to 4 tokens' accumulators fit the registers and share it).
+// (NH 2: the whole block, each pair's decode shared by TB <= 2 tokens; NH 1: one half, so that up to
+// QPAIR_TB = 6 tokens' accumulators fit the registers and share it).
 template <int TB, int NH>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,avx512bf16")))
 void walk_block_pairs_tb(const QProblem& p, const QPairs& pairs, int64_t rb, int64_t t0, int h0) {
