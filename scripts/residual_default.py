@@ -12,8 +12,8 @@ would be tuned on what it is judged on.
     python scripts/prune_table.py residual-default --work out/abl/smol --nsamples 16 --seqlen 512 \\
         --max-windows 10 --modes threshold --only 0.5            # prune the candidates
     python scripts/prune_table.py residual-default --work out/abl/smol ... --data c4-heldout --no-prune
-    python scripts/residual_default.py --work out/abl/smol --work out/abl/gemma
-    python scripts/residual_default.py --fit obs,ridge --work ...  # both fits' ladders as candidates
+    python scripts/residual_default.py --work out/abl/smol --work out/abl/gemma   # both fits' ladders
+    python scripts/residual_default.py --fit obs --work ...  # one fit's ladder only
 """
 from __future__ import annotations
 
@@ -181,7 +181,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, action="append", required=True,
                    help="a prune_table work folder (one per model); repeat for each model")
-    p.add_argument("--fit", type=parse_fits, default=["obs"],
+    # both fits by default: the committed choice (docs/reports/duogpt-residual-2026-12-07) is over both
+    p.add_argument("--fit", type=parse_fits, default=["obs", "ridge"],
                    help="the residual fits whose ladders are compared, comma-separated: obs, ridge or obs,ridge "
                         "(ridge: rung 0 is the SparseGPT checkpoint)")
     p.add_argument("--json", type=Path, help="write the choice and its numbers here")

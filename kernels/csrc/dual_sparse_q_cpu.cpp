@@ -101,6 +101,25 @@ void walk_block(const QProblem& p, int64_t rb) {
 // accumulators, as the float walk).
 constexpr int64_t QSIMD_TB = 3;
 
+// vpermt2b indices that split int4 codes into bytes in nibble order: byte j <- nibble j (+1) of the
+// lo (index < 64) or hi (index >= 64) nibbles, for an even / odd first nibble. Built once; both int4
+// walks load them by address (a branch on the parity mispredicts half the time: 2.2x at one token on
+// the Zen 4 host).
+struct NibbleOrder {
+  alignas(64) uint8_t order[2][64];
+  NibbleOrder() {
+    for (int j = 0; j < 64; ++j) {
+      order[0][j] = static_cast<uint8_t>((j >> 1) + ((j & 1) ? 64 : 0));
+      order[1][j] = static_cast<uint8_t>(((j + 1) >> 1) + (((j + 1) & 1) ? 64 : 0));
+    }
+  }
+};
+
+const NibbleOrder& nibble_order() {
+  static const NibbleOrder table;
+  return table;
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2")))
 inline __m256i word_codes_int4(const uint8_t* codes, int64_t pos, const uint8_t* nibble_order) {
   // 32 bytes hold nibbles [pos & ~1, pos & ~1 + 64): enough for the 32 codes from pos (padding
@@ -109,8 +128,6 @@ inline __m256i word_codes_int4(const uint8_t* codes, int64_t pos, const uint8_t*
   const __m256i nib = _mm256_set1_epi8(0x0F);
   const __m512i lo = _mm512_castsi256_si512(_mm256_and_si256(raw, nib));
   const __m512i hi = _mm512_castsi256_si512(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nib));
-  // the indices for an even or odd first nibble are loaded by address: a branch on the parity
-  // mispredicts half the time (it cost 2.2x at one token on the Zen 4 host)
   const __m512i ordered = _mm512_permutex2var_epi8(lo, _mm512_load_si512(nibble_order + 64 * (pos & 1)), hi);
   return _mm512_castsi512_si256(ordered);  // code of nibble pos + j in byte j
 }
@@ -119,11 +136,7 @@ template <int BITS, int TB>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2")))
 void walk_block_simd_tb(const QProblem& p, int64_t rb, int64_t t0) {
   const float half = static_cast<float>((1 << (BITS - 1))) - 0.5f;
-  alignas(64) uint8_t order[2][64];
-  for (int j = 0; j < 64; ++j) {  // byte j <- nibble j (+1): lo (index < 64) or hi (index >= 64) half
-    order[0][j] = static_cast<uint8_t>((j >> 1) + ((j & 1) ? 64 : 0));
-    order[1][j] = static_cast<uint8_t>(((j + 1) >> 1) + (((j + 1) & 1) ? 64 : 0));
-  }
+  const uint8_t* order = nibble_order().order[0];
   __m512 acc[TB][8];
   for (int t = 0; t < TB; ++t)
     for (int h = 0; h < 8; ++h) acc[t][h] = _mm512_setzero_ps();
@@ -151,7 +164,7 @@ void walk_block_simd_tb(const QProblem& p, int64_t rb, int64_t t0) {
       if constexpr (BITS == 8) {
         c32 = _mm256_maskz_expandloadu_epi8(m, p.codes + pos);
       } else {
-        c32 = _mm256_maskz_expand_epi8(m, word_codes_int4(p.codes, pos, order[0]));
+        c32 = _mm256_maskz_expand_epi8(m, word_codes_int4(p.codes, pos, order));
       }
       pos += __builtin_popcount(m);
       const __m512 c_lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(c32)));
@@ -234,8 +247,7 @@ QPairs make_pairs(const std::vector<int32_t>& active, const std::vector<float>& 
 
 // The codes of 64 rows of one column (a half row block: two bitmap words) in their rows, one byte
 // each: the 64 nibbles from `pos` are split into bytes in nibble order (one vpermt2b; the index
-// table for an odd first nibble is loaded by address, since a branch on the parity mispredicts half
-// the time) and one vpexpandb puts them under the mask; absent rows get 16.
+// table for an odd first nibble is loaded by address: NibbleOrder) and one vpexpandb puts them under the mask; absent rows get 16.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,avx512bf16")))
 inline __m512i half_rows_int4(const uint8_t* codes, int64_t pos, uint64_t m, const uint8_t* nibble_order,
                               __m512i nib, __m512i absent) {
@@ -249,13 +261,11 @@ inline __m512i half_rows_int4(const uint8_t* codes, int64_t pos, uint64_t m, con
 
 // The pair walk's constant permute indices and level table, built once.
 struct PairTables {
-  alignas(64) uint8_t order[2][64];  // nibbles to bytes in nibble order, for an even / odd first nibble
+  NibbleOrder nibbles;  // a copy beside the other tables: read through `tab`, the walk keeps one base register
   alignas(64) uint8_t inter[4][64];  // two columns' row codes to 32-bit lanes, rows 16i.. for inter[i]
   alignas(64) uint16_t levels[32];   // bf16 of c - 7.5 for a code c < 16; 0 for 16 (an absent row)
   PairTables() {
     for (int j = 0; j < 64; ++j) {
-      order[0][j] = static_cast<uint8_t>((j >> 1) + ((j & 1) ? 64 : 0));
-      order[1][j] = static_cast<uint8_t>(((j + 1) >> 1) + (((j + 1) & 1) ? 64 : 0));
       // byte 4r <- column 1's row r, byte 4r + 2 <- column 2's (the odd bytes are zeroed by the
       // permute's mask), so each 16-bit half of lane r holds one column's code
       for (int i = 0; i < 4; ++i) inter[i][j] = static_cast<uint8_t>(16 * i + (j >> 2) + ((j & 2) ? 64 : 0));
@@ -333,8 +343,8 @@ void walk_block_pairs_tb(const QProblem& p, const QPairs& pairs, int64_t rb, int
       const uint64_t m1 = static_cast<uint32_t>(w1[2 * h]) | static_cast<uint64_t>(static_cast<uint32_t>(w1[2 * h + 1])) << 32;
       const uint64_t m2 = static_cast<uint32_t>(w2[2 * h]) | static_cast<uint64_t>(static_cast<uint32_t>(w2[2 * h + 1])) << 32;
       if (!(m1 | m2)) continue;
-      const __m512i c1 = half_rows_int4(p.codes, pos1, m1, tab.order[0], nib, absent);
-      const __m512i c2 = half_rows_int4(p.codes, pos2, m2, tab.order[0], nib, absent);
+      const __m512i c1 = half_rows_int4(p.codes, pos1, m1, tab.nibbles.order[0], nib, absent);
+      const __m512i c2 = half_rows_int4(p.codes, pos2, m2, tab.nibbles.order[0], nib, absent);
       pos1 += __builtin_popcountll(m1);
       pos2 += __builtin_popcountll(m2);
       const __m512i lv[4] = {  // per 16 rows, the pair (level of column 1, level of column 2) in bf16
