@@ -363,8 +363,8 @@ void walk_block_pairs_tb(const QProblem& p, const QPairs& pairs, int64_t rb, int
     std::memcpy(p.y + (t0 + t) * p.N + rb * QR + first, out[t] + first, rows * sizeof(float));
 }
 
-// 1-2 tokens: whole row blocks, 2 tokens a pass; 3 and more: each 64-row half in its own pass, 4
-// tokens a pass (a half's decode shared by 4 tokens instead of 2; the pair's scalar work is repeated).
+// 1-2 tokens: whole row blocks, 2 tokens a pass; 3 and more: each 64-row half in its own pass, up to
+// QPAIR_TB = 6 tokens a pass (a half's decode shared by them; the pair's scalar work is repeated).
 void walk_block_pairs(const QProblem& p, const QPairs& pairs, int64_t rb) {
   if (p.T <= 2) {
     if (p.T == 2) walk_block_pairs_tb<2, 2>(p, pairs, rb, 0, 0);
@@ -384,6 +384,181 @@ void walk_block_pairs(const QProblem& p, const QPairs& pairs, int64_t rb) {
   }
 }
 
+// ---- int4 panel walk (from QPANEL_MIN_TB tokens, the same instructions as the pair walk): the pair
+// walk decodes each 64-row half once per pass of up to 6 tokens, so a batch of T tokens decodes
+// every code ceil(T / 6) times. The panel walk decodes a chunk of up to QPANEL_PAIRS pairs of one
+// group once per row block into an L1 panel of bf16 levels (line 8 i + 4 h + r: rows 64 h + 16 r ..
+// of pair i, the layout of the bf16 panel walk), then multiplies it with every token as a GEMM
+// micro-kernel (64 rows x 6 tokens of accumulators); the chunk's sums, in level units, are
+// multiplied by the group's row scales into the row block's fp32 scratch. From 7 tokens by
+// construction: below, the pair walk decodes each half once as well and has no panel to store.
+constexpr int64_t QPANEL_PAIRS = 32;   // 32 pairs x 8 lines x 64 B: a 16 KiB panel
+constexpr int64_t QPANEL_MIN_TB = 7;
+constexpr int QPANEL_NR = 6;           // tokens per micro-kernel: 6 x 4 accumulators
+
+// The panel walk's inputs, built from x [T, K] (bf16) row by row: the active columns (some token's
+// |x| > thr; NaN fails the comparison), their pairs within groups (as make_pairs), the chunks of pairs
+// (up to QPANEL_PAIRS consecutive pairs of one group, the same for every row block) as their ends, and
+// the masked inputs chunk-major: chunk [q0, q1) holds its pairs' inputs token after token at
+// x[q0 T + t (q1 - q0) + i], so a micro-kernel reads contiguous inputs. Row by row because the
+// column-by-column scan of active_columns and the pair-major [P, T] inputs of make_pairs cost more
+// than the panel walk itself at 256 tokens of a 576 x 1536 weight (perf, Zen 4).
+std::vector<int64_t> panel_inputs(const uint16_t* x, int64_t T, int64_t K, float thr, int64_t G, QPairs& q,
+                                  std::vector<int32_t>& active) {
+  std::vector<uint8_t> any(K, 0);
+  for (int64_t t = 0; t < T; ++t) {
+    const uint16_t* row = x + t * K;
+    for (int64_t c = 0; c < K; ++c) {
+      const uint32_t bits = static_cast<uint32_t>(row[c] & 0x7FFFu) << 16;  // |x| as fp32 bits
+      float v;
+      std::memcpy(&v, &bits, 4);
+      any[c] |= static_cast<uint8_t>(v > thr);
+    }
+  }
+  active.clear();
+  for (int64_t c = 0; c < K; ++c)
+    if (any[c]) active.push_back(static_cast<int32_t>(c));
+  const int64_t A = static_cast<int64_t>(active.size());
+  for (int64_t j = 0; j < A;) {
+    const int64_t g = active[j] / G;
+    const bool two = j + 1 < A && active[j + 1] / G == g;
+    q.k1.push_back(active[j]);
+    q.k2.push_back(two ? active[j + 1] : active[j]);  // alone in its group: paired with itself, input 0
+    q.group.push_back(static_cast<int32_t>(g));
+    j += two ? 2 : 1;
+  }
+  const int64_t P = static_cast<int64_t>(q.k1.size());
+  std::vector<int64_t> ends;
+  for (int64_t q0 = 0; q0 < P;) {
+    int64_t q1 = q0 + 1;
+    while (q1 < P && q1 - q0 < QPANEL_PAIRS && q.group[q1] == q.group[q0]) ++q1;
+    ends.push_back(q1);
+    q0 = q1;
+  }
+  const auto masked = [thr](uint16_t b) -> uint32_t {
+    const uint32_t bits = static_cast<uint32_t>(b & 0x7FFFu) << 16;
+    float v;
+    std::memcpy(&v, &bits, 4);
+    return v > thr ? b : 0u;
+  };
+  q.x.resize(P * T);
+  int64_t q0 = 0;
+  for (const int64_t q1 : ends) {
+    const int64_t n = q1 - q0;
+    for (int64_t t = 0; t < T; ++t) {
+      const uint16_t* row = x + t * K;
+      uint32_t* dst = q.x.data() + q0 * T + t * n;
+      for (int64_t i = 0; i < n; ++i) {
+        const int32_t k1 = q.k1[q0 + i], k2 = q.k2[q0 + i];
+        dst[i] = masked(row[k1]) | (k2 != k1 ? masked(row[k2]) << 16 : 0u);
+      }
+    }
+    q0 = q1;
+  }
+  return ends;
+}
+
+// Pairs [q0, q1) of row block rb -> panel (the 64-row halves below `halves`).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,avx512bf16")))
+void decode_q_panel(const QProblem& p, const QPairs& pairs, int64_t rb, int64_t q0, int64_t q1, int halves,
+                    __m512i* panel) {
+  const PairTables& tab = pair_tables();
+  const __m512i inter0 = _mm512_load_si512(tab.inter[0]), inter1 = _mm512_load_si512(tab.inter[1]);
+  const __m512i inter2 = _mm512_load_si512(tab.inter[2]), inter3 = _mm512_load_si512(tab.inter[3]);
+  const __mmask64 even_bytes = 0x5555555555555555ull;
+  const __m512i levels = _mm512_load_si512(tab.levels);
+  const __m512i absent = _mm512_set1_epi8(16), nib = _mm512_set1_epi8(0x0F);
+  const int64_t P = static_cast<int64_t>(pairs.k1.size());
+  for (int64_t q = q0; q < q1; ++q) {
+    if (q + QPAIR_AHEAD < P) {  // as the pair walk: skipped columns leave gaps the prefetchers miss
+      const int64_t a1 = rb * p.K + pairs.k1[q + QPAIR_AHEAD], a2 = rb * p.K + pairs.k2[q + QPAIR_AHEAD];
+      _mm_prefetch(reinterpret_cast<const char*>(p.bitmap + a1 * QWORDS), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p.bitmap + a2 * QWORDS), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p.codes + (p.offsets[a1] >> 1)), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p.codes + (p.offsets[a2] >> 1)), _MM_HINT_T0);
+    }
+    const int64_t k1 = pairs.k1[q], k2 = pairs.k2[q];
+    const int32_t* w1 = p.bitmap + (rb * p.K + k1) * QWORDS;
+    const int32_t* w2 = p.bitmap + (rb * p.K + k2) * QWORDS;
+    int64_t pos1 = p.offsets[rb * p.K + k1], pos2 = p.offsets[rb * p.K + k2];
+    __m512i* dst = panel + 8 * (q - q0);
+    for (int h = 0; h < halves; ++h) {
+      const uint64_t m1 = static_cast<uint32_t>(w1[2 * h]) | static_cast<uint64_t>(static_cast<uint32_t>(w1[2 * h + 1])) << 32;
+      const uint64_t m2 = static_cast<uint32_t>(w2[2 * h]) | static_cast<uint64_t>(static_cast<uint32_t>(w2[2 * h + 1])) << 32;
+      if (!(m1 | m2)) {
+        for (int r = 0; r < 4; ++r) _mm512_store_si512(dst + 4 * h + r, _mm512_setzero_si512());
+        continue;
+      }
+      const __m512i c1 = half_rows_int4(p.codes, pos1, m1, tab.nibbles.order[0], nib, absent);
+      const __m512i c2 = half_rows_int4(p.codes, pos2, m2, tab.nibbles.order[0], nib, absent);
+      pos1 += __builtin_popcountll(m1);
+      pos2 += __builtin_popcountll(m2);
+      _mm512_store_si512(dst + 4 * h + 0, _mm512_permutexvar_epi16(_mm512_maskz_permutex2var_epi8(even_bytes, c1, inter0, c2), levels));
+      _mm512_store_si512(dst + 4 * h + 1, _mm512_permutexvar_epi16(_mm512_maskz_permutex2var_epi8(even_bytes, c1, inter1, c2), levels));
+      _mm512_store_si512(dst + 4 * h + 2, _mm512_permutexvar_epi16(_mm512_maskz_permutex2var_epi8(even_bytes, c1, inter2, c2), levels));
+      _mm512_store_si512(dst + 4 * h + 3, _mm512_permutexvar_epi16(_mm512_maskz_permutex2var_epi8(even_bytes, c1, inter3, c2), levels));
+    }
+  }
+}
+
+// out[t][64 rows] += scale * sum over pairs i of panel[8 i + 0..3] . x[t n_pairs + i] (bf16 pairs), t < TB.
+template <int TB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,avx512bf16")))
+void qpanel_tokens(const __m512i* panel, int64_t n_pairs, const uint32_t* x, const __m512 (&sc)[4], float* out) {
+  __m512 acc[TB][4];
+  for (int t = 0; t < TB; ++t)
+    for (int r = 0; r < 4; ++r) acc[t][r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n_pairs; ++i) {
+    __m512bh w[4];
+    for (int r = 0; r < 4; ++r) w[r] = (__m512bh)_mm512_load_si512(panel + 8 * i + r);
+    for (int t = 0; t < TB; ++t) {
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(x[t * n_pairs + i]));
+      for (int r = 0; r < 4; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], w[r], b);
+    }
+  }
+  for (int t = 0; t < TB; ++t)
+    for (int r = 0; r < 4; ++r) {
+      float* o = out + t * QR + 16 * r;
+      _mm512_store_ps(o, _mm512_fmadd_ps(acc[t][r], sc[r], _mm512_load_ps(o)));
+    }
+}
+
+// Row block rb for every token; out: [T][QR] fp32 scratch, 64-byte aligned.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,avx512bf16")))
+void walk_block_qpanel(const QProblem& p, const QPairs& pairs, const std::vector<int64_t>& chunk_ends, int64_t rb,
+                       float* out) {
+  alignas(64) __m512i panel[QPANEL_PAIRS * 8];
+  const int64_t rows = std::min<int64_t>(QR, p.N - rb * QR);
+  const int halves = rows > 64 ? 2 : 1;
+  std::memset(out, 0, p.T * QR * sizeof(float));
+  int64_t q0 = 0;
+  for (const int64_t q1 : chunk_ends) {
+    const int32_t g = pairs.group[q0];
+    const int64_t n = q1 - q0;
+    decode_q_panel(p, pairs, rb, q0, q1, halves, panel);
+    const c10::Half* s = p.scales + (rb * p.NG + g) * QR;
+    for (int h = 0; h < halves; ++h) {
+      __m512 sc[4];
+      for (int r = 0; r < 4; ++r)
+        sc[r] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 64 * h + 16 * r)));
+      for (int64_t t0 = 0; t0 < p.T; t0 += QPANEL_NR) {
+        const uint32_t* x = pairs.x.data() + q0 * p.T + t0 * n;
+        float* o = out + t0 * QR + 64 * h;
+        switch (std::min<int64_t>(QPANEL_NR, p.T - t0)) {
+          case 1: qpanel_tokens<1>(panel + 4 * h, n, x, sc, o); break;
+          case 2: qpanel_tokens<2>(panel + 4 * h, n, x, sc, o); break;
+          case 3: qpanel_tokens<3>(panel + 4 * h, n, x, sc, o); break;
+          case 4: qpanel_tokens<4>(panel + 4 * h, n, x, sc, o); break;
+          case 5: qpanel_tokens<5>(panel + 4 * h, n, x, sc, o); break;
+          default: qpanel_tokens<6>(panel + 4 * h, n, x, sc, o); break;
+        }
+      }
+    }
+    q0 = q1;
+  }
+  for (int64_t t = 0; t < p.T; ++t) std::memcpy(p.y + t * p.N + rb * QR, out + t * QR, rows * sizeof(float));
+}
+
 bool cpu_has_pair_decode() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
@@ -398,14 +573,15 @@ bool cpu_has_simd_decode() {
   return ok;
 }
 
-enum class QDecode { kScalar, kExpand, kPairs };
+enum class QDecode { kScalar, kExpand, kPairs, kPanel };
 
-// Which walk runs: the pair walk for int4 codes with bf16 inputs where the CPU has AVX512-BF16 and
-// VBMI2, the expand walk (fp32 FMAs) for the rest where it has VBMI2, else the scalar walk.
-// DUOSERVE_CPU_QUANT_DECODE=scalar|expand|pairs forces one (read per call; the tests run each):
-// `pairs` applies to int4 with bf16 inputs only (elsewhere the automatic choice runs), and a forced
-// walk the CPU cannot run is an error, never silently replaced.
-QDecode quant_decode(int bits, bool bf16_inputs) {
+// Which walk runs: for int4 codes with bf16 inputs where the CPU has AVX512-BF16 and VBMI2, the pair
+// walk below QPANEL_MIN_TB tokens and the panel walk from there; the expand walk (fp32 FMAs) for
+// the rest where it has VBMI2, else the scalar walk. DUOSERVE_CPU_QUANT_DECODE=scalar|expand|pairs|panel
+// forces one at every token count (read per call; the tests run each): `pairs` and `panel` apply to
+// int4 with bf16 inputs only (elsewhere the automatic choice runs), and a forced walk the CPU cannot
+// run is an error, never silently replaced.
+QDecode quant_decode(int bits, bool bf16_inputs, int64_t T) {
   const bool pairs_apply = bits == 4 && bf16_inputs;
   const char* v = std::getenv("DUOSERVE_CPU_QUANT_DECODE");
   if (v && *v) {
@@ -414,11 +590,13 @@ QDecode quant_decode(int bits, bool bf16_inputs) {
       TORCH_CHECK(cpu_has_simd_decode(), "DUOSERVE_CPU_QUANT_DECODE=expand needs AVX-512 VBMI and VBMI2, which this CPU lacks");
       return QDecode::kExpand;
     }
-    TORCH_CHECK(std::strcmp(v, "pairs") == 0, "DUOSERVE_CPU_QUANT_DECODE must be scalar, expand or pairs, got '", v, "'");
-    TORCH_CHECK(cpu_has_pair_decode(), "DUOSERVE_CPU_QUANT_DECODE=pairs needs AVX-512 VBMI2 and BF16, which this CPU lacks");
-    if (pairs_apply) return QDecode::kPairs;
+    const bool panel = std::strcmp(v, "panel") == 0;
+    TORCH_CHECK(panel || std::strcmp(v, "pairs") == 0,
+                "DUOSERVE_CPU_QUANT_DECODE must be scalar, expand, pairs or panel, got '", v, "'");
+    TORCH_CHECK(cpu_has_pair_decode(), "DUOSERVE_CPU_QUANT_DECODE=", v, " needs AVX-512 VBMI2 and BF16, which this CPU lacks");
+    if (pairs_apply) return panel ? QDecode::kPanel : QDecode::kPairs;
   }
-  if (pairs_apply && cpu_has_pair_decode()) return QDecode::kPairs;
+  if (pairs_apply && cpu_has_pair_decode()) return T >= QPANEL_MIN_TB ? QDecode::kPanel : QDecode::kPairs;
   return cpu_has_simd_decode() ? QDecode::kExpand : QDecode::kScalar;
 }
 
@@ -463,11 +641,18 @@ at::Tensor linear_q_cpu(const at::Tensor& x, const at::Tensor& bitmap, const at:
               "scales must be contiguous float16 [NB, NG, R]");
   const int64_t T = x.size(0);
   const float thr = threshold.item<float>();
-  // Active columns (any token's |x| > thr; NaN fails the comparison) and their masked inputs.
+  const QDecode decode = quant_decode(static_cast<int>(bits), x.scalar_type() == at::kBFloat16, T);
+  // Active columns (any token's |x| > thr; NaN fails the comparison) and their masked inputs: [A, T]
+  // fp32, or the pair walks' bf16 pairs.
   std::vector<int32_t> active;
   std::vector<float> xc;
+  QPairs pairs;
+  std::vector<int64_t> chunk_ends;  // the panel walk's
   const at::Tensor xs = x.contiguous();
-  if (xs.scalar_type() == at::kBFloat16) {
+  if (decode == QDecode::kPanel) {
+    chunk_ends = panel_inputs(reinterpret_cast<const uint16_t*>(xs.data_ptr<at::BFloat16>()), T, k, thr, group_size,
+                              pairs, active);
+  } else if (xs.scalar_type() == at::kBFloat16) {
     active_columns(xs.data_ptr<at::BFloat16>(), T, k, thr, active, xc);
   } else if (xs.scalar_type() == at::kHalf) {
     active_columns(xs.data_ptr<at::Half>(), T, k, thr, active, xc);
@@ -483,12 +668,17 @@ at::Tensor linear_q_cpu(const at::Tensor& x, const at::Tensor& bitmap, const at:
                T, k, n, ng, group_size, static_cast<int>(bits), y.data_ptr<float>()};
     // a task of about 256k weights, as the float walk
     const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, QR * k));
-    const QDecode decode = quant_decode(static_cast<int>(bits), x.scalar_type() == at::kBFloat16);
-    QPairs pairs;
     if (decode == QDecode::kPairs) pairs = make_pairs(active, xc, T, group_size);
     at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
+      float* scratch = nullptr;  // the panel walk's [T][QR] sums of a row block
+      if (decode == QDecode::kPanel) {
+        scratch = static_cast<float*>(std::aligned_alloc(64, T * QR * sizeof(float)));
+        TORCH_CHECK(scratch, "out of memory for the int4 panel walk's scratch (", T, " tokens)");
+      }
       for (int64_t rb = b0; rb < b1; ++rb) {
-        if (decode == QDecode::kPairs) {
+        if (decode == QDecode::kPanel) {
+          walk_block_qpanel(p, pairs, chunk_ends, rb, scratch);
+        } else if (decode == QDecode::kPairs) {
           walk_block_pairs(p, pairs, rb);
         } else if (decode == QDecode::kExpand) {
           if (p.bits == 8) walk_block_simd<8>(p, rb); else walk_block_simd<4>(p, rb);
@@ -496,6 +686,7 @@ at::Tensor linear_q_cpu(const at::Tensor& x, const at::Tensor& bitmap, const at:
           if (p.bits == 8) walk_block<8>(p, rb); else walk_block<4>(p, rb);
         }
       }
+      std::free(scratch);
     });
   }
   if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));

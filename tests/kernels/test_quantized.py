@@ -67,7 +67,7 @@ CASES = [  # (n, k, group, p_w, empty columns, all-zero group)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("tokens", [1, 2, 3, 8, 9, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("decode", ["default", "pairs", "expand", "scalar"])  # the CPU kernel's walks
+@pytest.mark.parametrize("decode", ["default", "panel", "pairs", "expand", "scalar"])  # the CPU kernel's walks
 def test_op_matches_the_fp32_oracle_on_the_dequantized_weight(bits, case, tokens, dtype, decode, monkeypatch):
     if decode != "default":
         skip_unless_cpu_runs(decode)
@@ -94,6 +94,7 @@ def test_op_matches_the_fp32_oracle_on_the_dequantized_weight(bits, case, tokens
 # What each forced walk of the CPU kernel needs (kernels/csrc/dual_sparse_q_cpu.cpp, quant_decode).
 WALK_FLAGS = {"scalar": set(), "expand": {"avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_vbmi2"},
               "pairs": {"avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_vbmi2", "avx512_bf16"}}
+WALK_FLAGS["panel"] = WALK_FLAGS["pairs"]
 
 
 def skip_unless_cpu_runs(walk):
@@ -107,13 +108,15 @@ def skip_unless_cpu_runs(walk):
         pytest.skip(f"the {walk} walk needs {', '.join(sorted(missing))}, which this CPU lacks")
 
 
+@pytest.mark.parametrize("walk", ["pairs", "panel"])
 @pytest.mark.parametrize("group", [8, 16, 128])
-@pytest.mark.parametrize("tokens", [1, 2, 5])
-def test_pair_walk_pairs_columns_within_groups(group, tokens, monkeypatch):
-    """The pair walk multiplies two active columns of one group at a time: groups with an odd number of
-    active columns, groups with one, groups with none, and the last group cut short by K."""
-    skip_unless_cpu_runs("pairs")
-    monkeypatch.setenv("DUOSERVE_CPU_QUANT_DECODE", "pairs")
+@pytest.mark.parametrize("tokens", [1, 2, 5, 7, 13])
+def test_pair_walks_pair_columns_within_groups(walk, group, tokens, monkeypatch):
+    """The pair and panel walks multiply two active columns of one group at a time: groups with an odd
+    number of active columns, groups with one, groups with none, and the last group cut short by K;
+    the panel walk also splits groups of more than 64 active columns into chunks (G 128)."""
+    skip_unless_cpu_runs(walk)
+    monkeypatch.setenv("DUOSERVE_CPU_QUANT_DECODE", walk)
     n, k = 131, 5 * group + 3
     codes, mask, scales = random_quantized(n, k, 0.5, 4, group, seed=group + tokens)
     q = pack_quantized_dense(codes, mask, scales, 4, group)
@@ -133,7 +136,7 @@ def test_an_unknown_decode_setting_is_refused(monkeypatch):
     monkeypatch.setenv("DUOSERVE_CPU_QUANT_DECODE", "fast")
     codes, mask, scales = random_quantized(8, 16, 0.5, 4, 8)
     q = pack_quantized_dense(codes, mask, scales, 4, 8)
-    with pytest.raises(RuntimeError, match="must be scalar, expand or pairs"):
+    with pytest.raises(RuntimeError, match="must be scalar, expand, pairs or panel"):
         dual_sparse_linear_q(torch.randn(1, 16), q, 0.0)
 
 
