@@ -247,7 +247,8 @@ QPairs make_pairs(const std::vector<int32_t>& active, const std::vector<float>& 
 
 // The codes of 64 rows of one column (a half row block: two bitmap words) in their rows, one byte
 // each: the 64 nibbles from `pos` are split into bytes in nibble order (one vpermt2b; the index
-// table for an odd first nibble is loaded by address: NibbleOrder) and one vpexpandb puts them under the mask; absent rows get 16.
+// table for an odd first nibble is loaded by address: NibbleOrder) and one vpexpandb puts them under
+// the mask; absent rows get 16.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,avx512bf16")))
 inline __m512i half_rows_int4(const uint8_t* codes, int64_t pos, uint64_t m, const uint8_t* nibble_order,
                               __m512i nib, __m512i absent) {
@@ -493,10 +494,12 @@ void decode_q_panel(const QProblem& p, const QPairs& pairs, int64_t rb, int64_t 
       const __m512i c2 = half_rows_int4(p.codes, pos2, m2, tab.nibbles.order[0], nib, absent);
       pos1 += __builtin_popcountll(m1);
       pos2 += __builtin_popcountll(m2);
-      _mm512_store_si512(dst + 4 * h + 0, _mm512_permutexvar_epi16(_mm512_maskz_permutex2var_epi8(even_bytes, c1, inter0, c2), levels));
-      _mm512_store_si512(dst + 4 * h + 1, _mm512_permutexvar_epi16(_mm512_maskz_permutex2var_epi8(even_bytes, c1, inter1, c2), levels));
-      _mm512_store_si512(dst + 4 * h + 2, _mm512_permutexvar_epi16(_mm512_maskz_permutex2var_epi8(even_bytes, c1, inter2, c2), levels));
-      _mm512_store_si512(dst + 4 * h + 3, _mm512_permutexvar_epi16(_mm512_maskz_permutex2var_epi8(even_bytes, c1, inter3, c2), levels));
+      // per 16 rows, the pair (level of column 1, level of column 2) in bf16, as in the pair walk
+      const __m512i inter[4] = {inter0, inter1, inter2, inter3};
+      for (int r = 0; r < 4; ++r) {
+        const __m512i codes = _mm512_maskz_permutex2var_epi8(even_bytes, c1, inter[r], c2);
+        _mm512_store_si512(dst + 4 * h + r, _mm512_permutexvar_epi16(codes, levels));
+      }
     }
   }
 }
