@@ -280,6 +280,17 @@ const PairTables& pair_tables() {
   return tables;
 }
 
+// The bitmap words and first code line of pair q's two columns in row block rb: the int4 walks fetch
+// them QPAIR_AHEAD pairs ahead, because skipped columns leave gaps in the streams that the hardware
+// prefetchers do not follow.
+inline void prefetch_pair(const QProblem& p, const QPairs& pairs, int64_t rb, int64_t q) {
+  const int64_t a1 = rb * p.K + pairs.k1[q], a2 = rb * p.K + pairs.k2[q];
+  _mm_prefetch(reinterpret_cast<const char*>(p.bitmap + a1 * QWORDS), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p.bitmap + a2 * QWORDS), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p.codes + (p.offsets[a1] >> 1)), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p.codes + (p.offsets[a2] >> 1)), _MM_HINT_T0);
+}
+
 // A group's sums, in level units, times its row scales into the row block's outputs (the NH 64-row
 // halves from h0); the sums restart.
 template <int TB, int NH>
@@ -321,14 +332,7 @@ void walk_block_pairs_tb(const QProblem& p, const QPairs& pairs, int64_t rb, int
       flush_group<TB, NH>(p, rb, group, h0, acc, out);
       group = pairs.group[q];
     }
-    if (q + QPAIR_AHEAD < P) {  // the bitmap words and first codes of the pair QPAIR_AHEAD ahead: skipped
-      // columns leave gaps in the streams that the hardware prefetchers do not follow
-      const int64_t a1 = rb * p.K + pairs.k1[q + QPAIR_AHEAD], a2 = rb * p.K + pairs.k2[q + QPAIR_AHEAD];
-      _mm_prefetch(reinterpret_cast<const char*>(p.bitmap + a1 * QWORDS), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p.bitmap + a2 * QWORDS), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p.codes + (p.offsets[a1] >> 1)), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p.codes + (p.offsets[a2] >> 1)), _MM_HINT_T0);
-    }
+    if (q + QPAIR_AHEAD < P) prefetch_pair(p, pairs, rb, q + QPAIR_AHEAD);
     const int64_t k1 = pairs.k1[q], k2 = pairs.k2[q];
     const int32_t* w1 = p.bitmap + (rb * p.K + k1) * QWORDS;
     const int32_t* w2 = p.bitmap + (rb * p.K + k2) * QWORDS;
@@ -471,13 +475,7 @@ void decode_q_panel(const QProblem& p, const QPairs& pairs, int64_t rb, int64_t 
   const __m512i absent = _mm512_set1_epi8(16), nib = _mm512_set1_epi8(0x0F);
   const int64_t P = static_cast<int64_t>(pairs.k1.size());
   for (int64_t q = q0; q < q1; ++q) {
-    if (q + QPAIR_AHEAD < P) {  // as the pair walk: skipped columns leave gaps the prefetchers miss
-      const int64_t a1 = rb * p.K + pairs.k1[q + QPAIR_AHEAD], a2 = rb * p.K + pairs.k2[q + QPAIR_AHEAD];
-      _mm_prefetch(reinterpret_cast<const char*>(p.bitmap + a1 * QWORDS), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p.bitmap + a2 * QWORDS), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p.codes + (p.offsets[a1] >> 1)), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p.codes + (p.offsets[a2] >> 1)), _MM_HINT_T0);
-    }
+    if (q + QPAIR_AHEAD < P) prefetch_pair(p, pairs, rb, q + QPAIR_AHEAD);
     const int64_t k1 = pairs.k1[q], k2 = pairs.k2[q];
     const int32_t* w1 = p.bitmap + (rb * p.K + k1) * QWORDS;
     const int32_t* w2 = p.bitmap + (rb * p.K + k2) * QWORDS;
