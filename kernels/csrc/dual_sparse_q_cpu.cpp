@@ -225,16 +225,30 @@ inline uint16_t to_bf16_bits(float v) {  // inputs come from bf16, so this is ex
   return static_cast<uint16_t>(u >> 16);
 }
 
-QPairs make_pairs(const std::vector<int32_t>& active, const std::vector<float>& xc, int64_t T, int64_t G) {
-  QPairs q;
+// The active columns (increasing) paired within their groups into q.k1 / q.k2 / q.group: two
+// consecutive active columns of one group make a pair; a column alone in its group is paired with
+// itself and gets an input of 0 (k2 == k1). Both int4 walks read these.
+void pair_columns(const std::vector<int32_t>& active, int64_t G, QPairs& q) {
   const int64_t A = static_cast<int64_t>(active.size());
-  q.k1.reserve(A / 2 + 1); q.k2.reserve(A / 2 + 1); q.group.reserve(A / 2 + 1); q.x.reserve((A / 2 + 1) * T);
+  q.k1.reserve(A / 2 + 1); q.k2.reserve(A / 2 + 1); q.group.reserve(A / 2 + 1);
   for (int64_t j = 0; j < A;) {
     const int64_t g = active[j] / G;
     const bool two = j + 1 < A && active[j + 1] / G == g;
     q.k1.push_back(active[j]);
     q.k2.push_back(two ? active[j + 1] : active[j]);
     q.group.push_back(static_cast<int32_t>(g));
+    j += two ? 2 : 1;
+  }
+}
+
+// The pair walk's pairs and inputs, pair-major [P, T] from the masked inputs xc [A, T].
+QPairs make_pairs(const std::vector<int32_t>& active, const std::vector<float>& xc, int64_t T, int64_t G) {
+  QPairs q;
+  pair_columns(active, G, q);
+  const int64_t P = static_cast<int64_t>(q.k1.size());
+  q.x.reserve(P * T);
+  for (int64_t i = 0, j = 0; i < P; ++i) {  // j: the pair's first column in active
+    const bool two = q.k2[i] != q.k1[i];
     for (int64_t t = 0; t < T; ++t) {
       const uint32_t lo = to_bf16_bits(xc[j * T + t]);
       const uint32_t hi = two ? to_bf16_bits(xc[(j + 1) * T + t]) : 0u;
@@ -402,7 +416,7 @@ constexpr int64_t QPANEL_MIN_TB = 7;
 constexpr int QPANEL_NR = 6;           // tokens per micro-kernel: 6 x 4 accumulators
 
 // The panel walk's inputs, built from x [T, K] (bf16) row by row: the active columns (some token's
-// |x| > thr; NaN fails the comparison), their pairs within groups (as make_pairs), the chunks of pairs
+// |x| > thr; NaN fails the comparison), their pairs within groups (pair_columns), the chunks of pairs
 // (up to QPANEL_PAIRS consecutive pairs of one group, the same for every row block) as their ends, and
 // the masked inputs chunk-major: chunk [q0, q1) holds its pairs' inputs token after token at
 // x[q0 T + t (q1 - q0) + i], so a micro-kernel reads contiguous inputs. Row by row because the
@@ -423,15 +437,7 @@ std::vector<int64_t> panel_inputs(const uint16_t* x, int64_t T, int64_t K, float
   active.clear();
   for (int64_t c = 0; c < K; ++c)
     if (any[c]) active.push_back(static_cast<int32_t>(c));
-  const int64_t A = static_cast<int64_t>(active.size());
-  for (int64_t j = 0; j < A;) {
-    const int64_t g = active[j] / G;
-    const bool two = j + 1 < A && active[j + 1] / G == g;
-    q.k1.push_back(active[j]);
-    q.k2.push_back(two ? active[j + 1] : active[j]);  // alone in its group: paired with itself, input 0
-    q.group.push_back(static_cast<int32_t>(g));
-    j += two ? 2 : 1;
-  }
+  pair_columns(active, G, q);
   const int64_t P = static_cast<int64_t>(q.k1.size());
   std::vector<int64_t> ends;
   for (int64_t q0 = 0; q0 < P;) {
