@@ -59,6 +59,35 @@ def quantiles_of_abs(samples: list[torch.Tensor], qs: tuple[float, ...]) -> list
 PROBE_VALUES_PER_LINEAR = 1_000_000
 
 
+class SampleOncePerInput:
+    """A random sample of at most `cap` values of |x|, drawn once per input tensor.
+
+    Linears that read the same tensor (q/k/v the layer's normed input, gate/up the MLP's) then get
+    the same sample and so the same threshold, bit for bit, and the server runs them as one op call
+    on the stacked weight (loaders/linear.py, group_by_threshold). Sampled independently, their
+    thresholds differed in the fifth digit and vLLM's fused qkv_proj / gate_up_proj ran as three and
+    two calls. The sampled tensors are held until clear(), so no other tensor can reuse their memory
+    (the key is the storage address) within one pass.
+    """
+
+    def __init__(self, cap: int, gen: torch.Generator):
+        self.cap, self.gen = cap, gen
+        self._drawn: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.data_ptr(), tuple(x.shape), x.stride())
+        hit = self._drawn.get(key)
+        if hit is None:
+            flat = x.abs().reshape(-1).float().cpu()
+            if flat.numel() > self.cap:
+                flat = flat[torch.randint(0, flat.numel(), (self.cap,), generator=self.gen)]
+            hit = self._drawn[key] = (x, flat)
+        return hit[1]
+
+    def clear(self) -> None:
+        self._drawn.clear()
+
+
 @dataclass(frozen=True)
 class ThresholdCalibration:
     """The thresholds for the target p_x and for every p_x of `grid` (which contains the target)."""
@@ -118,18 +147,17 @@ def calibrate_threshold_grid(model: nn.Module, windows: torch.Tensor, p_x: float
         kwargs = streams.layer_kwargs[i]
         for group in groups:
             samples: dict[str, list[torch.Tensor]] = {n: [] for n in group}
+            draw = SampleOncePerInput(per_batch, gen)
 
             def collect(name, x):
-                flat = x.abs().reshape(-1).float().cpu()
-                if flat.numel() > per_batch:
-                    flat = flat[torch.randint(0, flat.numel(), (per_batch,), generator=gen)]
-                samples[name].append(flat)
+                samples[name].append(draw(x))
 
             known = {n: found[n] for n in local}
             # At p_x = 0 every threshold is 0, which keeps every non-zero input: no hooks needed.
             ctx = ActivationSparsity(known, "threshold", thresholds=local) if known and p_x > 0 else None
             with maybe(ctx), InputRecorder({n: found[n] for n in group}, collect) as rec:
                 for h in hidden:
+                    draw.clear()
                     rec.run(layer, h, kwargs)
             for n in group:
                 local_grid[n] = quantiles_of_abs(samples[n], grid)
@@ -167,14 +195,12 @@ def _probe_dependent_groups(layer: nn.Module, hidden: torch.Tensor, kwargs, foun
         if p == 0.0 or j == at_target:
             continue
         measured: dict[str, float] = {}
+        draw = SampleOncePerInput(cap, gen)
 
-        def hook_for(name, p=p, measured=measured):
+        def hook_for(name, p=p, measured=measured, draw=draw):
             def pre_hook(module, args):
                 x = args[0]  # [b, T, K]
-                flat = x.abs().reshape(-1).float().cpu()
-                if flat.numel() > cap:
-                    flat = flat[torch.randint(0, flat.numel(), (cap,), generator=gen)]
-                measured[name] = quantiles_of_abs([flat], (p,))[0]
+                measured[name] = quantiles_of_abs([draw(x)], (p,))[0]
                 if len(measured) == len(dependent):
                     raise StopForward  # the rest of the layer changes nothing here
                 return (sparsify_threshold(x, measured[name]), *args[1:])
