@@ -16,6 +16,16 @@ reports it in the server log), plus the dense embeddings / lm_head common to bot
 
 The sparse checkpoint, unless given, is made with `duoserve prune` (SparseGPT, --sparsity 0.5
 --activation-sparsity 0.5 by default) into the cache and reused on later runs.
+
+TTFT is the prefill of the prompt: the built-in prompt is one sentence (~35 tokens); with
+`--prompt-words N` every request gets its own window of N words of C4 text (the same seeded
+sequence for both servers, as `duoserve bench` draws them), so vLLM's prefix cache never holds a
+block of it and TTFT times the whole prompt. `--profile DIR` then also runs `--repeats` requests
+of one output token under vLLM's torch profiler (after the timed runs, which it would slow down)
+and prints, per request, where the forward pass spends its time: the linears (vLLM's oneDNN GEMM,
+or the duoserve ops with their number of calls), attention, the rest. The traces stay in DIR.
+
+    python scripts/bench_serve.py --sparse CKPT --prompt-words 100 --profile /tmp/prof
 """
 from __future__ import annotations
 
@@ -50,9 +60,18 @@ def _prune(model: Path, out: Path, args) -> Path:
     return out
 
 
-def _stream_once(srv, max_tokens: int, timeout: float = 600.0) -> tuple[float, float, int]:
+def _prompts(args):
+    """The prompt of every request: the built-in sentence, or seeded C4 windows of --prompt-words."""
+    if not args.prompt_words:
+        return lambda: PROMPT
+    from duoserve.loadtest.prompts import PromptSampler
+
+    return PromptSampler.from_source("c4", args.prompt_words, seed=0).sample
+
+
+def _stream_once(srv, max_tokens: int, prompt: str = PROMPT, timeout: float = 600.0) -> tuple[float, float, int]:
     """One streamed completion -> (TTFT s, TPOT s, output tokens)."""
-    body = {"model": srv.model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0,
+    body = {"model": srv.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     stamps, tokens = [], None
@@ -70,6 +89,53 @@ def _stream_once(srv, max_tokens: int, timeout: float = 600.0) -> tuple[float, f
     if tokens is None or tokens < 2 or len(stamps) < 2:
         raise RuntimeError(f"unexpected stream: {tokens} tokens, {len(stamps)} text events")
     return stamps[0] - t0, (stamps[-1] - stamps[0]) / (tokens - 1), tokens
+
+
+# Rows of vLLM's profiler table (profiler_out.txt, sorted by self CPU time) -> what they are.
+PROFILE_KINDS = (("duoserve::", "duoserve linears"), ("_C::onednn_mm", "dense GEMM (linears, lm_head)"),
+                 ("attention", "attention"), ("attn", "attention"), ("kv_cache", "attention"))
+
+
+def _profile(srv, label: str, prompts, args) -> dict:
+    """`--repeats` one-token requests under vLLM's torch profiler -> ms per request by kind of op."""
+    headers = {"Authorization": f"Bearer {srv.api_key}"}
+    requests.post(srv.base_url + "/start_profile", headers=headers, timeout=60).raise_for_status()
+    for _ in range(args.repeats):
+        body = {"model": srv.model, "prompt": prompts(), "max_tokens": 1, "temperature": 0.0}
+        requests.post(srv.url + "/completions", json=body, headers=headers, timeout=600).raise_for_status()
+    requests.post(srv.base_url + "/stop_profile", headers=headers, timeout=600).raise_for_status()
+    tables = sorted((Path(args.profile) / label).glob("rank0*profiler_out*.txt"))
+    if not tables:
+        raise RuntimeError(f"vLLM wrote no profiler table under {Path(args.profile) / label}")
+    return profile_table(tables[-1].read_text(), args.repeats)
+
+
+def profile_table(text: str, requests_profiled: int) -> dict:
+    """vLLM's profiler table -> ms per request of the prefill forward and of each kind of op (self
+    time), and the linear op calls per request."""
+    ms: dict[str, float] = {}
+    calls: dict[str, int] = {}
+
+    def to_ms(text: str) -> float:  # "1.234ms", "56.7us", "2.1s"
+        number, unit = re.fullmatch(r"([\d.]+)(ms|us|s)", text).groups()
+        return float(number) * {"ms": 1.0, "us": 1e-3, "s": 1e3}[unit]
+
+    for line in text.splitlines():
+        # Name, Self CPU %, Self CPU, CPU total %, CPU total, CPU time avg, # of Calls
+        cols = re.split(r"\s{2,}", line.strip())
+        if len(cols) < 7 or not re.fullmatch(r"[\d.]+(ms|us|s)", cols[2]) or not cols[6].isdigit():
+            continue
+        name = cols[0]
+        if re.fullmatch(r"execute_context_[1-9]\d*\(\d+\)_generation_0\(0\)", name):  # the prefill steps
+            ms["forward (total)"] = ms.get("forward (total)", 0.0) + to_ms(cols[4])
+            continue
+        kind = next((k for key, k in PROFILE_KINDS if key in name), None)
+        if kind is not None:
+            ms[kind] = ms.get(kind, 0.0) + to_ms(cols[2])
+            calls[kind] = calls.get(kind, 0) + int(cols[6])
+    per_request = {k: round(v / requests_profiled, 1) for k, v in ms.items()}
+    per_request.update({f"{k}: calls": c // requests_profiled for k, c in calls.items() if k != "attention"})
+    return per_request
 
 
 def _linear_bytes(folder: Path) -> tuple[int, int]:
@@ -144,6 +210,11 @@ def measure(label: str, folder: Path, args) -> dict:
     from duoserve.loaders.server import launch
 
     extra = ["--max-num-seqs", "1"]
+    if args.profile:
+        extra += ["--profiler-config", json.dumps({
+            "profiler": "torch", "torch_profiler_dir": str(Path(args.profile).resolve() / label),
+            "torch_profiler_with_stack": False, "torch_profiler_use_gzip": False})]
+    prompts = _prompts(args)
     with launch(folder, served_model_name=label, enforce_eager=args.eager, max_model_len=args.max_model_len,
                 kv_cache_gib=args.kv_cache_gib, extra_vllm_args=extra,
                 log_path=Path(args.workdir) / f"vllm-{label}.log") as srv:
@@ -151,16 +222,20 @@ def measure(label: str, folder: Path, args) -> dict:
         srv.wait_ready(timeout=1200)
         ready_s = time.perf_counter() - t
         for _ in range(args.warmup):
-            _stream_once(srv, 16)
+            _stream_once(srv, 16, prompts())
         load_before = os.getloadavg()
-        runs = [_stream_once(srv, args.max_tokens) for _ in range(args.repeats)]
+        runs = [_stream_once(srv, args.max_tokens, prompts()) for _ in range(args.repeats)]
+        profile = _profile(srv, label, prompts, args) if args.profile else None
         server_log = srv.log_path.read_text(errors="replace")
     tpot = statistics.median(r[1] for r in runs)
     result = {"label": label, "folder": str(folder), "ready_s": round(ready_s, 1),
               "loadavg_before": [round(x, 2) for x in load_before],
               "ttft_ms": round(1000 * statistics.median(r[0] for r in runs), 1),
               "tpot_ms": round(1000 * tpot, 2), "decode_tok_s": round(1.0 / tpot, 1),
+              "ttft_ms_all": [round(1000 * r[0], 1) for r in runs],
               "tpot_ms_all": [round(1000 * r[1], 2) for r in runs], "tokens": runs[0][2]}
+    if profile is not None:
+        result["profile_ms_per_request"] = profile
     found = re.findall(r"(\d+) linear layers repacked .*?\(([\d.]+) MiB, ([\d.]+) bytes/weight\)", server_log)
     if found:  # the last start in the log is this one
         m = [None, *found[-1]]
@@ -186,6 +261,10 @@ def main(argv=None) -> int:
     p.add_argument("--eager", action="store_true", help="--enforce-eager for both servers (default: vLLM's compile)")
     p.add_argument("--workdir", default=None, help="checkpoints and server logs (default: ~/.cache/duoserve/bench)")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--prompt-words", type=int, default=0,
+                   help="a different C4 window of this many words per request (default: the built-in sentence)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also profile --repeats one-token requests per server (vLLM's torch profiler; traces in DIR)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the linears alone (vLLM's dense CPU GEMM vs the duoserve op), outside vLLM")
     args = p.parse_args(argv)
@@ -230,6 +309,11 @@ def main(argv=None) -> int:
               f"{r.get('linear_weights_mib', float('nan')):>12.1f}{r['other_weights_mib']:>11.1f}"
               f"{r['loadavg_before'][0]:>8.2f}")
     print(f"decode speedup (dense TPOT / dual-sparse TPOT): {speedup:.2f}x")
+    print(f"TTFT ratio (dual-sparse / dense): {results[1]['ttft_ms'] / results[0]['ttft_ms']:.2f}x")
+    for r in results:
+        if "profile_ms_per_request" in r:
+            print(f"profile, ms per request ({r['label']}): "
+                  + ", ".join(f"{k} {v}" for k, v in r["profile_ms_per_request"].items()))
     if args.breakdown:
         report["linear_breakdown"] = b = linear_breakdown(sparse)
         print(f"linears only, one token, batch 1: dense {b['linears_dense_ms']} ms, duoserve {b['linears_duoserve_ms']} ms "
