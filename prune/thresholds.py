@@ -159,8 +159,12 @@ def calibrate_threshold_grid(model: nn.Module, windows: torch.Tensor, p_x: float
                 for h in hidden:
                     draw.clear()
                     rec.run(layer, h, kwargs)
+            by_sample: dict[tuple[int, ...], list[float]] = {}  # q/k/v (gate/up) hold the same sample tensors
             for n in group:
-                local_grid[n] = quantiles_of_abs(samples[n], grid)
+                key = tuple(map(id, samples[n]))
+                if key not in by_sample:
+                    by_sample[key] = quantiles_of_abs(samples[n], grid)
+                local_grid[n] = list(by_sample[key])  # a copy: the probes below edit grids in place
                 local[n] = local_grid[n][at_target]
         _probe_dependent_groups(layer, hidden[0], kwargs, found, groups, grid, at_target, local_grid,
                                 probe_gen, min(max_values_per_linear, PROBE_VALUES_PER_LINEAR))
@@ -196,11 +200,15 @@ def _probe_dependent_groups(layer: nn.Module, hidden: torch.Tensor, kwargs, foun
             continue
         measured: dict[str, float] = {}
         draw = SampleOncePerInput(cap, gen)
+        of_sample: dict[int, float] = {}  # gate/up draw the same sample: one selection for both
 
-        def hook_for(name, p=p, measured=measured, draw=draw):
+        def hook_for(name, p=p, measured=measured, draw=draw, of_sample=of_sample):
             def pre_hook(module, args):
                 x = args[0]  # [b, T, K]
-                measured[name] = quantiles_of_abs([draw(x)], (p,))[0]
+                sample = draw(x)
+                if id(sample) not in of_sample:
+                    of_sample[id(sample)] = quantiles_of_abs([sample], (p,))[0]
+                measured[name] = of_sample[id(sample)]
                 if len(measured) == len(dependent):
                     raise StopForward  # the rest of the layer changes nothing here
                 return (sparsify_threshold(x, measured[name]), *args[1:])
