@@ -26,6 +26,9 @@ Suites
   the candidates scripts/residual_default.py chooses the default among (run it with --data c4-heldout).
 - residual-fit: DuoGPT with --residual-fit ridge (the residual as dense weights, then SparseGPT's solve) at
   W = X in 40/50/60%, residual scales 0.25 and 0.5.
+- residual-parts: DuoGPT's residual from one part of dX: --residual-upstream 0 (the dropped activations
+  only; scales 0.25, 1) and --residual-dropped 0 (the earlier layers' error only; 0.25, 0.5), and the default,
+  at W = X in 50/40% (run it with --data c4-heldout too).
 - baseline-settings: the dual-sparse baselines at W50+X50 with other settings: SparseGPT with DuoGPT's
   damp 0.1 and act_order, Wanda with norms of unsparsified and of sparsified inputs.
 - duogpt-residual: DuoGPT's residual term at W50+X50 and W60+X60: --residual-scale 0 / 0.25 /
@@ -75,6 +78,11 @@ SUITES = {
     "residual-fit": [("duogpt", str(p), p, {"residual_fit": "ridge", "damp": 0.01, "act_order": False,
                                             "residual_ridge": 0.1, "residual_scale": r})
                      for p, scales in ((0.4, (0.25, 0.5)), (0.5, (0.25, 0.5)), (0.6, (0.25,))) for r in scales],
+    # DuoGPT's residual from one part of dX only: the activations the linear drops
+    # (--residual-upstream 0) or the earlier layers' error (--residual-dropped 0), docs/pruning.md.
+    "residual-parts": [("duogpt", str(p), p, {"residual_dropped": d, "residual_upstream": u, "residual_scale": r})
+                       for p in (0.5, 0.4) for d, u, r in ((1.0, 0.0, 0.25), (1.0, 0.0, 1.0), (0.0, 1.0, 0.25),
+                                                            (0.0, 1.0, 0.5), (1.0, 1.0, 0.25))],
     # The baselines at their own best settings (issue 29): SparseGPT with DuoGPT's damp/act_order,
     # Wanda scoring with the norms of the sparsified inputs it is served with.
     "baseline-settings": [("sparsegpt", "0.5", 0.5, {"damp": 0.1, "act_order": True}),

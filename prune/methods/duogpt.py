@@ -44,6 +44,12 @@ class DuoGPTOptions:
     residual_ridge: float = field(default=0.1, metadata={
         "help": "--residual-fit ridge: the residual regression's dampening, as a fraction of mean(diag H) "
                 "(the paper's 0.1)"})
+    residual_dropped: float = field(default=1.0, metadata={
+        "help": "share of dX's dropped part in the residual: dX = (the activations this linear's sparsity drops) + "
+                "(dense model's input - pruned model's input: the earlier layers' error); 1 = the paper's dX "
+                "(docs/pruning.md)"})
+    residual_upstream: float = field(default=1.0, metadata={
+        "help": "share of dX's upstream part (the earlier layers' error) in the residual; 1 = the paper's dX"})
     residual_target: str = field(default="original", metadata={
         "help": "weights the residual W dX is attributed to: original (the dense weights: the fixed objective "
                 "||W' X^ - W X~||) or running (Algorithm 1 as printed; the target moves with every update and "
@@ -68,6 +74,9 @@ class DuoGPTOptions:
             if not scale >= 0:
                 raise ValueError(f"residual_scale must be >= 0, got {self.residual_scale}")
             object.__setattr__(self, "residual_scale", scale)
+        for part in ("residual_dropped", "residual_upstream"):
+            if not 0 <= getattr(self, part) <= 1:
+                raise ValueError(f"{part} must be in [0, 1], got {getattr(self, part)}")
         check_residual_target(self.residual_target)  # here too: bad CLI input fails before any work
 
 
@@ -93,4 +102,5 @@ class DuoGPT(PruningMethod):
         act_order = default_order if o.act_order is None else o.act_order
         return ObsObserver(self, linear.in_features, linear.weight.device, True,
                            ObsSettings(o.blocksize, o.damp, act_order, o.residual_scale, o.residual_target,
-                                       o.residual_fit, o.residual_ridge), name)
+                                       o.residual_fit, o.residual_ridge), name,
+                           (o.residual_dropped, o.residual_upstream))

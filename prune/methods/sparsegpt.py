@@ -38,8 +38,9 @@ class ObsOptions:
 
 class ObsObserver(LinearObserver):
     def __init__(self, method: PruningMethod, in_features: int, device, with_residual: bool, settings: ObsSettings,
-                 name: str = ""):
+                 name: str = "", residual_parts: tuple[float, float] = (1.0, 1.0)):
         self.method, self.name = method, name
+        self.residual_parts = residual_parts  # shares of dX's (dropped, upstream) parts
         self.stats = HessianStats(in_features, with_residual, device)
         self.settings = settings
         # "auto": statistics of held-out tokens as well (they stay in self.stats: the final solve
@@ -50,6 +51,11 @@ class ObsObserver(LinearObserver):
     def add_batch(self, x, x_dense):
         p_x = self.method.activation_sparsity
         x_hat = sparsify_topk(x, p_x) if p_x > 0 else x  # [T, K]
+        if x_dense is not None and self.residual_parts != (1.0, 1.0):
+            # dX = x_dense - x_hat = (x - x_hat) + (x_dense - x): the activations this linear drops
+            # plus the upstream part (the earlier layers' pruning error); weigh the two.
+            dropped, upstream = self.residual_parts
+            x_dense = x_hat + dropped * (x - x_hat) + upstream * (x_dense - x)
         self.stats.add(x_hat, x_dense if self.stats.G is not None else None)
         if self.heldout is not None:
             h = max(1, int(round(x_hat.shape[0] * HELDOUT_FRACTION)))
