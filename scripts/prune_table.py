@@ -29,6 +29,8 @@ Suites
 - residual-parts: DuoGPT's residual from one part of dX: --residual-upstream 0 (the dropped activations
   only; scales 0.25, 1) and --residual-dropped 0 (the earlier layers' error only; 0.25, 0.5), and the default,
   at W = X in 50/40% (run it with --data c4-heldout too).
+- residual-upstream-fit: DuoGPT with --residual-dropped 0 at residual scales 0.25 and 0.5, W = X in 40/50%:
+  the ladder scripts/residual_default.py --fit ...,ridge-upstream compares (run it with --data c4-heldout).
 - baseline-settings: the dual-sparse baselines at W50+X50 with other settings: SparseGPT with DuoGPT's
   damp 0.1 and act_order, Wanda with norms of unsparsified and of sparsified inputs.
 - duogpt-residual: DuoGPT's residual term at W50+X50 and W60+X60: --residual-scale 0 / 0.25 /
@@ -50,6 +52,9 @@ from pathlib import Path
 # Cached results in the work folder and logged subprocesses: shared with `duoserve frontier`.
 from duoserve.workcache import NotCached as NotRun
 from duoserve.workcache import StepFailed, cached, prune_flags, run_logged
+
+# DuoGPT's default fit, spelled out (so that the cache keys stay those of the runs before it was the default).
+RIDGE_FIT = {"residual_fit": "ridge", "damp": 0.01, "act_order": False, "residual_ridge": 0.1}
 
 SUITES = {
     "foundation": [(m, s, 0.0) for s in ("0.5", "2:4") for m in ("magnitude", "wanda", "sparsegpt")],
@@ -75,14 +80,17 @@ SUITES = {
     # DuoGPT's residual fitted as dense weights first (--residual-fit ridge, SparseGPT's damp and column
     # order for the pruning solve): scales 0.25 and 0.5 at the levels the default is chosen on (40/50%),
     # 0.25 alone at 60% (a robustness bar, not a rung of scripts/residual_default.py's ladder).
-    "residual-fit": [("duogpt", str(p), p, {"residual_fit": "ridge", "damp": 0.01, "act_order": False,
-                                            "residual_ridge": 0.1, "residual_scale": r})
+    "residual-fit": [("duogpt", str(p), p, {**RIDGE_FIT, "residual_scale": r})
                      for p, scales in ((0.4, (0.25, 0.5)), (0.5, (0.25, 0.5)), (0.6, (0.25,))) for r in scales],
     # DuoGPT's residual from one part of dX only: the activations the linear drops
     # (--residual-upstream 0) or the earlier layers' error (--residual-dropped 0), docs/pruning.md.
-    "residual-parts": [("duogpt", str(p), p, {"residual_dropped": d, "residual_upstream": u, "residual_scale": r})
-                       for p in (0.5, 0.4) for d, u, r in ((1.0, 0.0, 0.25), (1.0, 0.0, 1.0), (0.0, 1.0, 0.25),
-                                                            (0.0, 1.0, 0.5), (1.0, 1.0, 0.25))],
+    "residual-parts": [("duogpt", str(p), p, {**part, "residual_scale": r})
+                       for p in (0.5, 0.4) for part, r in (({"residual_upstream": 0.0}, 0.25), ({"residual_upstream": 0.0}, 1.0),
+                                                           ({"residual_dropped": 0.0}, 0.25), ({"residual_dropped": 0.0}, 0.5),
+                                                           (RIDGE_FIT, 0.25))],  # the default, keyed as in residual-fit
+    # The upstream-only residual's ladder, a further fit for scripts/residual_default.py ("ridge-upstream").
+    "residual-upstream-fit": [("duogpt", str(p), p, {"residual_dropped": 0.0, "residual_scale": r})
+                              for p in (0.4, 0.5) for r in (0.25, 0.5)],
     # The baselines at their own best settings (issue 29): SparseGPT with DuoGPT's damp/act_order,
     # Wanda scoring with the norms of the sparsified inputs it is served with.
     "baseline-settings": [("sparsegpt", "0.5", 0.5, {"damp": 0.1, "act_order": True}),

@@ -1,8 +1,8 @@
 """Choose DuoGPT's default residual fit and scale from held-out calibration text only (issue 29).
 
 Reads the per-window NLLs that `scripts/prune_table.py residual-default|residual-fit --data c4-heldout`
-left under each --work folder (one folder per model), for each candidate (a residual fit, obs or
-ridge, and a scale: 0 = no residual, then 0.25, 0.5) at each level that has all of them, and applies
+left under each --work folder (one folder per model), for each candidate (a residual fit: obs, ridge or
+ridge-upstream, the ridge fit of dX's upstream part only; and a scale: 0 = no residual, then 0.25, 0.5) at each level that has all of them, and applies
 the one-standard-error rule: among the candidates whose held-out NLL, averaged over every (model,
 level) cell, is within one standard error of the best one's (the paired per-window differences give
 the error), take the simplest (the smallest scale: the least fitted to the calibration windows; between
@@ -28,7 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from duoserve.evaluation.perplexity import paired_nll_difference  # noqa: E402
 from prune_table import SUITES, config_key  # noqa: E402  (the suites name the candidates and their cache keys)
 
-SUITES_OF_FIT = {"obs": "residual-default", "ridge": "residual-fit"}
+SUITES_OF_FIT = {"obs": "residual-default", "ridge": "residual-fit", "ridge-upstream": "residual-upstream-fit"}
+# The DuoGPTOptions each fit stands for (the default in the code must match the chosen one's).
+FIT_OPTIONS = {"obs": {"residual_fit": "obs"}, "ridge": {"residual_fit": "ridge", "residual_dropped": 1.0},
+               "ridge-upstream": {"residual_fit": "ridge", "residual_dropped": 0.0}}
 HELDOUT_DATA = "c4_heldout"  # prune_table's cache suffix for --data c4-heldout
 HELDOUT_MARK = "held-out"  # what the eval JSON's data description says for that split (prune/data.py)
 

@@ -96,5 +96,23 @@ def test_duogpts_default_is_the_rules_choice_on_the_committed_evidence():
     chosen = rd.Candidate.parse(data["chosen"], data.get("fit", "obs"))
     assert result["chosen"] == chosen
     defaults = DuoGPTOptions()
-    assert defaults.residual_fit == chosen.fit
+    for option, value in rd.FIT_OPTIONS[chosen.fit].items():
+        assert getattr(defaults, option) == value, option
     assert math.isclose(float(defaults.residual_scale), chosen.scale)
+
+
+def test_the_upstream_ladder_is_the_ridge_fit_without_the_dropped_part(tmp_path):
+    import dataclasses
+
+    from duoserve.prune.methods.duogpt import DuoGPTOptions
+
+    ladder = rd.candidates("ridge-upstream")
+    assert sorted({c[0] for c in ladder}) == ["0.4", "0.5"]
+    assert sorted(c[2].scale for c in ladder if c[0] == "0.5") == [0.25, 0.5]
+    assert all("residualdropped0" in c[3] for c in ladder)
+    # every fit names options DuoGPT has, so the default test can compare them
+    fields = {f.name for f in dataclasses.fields(DuoGPTOptions)}
+    assert set(rd.FIT_OPTIONS) == set(rd.SUITES_OF_FIT)
+    assert all(set(opts) <= fields for opts in rd.FIT_OPTIONS.values())
+    both = rd.candidates(["ridge", "ridge-upstream"])
+    assert rd.ladder_levels(both) == [("0.4", 0.4), ("0.5", 0.5)]
