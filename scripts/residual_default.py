@@ -2,12 +2,12 @@
 
 Reads the per-window NLLs that `scripts/prune_table.py residual-default|residual-fit --data c4-heldout`
 left under each --work folder (one folder per model), for each candidate (a residual fit: obs, ridge or
-ridge-upstream, the ridge fit of dX's upstream part only; and a scale: 0 = no residual, then 0.25,
-0.5) at each level that has all of them, and applies the one-standard-error rule: among the
-candidates whose held-out NLL, averaged over every (model, level) cell, is within one standard error
-of the best one's (the paired per-window differences give the error), take the simplest (the smallest scale: the least fitted to the calibration windows; between
-fits at one scale, the lower NLL). Evaluation text (WikiText-2) is refused: a default chosen there
-would be tuned on what it is judged on.
+ridge-upstream, the ridge fit of dX's upstream part only; and a scale: 0 = no residual, then 0.25, 0.5)
+at each level that has all of them, and applies the one-standard-error rule: among the candidates whose
+held-out NLL, averaged over every (model, level) cell, is within one standard error of the best one's
+(the paired per-window differences give the error), take the simplest (the smallest scale: the least
+fitted to the calibration windows; between fits at one scale, the lower NLL). Evaluation text
+(WikiText-2) is refused: a default chosen there would be tuned on what it is judged on.
 
     python scripts/prune_table.py residual-default --work out/abl/smol --nsamples 16 --seqlen 512 \\
         --max-windows 10 --modes threshold --only 0.5            # prune the candidates
