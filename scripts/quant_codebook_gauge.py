@@ -1,0 +1,101 @@
+"""Gauge for issue 31: would a non-uniform int4 grid (a codebook per linear) beat the format's
+uniform one inside the joint prune + quantize?
+
+Runs `duoserve prune` (the arguments after the mode, without --quantize) with the OBS methods'
+solve patched to quantize jointly to int4, group 128, on a 16-level table: `uniform` is the
+format's grid (c - 7.5) * scale, the same path as `--quantize int4`; `lloyd` fits, per linear, 16
+levels to the float solve's kept weights in units of their group scale (a 1-D k-means weighted by
+diag(H), the weight of a column's error in the objective, started from the uniform grid), then runs
+the joint solve and the scale refit on those levels. The checkpoint holds the dequantized values
+as bf16 (the format cannot store a codebook), so it is evaluated like any bf16 checkpoint:
+
+    python scripts/quant_codebook_gauge.py lloyd smollm2-135m --method duogpt --sparsity 0.5 \
+        --activation-sparsity 0.5 --nsamples 16 --seqlen 512 -o OUT
+    duoserve eval ppl OUT --activation-mode threshold --max-windows 10 --dtype bfloat16
+"""
+import dataclasses
+import inspect
+import sys
+import textwrap
+
+import torch
+
+import duoserve.prune.methods.sparsegpt as sparsegpt
+import duoserve.prune.obs as obs
+from duoserve.format.quant import expand_groups, group_scales
+from duoserve.format.schema import WeightQuant
+
+QUANT = WeightQuant(4, 128)
+UNIFORM = torch.arange(16, dtype=torch.float32) - 7.5
+
+
+def _refit_on_any_levels():
+    """prune/obs.py's refit_scales, with the codes' levels read as W / scale instead of rounded to
+    the uniform grid's half-integers (exact for the uniform grid too: a level times an fp16 scale
+    is exact in fp32)."""
+    old_line = "levels = torch.round(2 * W / expand_groups(old, k, gs)) / 2"
+    source = textwrap.dedent(inspect.getsource(obs.refit_scales))
+    if old_line not in source:
+        sys.exit("prune/obs.py's refit_scales changed: update this gauge")
+    source = source.replace(old_line, "levels = W / expand_groups(old, k, gs)").replace("@torch.no_grad()\n", "")
+    namespace = dict(vars(obs))
+    exec(source, namespace)
+    return torch.no_grad()(namespace["refit_scales"])
+
+
+refit_scales = _refit_on_any_levels()
+
+
+def lloyd_levels(u: torch.Tensor, weight: torch.Tensor, iterations: int = 30) -> torch.Tensor:
+    """16 sorted levels minimising sum weight * (u - nearest level)^2 (Lloyd's algorithm)."""
+    levels = UNIFORM.clone()
+    for _ in range(iterations):
+        nearest = torch.bucketize(u, (levels[1:] + levels[:-1]) / 2)
+        total = torch.zeros(16).index_add_(0, nearest, u * weight)
+        mass = torch.zeros(16).index_add_(0, nearest, weight)
+        levels = torch.sort(torch.where(mass > 0, total / mass.clamp_min(1e-30), levels)).values
+    return levels
+
+
+class TableScales(obs._GroupScales):
+    """The joint solve's rounding onto a table of levels (in units of the group scale)."""
+
+    def __init__(self, quant, scales, perm, levels):
+        super().__init__(quant, scales, perm)
+        self.levels, self.bounds = levels, (levels[1:] + levels[:-1]) / 2
+
+    def quantize(self, w, col):
+        s = self.scales[:, self.col_group[col]]
+        q = self.levels[torch.bucketize(w / s, self.bounds)] * s
+        return torch.where(w != 0, q, torch.zeros_like(q))
+
+
+def make_joint_solve(mode: str, float_solve):
+    @torch.no_grad()
+    def joint_solve(weight, stats, target, settings, mask=None, quant=None):
+        if quant is not None:
+            sys.exit("run the gauge without --quantize: it quantizes itself")
+        if stats.G is not None and settings.residual_fit == "ridge":  # as obs_prune does
+            weight = obs.residual_corrected_weights(weight, stats, settings.residual_scale, settings.residual_ridge)
+            stats = stats.first_order()
+            settings = dataclasses.replace(settings, residual_scale=0.0)
+        floating = float_solve(weight, stats, target, settings, mask=mask)
+        kept = floating != 0
+        scales = group_scales(floating, QUANT.bits, QUANT.group_size, kept)
+        levels = UNIFORM
+        if mode == "lloyd":
+            units = (floating / expand_groups(scales.float(), weight.shape[1], QUANT.group_size))[kept]
+            importance = stats.H.diagonal().float().clamp_min(0).expand_as(floating)[kept] + 1e-12
+            levels = lloyd_levels(units, importance)
+        rounded = obs._obs_solve(weight, stats, target, settings, mask if mask is not None else ~kept,
+                                 TableScales(QUANT, scales, None, levels))
+        return refit_scales(rounded, scales, weight, stats, settings, QUANT)[0]
+    return joint_solve
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] not in ("uniform", "lloyd"):
+        sys.exit(__doc__)
+    sparsegpt.obs_prune = make_joint_solve(sys.argv[1], obs.obs_prune)
+    from duoserve.cli import main
+    sys.exit(main(["prune", *sys.argv[2:]]))
