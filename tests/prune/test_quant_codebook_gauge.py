@@ -31,8 +31,19 @@ def test_uniform_mode_is_the_joint_int4_solve_bit_for_bit(residual):
     stats = layer_stats(residual)
     expected, _ = obs_prune(w, stats, target, settings, quant=gauge.QUANT)
     assert torch.equal(gauge.make_joint_solve("uniform", obs_prune)(w, stats, target, settings), expected)
-    codebook = gauge.make_joint_solve("lloyd", obs_prune)(w, stats, target, settings)
-    assert torch.equal(codebook == 0, expected == 0)  # same mask, exact sparsity
+    for mode in ("lloyd", "asymmetric"):
+        other = gauge.make_joint_solve(mode, obs_prune)(w, stats, target, settings)
+        assert torch.equal(other == 0, expected == 0), mode  # same mask, exact sparsity
+
+
+def test_asymmetric_grid_spans_each_groups_kept_weights():
+    torch.manual_seed(3)
+    w = torch.randn(8, 256) + 0.5
+    kept = torch.rand(8, 256) > 0.5
+    scales, lows = gauge.asymmetric_grid(w * kept, kept)
+    row0 = w[0, :128][kept[0, :128]]  # row 0's first group
+    assert float(lows[0, 0]) == pytest.approx(float(row0.min()), abs=1e-3)
+    assert float(lows[0, 0] + 15 * scales[0, 0].float()) == pytest.approx(float(row0.max()), abs=1e-2)
 
 
 def test_lloyd_levels_beat_the_uniform_grid_on_a_bimodal_set():
