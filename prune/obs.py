@@ -316,7 +316,10 @@ def refit_scales(W: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor, st
 
     better = objective(t16) < objective(torch.ones_like(t16))
     new = torch.where(better.unsqueeze(1), new, scales.to(torch.float16))
-    levels = torch.round(2 * W / expand_groups(old, k, gs)) / 2  # the codes' levels (half-integers; 0 where pruned)
+    # the codes' levels (0 where pruned): exact, as the solve stores each kept weight as level * scale,
+    # a product that fp32 holds exactly (a level has at most 8 significant bits, an fp16 scale 11),
+    # and it holds for any table of levels, not only the format's half-integers
+    levels = W / expand_groups(old, k, gs)
     return levels * expand_groups(new.float(), k, gs), new
 
 

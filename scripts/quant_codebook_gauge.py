@@ -16,9 +16,7 @@ dequantized values as bf16 (the format stores neither), so it is evaluated like 
     duoserve eval ppl OUT --activation-mode threshold --max-windows 10 --dtype bfloat16
 """
 import dataclasses
-import inspect
 import sys
-import textwrap
 
 import torch
 
@@ -29,23 +27,6 @@ from duoserve.format.schema import WeightQuant
 
 QUANT = WeightQuant(4, 128)
 UNIFORM = torch.arange(16, dtype=torch.float32) - 7.5
-
-
-def _refit_on_any_levels():
-    """prune/obs.py's refit_scales, with the codes' levels read as W / scale instead of rounded to
-    the uniform grid's half-integers (exact for the uniform grid too: a level times an fp16 scale
-    is exact in fp32)."""
-    old_line = "levels = torch.round(2 * W / expand_groups(old, k, gs)) / 2"
-    source = textwrap.dedent(inspect.getsource(obs.refit_scales))
-    if old_line not in source:
-        sys.exit("prune/obs.py's refit_scales changed: update this gauge")
-    source = source.replace(old_line, "levels = W / expand_groups(old, k, gs)").replace("@torch.no_grad()\n", "")
-    namespace = dict(vars(obs))
-    exec(source, namespace)
-    return torch.no_grad()(namespace["refit_scales"])
-
-
-refit_scales = _refit_on_any_levels()
 
 
 def lloyd_levels(u: torch.Tensor, weight: torch.Tensor, iterations: int = 30) -> torch.Tensor:
@@ -128,7 +109,8 @@ def make_joint_solve(mode: str, float_solve):
             levels = lloyd_levels(units, importance)
         rounded = obs._obs_solve(weight, stats, target, settings, mask if mask is not None else ~kept,
                                  grid or TableScales(QUANT, scales, None, levels))
-        return refit_scales(rounded, scales, weight, stats, settings, QUANT)[0]
+        # the refit reads each kept weight's level as W / scale, so it refits any table of levels
+        return obs.refit_scales(rounded, scales, weight, stats, settings, QUANT)[0]
     return joint_solve
 
 
