@@ -249,6 +249,16 @@ class _GroupScales:
         return torch.where(w != 0, q, torch.zeros_like(q))
 
 
+def ridge_residual_first(weight: torch.Tensor, stats: HessianStats, settings: ObsSettings):
+    """With the ridge fit: the residual as dense weights, then SparseGPT's solve on them (H only; still
+    affine in the residual scale, as heldout_pruned_scale needs). -> (weight, stats, settings) to solve."""
+    if stats.G is not None and settings.residual_fit == "ridge":
+        weight = residual_corrected_weights(weight, stats, settings.residual_scale, settings.residual_ridge)
+        stats = stats.first_order()
+        settings = dataclasses.replace(settings, residual_scale=0.0)
+    return weight, stats, settings
+
+
 @torch.no_grad()
 def obs_prune(weight: torch.Tensor, stats: HessianStats, target: SparsityTarget, settings: ObsSettings,
               mask: torch.Tensor | None = None, quant: WeightQuant | None = None):
@@ -259,12 +269,7 @@ def obs_prune(weight: torch.Tensor, stats: HessianStats, target: SparsityTarget,
     and D is linear in the scale), which the held-out choice of the scale relies on.
     quant: quantize the kept weights jointly (module docstring); returns (W, scales fp16
     [N, ceil(K/G)]) then, W holding the dequantized values."""
-    if stats.G is not None and settings.residual_fit == "ridge":
-        # the residual as dense weights, then SparseGPT's solve on them (H only); still affine in
-        # the residual scale, as heldout_pruned_scale needs
-        weight = residual_corrected_weights(weight, stats, settings.residual_scale, settings.residual_ridge)
-        stats = stats.first_order()
-        settings = dataclasses.replace(settings, residual_scale=0.0)
+    weight, stats, settings = ridge_residual_first(weight, stats, settings)
     if quant is not None:
         floating = obs_prune(weight, stats, target, settings, mask=mask)  # chooses the mask, sizes the grid
         kept = floating != 0

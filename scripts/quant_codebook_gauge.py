@@ -15,7 +15,6 @@ dequantized values as bf16 (the format stores neither), so it is evaluated like 
         --activation-sparsity 0.5 --nsamples 16 --seqlen 512 -o OUT
     duoserve eval ppl OUT --activation-mode threshold --max-windows 10 --dtype bfloat16
 """
-import dataclasses
 import sys
 
 import torch
@@ -91,24 +90,21 @@ def make_joint_solve(mode: str, float_solve):
     def joint_solve(weight, stats, target, settings, mask=None, quant=None):
         if quant is not None:
             sys.exit("run the gauge without --quantize: it quantizes itself")
-        if stats.G is not None and settings.residual_fit == "ridge":  # as obs_prune does
-            weight = obs.residual_corrected_weights(weight, stats, settings.residual_scale, settings.residual_ridge)
-            stats = stats.first_order()
-            settings = dataclasses.replace(settings, residual_scale=0.0)
+        weight, stats, settings = obs.ridge_residual_first(weight, stats, settings)
         floating = float_solve(weight, stats, target, settings, mask=mask)
         kept = floating != 0
-        scales = group_scales(floating, QUANT.bits, QUANT.group_size, kept)
-        levels = UNIFORM
-        grid = None
         if mode == "asymmetric":
             scales, lows = asymmetric_grid(floating, kept)
             grid = OffsetScales(QUANT, scales, None, lows)
-        if mode == "lloyd":
-            units = (floating / expand_groups(scales.float(), weight.shape[1], QUANT.group_size))[kept]
-            importance = stats.H.diagonal().float().clamp_min(0).expand_as(floating)[kept] + 1e-12
-            levels = lloyd_levels(units, importance)
-        rounded = obs._obs_solve(weight, stats, target, settings, mask if mask is not None else ~kept,
-                                 grid or TableScales(QUANT, scales, None, levels))
+        else:
+            scales = group_scales(floating, QUANT.bits, QUANT.group_size, kept)
+            levels = UNIFORM
+            if mode == "lloyd":
+                units = (floating / expand_groups(scales.float(), weight.shape[1], QUANT.group_size))[kept]
+                importance = stats.H.diagonal().float().clamp_min(0).expand_as(floating)[kept] + 1e-12
+                levels = lloyd_levels(units, importance)
+            grid = TableScales(QUANT, scales, None, levels)
+        rounded = obs._obs_solve(weight, stats, target, settings, mask if mask is not None else ~kept, grid)
         # the refit reads each kept weight's level as W / scale, so it refits any table of levels
         return obs.refit_scales(rounded, scales, weight, stats, settings, QUANT)[0]
     return joint_solve
